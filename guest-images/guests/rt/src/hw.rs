@@ -1,0 +1,86 @@
+//! Port I/O and the legacy PC devices ftvmm emulates: 8259 PIC pair, 8254 PIT,
+//! CMOS RTC. Every access here is a port I/O exit to the VMM.
+
+use core::arch::asm;
+
+/// Vector of PIC line 0 after [`pic_init`]; line n is `PIC_VECTOR_BASE + n`.
+pub const PIC_VECTOR_BASE: u8 = 32;
+/// Input clock of the 8254 PIT.
+pub const PIT_HZ: u64 = 1_193_182;
+
+#[inline]
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: IOPL 3; every port is emulated by the VMM.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+}
+
+#[inline]
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: IOPL 3; every port is emulated by the VMM.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+#[inline]
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: IOPL 3; every port is emulated by the VMM.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// Initialises both PICs: vectors 32..48, slave on IR2, every line masked.
+pub fn pic_init() {
+    outb(0x20, 0x11);
+    outb(0xa0, 0x11);
+    outb(0x21, PIC_VECTOR_BASE);
+    outb(0xa1, PIC_VECTOR_BASE + 8);
+    outb(0x21, 0x04);
+    outb(0xa1, 0x02);
+    outb(0x21, 0x01);
+    outb(0xa1, 0x01);
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+}
+
+/// Unmasks PIC line `irq`.
+pub fn pic_unmask(irq: u8) {
+    if irq < 8 {
+        outb(0x21, inb(0x21) & !(1 << irq));
+    } else {
+        outb(0xa1, inb(0xa1) & !(1 << (irq - 8)));
+        outb(0x21, inb(0x21) & !(1 << 2));
+    }
+}
+
+/// End of interrupt for line `irq`.
+pub fn pic_eoi(irq: u8) {
+    if irq >= 8 {
+        outb(0xa0, 0x20);
+    }
+    outb(0x20, 0x20);
+}
+
+/// Programs PIT channel 0 as a rate generator firing `hz` times a second.
+pub fn pit_start_periodic(hz: u64) {
+    let reload = (PIT_HZ / hz.max(19)).clamp(1, 0xffff) as u16;
+    outb(0x43, 0x34);
+    outb(0x40, reload as u8);
+    outb(0x40, (reload >> 8) as u8);
+}
+
+/// Latches and reads PIT channel 0's current count.
+pub fn pit_read_count() -> u16 {
+    outb(0x43, 0x00);
+    let lo = inb(0x40);
+    let hi = inb(0x40);
+    u16::from_le_bytes([lo, hi])
+}
+
+/// Reads CMOS register `reg`.
+pub fn cmos_read(reg: u8) -> u8 {
+    outb(0x70, reg);
+    inb(0x71)
+}
+

@@ -1,0 +1,675 @@
+//! The run loop: runs the vCPU, turns every guest-caused exit into a
+//! [`Position`], lets the device models answer it, and delivers external
+//! inputs — live or replayed — only at positions.
+//!
+//! One exit, in order (identical on a recording and on its replay):
+//! 1. the exit is checked in (recorded, or matched against the log);
+//! 2. the device model answers the access; a time reading goes through
+//!    [`Inputs`] (host clock + log, or log);
+//! 3. timers catch up with the virtual clock;
+//! 4. external inputs are taken (live: serial bytes, a due timer; replay: the
+//!    logged events of this position, in their logged order);
+//! 5. a pending PIC interrupt is injected if the guest can take it now, or an
+//!    interrupt window is requested so that it is injected at the next exit.
+
+use crate::clock::{VirtualClock, TSC_HZ};
+use crate::devices::{self, Devices, PortAction};
+use crate::digest;
+use crate::inputs::{Inputs, Woken};
+use crate::vm::{Machine, VmError, MSR_IA32_TSC};
+use kvm_ioctls::VcpuExit;
+use replay::{Divergence, Event, ExitKind, LogError, Position, ReplayError, TimeSource};
+use std::collections::HashSet;
+use std::io::Write;
+
+/// Why a run ended other than by the guest's own exit.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The guest did something that ends the VM (triple fault, emulation
+    /// failure...).
+    #[error("guest stopped: {what} at rip {rip:#x} after {exits} exits")]
+    Guest { what: String, rip: u64, exits: u64 },
+    #[error("{0}")]
+    Divergence(Divergence),
+    #[error("replay stopped: the log ends at exit {last_exit} before the guest finished (truncated log?)")]
+    EndOfLog { last_exit: u64 },
+    #[error("{0}")]
+    Log(#[from] LogError),
+    #[error("{what}: {err}")]
+    Io {
+        what: &'static str,
+        err: std::io::Error,
+    },
+}
+
+impl From<ReplayError> for RunError {
+    fn from(e: ReplayError) -> Self {
+        match e {
+            ReplayError::Divergence(d) => RunError::Divergence(d),
+            ReplayError::EndOfLog { last_exit } => RunError::EndOfLog { last_exit },
+            ReplayError::Log(l) => RunError::Log(l),
+        }
+    }
+}
+
+impl RunError {
+    /// The process exit status that reports this error.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            RunError::Divergence(_) => 3,
+            RunError::EndOfLog { .. } => 4,
+            _ => 2,
+        }
+    }
+}
+
+fn log_write_error(err: std::io::Error) -> RunError {
+    RunError::Io {
+        what: "writing the log",
+        err,
+    }
+}
+
+/// Where the guest's serial output goes. Every byte comes with the position
+/// at which the guest produced it (the output rule needs it).
+pub trait SerialOutput {
+    fn output(&mut self, position: Position, bytes: &[u8]) -> std::io::Result<()>;
+    fn flush(&mut self) -> std::io::Result<()>;
+}
+
+/// Serial output to standard output.
+pub struct Stdout(std::io::BufWriter<std::io::Stdout>);
+
+impl Default for Stdout {
+    fn default() -> Self {
+        Stdout(std::io::BufWriter::new(std::io::stdout()))
+    }
+}
+
+impl SerialOutput for Stdout {
+    fn output(&mut self, _position: Position, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(bytes)?;
+        if bytes.contains(&b'\n') {
+            self.0.flush()?;
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// How a run ended when the guest ended it.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub status: u8,
+    pub digest: Option<replay::Digest>,
+    pub exits: u64,
+}
+
+/// A guest-caused exit, copied out of `kvm_run`.
+enum GuestExit {
+    IoIn { port: u16, size: u8, count: u32 },
+    IoOut { port: u16, size: u8, data: Vec<u8> },
+    MmioRead { addr: u64, len: u8 },
+    MmioWrite { addr: u64, len: u8 },
+    Hlt,
+    RdMsr { index: u32 },
+    WrMsr { index: u32, data: u64 },
+    IrqWindow,
+}
+
+impl GuestExit {
+    fn kind(&self) -> ExitKind {
+        match *self {
+            GuestExit::IoIn { port, size, .. } => ExitKind::IoIn { port, size },
+            GuestExit::IoOut { port, size, .. } => ExitKind::IoOut { port, size },
+            GuestExit::MmioRead { addr, len } => ExitKind::MmioRead { addr, size: len },
+            GuestExit::MmioWrite { addr, len } => ExitKind::MmioWrite { addr, size: len },
+            GuestExit::Hlt => ExitKind::Hlt,
+            GuestExit::RdMsr { index } => ExitKind::RdMsr { index },
+            GuestExit::WrMsr { index, .. } => ExitKind::WrMsr { index },
+            GuestExit::IrqWindow => ExitKind::IrqWindow,
+        }
+    }
+}
+
+/// A running VM: the machine, its devices, its clock and its inputs.
+pub struct Vmm {
+    pub machine: Machine,
+    pub devices: Devices,
+    pub clock: VirtualClock,
+    pub inputs: Inputs,
+    output: Box<dyn SerialOutput>,
+    /// RIPs of RDTSC instructions the loader rewrote into TSC port reads.
+    rdtsc_sites: HashSet<u64>,
+    /// Wall-clock time at boot, the RTC's base.
+    wall_clock_base_ns: u64,
+    exits: u64,
+    /// Compute the final state digest (for `--digest`, recording and replay).
+    want_digest: bool,
+}
+
+impl Vmm {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        machine: Machine,
+        inputs: Inputs,
+        output: Box<dyn SerialOutput>,
+        rdtsc_sites: HashSet<u64>,
+        wall_clock_base_ns: u64,
+        want_digest: bool,
+    ) -> Self {
+        let devices = Devices::new(machine.mem_size);
+        Vmm {
+            machine,
+            devices,
+            clock: VirtualClock::default(),
+            inputs,
+            output,
+            rdtsc_sites,
+            wall_clock_base_ns,
+            exits: 0,
+            want_digest,
+        }
+    }
+
+    /// Guest-caused exits so far.
+    pub fn exits(&self) -> u64 {
+        self.exits
+    }
+
+    /// Runs the guest until it ends the VM or something goes wrong.
+    pub fn run(&mut self) -> Result<Outcome, RunError> {
+        let result = self.run_loop();
+        // Whatever happened, what the guest printed and what was recorded stays.
+        let _ = self.output.flush();
+        if let Inputs::Live(live) = &mut self.inputs {
+            if let Some(recorder) = &mut live.recorder {
+                let flushed = recorder.flush();
+                if result.is_ok() {
+                    flushed.map_err(log_write_error)?;
+                }
+            }
+        }
+        result
+    }
+
+    fn run_loop(&mut self) -> Result<Outcome, RunError> {
+        loop {
+            let exit = self.next_exit()?;
+            self.exits += 1;
+            let mut regs = self.machine.vcpu.get_regs().map_err(|err| VmError::Kvm {
+                what: "reading registers",
+                err,
+            })?;
+            let position = Position {
+                exit: self.exits,
+                rip: regs.rip,
+            };
+            tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", regs.rip), kind = %exit.kind());
+            self.check_in(position, exit.kind())?;
+
+            let mut action = PortAction::None;
+            match exit {
+                GuestExit::IoIn { port, size, count } => {
+                    let mut data = vec![0u8; usize::from(size) * count as usize];
+                    if port == devices::TSC_PORT && size == 4 {
+                        let tsc = self.read_time(TimeSource::Rdtsc)?;
+                        data[..4].copy_from_slice(&(tsc as u32).to_le_bytes());
+                        if self.rdtsc_sites.contains(&position.rip) {
+                            // A rewritten RDTSC: EDX gets the high half, EAX
+                            // (zero-extended by the 32-bit IN) the low half.
+                            regs.rdx = tsc >> 32;
+                            self.machine
+                                .vcpu
+                                .set_regs(&regs)
+                                .map_err(|err| VmError::Kvm {
+                                    what: "setting registers",
+                                    err,
+                                })?;
+                        }
+                    } else {
+                        for chunk in data.chunks_mut(usize::from(size.max(1))) {
+                            self.port_read(port, chunk)?;
+                        }
+                    }
+                    self.machine.complete_io_in(&data);
+                }
+                GuestExit::IoOut { port, size, data } => {
+                    for chunk in data.chunks(usize::from(size.max(1))) {
+                        action = self.port_write(port, chunk)?;
+                    }
+                }
+                // No MMIO devices yet: reads float high, writes are dropped.
+                GuestExit::MmioRead { .. } => self.machine.complete_mmio_read(&[0xff; 8]),
+                GuestExit::MmioWrite { .. } => {}
+                GuestExit::Hlt => action = PortAction::Idle,
+                GuestExit::RdMsr { index } => {
+                    let value = if index == MSR_IA32_TSC {
+                        self.read_time(TimeSource::TscMsr)?;
+                        Some(self.clock.tsc())
+                    } else {
+                        None
+                    };
+                    self.machine.complete_msr(value);
+                }
+                GuestExit::WrMsr { index, data } => {
+                    let accepted = if index == MSR_IA32_TSC {
+                        self.read_time(TimeSource::TscMsr)?;
+                        self.clock.set_tsc(data);
+                        Some(0)
+                    } else {
+                        None
+                    };
+                    self.machine.complete_msr(accepted);
+                }
+                GuestExit::IrqWindow => {}
+            }
+
+            let output = self.devices.tx.take();
+            if !output.is_empty() {
+                self.output
+                    .output(position, &output)
+                    .map_err(|err| RunError::Io {
+                        what: "writing serial output",
+                        err,
+                    })?;
+            }
+            if let PortAction::Exit(status) = action {
+                return self.finish(position, status);
+            }
+            self.devices.advance_timers(self.clock.now_ns());
+            self.take_inputs(position, action == PortAction::Idle)?;
+        }
+    }
+
+    /// Runs the vCPU until the next guest-caused exit.
+    fn next_exit(&mut self) -> Result<GuestExit, RunError> {
+        loop {
+            let exit = match self.machine.vcpu.run() {
+                Ok(exit) => exit,
+                // A signal: not a position, nothing to do but resume.
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(err) => {
+                    return Err(VmError::Kvm {
+                        what: "running the vCPU",
+                        err,
+                    }
+                    .into())
+                }
+            };
+            let stop = match exit {
+                VcpuExit::IoIn(port, _) => {
+                    let (size, count) = self.io_geometry();
+                    return Ok(GuestExit::IoIn { port, size, count });
+                }
+                VcpuExit::IoOut(port, data) => {
+                    let data = data.to_vec();
+                    let (size, _) = self.io_geometry();
+                    return Ok(GuestExit::IoOut { port, size, data });
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    return Ok(GuestExit::MmioRead {
+                        addr,
+                        len: data.len() as u8,
+                    })
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    return Ok(GuestExit::MmioWrite {
+                        addr,
+                        len: data.len() as u8,
+                    })
+                }
+                VcpuExit::Hlt => return Ok(GuestExit::Hlt),
+                VcpuExit::IrqWindowOpen => return Ok(GuestExit::IrqWindow),
+                VcpuExit::X86Rdmsr(msr) => return Ok(GuestExit::RdMsr { index: msr.index }),
+                VcpuExit::X86Wrmsr(msr) => {
+                    return Ok(GuestExit::WrMsr {
+                        index: msr.index,
+                        data: msr.data,
+                    })
+                }
+                VcpuExit::Intr => continue,
+                VcpuExit::Shutdown => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
+                VcpuExit::InternalError => String::new(),
+                VcpuExit::FailEntry(reason, _) => {
+                    format!("VM entry failed (hardware reason {reason:#x})")
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    format!("unhandled system event {kind} (KVM_EXIT_SYSTEM_EVENT)")
+                }
+                VcpuExit::Exception => "unhandled exception exit (KVM_EXIT_EXCEPTION)".to_string(),
+                VcpuExit::Debug(_) => "unhandled debug exit (KVM_EXIT_DEBUG)".to_string(),
+                VcpuExit::Hypercall(_) => "unhandled hypercall (KVM_EXIT_HYPERCALL)".to_string(),
+                VcpuExit::Unsupported(reason) => format!("unhandled exit reason {reason}"),
+                other => format!("unhandled exit {other:?}"),
+            };
+            let what = if stop.is_empty() {
+                match self.machine.internal_error_suberror() {
+                    1 => "KVM internal error: emulation failure".to_string(),
+                    2 => "KVM internal error: exception while delivering an exception".to_string(),
+                    3 => "KVM internal error: cannot deliver an event".to_string(),
+                    4 => "KVM internal error: unexpected exit".to_string(),
+                    n => format!("KVM internal error (suberror {n})"),
+                }
+            } else {
+                stop
+            };
+            let rip = self.machine.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+            return Err(RunError::Guest {
+                what,
+                rip,
+                exits: self.exits,
+            });
+        }
+    }
+
+    fn io_geometry(&mut self) -> (u8, u32) {
+        let run = self.machine.run_area();
+        // SAFETY: called right after a KVM_EXIT_IO, when `io` is the active union member.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        (io.size, io.count)
+    }
+
+    /// Step 1: the exit becomes a position in the log, or is checked against it.
+    fn check_in(&mut self, position: Position, kind: ExitKind) -> Result<(), RunError> {
+        match &mut self.inputs {
+            Inputs::Live(live) => match &mut live.recorder {
+                Some(r) => r.exit(position, kind).map_err(log_write_error),
+                None => Ok(()),
+            },
+            Inputs::Replay(r) => Ok(r.exit(position, kind)?),
+        }
+    }
+
+    /// Reads the virtual clock for `source` at the current position.
+    fn read_time(&mut self, source: TimeSource) -> Result<u64, RunError> {
+        let mut failed = None;
+        take_time_reading(&mut self.inputs, &mut self.clock, 0, source, &mut failed);
+        failed.map_or(Ok(self.clock.now_ns()), Err)
+    }
+
+    fn port_read(&mut self, port: u16, data: &mut [u8]) -> Result<(), RunError> {
+        let Vmm {
+            devices,
+            inputs,
+            clock,
+            wall_clock_base_ns,
+            ..
+        } = self;
+        let mut failed = None;
+        let mut time =
+            |source| take_time_reading(inputs, clock, *wall_clock_base_ns, source, &mut failed);
+        devices.port_read(port, data, &mut time);
+        failed.map_or(Ok(()), Err)
+    }
+
+    fn port_write(&mut self, port: u16, data: &[u8]) -> Result<PortAction, RunError> {
+        let Vmm {
+            devices,
+            inputs,
+            clock,
+            wall_clock_base_ns,
+            ..
+        } = self;
+        let mut failed = None;
+        let mut time =
+            |source| take_time_reading(inputs, clock, *wall_clock_base_ns, source, &mut failed);
+        let action = devices.port_write(port, data, &mut time);
+        failed.map_or(Ok(action), Err)
+    }
+
+    /// Steps 4 and 5: external inputs and interrupt delivery at `position`.
+    fn take_inputs(&mut self, position: Position, idle: bool) -> Result<(), RunError> {
+        let (ready, if_flag) = {
+            let run = self.machine.run_area();
+            (run.ready_for_interrupt_injection != 0, run.if_flag != 0)
+        };
+        if idle && !if_flag {
+            // HLT with interrupts off never wakes: report it instead of hanging.
+            return Err(RunError::Guest {
+                what: "idle with interrupts disabled".into(),
+                rip: position.rip,
+                exits: self.exits,
+            });
+        }
+        let injected = if matches!(self.inputs, Inputs::Live(_)) {
+            self.take_live_inputs(position, idle, ready)?
+        } else {
+            self.take_logged_inputs(position, idle, ready && if_flag)?
+        };
+        let want_window = !injected && self.devices.pic.has_pending();
+        self.machine.run_area().request_interrupt_window = u8::from(want_window);
+        Ok(())
+    }
+
+    /// Live: serial input and due timers from the host; when idle, wait for
+    /// one of them. Returns whether an interrupt was injected.
+    fn take_live_inputs(
+        &mut self,
+        position: Position,
+        idle: bool,
+        ready: bool,
+    ) -> Result<bool, RunError> {
+        loop {
+            self.poll_host()?;
+            if self.devices.pic.has_pending() {
+                if !ready {
+                    return Ok(false);
+                }
+                let Inputs::Live(live) = &mut self.inputs else {
+                    unreachable!("live inputs")
+                };
+                live.injection_delay();
+                let Some(vector) = self.devices.pic.acknowledge() else {
+                    return Ok(false);
+                };
+                live.record(Event::Interrupt { vector })
+                    .map_err(log_write_error)?;
+                self.machine.inject_interrupt(vector)?;
+                return Ok(true);
+            }
+            if !idle {
+                return Ok(false);
+            }
+            self.wait_for_host_input(position)?;
+        }
+    }
+
+    /// Takes what the host has for the guest now: serial bytes the UART has
+    /// room for, and the timer if it is due.
+    fn poll_host(&mut self) -> Result<(), RunError> {
+        let Inputs::Live(live) = &mut self.inputs else {
+            return Ok(());
+        };
+        if let Some(bytes) = live.take_serial(self.devices.serial_rx_room()) {
+            live.record(Event::SerialRx {
+                bytes: bytes.clone(),
+            })
+            .map_err(log_write_error)?;
+            self.devices.serial_receive(&bytes);
+        }
+        if let Some(deadline) = self.devices.pit.next_irq0_deadline() {
+            let now = live
+                .host
+                .elapsed_ns()
+                .saturating_sub(live.timer_jitter_ns());
+            if now >= deadline {
+                self.read_time(TimeSource::TimerCheck)?;
+                self.devices.advance_timers(self.clock.now_ns());
+            }
+        }
+        Ok(())
+    }
+
+    /// The guest idles: block until the host has an input for it.
+    fn wait_for_host_input(&mut self, position: Position) -> Result<(), RunError> {
+        // Nothing else will happen for a while: make what we have visible.
+        self.output.flush().map_err(|err| RunError::Io {
+            what: "writing serial output",
+            err,
+        })?;
+        let Inputs::Live(live) = &mut self.inputs else {
+            return Ok(());
+        };
+        if let Some(r) = &mut live.recorder {
+            r.flush().map_err(log_write_error)?;
+        }
+        let deadline = self
+            .devices
+            .pit
+            .next_irq0_deadline()
+            .map(|ns| live.host.instant_at(ns));
+        match live.wait(deadline) {
+            Woken::Input | Woken::Deadline => Ok(()),
+            Woken::Nothing => Err(RunError::Guest {
+                what: "idle with no interrupt source left (no timer armed, serial input closed)"
+                    .into(),
+                rip: position.rip,
+                exits: self.exits,
+            }),
+        }
+    }
+
+    /// Replay: apply the inputs logged at this position, in their order.
+    /// Returns whether an interrupt was injected.
+    fn take_logged_inputs(
+        &mut self,
+        position: Position,
+        idle: bool,
+        can_inject: bool,
+    ) -> Result<bool, RunError> {
+        let mut injected = false;
+        loop {
+            let Inputs::Replay(r) = &mut self.inputs else {
+                unreachable!("replay inputs")
+            };
+            let Some(event) = r.take_event()? else { break };
+            match event {
+                Event::SerialRx { bytes } => {
+                    if bytes.len() > self.devices.serial_rx_room() {
+                        return Err(self.diverged(
+                            "serial input the UART has room for",
+                            "a full receive FIFO",
+                        ));
+                    }
+                    self.devices.serial_receive(&bytes);
+                }
+                Event::TimeRead {
+                    source: TimeSource::TimerCheck,
+                    ns,
+                } => {
+                    self.clock.set(ns);
+                    self.devices.advance_timers(self.clock.now_ns());
+                }
+                Event::TimeRead { source, .. } => {
+                    return Err(self.diverged(
+                        format_args!("a time read by {source:?}"),
+                        "no device reading time",
+                    ));
+                }
+                Event::Interrupt { vector } => {
+                    if injected || !can_inject {
+                        return Err(self.diverged(
+                            format_args!("interrupt {vector:#x}"),
+                            "a guest that cannot take it",
+                        ));
+                    }
+                    match self.devices.pic.acknowledge() {
+                        Some(v) if v == vector => {}
+                        got => {
+                            let got = got.map_or("no pending interrupt".to_string(), |v| {
+                                format!("interrupt {v:#x}")
+                            });
+                            return Err(self.diverged(format_args!("interrupt {vector:#x}"), got));
+                        }
+                    }
+                    self.machine.inject_interrupt(vector)?;
+                    injected = true;
+                }
+            }
+        }
+        if !injected && can_inject && self.devices.pic.has_pending() {
+            return Err(self.diverged("no interrupt", "a pending interrupt the guest can take"));
+        }
+        if idle && !injected && !self.devices.pic.has_pending() {
+            return Err(self.diverged(
+                "an input to wake the idle guest",
+                format_args!("none at {position}"),
+            ));
+        }
+        Ok(injected)
+    }
+
+    fn diverged(&self, expected: impl std::fmt::Display, got: impl std::fmt::Display) -> RunError {
+        RunError::Divergence(Divergence {
+            exit: self.exits,
+            expected: expected.to_string(),
+            got: got.to_string(),
+        })
+    }
+
+    /// The guest wrote its exit status.
+    fn finish(&mut self, position: Position, status: u8) -> Result<Outcome, RunError> {
+        let digest = if self.want_digest {
+            Some(digest::state_digest(self)?)
+        } else {
+            None
+        };
+        match &mut self.inputs {
+            Inputs::Live(live) => {
+                if let (Some(r), Some(d)) = (&mut live.recorder, digest) {
+                    r.end(status, d).map_err(log_write_error)?;
+                }
+            }
+            Inputs::Replay(r) => {
+                let d = digest.unwrap_or(replay::Digest([0; 32]));
+                r.end(position, status, d)?;
+            }
+        }
+        Ok(Outcome {
+            status,
+            digest,
+            exits: self.exits,
+        })
+    }
+}
+
+/// A time reading at the current position: the virtual clock through the
+/// inputs (host clock and log, or log), as wall time for the RTC. Errors are parked in `failed` (device models take
+/// infallible clocks) and surface after the access.
+fn take_time_reading(
+    inputs: &mut Inputs,
+    clock: &mut VirtualClock,
+    wall_clock_base_ns: u64,
+    source: TimeSource,
+    failed: &mut Option<RunError>,
+) -> u64 {
+    if failed.is_some() {
+        return clock.now_ns();
+    }
+    let reading = match inputs {
+        Inputs::Live(live) => {
+            let ns = live.host.elapsed_ns().max(clock.now_ns());
+            live.record(Event::TimeRead { source, ns })
+                .map(|_| ns)
+                .map_err(log_write_error)
+        }
+        Inputs::Replay(r) => r.time(source).map_err(RunError::from),
+    };
+    match reading {
+        Ok(ns) => clock.set(ns),
+        Err(e) => *failed = Some(e),
+    }
+    let ns = clock.now_ns();
+    match source {
+        TimeSource::Rtc => wall_clock_base_ns.saturating_add(ns),
+        _ => ns,
+    }
+}
+
+// TSC_HZ is 1 GHz, which is what lets TSC values be virtual nanoseconds.
+const _: () = assert!(TSC_HZ == 1_000_000_000);

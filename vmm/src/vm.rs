@@ -1,0 +1,257 @@
+//! The KVM virtual machine: one vCPU, guest memory, the CPUID model and the
+//! MSR filter, and raw access to the parts of `kvm_run` the run loop answers.
+//!
+//! No in-kernel irqchip, PIT or kvmclock is created: every interrupt and every
+//! time reading passes through the VMM, which records or replays it.
+
+use crate::boot;
+use crate::cpuid;
+use kvm_bindings::{
+    kvm_enable_cap, kvm_run, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{
+    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
+};
+use std::os::fd::AsRawFd;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// IA32_TSC: reads and writes exit to the VMM, which answers from its clock.
+pub const MSR_IA32_TSC: u32 = 0x10;
+
+/// MSRs whose accesses exit to the VMM (KVM would otherwise answer them from
+/// host state): time stamp and performance counters, TSC adjust/deadline/aux,
+/// and KVM's paravirtual clock MSRs. Everything but IA32_TSC gets a #GP, as on
+/// a CPU without those features (see the CPUID model).
+pub const FILTERED_MSRS: &[(u32, u32)] = &[
+    (0x10, 1),        // IA32_TSC
+    (0x11, 2),        // KVM's old kvmclock MSRs
+    (0x3b, 1),        // IA32_TSC_ADJUST
+    (0xe7, 2),        // IA32_MPERF, IA32_APERF
+    (0x6e0, 1),       // IA32_TSC_DEADLINE
+    (0x4b56_4d00, 8), // KVM's paravirtual MSRs (kvmclock, steal time, async PF, PV EOI...)
+    (0xc000_0103, 1), // IA32_TSC_AUX (RDTSCP)
+];
+
+/// MSRs whose values the state digest covers (beyond those in sregs).
+pub const DIGEST_MSRS: &[u32] = &[
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x277,       // PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("/dev/kvm is not available ({0}): ftvmm needs KVM (is the kvm module loaded, and may this user open /dev/kvm?)")]
+    NoKvm(kvm_ioctls::Error),
+    #[error("KVM lacks {0}, which ftvmm needs")]
+    MissingCap(&'static str),
+    #[error("{0}")]
+    Cpu(String),
+    #[error("{what}: {err}")]
+    Kvm {
+        what: &'static str,
+        err: kvm_ioctls::Error,
+    },
+    #[error("guest memory of {0} MiB: {1}")]
+    Memory(u64, String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |err| VmError::Kvm { what, err }
+}
+
+/// The VM and its single vCPU.
+pub struct Machine {
+    pub vm: VmFd,
+    pub vcpu: VcpuFd,
+    pub mem: GuestMemoryMmap,
+    pub mem_size: u64,
+}
+
+impl Machine {
+    /// Creates the VM with `mem_size` bytes of memory at guest address 0.
+    pub fn new(mem_size: u64) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+        for (cap, name) in [
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+        // Needed by VMX hosts for real-mode emulation; unused in long mode but harmless.
+        let _ = vm.set_tss_address(0xfffb_d000);
+
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+            .map_err(|e| VmError::Memory(mem_size >> 20, e.to_string()))?;
+        let host_addr = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| VmError::Memory(mem_size >> 20, e.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: mem_size,
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the region is a live mapping of mem_size bytes owned by `mem`,
+        // which the Machine keeps alive as long as the VM.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("registering guest memory"))?;
+
+        install_msr_filter(&vm)?;
+
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("creating the vCPU"))?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("reading supported CPUID"))?;
+        let model = cpuid::model(&supported).map_err(VmError::Cpu)?;
+        vcpu.set_cpuid2(&model)
+            .map_err(kvm_err("setting the CPUID model"))?;
+        Ok(Machine {
+            vm,
+            vcpu,
+            mem,
+            mem_size,
+        })
+    }
+
+    /// Puts the vCPU at `entry` in 64-bit mode per the boot protocol.
+    pub fn set_boot_state(&self, entry: u64) -> Result<(), VmError> {
+        let sregs = self.vcpu.get_sregs().map_err(kvm_err("reading sregs"))?;
+        self.vcpu
+            .set_sregs(&boot::long_mode_sregs(sregs))
+            .map_err(kvm_err("setting sregs"))?;
+        self.vcpu
+            .set_regs(&boot::entry_regs(entry))
+            .map_err(kvm_err("setting registers"))?;
+        self.vcpu
+            .set_fpu(&boot::entry_fpu())
+            .map_err(kvm_err("setting the FPU"))?;
+        Ok(())
+    }
+
+    /// Queues `vector` as an external interrupt for the next entry
+    /// (`KVM_INTERRUPT`, usable without an in-kernel irqchip).
+    pub fn inject_interrupt(&self, vector: u8) -> Result<(), VmError> {
+        // KVM_INTERRUPT = _IOW(KVMIO, 0x86, struct kvm_interrupt { __u32 irq; })
+        const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86;
+        let irq: u32 = vector.into();
+        // SAFETY: the fd is our vCPU's; the kernel reads one u32 from a valid pointer.
+        let ret = unsafe { libc::ioctl(self.vcpu.as_raw_fd(), KVM_INTERRUPT, &irq as *const u32) };
+        if ret != 0 {
+            return Err(VmError::Kvm {
+                what: "injecting an interrupt",
+                err: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The shared `kvm_run` area of the vCPU.
+    pub fn run_area(&mut self) -> &mut kvm_run {
+        self.vcpu.get_kvm_run()
+    }
+
+    /// Answers the pending `KVM_EXIT_IO` port read with `data` (repeated
+    /// `count` times for string I/O is the caller's business: `data` covers
+    /// size × count bytes).
+    pub fn complete_io_in(&mut self, data: &[u8]) {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_IO (the caller's contract), so the
+        // `io` member of the union is the active one.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let len = (usize::from(io.size) * io.count as usize).min(data.len());
+        let base = run as *mut kvm_run as *mut u8;
+        // SAFETY: KVM places the I/O data at data_offset inside the mmap'd run
+        // area (run_size bytes, larger than size*count); nothing else aliases it
+        // while the vCPU is stopped in userspace.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(io.data_offset as usize), len)
+        };
+    }
+
+    /// Answers the pending MMIO read with `data`.
+    pub fn complete_mmio_read(&mut self, data: &[u8]) {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_MMIO, so `mmio` is the active member.
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let len = (mmio.len as usize).min(8).min(data.len());
+        mmio.data[..len].copy_from_slice(&data[..len]);
+    }
+
+    /// Answers the pending RDMSR with `value`, or a #GP when `None`.
+    pub fn complete_msr(&mut self, value: Option<u64>) {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_X86_RDMSR/WRMSR, so `msr` is the active member.
+        let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+        match value {
+            Some(v) => {
+                msr.data = v;
+                msr.error = 0;
+            }
+            None => msr.error = 1,
+        }
+    }
+
+    /// The suberror of the last KVM_EXIT_INTERNAL_ERROR.
+    pub fn internal_error_suberror(&mut self) -> u32 {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is active.
+        unsafe { run.__bindgen_anon_1.internal.suberror }
+    }
+
+    /// Reads the MSRs in `DIGEST_MSRS`; any the host cannot read are skipped.
+    pub fn digest_msrs(&self) -> Vec<(u32, u64)> {
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = DIGEST_MSRS
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let Ok(mut msrs) = Msrs::from_entries(&entries) else {
+            return Vec::new();
+        };
+        let read = self.vcpu.get_msrs(&mut msrs).unwrap_or(0);
+        msrs.as_slice()[..read]
+            .iter()
+            .map(|e| (e.index, e.data))
+            .collect()
+    }
+}
+
+fn install_msr_filter(vm: &VmFd) -> Result<(), VmError> {
+    // KVM_CAP_X86_USER_SPACE_MSR with KVM_MSR_EXIT_REASON_FILTER: filtered
+    // accesses exit to userspace instead of raising #GP in the guest.
+    const KVM_CAP_X86_USER_SPACE_MSR: u32 = 188;
+    const KVM_MSR_EXIT_REASON_FILTER: u64 = 1 << 2;
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        args: [KVM_MSR_EXIT_REASON_FILTER, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap)
+        .map_err(|_| VmError::MissingCap("KVM_CAP_X86_USER_SPACE_MSR (MSR exits to userspace)"))?;
+    // A clear bit denies the access, which (with the cap above) exits to us.
+    let denied = [0u8; 1];
+    let ranges: Vec<MsrFilterRange> = FILTERED_MSRS
+        .iter()
+        .map(|&(base, count)| MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base,
+            msr_count: count,
+            bitmap: &denied,
+        })
+        .collect();
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(kvm_err("installing the MSR filter"))
+}
