@@ -219,9 +219,17 @@ impl Vmm {
                     if port == devices::TSC_PORT && size == 4 {
                         let tsc = self.read_time(TimeSource::Rdtsc)?;
                         data[..4].copy_from_slice(&(tsc as u32).to_le_bytes());
+                        self.machine.complete_io_in(&data);
                         if self.rdtsc_sites.contains(&position.rip) {
-                            // A rewritten RDTSC: EDX gets the high half, EAX
-                            // (zero-extended by the 32-bit IN) the low half.
+                            // A rewritten RDTSC: the 32-bit IN put the low half in
+                            // EAX (zero-extended); EDX gets the high half, once the
+                            // IN has completed (setting registers earlier would
+                            // race KVM's completion of the emulated IN).
+                            self.machine.complete_pending_io()?;
+                            regs = self.machine.vcpu.get_regs().map_err(|err| VmError::Kvm {
+                                what: "reading registers",
+                                err,
+                            })?;
                             regs.rdx = tsc >> 32;
                             self.machine
                                 .vcpu
@@ -235,8 +243,8 @@ impl Vmm {
                         for chunk in data.chunks_mut(usize::from(size.max(1))) {
                             self.port_read(port, chunk)?;
                         }
+                        self.machine.complete_io_in(&data);
                     }
-                    self.machine.complete_io_in(&data);
                 }
                 GuestExit::IoOut { port, size, data } => {
                     for chunk in data.chunks(usize::from(size.max(1))) {

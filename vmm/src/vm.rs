@@ -179,6 +179,29 @@ impl Machine {
         };
     }
 
+    /// Lets KVM finish the exit just answered (e.g. write an IN's data to
+    /// RAX and step past it) without running any further guest instruction:
+    /// `KVM_RUN` with `immediate_exit` set, as the KVM API documents.
+    pub fn complete_pending_io(&mut self) -> Result<(), VmError> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let result = match self.vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(err) => Err(VmError::Kvm {
+                what: "completing an I/O exit",
+                err,
+            }),
+            Ok(exit) => Err(VmError::Kvm {
+                what: match exit {
+                    kvm_ioctls::VcpuExit::Intr => "completing an I/O exit (interrupted)",
+                    _ => "completing an I/O exit (the guest ran on)",
+                },
+                err: kvm_ioctls::Error::new(libc::EPROTO),
+            }),
+        };
+        self.vcpu.set_kvm_immediate_exit(0);
+        result
+    }
+
     /// Answers the pending MMIO read with `data`.
     pub fn complete_mmio_read(&mut self, data: &[u8]) {
         let run = self.vcpu.get_kvm_run();

@@ -19,6 +19,11 @@
 //!   handler can therefore be interrupted, but only at one of its own exits
 //!   to the VMM, the only places ftvmm injects; code that makes no port or
 //!   MMIO access is atomic with respect to interrupts.
+//! - Nothing returns to CPL0 after boot (on software-nested hosts neither
+//!   `int n` nor SYSCALL reaches a CPL0 handler of the guest). A guest that
+//!   must run privileged instructions (RDMSR, RDTSC at CPL0) defines
+//!   `guest_cpl0_hook`, a few lines of assembly the stub calls just before
+//!   dropping to CPL3.
 //! - Without a privilege change the CPU pushes the interrupt frame on the
 //!   interrupted stack, so guests are built with `-C no-redzone`.
 
@@ -85,11 +90,16 @@ _start:
     add rdi, 16
     dec ecx
     jnz 2b
+
     lidt [rip + idt_ptr]
 
-    /* Drop to CPL3 with interrupts enabled. */
+    /* The guest's own CPL0 work, if it has any (see `guest_cpl0_hook`). */
+    call guest_cpl0_hook
+
+    /* Drop to CPL3 with interrupts enabled. The stack is entered as if by a
+       call (RSP = 8 mod 16), as the ABI expects of a function's entry. */
     push 0x1b
-    lea rax, [rip + user_stack_top]
+    lea rax, [rip + user_stack_top - 8]
     push rax
     push 0x202
     push 0x23

@@ -11,14 +11,18 @@ pub const PIT_HZ: u64 = 1_193_182;
 #[inline]
 pub fn outb(port: u16, value: u8) {
     // SAFETY: IOPL 3; every port is emulated by the VMM.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 #[inline]
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: IOPL 3; every port is emulated by the VMM.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
@@ -26,7 +30,9 @@ pub fn inb(port: u16) -> u8 {
 pub fn inl(port: u16) -> u32 {
     let value: u32;
     // SAFETY: IOPL 3; every port is emulated by the VMM.
-    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
@@ -84,3 +90,13 @@ pub fn cmos_read(reg: u8) -> u8 {
     inb(0x71)
 }
 
+/// Reads the time stamp counter. ftvmm's loader rewrites this RDTSC into an
+/// exit, so the value comes from the VMM's virtual clock.
+#[inline]
+pub fn rdtsc() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: rdtsc has no memory effects.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    (u64::from(hi) << 32) | u64::from(lo)
+}

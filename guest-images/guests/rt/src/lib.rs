@@ -73,7 +73,9 @@ impl BootInfo {
         }
         // SAFETY: ftvmm wrote cmdline_len bytes at cmdline_addr in identity-mapped
         // guest memory that nothing else writes.
-        unsafe { core::slice::from_raw_parts(self.cmdline_addr as *const u8, self.cmdline_len as usize) }
+        unsafe {
+            core::slice::from_raw_parts(self.cmdline_addr as *const u8, self.cmdline_len as usize)
+        }
     }
 
     /// Guest memory size in bytes.
@@ -121,9 +123,17 @@ extern "Rust" {
 
 /// Defines the guest's entry point: `guest_rt::entry!(main)` with
 /// `fn main() -> u8`, whose return value becomes ftvmm's exit status.
+///
+/// `guest_rt::entry!(main, cpl0_hook)` instead declares that the guest
+/// defines `guest_cpl0_hook` itself (in assembly): code the boot stub calls at
+/// CPL0 just before dropping to CPL3, the only CPL0 code a guest can have.
 #[macro_export]
 macro_rules! entry {
     ($main:path) => {
+        core::arch::global_asm!(".global guest_cpl0_hook", "guest_cpl0_hook:", "ret");
+        $crate::entry!($main, cpl0_hook);
+    };
+    ($main:path, cpl0_hook) => {
         #[no_mangle]
         fn guest_main() -> u8 {
             $main()
