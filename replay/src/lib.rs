@@ -220,11 +220,7 @@ pub struct Recorder<S: RecordSink> {
 
 impl<S: RecordSink> Recorder<S> {
     pub fn new(sink: S) -> Self {
-        Recorder {
-            sink,
-            position: Position { exit: 0, rip: 0 },
-            records: 0,
-        }
+        Recorder { sink, position: Position { exit: 0, rip: 0 }, records: 0 }
     }
 
     /// The guest exited at `position` for `kind`.
@@ -259,10 +255,7 @@ impl<S: RecordSink> Recorder<S> {
 
     fn append(&mut self, entry: Entry) -> std::io::Result<()> {
         self.records += 1;
-        self.sink.append(&Record {
-            position: self.position,
-            entry,
-        })
+        self.sink.append(&Record { position: self.position, entry })
     }
 }
 
@@ -277,11 +270,7 @@ pub struct Divergence {
 
 impl fmt::Display for Divergence {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "divergence at exit {}: expected {}, got {}",
-            self.exit, self.expected, self.got
-        )
+        write!(f, "divergence at exit {}: expected {}, got {}", self.exit, self.expected, self.got)
     }
 }
 
@@ -307,11 +296,7 @@ pub struct Replayer<S: RecordSource> {
 
 impl<S: RecordSource> Replayer<S> {
     pub fn new(source: S) -> Self {
-        Replayer {
-            source,
-            peeked: None,
-            position: Position { exit: 0, rip: 0 },
-        }
+        Replayer { source, peeked: None, position: Position { exit: 0, rip: 0 } }
     }
 
     pub fn source_mut(&mut self) -> &mut S {
@@ -326,9 +311,7 @@ impl<S: RecordSource> Replayer<S> {
     }
 
     fn end_of_log(&self) -> ReplayError {
-        ReplayError::EndOfLog {
-            last_exit: self.position.exit.saturating_sub(1),
-        }
+        ReplayError::EndOfLog { last_exit: self.position.exit.saturating_sub(1) }
     }
 
     fn diverge(&self, expected: impl fmt::Display, got: impl fmt::Display) -> ReplayError {
@@ -352,18 +335,12 @@ impl<S: RecordSource> Replayer<S> {
                 Ok(())
             }
             Entry::Exit(logged) => Err(self.diverge(
-                format_args!(
-                    "{logged} at rip {:#x} (exit {})",
-                    record.position.rip, record.position.exit
-                ),
+                format_args!("{logged} at rip {:#x} (exit {})", record.position.rip, record.position.exit),
                 format_args!("{kind} at rip {:#x}", position.rip),
             )),
             Entry::Event(event) => Err(self.diverge(
                 format_args!("{event} at exit {}", record.position.exit),
-                format_args!(
-                    "{kind} at rip {:#x} (the input was never taken)",
-                    position.rip
-                ),
+                format_args!("{kind} at rip {:#x} (the input was never taken)", position.rip),
             )),
             Entry::End { status, .. } => Err(self.diverge(
                 format_args!("the guest to end with status {status}"),
@@ -377,10 +354,7 @@ impl<S: RecordSource> Replayer<S> {
         match self.take_event()? {
             Some(Event::TimeRead { source: logged, ns }) if logged == source => Ok(ns),
             Some(other) => Err(self.diverge(other, format_args!("a time read by {source:?}"))),
-            None => Err(self.diverge(
-                "no further input at this exit",
-                format_args!("a time read by {source:?}"),
-            )),
+            None => Err(self.diverge("no further input at this exit", format_args!("a time read by {source:?}"))),
         }
     }
 
@@ -388,48 +362,28 @@ impl<S: RecordSource> Replayer<S> {
     pub fn take_event(&mut self) -> Result<Option<Event>, ReplayError> {
         let position = self.position;
         match self.peek()? {
-            Some(Record {
-                position: p,
-                entry: Entry::Event(_),
-            }) if *p == position => {}
+            Some(Record { position: p, entry: Entry::Event(_) }) if *p == position => {}
             Some(_) => return Ok(None),
             // The primary may have died mid-exit: the log ends without the
             // inputs of this exit being known complete.
             None => return Err(self.end_of_log()),
         }
         match self.peeked.take() {
-            Some(Record {
-                entry: Entry::Event(event),
-                ..
-            }) => Ok(Some(event)),
+            Some(Record { entry: Entry::Event(event), .. }) => Ok(Some(event)),
             _ => Ok(None),
         }
     }
 
     /// The guest ended with `status` and final state `digest`: the log must agree.
-    pub fn end(
-        &mut self,
-        position: Position,
-        status: u8,
-        digest: Digest,
-    ) -> Result<(), ReplayError> {
+    pub fn end(&mut self, position: Position, status: u8, digest: Digest) -> Result<(), ReplayError> {
         self.position = position;
         let Some(record) = self.peek()?.cloned() else {
             return Err(self.end_of_log());
         };
         match record.entry {
-            Entry::End {
-                status: s,
-                digest: d,
-            } if s == status && d == digest && record.position == position => Ok(()),
-            Entry::End {
-                status: s,
-                digest: d,
-            } => Err(self.diverge(
-                format_args!(
-                    "the guest to end with status {s}, state digest {d} at {}",
-                    record.position
-                ),
+            Entry::End { status: s, digest: d } if s == status && d == digest && record.position == position => Ok(()),
+            Entry::End { status: s, digest: d } => Err(self.diverge(
+                format_args!("the guest to end with status {s}, state digest {d} at {}", record.position),
                 format_args!("status {status}, state digest {digest} at {position}"),
             )),
             other => Err(self.diverge(
@@ -457,51 +411,28 @@ mod tests {
     }
 
     fn rec(exit: u64, rip: u64, entry: Entry) -> Record {
-        Record {
-            position: Position { exit, rip },
-            entry,
-        }
+        Record { position: Position { exit, rip }, entry }
     }
 
     fn pos(exit: u64, rip: u64) -> Position {
         Position { exit, rip }
     }
 
-    const OUT80: ExitKind = ExitKind::IoOut {
-        port: 0x80,
-        size: 1,
-    };
+    const OUT80: ExitKind = ExitKind::IoOut { port: 0x80, size: 1 };
 
     #[test]
     fn replays_inputs_at_their_positions() {
         let log = vec![
             rec(1, 0x1000, Entry::Exit(OUT80)),
-            rec(
-                1,
-                0x1000,
-                Entry::Event(Event::TimeRead {
-                    source: TimeSource::Pit,
-                    ns: 42,
-                }),
-            ),
+            rec(1, 0x1000, Entry::Event(Event::TimeRead { source: TimeSource::Pit, ns: 42 })),
             rec(1, 0x1000, Entry::Event(Event::Interrupt { vector: 0x20 })),
             rec(2, 0x1010, Entry::Exit(ExitKind::Hlt)),
-            rec(
-                2,
-                0x1010,
-                Entry::End {
-                    status: 0,
-                    digest: Digest([7; 32]),
-                },
-            ),
+            rec(2, 0x1010, Entry::End { status: 0, digest: Digest([7; 32]) }),
         ];
         let mut r = Replayer::new(VecSource(log.into_iter()));
         r.exit(pos(1, 0x1000), OUT80).unwrap();
         assert_eq!(r.time(TimeSource::Pit).unwrap(), 42);
-        assert_eq!(
-            r.take_event().unwrap(),
-            Some(Event::Interrupt { vector: 0x20 })
-        );
+        assert_eq!(r.take_event().unwrap(), Some(Event::Interrupt { vector: 0x20 }));
         assert_eq!(r.take_event().unwrap(), None);
         r.exit(pos(2, 0x1010), ExitKind::Hlt).unwrap();
         assert_eq!(r.take_event().unwrap(), None);
@@ -510,43 +441,25 @@ mod tests {
 
     #[test]
     fn reports_the_first_differing_exit() {
-        let log = vec![
-            rec(1, 0x1000, Entry::Exit(OUT80)),
-            rec(2, 0x1004, Entry::Exit(OUT80)),
-        ];
+        let log = vec![rec(1, 0x1000, Entry::Exit(OUT80)), rec(2, 0x1004, Entry::Exit(OUT80))];
         let mut r = Replayer::new(VecSource(log.into_iter()));
         r.exit(pos(1, 0x1000), OUT80).unwrap();
         let err = r.exit(pos(2, 0x1008), OUT80).unwrap_err();
         let text = err.to_string();
-        assert!(
-            text.starts_with("divergence at exit 2: expected port write 0x80/1 at rip 0x1004"),
-            "{text}"
-        );
-        assert!(
-            text.contains("got port write 0x80/1 at rip 0x1008"),
-            "{text}"
-        );
+        assert!(text.starts_with("divergence at exit 2: expected port write 0x80/1 at rip 0x1004"), "{text}");
+        assert!(text.contains("got port write 0x80/1 at rip 0x1008"), "{text}");
     }
 
     #[test]
     fn unconsumed_input_and_wrong_time_source_diverge() {
         let log = vec![
             rec(1, 0x1000, Entry::Exit(OUT80)),
-            rec(
-                1,
-                0x1000,
-                Entry::Event(Event::SerialRx {
-                    bytes: b"x".to_vec(),
-                }),
-            ),
+            rec(1, 0x1000, Entry::Event(Event::SerialRx { bytes: b"x".to_vec() })),
             rec(2, 0x1004, Entry::Exit(OUT80)),
         ];
         let mut r = Replayer::new(VecSource(log.clone().into_iter()));
         r.exit(pos(1, 0x1000), OUT80).unwrap();
-        assert!(matches!(
-            r.time(TimeSource::Rtc),
-            Err(ReplayError::Divergence(_))
-        ));
+        assert!(matches!(r.time(TimeSource::Rtc), Err(ReplayError::Divergence(_))));
         let mut r = Replayer::new(VecSource(log.into_iter()));
         r.exit(pos(1, 0x1000), OUT80).unwrap();
         let err = r.exit(pos(2, 0x1004), OUT80).unwrap_err();
@@ -558,26 +471,13 @@ mod tests {
         let log = vec![rec(1, 0x1000, Entry::Exit(OUT80))];
         let mut r = Replayer::new(VecSource(log.into_iter()));
         r.exit(pos(1, 0x1000), OUT80).unwrap();
-        assert!(matches!(
-            r.take_event(),
-            Err(ReplayError::EndOfLog { last_exit: 0 })
-        ));
-        assert!(matches!(
-            r.exit(pos(2, 0x1004), OUT80),
-            Err(ReplayError::EndOfLog { last_exit: 1 })
-        ));
+        assert!(matches!(r.take_event(), Err(ReplayError::EndOfLog { last_exit: 0 })));
+        assert!(matches!(r.exit(pos(2, 0x1004), OUT80), Err(ReplayError::EndOfLog { last_exit: 1 })));
     }
 
     #[test]
     fn end_checks_status_and_digest() {
-        let log = vec![rec(
-            1,
-            0x1000,
-            Entry::End {
-                status: 0,
-                digest: Digest([1; 32]),
-            },
-        )];
+        let log = vec![rec(1, 0x1000, Entry::End { status: 0, digest: Digest([1; 32]) })];
         let mut r = Replayer::new(VecSource(log.into_iter()));
         let err = r.end(pos(1, 0x1000), 0, Digest([2; 32])).unwrap_err();
         assert!(matches!(err, ReplayError::Divergence(_)), "{err}");
@@ -585,31 +485,12 @@ mod tests {
 
     #[test]
     fn header_mismatch_names_the_difference() {
-        let ours = Header {
-            image_hash: Digest([1; 32]),
-            config: "mem=64".into(),
-            wall_clock_base_ns: 5,
-        };
-        let other_image = Header {
-            image_hash: Digest([2; 32]),
-            ..ours.clone()
-        };
-        assert!(other_image
-            .check_matches(&ours)
-            .unwrap_err()
-            .contains("another guest image"));
-        let other_config = Header {
-            config: "mem=128".into(),
-            ..ours.clone()
-        };
-        assert!(other_config
-            .check_matches(&ours)
-            .unwrap_err()
-            .contains("another VM configuration"));
-        let other_time = Header {
-            wall_clock_base_ns: 9,
-            ..ours.clone()
-        };
+        let ours = Header { image_hash: Digest([1; 32]), config: "mem=64".into(), wall_clock_base_ns: 5 };
+        let other_image = Header { image_hash: Digest([2; 32]), ..ours.clone() };
+        assert!(other_image.check_matches(&ours).unwrap_err().contains("another guest image"));
+        let other_config = Header { config: "mem=128".into(), ..ours.clone() };
+        assert!(other_config.check_matches(&ours).unwrap_err().contains("another VM configuration"));
+        let other_time = Header { wall_clock_base_ns: 9, ..ours.clone() };
         assert!(other_time.check_matches(&ours).is_ok());
     }
 }

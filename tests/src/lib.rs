@@ -1,1 +1,201 @@
+//! ftvmm-tests: end-to-end tests of the `ftvmm` binary on real `/dev/kvm`
+//! (`tests/*.rs`), the helpers they share (this file), and the `ftbench`
+//! benchmark. Tests run the release binary the README's test command builds.
 
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fails the test, saying why, where `/dev/kvm` is missing: ftvmm's tests
+/// never skip silently.
+pub fn require_kvm() {
+    let kvm = Path::new("/dev/kvm");
+    assert!(
+        kvm.exists() && std::fs::OpenOptions::new().read(true).write(true).open(kvm).is_ok(),
+        "/dev/kvm is missing or not accessible: ftvmm's tests need real KVM"
+    );
+}
+
+/// The `ftvmm` binary: `$FTVMM_BIN`, or `ftvmm` beside this test's target dir.
+pub fn ftvmm_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FTVMM_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("ftvmm");
+    assert!(bin.is_file(), "ftvmm binary not found at {}: build it first (`cargo build --release`)", bin.display());
+    bin
+}
+
+/// What a finished run printed and how it ended.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The `state-digest:` value, which must be stderr's last line.
+    pub fn digest(&self) -> Option<String> {
+        let last = self.stderr.lines().last()?;
+        let hex = last.strip_prefix("state-digest: ")?;
+        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| hex.to_string())
+    }
+
+    /// The exit status, panicking (with the output) if it was killed.
+    pub fn code(&self) -> i32 {
+        match self.status {
+            Some(c) => c,
+            None => panic!("ftvmm was killed or timed out\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr),
+        }
+    }
+
+    /// Asserts the run failed with status `code` and one clear error line.
+    pub fn assert_error(&self, code: i32, contains: &str) {
+        assert_eq!(self.code(), code, "stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        let lines: Vec<&str> = self.stderr.lines().filter(|l| !l.starts_with("state-digest:")).collect();
+        assert_eq!(lines.len(), 1, "want exactly one error line, got:\n{}", self.stderr);
+        assert!(lines[0].starts_with("ftvmm: error: "), "not an ftvmm error line: {}", lines[0]);
+        assert!(lines[0].contains(contains), "error line {:?} lacks {contains:?}", lines[0]);
+        assert!(!self.stderr.contains("panicked"), "ftvmm panicked: {}", self.stderr);
+    }
+}
+
+/// A command for `ftvmm` with `args`.
+pub fn ftvmm(args: &[&str]) -> Command {
+    let mut cmd = Command::new(ftvmm_bin());
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs `ftvmm args`, killing it after `timeout`.
+pub fn run(args: &[&str], timeout: Duration) -> Run {
+    require_kvm();
+    let child = ftvmm(args).spawn().expect("spawn ftvmm");
+    wait(child, timeout)
+}
+
+/// Waits for `child` at most `timeout`, collecting its output.
+pub fn wait(mut child: Child, timeout: Duration) -> Run {
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let status = wait_timeout(&mut child, timeout);
+    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
+    Run { status: status.and_then(|s| s.code()), stdout, stderr }
+}
+
+/// Waits for `child` at most `timeout`; kills it and returns None past that.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs `ftvmm args` feeding `input` to its stdin as `chunks`, each after a
+/// delay (serial input arriving at chosen moments).
+pub fn run_with_input(args: &[&str], chunks: &[(Duration, Vec<u8>)], timeout: Duration) -> Run {
+    require_kvm();
+    let mut child = ftvmm(args).stdin(Stdio::piped()).spawn().expect("spawn ftvmm");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let chunks = chunks.to_vec();
+    let feeder = std::thread::spawn(move || {
+        for (delay, bytes) in chunks {
+            std::thread::sleep(delay);
+            if stdin.write_all(&bytes).and_then(|_| stdin.flush()).is_err() {
+                break;
+            }
+        }
+    });
+    let run = wait(child, timeout);
+    let _ = feeder.join();
+    run
+}
+
+/// A scratch directory, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("ftvmm-test-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.0.join(file).display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A minimal x86-64 ELF executable: each segment is (address, bytes,
+/// memory size, executable).
+pub fn elf(entry: u64, segments: &[(u64, &[u8], u64, bool)]) -> Vec<u8> {
+    let phoff = 64u64;
+    let data_start = phoff + 56 * segments.len() as u64;
+    let mut out = Vec::new();
+    out.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    out.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    out.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&entry.to_le_bytes());
+    out.extend_from_slice(&phoff.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&64u16.to_le_bytes());
+    out.extend_from_slice(&56u16.to_le_bytes());
+    out.extend_from_slice(&(segments.len() as u16).to_le_bytes());
+    out.extend_from_slice(&64u16.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    let mut offset = data_start;
+    for (addr, bytes, memsz, exec) in segments {
+        out.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        out.extend_from_slice(&(if *exec { 5u32 } else { 6u32 }).to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&addr.to_le_bytes());
+        out.extend_from_slice(&addr.to_le_bytes());
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(&memsz.to_le_bytes());
+        out.extend_from_slice(&0x1000u64.to_le_bytes());
+        offset += bytes.len() as u64;
+    }
+    for (_, bytes, _, _) in segments {
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// Seconds to allow a guest run: generous, these machines are shared.
+pub const TIMEOUT: Duration = Duration::from_secs(60);

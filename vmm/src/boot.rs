@@ -68,12 +68,8 @@ pub fn write_boot_structures(
         }
     }
 
-    let info: [u64; 4] = [
-        BOOT_MAGIC,
-        mem_size,
-        if cmdline.is_empty() { 0 } else { CMDLINE_ADDR },
-        cmdline.len() as u64,
-    ];
+    let info: [u64; 4] =
+        [BOOT_MAGIC, mem_size, if cmdline.is_empty() { 0 } else { CMDLINE_ADDR }, cmdline.len() as u64];
     for (i, word) in info.iter().enumerate() {
         mem.write_obj(*word, GuestAddress(BOOT_INFO_ADDR + 8 * i as u64))?;
     }
@@ -98,13 +94,7 @@ pub fn long_mode_sregs(mut sregs: kvm_bindings::kvm_sregs) -> kvm_bindings::kvm_
         unusable: 0,
         padding: 0,
     };
-    let data = kvm_bindings::kvm_segment {
-        selector: DATA_SELECTOR,
-        type_: 0x3,
-        l: 0,
-        db: 1,
-        ..code
-    };
+    let data = kvm_bindings::kvm_segment { selector: DATA_SELECTOR, type_: 0x3, l: 0, db: 1, ..code };
     sregs.cs = code;
     sregs.ds = data;
     sregs.es = data;
@@ -138,19 +128,10 @@ pub fn long_mode_sregs(mut sregs: kvm_bindings::kvm_sregs) -> kvm_bindings::kvm_
 
 /// General registers at entry.
 pub fn entry_regs(entry: u64) -> kvm_bindings::kvm_regs {
-    kvm_bindings::kvm_regs {
-        rip: entry,
-        rdi: BOOT_INFO_ADDR,
-        rflags: 0x2,
-        ..Default::default()
-    }
+    kvm_bindings::kvm_regs { rip: entry, rdi: BOOT_INFO_ADDR, rflags: 0x2, ..Default::default() }
 }
 
 /// FPU state at entry: x87 and SSE in their reset configuration.
 pub fn entry_fpu() -> kvm_bindings::kvm_fpu {
-    kvm_bindings::kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    }
+    kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }

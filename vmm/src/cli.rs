@@ -90,8 +90,8 @@ fn usage(msg: impl Into<String>) -> CliError {
 /// The guest image named on the command line, and a name for messages.
 fn image(cli: &Cli) -> Result<(String, Vec<u8>), CliError> {
     if let Some(path) = &cli.kernel {
-        let bytes = std::fs::read(path)
-            .map_err(|e| usage(format!("cannot read guest image {}: {e}", path.display())))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| usage(format!("cannot read guest image {}: {e}", path.display())))?;
         return Ok((path.display().to_string(), bytes));
     }
     let name = cli.guest.as_deref().unwrap_or_default();
@@ -99,10 +99,7 @@ fn image(cli: &Cli) -> Result<(String, Vec<u8>), CliError> {
         Some(g) => Ok((g.name.to_string(), g.image.to_vec())),
         None => {
             let known: Vec<&str> = guest_images::GUESTS.iter().map(|g| g.name).collect();
-            Err(usage(format!(
-                "no embedded guest named {name:?} (available: {})",
-                known.join(", ")
-            )))
+            Err(usage(format!("no embedded guest named {name:?} (available: {})", known.join(", "))))
         }
     }
 }
@@ -116,28 +113,20 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
         return Ok(0);
     }
     if cli.cmdline.len() > CMDLINE_MAX {
-        return Err(usage(format!(
-            "--cmdline is longer than {CMDLINE_MAX} bytes"
-        )));
+        return Err(usage(format!("--cmdline is longer than {CMDLINE_MAX} bytes")));
     }
     let (name, image) = image(&cli)?;
     let mem_size = cli.mem_mib << 20;
     let config = format!("mem_mib={} cmdline={:?}", cli.mem_mib, cli.cmdline);
-    let mut header = Header {
-        image_hash: replay::Digest(*blake3::hash(&image).as_bytes()),
-        config,
-        wall_clock_base_ns: 0,
-    };
+    let mut header =
+        Header { image_hash: replay::Digest(*blake3::hash(&image).as_bytes()), config, wall_clock_base_ns: 0 };
 
     // Open the log before touching KVM so a bad log is reported as such.
     let inputs = if let Some(path) = &cli.replay {
-        let file = File::open(path)
-            .map_err(|e| usage(format!("cannot open log {}: {e}", path.display())))?;
-        let (logged, reader) = LogReader::new(BufReader::new(file))
-            .map_err(|e| usage(format!("{}: {e}", path.display())))?;
-        logged
-            .check_matches(&header)
-            .map_err(|e| usage(format!("{}: {e}", path.display())))?;
+        let file = File::open(path).map_err(|e| usage(format!("cannot open log {}: {e}", path.display())))?;
+        let (logged, reader) =
+            LogReader::new(BufReader::new(file)).map_err(|e| usage(format!("{}: {e}", path.display())))?;
+        logged.check_matches(&header).map_err(|e| usage(format!("{}: {e}", path.display())))?;
         header.wall_clock_base_ns = logged.wall_clock_base_ns;
         let source: Box<dyn RecordSource> = Box::new(reader);
         Inputs::Replay(Replayer::new(source))
@@ -145,8 +134,8 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
         header.wall_clock_base_ns = wall_clock_ns();
         let recorder = match &cli.record {
             Some(path) => {
-                let file = File::create(path)
-                    .map_err(|e| usage(format!("cannot create log {}: {e}", path.display())))?;
+                let file =
+                    File::create(path).map_err(|e| usage(format!("cannot create log {}: {e}", path.display())))?;
                 let writer = LogWriter::new(BufWriter::with_capacity(1 << 16, file), &header)
                     .map_err(|e| usage(format!("cannot write log {}: {e}", path.display())))?;
                 let sink: Box<dyn RecordSink> = Box::new(writer);
@@ -154,36 +143,26 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
             }
             None => None,
         };
-        let serial =
-            match &cli.serial_input {
-                Some(path) => SerialInput::File(File::open(path).map_err(|e| {
-                    usage(format!("cannot open serial input {}: {e}", path.display()))
-                })?),
-                None => SerialInput::Stdin,
-            };
-        Inputs::Live(LiveInputs::new(serial, recorder, cli.perturb_seed))
+        let serial = match &cli.serial_input {
+            Some(path) => SerialInput::File(
+                File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?,
+            ),
+            None => SerialInput::Stdin,
+        };
+        Inputs::Live(Box::new(LiveInputs::new(serial, recorder, cli.perturb_seed)))
     };
 
     let machine = vm::Machine::new(mem_size).map_err(RunError::from)?;
-    let loaded = loader::load(&machine.mem, mem_size, &image)
-        .map_err(|e| usage(format!("guest image {name}: {e}")))?;
+    let loaded = loader::load(&machine.mem, mem_size, &image).map_err(|e| usage(format!("guest image {name}: {e}")))?;
     let rdtsc_sites = rdtsc::rewrite(&machine.mem, &loaded.code_segments)
         .map_err(|e| usage(format!("guest image {name}: rewriting RDTSC: {e}")))?;
     boot::write_boot_structures(&machine.mem, mem_size, cli.cmdline.as_bytes())
         .map_err(|e| usage(format!("writing boot structures: {e}")))?;
-    machine
-        .set_boot_state(loaded.entry)
-        .map_err(RunError::from)?;
+    machine.set_boot_state(loaded.entry).map_err(RunError::from)?;
 
     let want_digest = cli.digest || cli.record.is_some() || cli.replay.is_some();
-    let mut vmm = Vmm::new(
-        machine,
-        inputs,
-        Box::new(Stdout::default()),
-        rdtsc_sites,
-        header.wall_clock_base_ns,
-        want_digest,
-    );
+    let mut vmm =
+        Vmm::new(machine, inputs, Box::new(Stdout::default()), rdtsc_sites, header.wall_clock_base_ns, want_digest);
     let outcome = vmm.run()?;
     if cli.digest {
         if let Some(d) = outcome.digest {

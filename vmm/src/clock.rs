@@ -49,9 +49,7 @@ pub struct HostClock {
 
 impl HostClock {
     pub fn start() -> Self {
-        HostClock {
-            boot: Instant::now(),
-        }
+        HostClock { boot: Instant::now() }
     }
 
     /// Host nanoseconds since boot.

@@ -106,21 +106,14 @@ pub fn model(host_supported: &CpuId) -> Result<CpuId, String> {
         }
     }
     if !missing.is_empty() {
-        return Err(format!(
-            "this host's KVM lacks features of ftvmm's fixed CPU model: {}",
-            missing.join(", ")
-        ));
+        return Err(format!("this host's KVM lacks features of ftvmm's fixed CPU model: {}", missing.join(", ")));
     }
     let entries: Vec<kvm_cpuid_entry2> = leaves()
         .into_iter()
         .map(|(function, index, eax, ebx, ecx, edx)| kvm_cpuid_entry2 {
             function,
             index,
-            flags: if function == 7 {
-                KVM_CPUID_FLAG_SIGNIFCANT_INDEX
-            } else {
-                0
-            },
+            flags: if function == 7 { KVM_CPUID_FLAG_SIGNIFCANT_INDEX } else { 0 },
             eax,
             ebx,
             ecx,
@@ -136,10 +129,7 @@ mod tests {
     use super::*;
 
     fn leaf(function: u32) -> Leaf {
-        leaves()
-            .into_iter()
-            .find(|l| l.0 == function)
-            .expect("leaf present")
+        leaves().into_iter().find(|l| l.0 == function).expect("leaf present")
     }
 
     #[test]
@@ -149,11 +139,7 @@ mod tests {
         assert_eq!(ecx1 & (1 << 24), 0, "TSC deadline hidden");
         assert_eq!(ecx1 & (1 << 21), 0, "x2APIC hidden");
         assert_eq!(edx1 & (1 << 9), 0, "APIC hidden");
-        assert_ne!(
-            edx1 & (1 << 4),
-            0,
-            "TSC present: RDTSC is rewritten, not hidden"
-        );
+        assert_ne!(edx1 & (1 << 4), 0, "TSC present: RDTSC is rewritten, not hidden");
         let (_, _, _, ebx7, _, _) = leaf(7);
         assert_eq!(ebx7 & (1 << 18), 0, "RDSEED hidden");
         let (_, _, _, _, _, edx_ext) = leaf(0x8000_0001);
@@ -162,10 +148,7 @@ mod tests {
         let (_, _, max, sig0, sig1, sig2) = leaf(0x4000_0000);
         assert_eq!(max, 0x4000_0000, "no paravirtual feature leaves");
         assert_ne!((sig0, sig1, sig2), text(b"KVMKVMKVM\0\0\0"));
-        assert!(
-            leaves().iter().all(|l| l.0 != 0x4000_0001),
-            "no KVM feature leaf"
-        );
+        assert!(leaves().iter().all(|l| l.0 != 0x4000_0001), "no KVM feature leaf");
     }
 
     #[test]

@@ -31,31 +31,18 @@ pub fn state_digest(vmm: &Vmm) -> Result<Digest, RunError> {
 
     let r = m.vcpu.get_regs().map_err(kvm("reading registers"))?;
     for v in [
-        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12,
-        r.r13, r.r14, r.r15, r.rip, r.rflags,
+        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
+        r.rip, r.rflags,
     ] {
         h.update(&v.to_le_bytes());
     }
 
-    let s = m
-        .vcpu
-        .get_sregs()
-        .map_err(kvm("reading special registers"))?;
+    let s = m.vcpu.get_sregs().map_err(kvm("reading special registers"))?;
     for seg in [s.cs, s.ds, s.es, s.fs, s.gs, s.ss, s.tr, s.ldt] {
         h.update(&seg.base.to_le_bytes());
         h.update(&seg.limit.to_le_bytes());
         h.update(&seg.selector.to_le_bytes());
-        h.update(&[
-            seg.type_,
-            seg.present,
-            seg.dpl,
-            seg.db,
-            seg.s,
-            seg.l,
-            seg.g,
-            seg.avl,
-            seg.unusable,
-        ]);
+        h.update(&[seg.type_, seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.avl, seg.unusable]);
     }
     for table in [s.gdt, s.idt] {
         h.update(&table.base.to_le_bytes());
@@ -85,10 +72,8 @@ pub fn state_digest(vmm: &Vmm) -> Result<Digest, RunError> {
         h.update(&value.to_le_bytes());
     }
 
-    let devices = bincode::serialize(&vmm.devices.state()).map_err(|e| RunError::Io {
-        what: "serializing device state",
-        err: std::io::Error::other(e.to_string()),
-    })?;
+    let devices = bincode::serialize(&vmm.devices.state())
+        .map_err(|e| RunError::Io { what: "serializing device state", err: std::io::Error::other(e.to_string()) })?;
     h.update(&devices);
     h.update(&vmm.clock.now_ns().to_le_bytes());
     h.update(&vmm.clock.tsc().to_le_bytes());

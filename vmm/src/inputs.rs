@@ -126,9 +126,7 @@ impl LiveInputs {
 
     /// With `--perturb-seed`: how late (ns) the timer is noticed this time.
     pub fn timer_jitter_ns(&mut self) -> u64 {
-        self.perturb
-            .as_mut()
-            .map_or(0, |rng| rng.gen_range(0..2_000_000))
+        self.perturb.as_mut().map_or(0, |rng| rng.gen_range(0..2_000_000))
     }
 
     /// With `--perturb-seed`: sometimes stall the host before an injection,
@@ -165,6 +163,6 @@ fn spawn_reader(mut input: impl Read + Send + 'static) -> Receiver<Vec<u8>> {
 
 /// The source of a run's inputs.
 pub enum Inputs {
-    Live(LiveInputs),
+    Live(Box<LiveInputs>),
     Replay(Replayer<Box<dyn RecordSource>>),
 }

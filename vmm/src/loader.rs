@@ -39,13 +39,8 @@ pub enum LoadError {
 /// Validates `image` against a guest memory of `mem_size` bytes and loads it.
 pub fn load(mem: &GuestMemoryMmap, mem_size: u64, image: &[u8]) -> Result<LoadedImage, LoadError> {
     let loaded = inspect(image, mem_size)?;
-    Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(image),
-        Some(GuestAddress(IMAGE_MIN_ADDR)),
-    )
-    .map_err(|e| LoadError::Load(e.to_string()))?;
+    Elf::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(IMAGE_MIN_ADDR)))
+        .map_err(|e| LoadError::Load(e.to_string()))?;
     Ok(loaded)
 }
 
@@ -61,17 +56,12 @@ pub fn inspect(image: &[u8], mem_size: u64) -> Result<LoadedImage, LoadError> {
     // SAFETY: any u64 buffer is also a valid, 8-byte aligned u8 buffer of
     // 8× the length, and `words` outlives this borrow.
     let image = unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), image.len()) };
-    let header =
-        FileHeader64::<Endianness>::parse(image).map_err(|e| LoadError::NotElf(e.to_string()))?;
-    let endian = header
-        .endian()
-        .map_err(|e| LoadError::NotElf(e.to_string()))?;
+    let header = FileHeader64::<Endianness>::parse(image).map_err(|e| LoadError::NotElf(e.to_string()))?;
+    let endian = header.endian().map_err(|e| LoadError::NotElf(e.to_string()))?;
     if header.e_machine(endian) != object::elf::EM_X86_64 || endian != Endianness::Little {
         return Err(LoadError::NotElf("not a little-endian x86-64 image".into()));
     }
-    let phdrs = header
-        .program_headers(endian, image)
-        .map_err(|e| LoadError::NotElf(e.to_string()))?;
+    let phdrs = header.program_headers(endian, image).map_err(|e| LoadError::NotElf(e.to_string()))?;
     let entry = header.e_entry(endian);
     let mut code_segments = Vec::new();
     let mut any = false;
@@ -85,26 +75,13 @@ pub fn inspect(image: &[u8], mem_size: u64) -> Result<LoadedImage, LoadError> {
         if addr < IMAGE_MIN_ADDR {
             return Err(LoadError::TooLow { addr });
         }
-        let end = addr.checked_add(memsz).ok_or(LoadError::TooBig {
-            end: u64::MAX,
-            needed: u64::MAX,
-            mem: mem_size,
-        })?;
+        let end =
+            addr.checked_add(memsz).ok_or(LoadError::TooBig { end: u64::MAX, needed: u64::MAX, mem: mem_size })?;
         if end > mem_size {
-            return Err(LoadError::TooBig {
-                end,
-                needed: end,
-                mem: mem_size,
-            });
+            return Err(LoadError::TooBig { end, needed: end, mem: mem_size });
         }
-        if offset
-            .checked_add(filesz)
-            .is_none_or(|e| e > image.len() as u64)
-            || filesz > memsz
-        {
-            return Err(LoadError::NotElf(format!(
-                "segment at {addr:#x} lies outside the file"
-            )));
+        if offset.checked_add(filesz).is_none_or(|e| e > image.len() as u64) || filesz > memsz {
+            return Err(LoadError::NotElf(format!("segment at {addr:#x} lies outside the file")));
         }
         if ph.p_flags(endian) & PF_X != 0 {
             code_segments.push((addr, filesz));
@@ -117,8 +94,5 @@ pub fn inspect(image: &[u8], mem_size: u64) -> Result<LoadedImage, LoadError> {
     if !entry_ok {
         return Err(LoadError::BadEntry { entry });
     }
-    Ok(LoadedImage {
-        entry,
-        code_segments,
-    })
+    Ok(LoadedImage { entry, code_segments })
 }

@@ -26,10 +26,7 @@ const TSC_PORT_READ: [u8; 2] = [0xe5, crate::devices::TSC_PORT as u8];
 
 /// Rewrites every RDTSC in `segments` (guest address, length) and returns
 /// the RIPs of the replacement instructions.
-pub fn rewrite(
-    mem: &GuestMemoryMmap,
-    segments: &[(u64, u64)],
-) -> Result<HashSet<u64>, vm_memory::GuestMemoryError> {
+pub fn rewrite(mem: &GuestMemoryMmap, segments: &[(u64, u64)]) -> Result<HashSet<u64>, vm_memory::GuestMemoryError> {
     let mut sites = HashSet::new();
     for &(addr, len) in segments {
         let mut code = vec![0u8; len as usize];

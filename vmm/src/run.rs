@@ -38,10 +38,7 @@ pub enum RunError {
     #[error("{0}")]
     Log(#[from] LogError),
     #[error("{what}: {err}")]
-    Io {
-        what: &'static str,
-        err: std::io::Error,
-    },
+    Io { what: &'static str, err: std::io::Error },
 }
 
 impl From<ReplayError> for RunError {
@@ -66,10 +63,7 @@ impl RunError {
 }
 
 fn log_write_error(err: std::io::Error) -> RunError {
-    RunError::Io {
-        what: "writing the log",
-        err,
-    }
+    RunError::Io { what: "writing the log", err }
 }
 
 /// Where the guest's serial output goes. Every byte comes with the position
@@ -201,15 +195,8 @@ impl Vmm {
         loop {
             let exit = self.next_exit()?;
             self.exits += 1;
-            let mut regs = self.machine.vcpu.get_regs().map_err(|err| VmError::Kvm {
-                what: "reading registers",
-                err,
-            })?;
-            let position = Position {
-                exit: self.exits,
-                rip: regs.rip,
-            };
-            tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", regs.rip), kind = %exit.kind());
+            let position = Position { exit: self.exits, rip: self.machine.exit_rip()? };
+            tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", position.rip), kind = %exit.kind());
             self.check_in(position, exit.kind())?;
 
             let mut action = PortAction::None;
@@ -226,18 +213,16 @@ impl Vmm {
                             // IN has completed (setting registers earlier would
                             // race KVM's completion of the emulated IN).
                             self.machine.complete_pending_io()?;
-                            regs = self.machine.vcpu.get_regs().map_err(|err| VmError::Kvm {
-                                what: "reading registers",
-                                err,
-                            })?;
+                            let mut regs = self
+                                .machine
+                                .vcpu
+                                .get_regs()
+                                .map_err(|err| VmError::Kvm { what: "reading registers", err })?;
                             regs.rdx = tsc >> 32;
                             self.machine
                                 .vcpu
                                 .set_regs(&regs)
-                                .map_err(|err| VmError::Kvm {
-                                    what: "setting registers",
-                                    err,
-                                })?;
+                                .map_err(|err| VmError::Kvm { what: "setting registers", err })?;
                         }
                     } else {
                         for chunk in data.chunks_mut(usize::from(size.max(1))) {
@@ -281,10 +266,7 @@ impl Vmm {
             if !output.is_empty() {
                 self.output
                     .output(position, &output)
-                    .map_err(|err| RunError::Io {
-                        what: "writing serial output",
-                        err,
-                    })?;
+                    .map_err(|err| RunError::Io { what: "writing serial output", err })?;
             }
             if let PortAction::Exit(status) = action {
                 return self.finish(position, status);
@@ -301,13 +283,7 @@ impl Vmm {
                 Ok(exit) => exit,
                 // A signal: not a position, nothing to do but resume.
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(err) => {
-                    return Err(VmError::Kvm {
-                        what: "running the vCPU",
-                        err,
-                    }
-                    .into())
-                }
+                Err(err) => return Err(VmError::Kvm { what: "running the vCPU", err }.into()),
             };
             let stop = match exit {
                 VcpuExit::IoIn(port, _) => {
@@ -319,27 +295,12 @@ impl Vmm {
                     let (size, _) = self.io_geometry();
                     return Ok(GuestExit::IoOut { port, size, data });
                 }
-                VcpuExit::MmioRead(addr, data) => {
-                    return Ok(GuestExit::MmioRead {
-                        addr,
-                        len: data.len() as u8,
-                    })
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    return Ok(GuestExit::MmioWrite {
-                        addr,
-                        len: data.len() as u8,
-                    })
-                }
+                VcpuExit::MmioRead(addr, data) => return Ok(GuestExit::MmioRead { addr, len: data.len() as u8 }),
+                VcpuExit::MmioWrite(addr, data) => return Ok(GuestExit::MmioWrite { addr, len: data.len() as u8 }),
                 VcpuExit::Hlt => return Ok(GuestExit::Hlt),
                 VcpuExit::IrqWindowOpen => return Ok(GuestExit::IrqWindow),
                 VcpuExit::X86Rdmsr(msr) => return Ok(GuestExit::RdMsr { index: msr.index }),
-                VcpuExit::X86Wrmsr(msr) => {
-                    return Ok(GuestExit::WrMsr {
-                        index: msr.index,
-                        data: msr.data,
-                    })
-                }
+                VcpuExit::X86Wrmsr(msr) => return Ok(GuestExit::WrMsr { index: msr.index, data: msr.data }),
                 VcpuExit::Intr => continue,
                 VcpuExit::Shutdown => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
                 VcpuExit::InternalError => String::new(),
@@ -367,11 +328,7 @@ impl Vmm {
                 stop
             };
             let rip = self.machine.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-            return Err(RunError::Guest {
-                what,
-                rip,
-                exits: self.exits,
-            });
+            return Err(RunError::Guest { what, rip, exits: self.exits });
         }
     }
 
@@ -401,31 +358,17 @@ impl Vmm {
     }
 
     fn port_read(&mut self, port: u16, data: &mut [u8]) -> Result<(), RunError> {
-        let Vmm {
-            devices,
-            inputs,
-            clock,
-            wall_clock_base_ns,
-            ..
-        } = self;
+        let Vmm { devices, inputs, clock, wall_clock_base_ns, .. } = self;
         let mut failed = None;
-        let mut time =
-            |source| take_time_reading(inputs, clock, *wall_clock_base_ns, source, &mut failed);
+        let mut time = |source| take_time_reading(inputs, clock, *wall_clock_base_ns, source, &mut failed);
         devices.port_read(port, data, &mut time);
         failed.map_or(Ok(()), Err)
     }
 
     fn port_write(&mut self, port: u16, data: &[u8]) -> Result<PortAction, RunError> {
-        let Vmm {
-            devices,
-            inputs,
-            clock,
-            wall_clock_base_ns,
-            ..
-        } = self;
+        let Vmm { devices, inputs, clock, wall_clock_base_ns, .. } = self;
         let mut failed = None;
-        let mut time =
-            |source| take_time_reading(inputs, clock, *wall_clock_base_ns, source, &mut failed);
+        let mut time = |source| take_time_reading(inputs, clock, *wall_clock_base_ns, source, &mut failed);
         let action = devices.port_write(port, data, &mut time);
         failed.map_or(Ok(action), Err)
     }
@@ -456,27 +399,19 @@ impl Vmm {
 
     /// Live: serial input and due timers from the host; when idle, wait for
     /// one of them. Returns whether an interrupt was injected.
-    fn take_live_inputs(
-        &mut self,
-        position: Position,
-        idle: bool,
-        ready: bool,
-    ) -> Result<bool, RunError> {
+    fn take_live_inputs(&mut self, position: Position, idle: bool, ready: bool) -> Result<bool, RunError> {
         loop {
             self.poll_host()?;
             if self.devices.pic.has_pending() {
                 if !ready {
                     return Ok(false);
                 }
-                let Inputs::Live(live) = &mut self.inputs else {
-                    unreachable!("live inputs")
-                };
+                let Inputs::Live(live) = &mut self.inputs else { unreachable!("live inputs") };
                 live.injection_delay();
                 let Some(vector) = self.devices.pic.acknowledge() else {
                     return Ok(false);
                 };
-                live.record(Event::Interrupt { vector })
-                    .map_err(log_write_error)?;
+                live.record(Event::Interrupt { vector }).map_err(log_write_error)?;
                 self.machine.inject_interrupt(vector)?;
                 return Ok(true);
             }
@@ -494,17 +429,11 @@ impl Vmm {
             return Ok(());
         };
         if let Some(bytes) = live.take_serial(self.devices.serial_rx_room()) {
-            live.record(Event::SerialRx {
-                bytes: bytes.clone(),
-            })
-            .map_err(log_write_error)?;
+            live.record(Event::SerialRx { bytes: bytes.clone() }).map_err(log_write_error)?;
             self.devices.serial_receive(&bytes);
         }
         if let Some(deadline) = self.devices.pit.next_irq0_deadline() {
-            let now = live
-                .host
-                .elapsed_ns()
-                .saturating_sub(live.timer_jitter_ns());
+            let now = live.host.elapsed_ns().saturating_sub(live.timer_jitter_ns());
             if now >= deadline {
                 self.read_time(TimeSource::TimerCheck)?;
                 self.devices.advance_timers(self.clock.now_ns());
@@ -516,26 +445,18 @@ impl Vmm {
     /// The guest idles: block until the host has an input for it.
     fn wait_for_host_input(&mut self, position: Position) -> Result<(), RunError> {
         // Nothing else will happen for a while: make what we have visible.
-        self.output.flush().map_err(|err| RunError::Io {
-            what: "writing serial output",
-            err,
-        })?;
+        self.output.flush().map_err(|err| RunError::Io { what: "writing serial output", err })?;
         let Inputs::Live(live) = &mut self.inputs else {
             return Ok(());
         };
         if let Some(r) = &mut live.recorder {
             r.flush().map_err(log_write_error)?;
         }
-        let deadline = self
-            .devices
-            .pit
-            .next_irq0_deadline()
-            .map(|ns| live.host.instant_at(ns));
+        let deadline = self.devices.pit.next_irq0_deadline().map(|ns| live.host.instant_at(ns));
         match live.wait(deadline) {
             Woken::Input | Woken::Deadline => Ok(()),
             Woken::Nothing => Err(RunError::Guest {
-                what: "idle with no interrupt source left (no timer armed, serial input closed)"
-                    .into(),
+                what: "idle with no interrupt source left (no timer armed, serial input closed)".into(),
                 rip: position.rip,
                 exits: self.exits,
             }),
@@ -544,54 +465,33 @@ impl Vmm {
 
     /// Replay: apply the inputs logged at this position, in their order.
     /// Returns whether an interrupt was injected.
-    fn take_logged_inputs(
-        &mut self,
-        position: Position,
-        idle: bool,
-        can_inject: bool,
-    ) -> Result<bool, RunError> {
+    fn take_logged_inputs(&mut self, position: Position, idle: bool, can_inject: bool) -> Result<bool, RunError> {
         let mut injected = false;
         loop {
-            let Inputs::Replay(r) = &mut self.inputs else {
-                unreachable!("replay inputs")
-            };
+            let Inputs::Replay(r) = &mut self.inputs else { unreachable!("replay inputs") };
             let Some(event) = r.take_event()? else { break };
             match event {
                 Event::SerialRx { bytes } => {
                     if bytes.len() > self.devices.serial_rx_room() {
-                        return Err(self.diverged(
-                            "serial input the UART has room for",
-                            "a full receive FIFO",
-                        ));
+                        return Err(self.diverged("serial input the UART has room for", "a full receive FIFO"));
                     }
                     self.devices.serial_receive(&bytes);
                 }
-                Event::TimeRead {
-                    source: TimeSource::TimerCheck,
-                    ns,
-                } => {
+                Event::TimeRead { source: TimeSource::TimerCheck, ns } => {
                     self.clock.set(ns);
                     self.devices.advance_timers(self.clock.now_ns());
                 }
                 Event::TimeRead { source, .. } => {
-                    return Err(self.diverged(
-                        format_args!("a time read by {source:?}"),
-                        "no device reading time",
-                    ));
+                    return Err(self.diverged(format_args!("a time read by {source:?}"), "no device reading time"));
                 }
                 Event::Interrupt { vector } => {
                     if injected || !can_inject {
-                        return Err(self.diverged(
-                            format_args!("interrupt {vector:#x}"),
-                            "a guest that cannot take it",
-                        ));
+                        return Err(self.diverged(format_args!("interrupt {vector:#x}"), "a guest that cannot take it"));
                     }
                     match self.devices.pic.acknowledge() {
                         Some(v) if v == vector => {}
                         got => {
-                            let got = got.map_or("no pending interrupt".to_string(), |v| {
-                                format!("interrupt {v:#x}")
-                            });
+                            let got = got.map_or("no pending interrupt".to_string(), |v| format!("interrupt {v:#x}"));
                             return Err(self.diverged(format_args!("interrupt {vector:#x}"), got));
                         }
                     }
@@ -604,29 +504,18 @@ impl Vmm {
             return Err(self.diverged("no interrupt", "a pending interrupt the guest can take"));
         }
         if idle && !injected && !self.devices.pic.has_pending() {
-            return Err(self.diverged(
-                "an input to wake the idle guest",
-                format_args!("none at {position}"),
-            ));
+            return Err(self.diverged("an input to wake the idle guest", format_args!("none at {position}")));
         }
         Ok(injected)
     }
 
     fn diverged(&self, expected: impl std::fmt::Display, got: impl std::fmt::Display) -> RunError {
-        RunError::Divergence(Divergence {
-            exit: self.exits,
-            expected: expected.to_string(),
-            got: got.to_string(),
-        })
+        RunError::Divergence(Divergence { exit: self.exits, expected: expected.to_string(), got: got.to_string() })
     }
 
     /// The guest wrote its exit status.
     fn finish(&mut self, position: Position, status: u8) -> Result<Outcome, RunError> {
-        let digest = if self.want_digest {
-            Some(digest::state_digest(self)?)
-        } else {
-            None
-        };
+        let digest = if self.want_digest { Some(digest::state_digest(self)?) } else { None };
         match &mut self.inputs {
             Inputs::Live(live) => {
                 if let (Some(r), Some(d)) = (&mut live.recorder, digest) {
@@ -638,11 +527,7 @@ impl Vmm {
                 r.end(position, status, d)?;
             }
         }
-        Ok(Outcome {
-            status,
-            digest,
-            exits: self.exits,
-        })
+        Ok(Outcome { status, digest, exits: self.exits })
     }
 }
 
@@ -662,9 +547,7 @@ fn take_time_reading(
     let reading = match inputs {
         Inputs::Live(live) => {
             let ns = live.host.elapsed_ns().max(clock.now_ns());
-            live.record(Event::TimeRead { source, ns })
-                .map(|_| ns)
-                .map_err(log_write_error)
+            live.record(Event::TimeRead { source, ns }).map(|_| ns).map_err(log_write_error)
         }
         Inputs::Replay(r) => r.time(source).map_err(RunError::from),
     };

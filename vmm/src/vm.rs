@@ -6,12 +6,8 @@
 
 use crate::boot;
 use crate::cpuid;
-use kvm_bindings::{
-    kvm_enable_cap, kvm_run, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES,
-};
-use kvm_ioctls::{
-    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
-};
+use kvm_bindings::{kvm_enable_cap, kvm_run, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
 use std::os::fd::AsRawFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -47,17 +43,16 @@ pub const DIGEST_MSRS: &[u32] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("/dev/kvm is not available ({0}): ftvmm needs KVM (is the kvm module loaded, and may this user open /dev/kvm?)")]
+    #[error(
+        "/dev/kvm is not available ({0}): ftvmm needs KVM (is the kvm module loaded, and may this user open /dev/kvm?)"
+    )]
     NoKvm(kvm_ioctls::Error),
     #[error("KVM lacks {0}, which ftvmm needs")]
     MissingCap(&'static str),
     #[error("{0}")]
     Cpu(String),
     #[error("{what}: {err}")]
-    Kvm {
-        what: &'static str,
-        err: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, err: kvm_ioctls::Error },
     #[error("guest memory of {0} MiB: {1}")]
     Memory(u64, String),
 }
@@ -72,16 +67,16 @@ pub struct Machine {
     pub vcpu: VcpuFd,
     pub mem: GuestMemoryMmap,
     pub mem_size: u64,
+    /// KVM copies the registers into `kvm_run` at every exit
+    /// (KVM_CAP_SYNC_REGS), sparing a KVM_GET_REGS per exit.
+    sync_regs: bool,
 }
 
 impl Machine {
     /// Creates the VM with `mem_size` bytes of memory at guest address 0.
     pub fn new(mem_size: u64) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
-        for (cap, name) in [
-            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-        ] {
+        for (cap, name) in [(Cap::UserMemory, "KVM_CAP_USER_MEMORY"), (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT")] {
             if !kvm.check_extension(cap) {
                 return Err(VmError::MissingCap(name));
             }
@@ -92,9 +87,8 @@ impl Machine {
 
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
             .map_err(|e| VmError::Memory(mem_size >> 20, e.to_string()))?;
-        let host_addr = mem
-            .get_host_address(GuestAddress(0))
-            .map_err(|e| VmError::Memory(mem_size >> 20, e.to_string()))?;
+        let host_addr =
+            mem.get_host_address(GuestAddress(0)).map_err(|e| VmError::Memory(mem_size >> 20, e.to_string()))?;
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -104,39 +98,36 @@ impl Machine {
         };
         // SAFETY: the region is a live mapping of mem_size bytes owned by `mem`,
         // which the Machine keeps alive as long as the VM.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("registering guest memory"))?;
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("registering guest memory"))?;
 
         install_msr_filter(&vm)?;
 
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("creating the vCPU"))?;
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("reading supported CPUID"))?;
+        let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("creating the vCPU"))?;
+        let sync_regs = kvm.check_extension(Cap::SyncRegs);
+        if sync_regs {
+            vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        }
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("reading supported CPUID"))?;
         let model = cpuid::model(&supported).map_err(VmError::Cpu)?;
-        vcpu.set_cpuid2(&model)
-            .map_err(kvm_err("setting the CPUID model"))?;
-        Ok(Machine {
-            vm,
-            vcpu,
-            mem,
-            mem_size,
-        })
+        vcpu.set_cpuid2(&model).map_err(kvm_err("setting the CPUID model"))?;
+        Ok(Machine { vm, vcpu, mem, mem_size, sync_regs })
     }
 
     /// Puts the vCPU at `entry` in 64-bit mode per the boot protocol.
     pub fn set_boot_state(&self, entry: u64) -> Result<(), VmError> {
         let sregs = self.vcpu.get_sregs().map_err(kvm_err("reading sregs"))?;
-        self.vcpu
-            .set_sregs(&boot::long_mode_sregs(sregs))
-            .map_err(kvm_err("setting sregs"))?;
-        self.vcpu
-            .set_regs(&boot::entry_regs(entry))
-            .map_err(kvm_err("setting registers"))?;
-        self.vcpu
-            .set_fpu(&boot::entry_fpu())
-            .map_err(kvm_err("setting the FPU"))?;
+        self.vcpu.set_sregs(&boot::long_mode_sregs(sregs)).map_err(kvm_err("setting sregs"))?;
+        self.vcpu.set_regs(&boot::entry_regs(entry)).map_err(kvm_err("setting registers"))?;
+        self.vcpu.set_fpu(&boot::entry_fpu()).map_err(kvm_err("setting the FPU"))?;
         Ok(())
+    }
+
+    /// RIP at the exit the vCPU just made.
+    pub fn exit_rip(&mut self) -> Result<u64, VmError> {
+        if self.sync_regs {
+            return Ok(self.vcpu.sync_regs().regs.rip);
+        }
+        Ok(self.vcpu.get_regs().map_err(kvm_err("reading registers"))?.rip)
     }
 
     /// Queues `vector` as an external interrupt for the next entry
@@ -148,10 +139,7 @@ impl Machine {
         // SAFETY: the fd is our vCPU's; the kernel reads one u32 from a valid pointer.
         let ret = unsafe { libc::ioctl(self.vcpu.as_raw_fd(), KVM_INTERRUPT, &irq as *const u32) };
         if ret != 0 {
-            return Err(VmError::Kvm {
-                what: "injecting an interrupt",
-                err: kvm_ioctls::Error::last(),
-            });
+            return Err(VmError::Kvm { what: "injecting an interrupt", err: kvm_ioctls::Error::last() });
         }
         Ok(())
     }
@@ -174,9 +162,7 @@ impl Machine {
         // SAFETY: KVM places the I/O data at data_offset inside the mmap'd run
         // area (run_size bytes, larger than size*count); nothing else aliases it
         // while the vCPU is stopped in userspace.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(io.data_offset as usize), len)
-        };
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(io.data_offset as usize), len) };
     }
 
     /// Lets KVM finish the exit just answered (e.g. write an IN's data to
@@ -186,10 +172,7 @@ impl Machine {
         self.vcpu.set_kvm_immediate_exit(1);
         let result = match self.vcpu.run() {
             Err(e) if e.errno() == libc::EINTR => Ok(()),
-            Err(err) => Err(VmError::Kvm {
-                what: "completing an I/O exit",
-                err,
-            }),
+            Err(err) => Err(VmError::Kvm { what: "completing an I/O exit", err }),
             Ok(exit) => Err(VmError::Kvm {
                 what: match exit {
                     kvm_ioctls::VcpuExit::Intr => "completing an I/O exit (interrupted)",
@@ -234,21 +217,13 @@ impl Machine {
 
     /// Reads the MSRs in `DIGEST_MSRS`; any the host cannot read are skipped.
     pub fn digest_msrs(&self) -> Vec<(u32, u64)> {
-        let entries: Vec<kvm_bindings::kvm_msr_entry> = DIGEST_MSRS
-            .iter()
-            .map(|&index| kvm_bindings::kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
+        let entries: Vec<kvm_bindings::kvm_msr_entry> =
+            DIGEST_MSRS.iter().map(|&index| kvm_bindings::kvm_msr_entry { index, ..Default::default() }).collect();
         let Ok(mut msrs) = Msrs::from_entries(&entries) else {
             return Vec::new();
         };
         let read = self.vcpu.get_msrs(&mut msrs).unwrap_or(0);
-        msrs.as_slice()[..read]
-            .iter()
-            .map(|e| (e.index, e.data))
-            .collect()
+        msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)).collect()
     }
 }
 
@@ -262,8 +237,7 @@ fn install_msr_filter(vm: &VmFd) -> Result<(), VmError> {
         args: [KVM_MSR_EXIT_REASON_FILTER, 0, 0, 0],
         ..Default::default()
     };
-    vm.enable_cap(&cap)
-        .map_err(|_| VmError::MissingCap("KVM_CAP_X86_USER_SPACE_MSR (MSR exits to userspace)"))?;
+    vm.enable_cap(&cap).map_err(|_| VmError::MissingCap("KVM_CAP_X86_USER_SPACE_MSR (MSR exits to userspace)"))?;
     // A clear bit denies the access, which (with the cap above) exits to us.
     let denied = [0u8; 1];
     let ranges: Vec<MsrFilterRange> = FILTERED_MSRS
@@ -275,6 +249,5 @@ fn install_msr_filter(vm: &VmFd) -> Result<(), VmError> {
             bitmap: &denied,
         })
         .collect();
-    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
-        .map_err(kvm_err("installing the MSR filter"))
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges).map_err(kvm_err("installing the MSR filter"))
 }

@@ -136,10 +136,7 @@ impl Cmos {
     /// A CMOS with default status registers and the BIOS memory-size bytes
     /// filled in for `mem_size_bytes` of guest RAM.
     pub fn new(mem_size_bytes: u64) -> Self {
-        let mut cmos = Cmos {
-            index: 0,
-            ram: vec![0; SIZE],
-        };
+        let mut cmos = Cmos { index: 0, ram: vec![0; SIZE] };
         cmos.set(REG_STATUS_A, DEFAULT_STATUS_A);
         cmos.set(REG_STATUS_B, DEFAULT_STATUS_B);
 
@@ -182,15 +179,12 @@ impl Cmos {
             return 0xFF;
         }
         match self.index {
-            REG_SECONDS | REG_MINUTES | REG_HOURS | REG_WEEKDAY | REG_DAY | REG_MONTH
-            | REG_YEAR | REG_CENTURY => self.read_clock(self.index, wall_clock_ns()),
+            REG_SECONDS | REG_MINUTES | REG_HOURS | REG_WEEKDAY | REG_DAY | REG_MONTH | REG_YEAR | REG_CENTURY => {
+                self.read_clock(self.index, wall_clock_ns())
+            }
             REG_STATUS_A => {
                 let into_second = wall_clock_ns() % NS_PER_SEC;
-                let uip = if into_second >= NS_PER_SEC - UIP_WINDOW_NS {
-                    STATUS_A_UIP
-                } else {
-                    0
-                };
+                let uip = if into_second >= NS_PER_SEC - UIP_WINDOW_NS { STATUS_A_UIP } else { 0 };
                 (self.get(REG_STATUS_A) & !STATUS_A_UIP) | uip
             }
             // Reading C clears its flags; none are ever raised.
@@ -295,43 +289,22 @@ mod tests {
     #[test]
     fn known_timestamps() {
         let mut cmos = binary_24h();
-        assert_eq!(
-            read_all_binary(&mut cmos, 1_700_000_000 * S),
-            (2023, 11, 14, 3, 22, 13, 20)
-        );
+        assert_eq!(read_all_binary(&mut cmos, 1_700_000_000 * S), (2023, 11, 14, 3, 22, 13, 20));
         // Leap day 2024-02-29 (a Thursday) and the day after it.
-        assert_eq!(
-            read_all_binary(&mut cmos, 1_709_164_800 * S + 1),
-            (2024, 2, 29, 5, 0, 0, 0)
-        );
-        assert_eq!(
-            read_all_binary(&mut cmos, 1_709_251_199 * S),
-            (2024, 2, 29, 5, 23, 59, 59)
-        );
-        assert_eq!(
-            read_all_binary(&mut cmos, 1_709_251_200 * S),
-            (2024, 3, 1, 6, 0, 0, 0)
-        );
+        assert_eq!(read_all_binary(&mut cmos, 1_709_164_800 * S + 1), (2024, 2, 29, 5, 0, 0, 0));
+        assert_eq!(read_all_binary(&mut cmos, 1_709_251_199 * S), (2024, 2, 29, 5, 23, 59, 59));
+        assert_eq!(read_all_binary(&mut cmos, 1_709_251_200 * S), (2024, 3, 1, 6, 0, 0, 0));
         // 2000 was a leap year (divisible by 400), 2100 is not.
-        assert_eq!(
-            read_all_binary(&mut cmos, 951_782_400 * S),
-            (2000, 2, 29, 3, 0, 0, 0)
-        );
-        assert_eq!(
-            read_all_binary(&mut cmos, 4_107_542_400 * S),
-            (2100, 3, 1, 2, 0, 0, 0)
-        );
+        assert_eq!(read_all_binary(&mut cmos, 951_782_400 * S), (2000, 2, 29, 3, 0, 0, 0));
+        assert_eq!(read_all_binary(&mut cmos, 4_107_542_400 * S), (2100, 3, 1, 2, 0, 0, 0));
         // New Year's Eve rolling over, sub-second part ignored.
-        assert_eq!(
-            read_all_binary(&mut cmos, 1_704_067_199 * S + 999_999_999),
-            (2023, 12, 31, 1, 23, 59, 59)
-        );
+        assert_eq!(read_all_binary(&mut cmos, 1_704_067_199 * S + 999_999_999), (2023, 12, 31, 1, 23, 59, 59));
     }
 
     #[test]
     fn civil_from_days_matches_a_day_by_day_walk() {
         let days_in_month = |y: u64, m: u8| match m {
-            2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+            2 if (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400) => 29,
             2 => 28,
             4 | 6 | 9 | 11 => 30,
             _ => 31,
@@ -448,9 +421,7 @@ mod tests {
     #[test]
     fn clock_is_not_read_for_ram_or_status_b_c_d() {
         let mut cmos = Cmos::new(0);
-        for reg in [
-            0x01, 0x03, 0x05, 0x0B, 0x0C, 0x0D, 0x0E, 0x10, 0x31, 0x33, 0x7F,
-        ] {
+        for reg in [0x01, 0x03, 0x05, 0x0B, 0x0C, 0x0D, 0x0E, 0x10, 0x31, 0x33, 0x7F] {
             cmos.io_write(0x70, reg);
             cmos.io_read(0x71, no_clock);
         }
@@ -490,9 +461,6 @@ mod tests {
         }
         // Latest representable instant: 2554-07-21 23:34:33 UTC.
         let mut cmos = binary_24h();
-        assert_eq!(
-            read_all_binary(&mut cmos, u64::MAX),
-            (2554, 7, 21, 1, 23, 34, 33)
-        );
+        assert_eq!(read_all_binary(&mut cmos, u64::MAX), (2554, 7, 21, 1, 23, 34, 33));
     }
 }

@@ -64,23 +64,11 @@ pub struct DevicesState<'a> {
 impl Devices {
     pub fn new(mem_size: u64) -> Self {
         let (uart, uart_irq, tx) = serial::com1();
-        Devices {
-            uart,
-            uart_irq,
-            tx,
-            pic: pic::Pic::new(),
-            pit: pit::Pit::new(),
-            cmos: cmos::Cmos::new(mem_size),
-        }
+        Devices { uart, uart_irq, tx, pic: pic::Pic::new(), pit: pit::Pit::new(), cmos: cmos::Cmos::new(mem_size) }
     }
 
     /// A port read of `data.len()` bytes. `clock` answers time readings.
-    pub fn port_read(
-        &mut self,
-        port: u16,
-        data: &mut [u8],
-        clock: &mut dyn FnMut(TimeSource) -> u64,
-    ) {
+    pub fn port_read(&mut self, port: u16, data: &mut [u8], clock: &mut dyn FnMut(TimeSource) -> u64) {
         data.fill(0xff);
         let byte = match port {
             0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => self.pic.io_read(port),
@@ -96,12 +84,7 @@ impl Devices {
     }
 
     /// A port write. `clock` answers time readings.
-    pub fn port_write(
-        &mut self,
-        port: u16,
-        data: &[u8],
-        clock: &mut dyn FnMut(TimeSource) -> u64,
-    ) -> PortAction {
+    pub fn port_write(&mut self, port: u16, data: &[u8], clock: &mut dyn FnMut(TimeSource) -> u64) -> PortAction {
         let Some(&byte) = data.first() else {
             return PortAction::None;
         };

@@ -129,9 +129,7 @@ impl Chip {
 
     /// Highest-priority line set in `bits`.
     fn highest(&self, bits: u8) -> Option<u8> {
-        (1..=8u8)
-            .map(|i| self.lowest_priority.wrapping_add(i) & 7)
-            .find(|&line| bits & (1 << line) != 0)
+        (1..=8u8).map(|i| self.lowest_priority.wrapping_add(i) & 7).find(|&line| bits & (1 << line) != 0)
     }
 
     /// The line this chip would hand out on an INTA, given its (possibly
@@ -247,11 +245,7 @@ impl Chip {
             }
             InitStep::Icw3 => {
                 // The cascade wiring is fixed; the value is not needed.
-                self.init_step = if self.needs_icw4 {
-                    InitStep::Icw4
-                } else {
-                    InitStep::Ready
-                };
+                self.init_step = if self.needs_icw4 { InitStep::Icw4 } else { InitStep::Ready };
             }
             InitStep::Icw4 => {
                 self.auto_eoi = value & 0x02 != 0;
@@ -301,10 +295,7 @@ impl Default for Pic {
 impl Pic {
     /// Power-on state: both chips uninitialised, everything masked.
     pub fn new() -> Self {
-        Pic {
-            master: Chip::new(),
-            slave: Chip::new(),
-        }
+        Pic { master: Chip::new(), slave: Chip::new() }
     }
 
     /// Whether the slave's INT output (master IR2) is asserted.

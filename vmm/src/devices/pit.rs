@@ -79,11 +79,7 @@ struct Clock<'a, F: FnOnce() -> u64> {
 
 impl<'a, F: FnOnce() -> u64> Clock<'a, F> {
     fn new(last_ns: &'a mut u64, source: F) -> Self {
-        Clock {
-            source: Some(source),
-            cached: None,
-            last_ns,
-        }
+        Clock { source: Some(source), cached: None, last_ns }
     }
 
     fn now(&mut self) -> u64 {
@@ -128,11 +124,7 @@ enum CountState {
     /// Control word written, no count loaded yet.
     Idle,
     /// Counting since `start_ns`.
-    Running {
-        start_ns: u64,
-        initial: u32,
-        fired: bool,
-    },
+    Running { start_ns: u64, initial: u32, fired: bool },
     /// Loaded but frozen by a low gate (channel 2 only).
     Paused { initial: u32, fired: bool },
 }
@@ -224,16 +216,9 @@ impl Channel {
     fn load<F: FnOnce() -> u64>(&mut self, clock: &mut Clock<'_, F>) {
         let initial = self.reload_ticks();
         self.state = if self.gate {
-            CountState::Running {
-                start_ns: clock.now(),
-                initial,
-                fired: false,
-            }
+            CountState::Running { start_ns: clock.now(), initial, fired: false }
         } else {
-            CountState::Paused {
-                initial,
-                fired: false,
-            }
+            CountState::Paused { initial, fired: false }
         };
     }
 
@@ -265,9 +250,7 @@ impl Channel {
         match self.state {
             CountState::Idle => self.reload,
             CountState::Paused { initial, .. } => (initial & 0xFFFF) as u16,
-            CountState::Running {
-                start_ns, initial, ..
-            } => {
+            CountState::Running { start_ns, initial, .. } => {
                 let ticks = ns_to_ticks(clock.now().saturating_sub(start_ns));
                 self.count_after(initial, ticks)
             }
@@ -279,11 +262,7 @@ impl Channel {
             // Modes 2/3 idle high; mode 0 (and its stand-ins) idles low.
             CountState::Idle => self.periodic(),
             CountState::Paused { fired, .. } => self.periodic() || fired,
-            CountState::Running {
-                start_ns,
-                initial,
-                fired,
-            } => {
+            CountState::Running { start_ns, initial, fired } => {
                 let ticks = ns_to_ticks(clock.now().saturating_sub(start_ns));
                 self.output_after(initial, fired, ticks)
             }
@@ -292,12 +271,7 @@ impl Channel {
 
     /// Rising output edges of the current run up to `now_ns`.
     fn edges_by(&self, now_ns: u64) -> u64 {
-        let CountState::Running {
-            start_ns,
-            initial,
-            fired,
-        } = self.state
-        else {
+        let CountState::Running { start_ns, initial, fired } = self.state else {
             return 0;
         };
         let ticks = ns_to_ticks(now_ns.saturating_sub(start_ns));
@@ -310,12 +284,7 @@ impl Channel {
 
     /// Time of rising edge number `k` (1-based) of the current run.
     fn edge_deadline(&self, k: u64) -> Option<u64> {
-        let CountState::Running {
-            start_ns,
-            initial,
-            fired,
-        } = self.state
-        else {
+        let CountState::Running { start_ns, initial, fired } = self.state else {
             return None;
         };
         if self.periodic() {
@@ -334,47 +303,23 @@ impl Channel {
         }
         self.gate = high;
         match (self.state, high) {
-            (
-                CountState::Running {
-                    start_ns,
-                    initial,
-                    fired,
-                },
-                false,
-            ) => {
+            (CountState::Running { start_ns, initial, fired }, false) => {
                 let ticks = ns_to_ticks(clock.now().saturating_sub(start_ns));
                 self.state = if self.periodic() {
                     let period = u128::from(initial.max(1));
-                    CountState::Paused {
-                        initial: (period - ticks % period) as u32,
-                        fired: false,
-                    }
+                    CountState::Paused { initial: (period - ticks % period) as u32, fired: false }
                 } else if !fired && ticks < u128::from(initial) {
-                    CountState::Paused {
-                        initial: initial - ticks as u32,
-                        fired: false,
-                    }
+                    CountState::Paused { initial: initial - ticks as u32, fired: false }
                 } else {
-                    CountState::Paused {
-                        initial: u32::from(self.count_after(initial, ticks)),
-                        fired: true,
-                    }
+                    CountState::Paused { initial: u32::from(self.count_after(initial, ticks)), fired: true }
                 };
             }
             (CountState::Paused { initial, fired }, true) => {
                 // A rising gate retriggers modes 2/3; mode 0 just resumes.
                 self.state = if self.periodic() {
-                    CountState::Running {
-                        start_ns: clock.now(),
-                        initial: self.reload_ticks(),
-                        fired: false,
-                    }
+                    CountState::Running { start_ns: clock.now(), initial: self.reload_ticks(), fired: false }
                 } else {
-                    CountState::Running {
-                        start_ns: clock.now(),
-                        initial,
-                        fired,
-                    }
+                    CountState::Running { start_ns: clock.now(), initial, fired }
                 };
             }
             _ => {}
@@ -393,12 +338,8 @@ impl Channel {
         if self.latched_status.is_none() {
             let out = u8::from(self.output(clock)) << 7;
             let null_count = u8::from(self.state == CountState::Idle) << 6;
-            self.latched_status = Some(
-                out | null_count
-                    | (self.access.bits() << 4)
-                    | (self.mode_bits << 1)
-                    | u8::from(self.bcd),
-            );
+            self.latched_status =
+                Some(out | null_count | (self.access.bits() << 4) | (self.mode_bits << 1) | u8::from(self.bcd));
         }
     }
 
@@ -483,9 +424,7 @@ impl Pit {
             PORT_61 => {
                 self.refresh = !self.refresh;
                 let out2 = self.channels[2].output(&mut clock);
-                (self.port61 & PORT_61_WRITABLE)
-                    | (u8::from(self.refresh) << 4)
-                    | (u8::from(out2) << 5)
+                (self.port61 & PORT_61_WRITABLE) | (u8::from(self.refresh) << 4) | (u8::from(out2) << 5)
             }
             _ => 0xFF,
         }
@@ -494,14 +433,7 @@ impl Pit {
     /// Guest port write (0x40..0x43, 0x61). `now` is called only if the
     /// write depends on time. Unknown ports are ignored.
     pub fn io_write(&mut self, port: u16, value: u8, now: impl FnOnce() -> u64) {
-        let Pit {
-            channels,
-            last_ns,
-            irq0_reported,
-            irq0_carried,
-            port61,
-            ..
-        } = self;
+        let Pit { channels, last_ns, irq0_reported, irq0_carried, port61, .. } = self;
         let mut clock = Clock::new(last_ns, now);
         match port {
             COUNTER_BASE..=0x42 => {
@@ -635,10 +567,7 @@ mod tests {
         assert_eq!(pit.advance(5 * MS), 0);
         assert_eq!(pit.advance(6 * MS), 1);
         // A read whose clock went backwards is clamped, not rewound.
-        assert_eq!(
-            read_word(&mut pit, 0x40, 0),
-            read_word(&mut pit, 0x40, 6 * MS)
-        );
+        assert_eq!(read_word(&mut pit, 0x40, 0), read_word(&mut pit, 0x40, 6 * MS));
     }
 
     #[test]

@@ -35,10 +35,7 @@ fn bcd(v: u8) -> u8 {
 
 fn main() -> u8 {
     let mut hash = Fnv::new();
-    let msr = [
-        CPL0_MSR_TSC[0].load(Ordering::Relaxed),
-        CPL0_MSR_TSC[1].load(Ordering::Relaxed),
-    ];
+    let msr = [CPL0_MSR_TSC[0].load(Ordering::Relaxed), CPL0_MSR_TSC[1].load(Ordering::Relaxed)];
     println!("clock: rdmsr IA32_TSC at cpl0 = {}, {}", msr[0], msr[1]);
     hash.u64(msr[0]);
     hash.u64(msr[1]);
@@ -47,17 +44,9 @@ fn main() -> u8 {
     let mut last_tsc = msr[1];
     for round in 0..4 {
         let pit = hw::pit_read_count();
-        let (sec, min, hour) = (
-            hw::cmos_read(0x00),
-            hw::cmos_read(0x02),
-            hw::cmos_read(0x04),
-        );
-        let (day, month, year, century) = (
-            hw::cmos_read(0x07),
-            hw::cmos_read(0x08),
-            hw::cmos_read(0x09),
-            hw::cmos_read(0x32),
-        );
+        let (sec, min, hour) = (hw::cmos_read(0x00), hw::cmos_read(0x02), hw::cmos_read(0x04));
+        let (day, month, year, century) =
+            (hw::cmos_read(0x07), hw::cmos_read(0x08), hw::cmos_read(0x09), hw::cmos_read(0x32));
         let tsc = hw::rdtsc();
         if tsc < last_tsc || msr[1] < msr[0] {
             println!("clock: the TSC went backwards");

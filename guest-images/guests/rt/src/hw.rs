@@ -11,18 +11,14 @@ pub const PIT_HZ: u64 = 1_193_182;
 #[inline]
 pub fn outb(port: u16, value: u8) {
     // SAFETY: IOPL 3; every port is emulated by the VMM.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
 }
 
 #[inline]
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: IOPL 3; every port is emulated by the VMM.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
     value
 }
 
@@ -30,9 +26,7 @@ pub fn inb(port: u16) -> u8 {
 pub fn inl(port: u16) -> u32 {
     let value: u32;
     // SAFETY: IOPL 3; every port is emulated by the VMM.
-    unsafe {
-        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) }
     value
 }
 

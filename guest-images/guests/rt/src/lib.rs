@@ -73,9 +73,7 @@ impl BootInfo {
         }
         // SAFETY: ftvmm wrote cmdline_len bytes at cmdline_addr in identity-mapped
         // guest memory that nothing else writes.
-        unsafe {
-            core::slice::from_raw_parts(self.cmdline_addr as *const u8, self.cmdline_len as usize)
-        }
+        unsafe { core::slice::from_raw_parts(self.cmdline_addr as *const u8, self.cmdline_len as usize) }
     }
 
     /// Guest memory size in bytes.
@@ -90,10 +88,7 @@ pub fn cmdline_u64(key: &str, default: u64) -> u64 {
         return default;
     };
     for word in info.cmdline().split(|b| *b == b' ') {
-        let Some(value) = word
-            .strip_prefix(key.as_bytes())
-            .and_then(|rest| rest.strip_prefix(b"="))
-        else {
+        let Some(value) = word.strip_prefix(key.as_bytes()).and_then(|rest| rest.strip_prefix(b"=")) else {
             continue;
         };
         let mut n: u64 = 0;
@@ -208,17 +203,11 @@ pub struct InterruptFrame {
 #[no_mangle]
 extern "C" fn guest_rt_interrupt(vector: u64, error: u64, frame: &InterruptFrame) {
     if vector < 32 {
-        console::print_fmt(format_args!(
-            "guest exception {} (error {:#x}) at rip {:#x}\n",
-            vector, error, frame.rip
-        ));
+        console::print_fmt(format_args!("guest exception {} (error {:#x}) at rip {:#x}\n", vector, error, frame.rip));
         exit(STATUS_EXCEPTION);
     }
     let irq = (vector - u64::from(hw::PIC_VECTOR_BASE)) as u8;
-    let handler = IRQ_HANDLERS
-        .get(usize::from(irq))
-        .map(|slot| slot.load(Ordering::Acquire))
-        .unwrap_or(0);
+    let handler = IRQ_HANDLERS.get(usize::from(irq)).map(|slot| slot.load(Ordering::Acquire)).unwrap_or(0);
     if handler != 0 {
         // SAFETY: only set_irq_handler stores into IRQ_HANDLERS, always a valid IrqHandler.
         let handler: IrqHandler = unsafe { core::mem::transmute::<usize, IrqHandler>(handler) };
