@@ -189,11 +189,24 @@ impl Header {
 pub trait RecordSink {
     fn append(&mut self, record: &Record) -> std::io::Result<()>;
     fn flush(&mut self) -> std::io::Result<()>;
+    /// The recording VM has passed exit `exit`: every record at a position
+    /// up to it has been appended (the lockstep watermark). A file ignores it.
+    fn passed(&mut self, _exit: u64) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Where replayed records come from. `Ok(None)` is the end of the log.
 pub trait RecordSource {
+    /// The next record, waiting for it if the source is live.
     fn next_record(&mut self) -> Result<Option<Record>, LogError>;
+    /// Whether the source already knows, without waiting, that no record at
+    /// a position up to `exit` is still to come (the recorder's watermark has
+    /// reached it and every record before it was handed out). A file answers
+    /// false: its next record is always at hand.
+    fn passed(&mut self, _exit: u64) -> Result<bool, LogError> {
+        Ok(false)
+    }
 }
 
 impl<T: RecordSink + ?Sized> RecordSink for Box<T> {
@@ -203,11 +216,17 @@ impl<T: RecordSink + ?Sized> RecordSink for Box<T> {
     fn flush(&mut self) -> std::io::Result<()> {
         (**self).flush()
     }
+    fn passed(&mut self, exit: u64) -> std::io::Result<()> {
+        (**self).passed(exit)
+    }
 }
 
 impl<T: RecordSource + ?Sized> RecordSource for Box<T> {
     fn next_record(&mut self) -> Result<Option<Record>, LogError> {
         (**self).next_record()
+    }
+    fn passed(&mut self, exit: u64) -> Result<bool, LogError> {
+        (**self).passed(exit)
     }
 }
 
@@ -242,6 +261,11 @@ impl<S: RecordSink> Recorder<S> {
 
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.sink.flush()
+    }
+
+    /// The VM has passed the current exit: all its records are appended.
+    pub fn passed(&mut self) -> std::io::Result<()> {
+        self.sink.passed(self.position.exit)
     }
 
     /// Records written so far.
@@ -361,6 +385,9 @@ impl<S: RecordSource> Replayer<S> {
     /// The next input logged at the current exit, if any.
     pub fn take_event(&mut self) -> Result<Option<Event>, ReplayError> {
         let position = self.position;
+        if self.peeked.is_none() && self.source.passed(position.exit)? {
+            return Ok(None);
+        }
         match self.peek()? {
             Some(Record { position: p, entry: Entry::Event(_) }) if *p == position => {}
             Some(_) => return Ok(None),
