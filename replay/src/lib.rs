@@ -277,6 +277,10 @@ impl<S: RecordSink> Recorder<S> {
         &mut self.sink
     }
 
+    pub fn into_sink(self) -> S {
+        self.sink
+    }
+
     fn append(&mut self, entry: Entry) -> std::io::Result<()> {
         self.records += 1;
         self.sink.append(&Record { position: self.position, entry })

@@ -199,3 +199,196 @@ pub fn elf(entry: u64, segments: &[(u64, &[u8], u64, bool)]) -> Vec<u8> {
 
 /// Seconds to allow a guest run: generous, these machines are shared.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running `ftvmm` whose stderr lines can be waited for.
+pub struct Proc {
+    pub child: Child,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Proc {
+    /// Spawns `ftvmm args`.
+    pub fn spawn(args: &[&str]) -> Proc {
+        Proc::spawn_command(Command::new(ftvmm_bin()), args)
+    }
+
+    fn spawn_command(mut cmd: Command, args: &[&str]) -> Proc {
+        require_kvm();
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ftvmm");
+        let stderr_lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout_bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let err = child.stderr.take().expect("piped stderr");
+        let lines = stderr_lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().expect("lock").push(line);
+            }
+        });
+        let mut out = child.stdout.take().expect("piped stdout");
+        let bytes = stdout_bytes.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                bytes.lock().expect("lock").extend_from_slice(&buf[..n]);
+            }
+        });
+        Proc { child, stderr: stderr_lines, stdout: stdout_bytes }
+    }
+
+    /// The stderr lines so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().expect("lock").clone()
+    }
+
+    /// The stdout bytes so far.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().expect("lock")).into_owned()
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    pub fn wait_line(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.stderr().into_iter().find(|l| l.contains(needle)) {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stderr line with {needle:?} within {timeout:?}; got {:?}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The address at the end of the stderr line containing `needle`
+    /// (e.g. "waiting for a backup on 127.0.0.1:4321").
+    pub fn wait_addr(&self, needle: &str, timeout: Duration) -> String {
+        let line = self.wait_line(needle, timeout);
+        line.rsplit(' ').next().unwrap_or_default().trim_end_matches(';').to_string()
+    }
+
+    /// Waits for the process to end (killing it past `timeout`).
+    pub fn finish(mut self, timeout: Duration) -> Run {
+        let status = wait_timeout(&mut self.child, timeout);
+        std::thread::sleep(Duration::from_millis(50));
+        Run { status: status.and_then(|s| s.code()), stdout: self.stdout(), stderr: self.stderr().join("\n") + "\n" }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two test hosts, "primary" and "backup", as network namespaces on a bridge
+/// that the root namespace (the client) also sits on. Only as root; dropped,
+/// it removes them.
+pub struct Hosts {
+    tag: String,
+    pub primary_ip: String,
+    pub backup_ip: String,
+}
+
+impl Hosts {
+    /// Creates the hosts, or None when not root or without `ip`.
+    pub fn create(subnet: u8) -> Option<Hosts> {
+        let uid = Command::new("id").arg("-u").output().ok()?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return None;
+        }
+        let tag = format!("ft{}{}", std::process::id() % 100_000, subnet);
+        let hosts =
+            Hosts { tag: tag.clone(), primary_ip: format!("10.{subnet}.0.1"), backup_ip: format!("10.{subnet}.0.2") };
+        let br = format!("{tag}br");
+        let sh = |cmd: String| -> bool {
+            Command::new("sh")
+                .args(["-c", &cmd])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let mut ok = sh(format!(
+            "ip link add {br} type bridge && ip link set {br} up && ip addr add 10.{subnet}.0.254/24 dev {br}"
+        ));
+        for (i, role) in [(1, "p"), (2, "b")] {
+            let ns = format!("{tag}{role}");
+            ok &= sh(format!(
+                "ip netns add {ns} && ip link add {tag}v{i} type veth peer name eth0 netns {ns} && \
+                 ip link set {tag}v{i} master {br} up && ip -n {ns} addr add 10.{subnet}.0.{i}/24 dev eth0 && \
+                 ip -n {ns} link set eth0 up && ip -n {ns} link set lo up"
+            ));
+        }
+        if !ok {
+            drop(hosts);
+            return None;
+        }
+        Some(hosts)
+    }
+
+    pub fn primary_ns(&self) -> String {
+        format!("{}p", self.tag)
+    }
+
+    pub fn backup_ns(&self) -> String {
+        format!("{}b", self.tag)
+    }
+
+    /// Cuts the primary host's link, as a dead host's would be.
+    pub fn cut_primary_link(&self) {
+        let _ = Command::new("ip").args(["link", "set", &format!("{}v1", self.tag), "down"]).status();
+    }
+
+    /// Brings the primary host's link back.
+    pub fn restore_primary_link(&self) {
+        let _ = Command::new("ip").args(["link", "set", &format!("{}v1", self.tag), "up"]).status();
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for role in ["p", "b"] {
+            let ns = format!("{}{role}", self.tag);
+            let _ = Command::new("sh")
+                .args(["-c", &format!("ip netns pids {ns} | xargs -r kill -9; ip netns del {ns}")])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = Command::new("ip").args(["link", "del", &format!("{}br", self.tag)]).stderr(Stdio::null()).status();
+    }
+}
+
+impl Proc {
+    /// Spawns `ftvmm args` inside network namespace `ns` (None: here).
+    pub fn spawn_in(ns: Option<&str>, args: &[&str]) -> Proc {
+        match ns {
+            None => Proc::spawn(args),
+            Some(ns) => {
+                let bin = ftvmm_bin().display().to_string();
+                let mut full = vec!["netns", "exec", ns, bin.as_str()];
+                full.extend_from_slice(args);
+                Proc::spawn_command(Command::new("ip"), &full)
+            }
+        }
+    }
+}

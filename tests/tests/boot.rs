@@ -210,3 +210,18 @@ fn bad_flags_are_usage_errors() {
         assert!(r.stdout.contains(flag), "--help lacks {flag}");
     }
 }
+
+#[test]
+fn emulation_failure_is_a_clear_error() {
+    let dir = Scratch::new("emulation");
+    let path = dir.path("pxor.elf");
+    // pxor at CPL0, then status 9 to the exit port. Where CPL0 code is
+    // emulated by KVM (software-nested hosts) KVM cannot emulate SSE
+    // arithmetic: an internal error. On hardware virtualization it just runs.
+    let code = [0x66, 0x0f, 0xef, 0xc0, 0x66, 0xba, 0xf4, 0x00, 0xb0, 0x09, 0xee, 0xeb, 0xfe];
+    std::fs::write(&path, elf(0x10_0000, &[(0x10_0000, &code, code.len() as u64, true)])).unwrap();
+    let r = run(&["--kernel", &path], TIMEOUT);
+    if r.code() != 9 {
+        r.assert_error(2, "KVM internal error: emulation failure at rip 0x100000 after 0 exits");
+    }
+}

@@ -1,15 +1,22 @@
 //! The `ftvmm` command line.
 
 use crate::boot::{CMDLINE_MAX, MAX_MEM_BYTES};
-use crate::clock::wall_clock_ns;
-use crate::inputs::{Inputs, LiveInputs, SerialInput};
-use crate::run::{RunError, Stdout, Vmm};
+use crate::clock::{wall_clock_ns, HostClock};
+use crate::console::{self, Endpoint, SerialSpec};
+use crate::ft::{Direct, Held, LogSink, LogSource, OutputGate, SerialOutput, Suppressed};
+use crate::inputs::{Inputs, LiveInputs};
+use crate::run::{Role, RunError, Vmm};
 use crate::{boot, loader, rdtsc, vm};
 use clap::Parser;
-use replay::{Header, LogReader, LogWriter, RecordSink, RecordSource, Recorder, Replayer};
+use logging_channel::{BackupLink, ChannelConfig, PrimaryListener};
+use replay::{Header, LogReader, LogWriter, Recorder, Replayer};
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// How long a backup keeps trying to reach its primary.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// ftvmm: a fault-tolerant KVM virtual machine monitor.
 ///
@@ -63,6 +70,40 @@ pub struct Cli {
     /// injections, timer jitter) from this random seed.
     #[arg(long, value_name = "SEED")]
     pub perturb_seed: Option<u64>,
+
+    /// The guest's serial port: `stdio`, or `tcp:ADDR` to serve it to one TCP
+    /// client at a time (the client's bytes are the guest's input).
+    #[arg(long, value_name = "stdio|tcp:ADDR", default_value = "stdio")]
+    pub serial: SerialSpec,
+
+    /// Run as the primary of a fault-tolerant pair: wait for a backup on
+    /// --listen, then boot, stream the log to it and release each output only
+    /// once the backup has acknowledged the log up to it.
+    #[arg(long, requires = "listen", conflicts_with_all = ["backup", "record", "replay"])]
+    pub primary: bool,
+
+    /// Run as the backup: connect to the primary at --connect, replay its log
+    /// in lockstep with outputs suppressed, and go live when it is gone.
+    #[arg(long, requires = "connect", conflicts_with_all = ["record", "replay"])]
+    pub backup: bool,
+
+    /// The primary's logging-channel address (host:port) to listen on.
+    #[arg(long, value_name = "ADDR", requires = "primary")]
+    pub listen: Option<String>,
+
+    /// The primary's logging-channel address (host:port) to connect to.
+    #[arg(long, value_name = "ADDR", requires = "backup")]
+    pub connect: Option<String>,
+
+    /// At exit, print the output-commit latency (how long outputs were held
+    /// for the backup's acknowledgement) on stderr: `ftvmm: stats: ...`.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// Declare the peer on the logging channel lost after this many
+    /// milliseconds without traffic from it.
+    #[arg(long, value_name = "MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub heartbeat_ms: u64,
 }
 
 /// An error before or during the run, with the exit status reporting it.
@@ -121,15 +162,59 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
     let mut header =
         Header { image_hash: replay::Digest(*blake3::hash(&image).as_bytes()), config, wall_clock_base_ns: 0 };
 
-    // Open the log before touching KVM so a bad log is reported as such.
-    let inputs = if let Some(path) = &cli.replay {
+    let channel = ChannelConfig { heartbeat_timeout: Duration::from_millis(cli.heartbeat_ms), ..Default::default() };
+    let endpoint = Endpoint::bind(&cli.serial).map_err(|e| usage(format!("--serial {:?}: {e}", cli.serial)))?;
+    if let Some(addr) = endpoint.local_addr() {
+        eprintln!("ftvmm: serial console on {addr}");
+    }
+    // Live serial input: the endpoint's, or --serial-input's file.
+    let serial_input = |endpoint: Endpoint| -> Result<_, CliError> {
+        match &cli.serial_input {
+            Some(path) => {
+                let file =
+                    File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?;
+                Ok((console::spawn_reader(file), endpoint.start_output_only()))
+            }
+            None => Ok(endpoint.start()),
+        }
+    };
+
+    // Open the log (or reach the peer) before touching KVM, so that a bad log
+    // or peer is reported as such.
+    let (inputs, output, role): (Inputs, Box<dyn SerialOutput>, Role) = if let Some(path) = &cli.replay {
         let file = File::open(path).map_err(|e| usage(format!("cannot open log {}: {e}", path.display())))?;
         let (logged, reader) =
             LogReader::new(BufReader::new(file)).map_err(|e| usage(format!("{}: {e}", path.display())))?;
         logged.check_matches(&header).map_err(|e| usage(format!("{}: {e}", path.display())))?;
         header.wall_clock_base_ns = logged.wall_clock_base_ns;
-        let source: Box<dyn RecordSource> = Box::new(reader);
-        Inputs::Replay(Replayer::new(source))
+        let port = endpoint.start_output_only();
+        (Inputs::Replay(Replayer::new(LogSource::File(reader))), Box::new(Direct(port)), Role::Solo)
+    } else if cli.backup {
+        let addr = cli.connect.as_deref().unwrap_or_default();
+        let (link, primary) = BackupLink::connect(addr, &header, &channel, CONNECT_TIMEOUT)
+            .map_err(|e| usage(format!("backup: logging channel to {addr}: {e}")))?;
+        header.wall_clock_base_ns = primary.wall_clock_base_ns;
+        eprintln!("ftvmm: backup: attached to the primary at {addr}; replaying in lockstep");
+        let role = Role::Backup { endpoint: Some(endpoint) };
+        (Inputs::Replay(Replayer::new(LogSource::Backup(link))), Box::new(Suppressed::default()), role)
+    } else if cli.primary {
+        header.wall_clock_base_ns = wall_clock_ns();
+        let addr = cli.listen.as_deref().unwrap_or_default();
+        let listener =
+            PrimaryListener::bind(addr).map_err(|e| usage(format!("primary: logging channel on {addr}: {e}")))?;
+        eprintln!("ftvmm: primary: waiting for a backup on {}", listener.local_addr());
+        let link = listener
+            .accept(&header, &channel)
+            .map_err(|e| usage(format!("primary: logging channel on {addr}: {e}")))?;
+        eprintln!("ftvmm: primary: backup attached; booting");
+        let (input, port) = serial_input(endpoint)?;
+        let gate = OutputGate::new(port.sender());
+        let acks = gate.clone();
+        link.on_ack(Box::new(move |watermark| acks.acked(watermark)));
+        let live = LiveInputs::new(HostClock::start(), Some(input), Some(Recorder::new(LogSink::Primary(link))), None);
+        let delivered = port.delivered();
+        let role = Role::Primary { gate: gate.clone(), delivered, finish_timeout: channel.heartbeat_timeout * 5 };
+        (Inputs::Live(Box::new(live)), Box::new(Held { gate, port }), role)
     } else {
         header.wall_clock_base_ns = wall_clock_ns();
         let recorder = match &cli.record {
@@ -138,18 +223,13 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
                     File::create(path).map_err(|e| usage(format!("cannot create log {}: {e}", path.display())))?;
                 let writer = LogWriter::new(BufWriter::with_capacity(1 << 16, file), &header)
                     .map_err(|e| usage(format!("cannot write log {}: {e}", path.display())))?;
-                let sink: Box<dyn RecordSink> = Box::new(writer);
-                Some(Recorder::new(sink))
+                Some(Recorder::new(LogSink::File(writer)))
             }
             None => None,
         };
-        let serial = match &cli.serial_input {
-            Some(path) => SerialInput::File(
-                File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?,
-            ),
-            None => SerialInput::Stdin,
-        };
-        Inputs::Live(Box::new(LiveInputs::new(serial, recorder, cli.perturb_seed)))
+        let (input, port) = serial_input(endpoint)?;
+        let live = LiveInputs::new(HostClock::start(), Some(input), recorder, cli.perturb_seed);
+        (Inputs::Live(Box::new(live)), Box::new(Direct(port)), Role::Solo)
     };
 
     let machine = vm::Machine::new(mem_size).map_err(RunError::from)?;
@@ -160,10 +240,19 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
         .map_err(|e| usage(format!("writing boot structures: {e}")))?;
     machine.set_boot_state(loaded.entry).map_err(RunError::from)?;
 
-    let want_digest = cli.digest || cli.record.is_some() || cli.replay.is_some();
-    let mut vmm =
-        Vmm::new(machine, inputs, Box::new(Stdout::default()), rdtsc_sites, header.wall_clock_base_ns, want_digest);
+    let want_digest = cli.digest || cli.record.is_some() || cli.replay.is_some() || cli.primary || cli.backup;
+    let gate = match &role {
+        Role::Primary { gate, .. } => Some(gate.clone()),
+        _ => None,
+    };
+    let vmm = Vmm::new(machine, inputs, output, role, rdtsc_sites, header.wall_clock_base_ns, want_digest);
     let outcome = vmm.run()?;
+    if cli.stats {
+        eprintln!("ftvmm: stats: {} guest exits", outcome.exits);
+        if let Some((n, p50, p99, max)) = gate.and_then(|g| g.latency_stats()) {
+            eprintln!("ftvmm: stats: output-commit latency over {n} outputs: p50 {p50} us, p99 {p99} us, max {max} us");
+        }
+    }
     if cli.digest {
         if let Some(d) = outcome.digest {
             eprintln!("state-digest: {d}");

@@ -52,6 +52,13 @@ impl HostClock {
         HostClock { boot: Instant::now() }
     }
 
+    /// A host clock that reads `ns` now: a backup going live continues the
+    /// virtual time it replayed up to.
+    pub fn resume_at(ns: u64) -> Self {
+        let now = Instant::now();
+        HostClock { boot: now.checked_sub(std::time::Duration::from_nanos(ns)).unwrap_or(now) }
+    }
+
     /// Host nanoseconds since boot.
     pub fn elapsed_ns(&self) -> u64 {
         u64::try_from(self.boot.elapsed().as_nanos()).unwrap_or(u64::MAX)

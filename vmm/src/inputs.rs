@@ -6,29 +6,19 @@
 //! positions where they were recorded, and nothing from the host.
 
 use crate::clock::HostClock;
+use crate::ft::{LogSink, LogSource};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use replay::{Event, RecordSink, RecordSource, Recorder, Replayer};
+use replay::{Event, Recorder, Replayer};
 use std::collections::VecDeque;
-use std::io::Read;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::Instant;
-
-/// Where live serial input comes from.
-pub enum SerialInput {
-    /// Standard input.
-    Stdin,
-    /// A file, read to its end.
-    File(std::fs::File),
-    /// No serial input at all.
-    None,
-}
 
 /// Host-side inputs of a live run.
 pub struct LiveInputs {
     pub host: HostClock,
     serial: Option<Receiver<Vec<u8>>>,
     pending: VecDeque<u8>,
-    pub recorder: Option<Recorder<Box<dyn RecordSink>>>,
+    pub recorder: Option<Recorder<LogSink>>,
     perturb: Option<StdRng>,
 }
 
@@ -41,18 +31,15 @@ pub enum Woken {
 }
 
 impl LiveInputs {
+    /// `serial`: chunks of received serial bytes, until the sender drops.
     pub fn new(
-        serial: SerialInput,
-        recorder: Option<Recorder<Box<dyn RecordSink>>>,
+        host: HostClock,
+        serial: Option<Receiver<Vec<u8>>>,
+        recorder: Option<Recorder<LogSink>>,
         perturb_seed: Option<u64>,
     ) -> Self {
-        let serial = match serial {
-            SerialInput::Stdin => Some(spawn_reader(std::io::stdin())),
-            SerialInput::File(f) => Some(spawn_reader(f)),
-            SerialInput::None => None,
-        };
         LiveInputs {
-            host: HostClock::start(),
+            host,
             serial,
             pending: VecDeque::new(),
             recorder,
@@ -141,28 +128,8 @@ impl LiveInputs {
     }
 }
 
-fn spawn_reader(mut input: impl Read + Send + 'static) -> Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        loop {
-            match input.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if tx.send(buf[..n].to_vec()).is_err() {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-    });
-    rx
-}
-
 /// The source of a run's inputs.
 pub enum Inputs {
     Live(Box<LiveInputs>),
-    Replay(Replayer<Box<dyn RecordSource>>),
+    Replay(Replayer<LogSource>),
 }

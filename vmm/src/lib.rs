@@ -4,8 +4,10 @@
 //! protocol ([`boot`]), the fixed CPUID model ([`cpuid`]), the MSR filter, the
 //! image loader ([`loader`]) and RDTSC rewriter ([`rdtsc`]), the device models
 //! ([`devices`]), the virtual clock ([`clock`]), the run loop ([`run`]) that
-//! takes external inputs live or from a log ([`inputs`]), the state digest
-//! ([`digest`]), and the `ftvmm` command line ([`cli`]).
+//! takes external inputs live or from a log ([`inputs`]), the serial port's
+//! outside world ([`console`]), the fault-tolerance roles and the output rule
+//! ([`ft`]), the state digest ([`digest`]), and the `ftvmm` command line
+//! ([`cli`]).
 //!
 //! Every path from the outside world into the guest goes through this crate:
 //! there is no in-kernel irqchip, PIT or kvmclock, so that each input can be
@@ -14,9 +16,11 @@
 pub mod boot;
 pub mod cli;
 pub mod clock;
+pub mod console;
 pub mod cpuid;
 pub mod devices;
 pub mod digest;
+pub mod ft;
 pub mod inputs;
 pub mod loader;
 pub mod rdtsc;

@@ -12,15 +12,19 @@
 //! 5. a pending PIC interrupt is injected if the guest can take it now, or an
 //!    interrupt window is requested so that it is injected at the next exit.
 
-use crate::clock::{VirtualClock, TSC_HZ};
+use crate::clock::{HostClock, VirtualClock, TSC_HZ};
+use crate::console::Endpoint;
 use crate::devices::{self, Devices, PortAction};
 use crate::digest;
-use crate::inputs::{Inputs, Woken};
+use crate::ft::{LogSink, LogSource, OutputGate, SerialOutput};
+use crate::inputs::{Inputs, LiveInputs, Woken};
 use crate::vm::{Machine, VmError, MSR_IA32_TSC};
 use kvm_ioctls::VcpuExit;
 use replay::{Divergence, Event, ExitKind, LogError, Position, ReplayError, TimeSource};
 use std::collections::HashSet;
-use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Why a run ended other than by the guest's own exit.
 #[derive(Debug, thiserror::Error)]
@@ -66,35 +70,6 @@ fn log_write_error(err: std::io::Error) -> RunError {
     RunError::Io { what: "writing the log", err }
 }
 
-/// Where the guest's serial output goes. Every byte comes with the position
-/// at which the guest produced it (the output rule needs it).
-pub trait SerialOutput {
-    fn output(&mut self, position: Position, bytes: &[u8]) -> std::io::Result<()>;
-    fn flush(&mut self) -> std::io::Result<()>;
-}
-
-/// Serial output to standard output.
-pub struct Stdout(std::io::BufWriter<std::io::Stdout>);
-
-impl Default for Stdout {
-    fn default() -> Self {
-        Stdout(std::io::BufWriter::new(std::io::stdout()))
-    }
-}
-
-impl SerialOutput for Stdout {
-    fn output(&mut self, _position: Position, bytes: &[u8]) -> std::io::Result<()> {
-        self.0.write_all(bytes)?;
-        if bytes.contains(&b'\n') {
-            self.0.flush()?;
-        }
-        Ok(())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
 /// How a run ended when the guest ended it.
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
@@ -130,6 +105,22 @@ impl GuestExit {
     }
 }
 
+/// The VMM's part in fault tolerance.
+pub enum Role {
+    /// Alone: a plain run, a recording or a replay (or a former backup, live).
+    Solo,
+    /// The primary: inputs go to the backup, outputs wait for its acks.
+    Primary {
+        gate: Arc<OutputGate>,
+        /// The exit up to which output has reached the outside world.
+        delivered: Arc<AtomicU64>,
+        finish_timeout: Duration,
+    },
+    /// The backup: replays the primary's log; when it ends (the primary is
+    /// gone) it goes live and serves `endpoint`.
+    Backup { endpoint: Option<Endpoint> },
+}
+
 /// A running VM: the machine, its devices, its clock and its inputs.
 pub struct Vmm {
     pub machine: Machine,
@@ -137,6 +128,10 @@ pub struct Vmm {
     pub clock: VirtualClock,
     pub inputs: Inputs,
     output: Box<dyn SerialOutput>,
+    role: Role,
+    /// The exit at which an interrupt was last injected (one per exit).
+    injected_at: u64,
+    backup_loss_reported: bool,
     /// RIPs of RDTSC instructions the loader rewrote into TSC port reads.
     rdtsc_sites: HashSet<u64>,
     /// Wall-clock time at boot, the RTC's base.
@@ -152,6 +147,7 @@ impl Vmm {
         machine: Machine,
         inputs: Inputs,
         output: Box<dyn SerialOutput>,
+        role: Role,
         rdtsc_sites: HashSet<u64>,
         wall_clock_base_ns: u64,
         want_digest: bool,
@@ -163,6 +159,9 @@ impl Vmm {
             clock: VirtualClock::default(),
             inputs,
             output,
+            role,
+            injected_at: 0,
+            backup_loss_reported: false,
             rdtsc_sites,
             wall_clock_base_ns,
             exits: 0,
@@ -176,10 +175,9 @@ impl Vmm {
     }
 
     /// Runs the guest until it ends the VM or something goes wrong.
-    pub fn run(&mut self) -> Result<Outcome, RunError> {
+    pub fn run(mut self) -> Result<Outcome, RunError> {
         let result = self.run_loop();
-        // Whatever happened, what the guest printed and what was recorded stays.
-        let _ = self.output.flush();
+        // Whatever happened, what was recorded and what the guest printed stays.
         if let Inputs::Live(live) = &mut self.inputs {
             if let Some(recorder) = &mut live.recorder {
                 let flushed = recorder.flush();
@@ -188,6 +186,7 @@ impl Vmm {
                 }
             }
         }
+        self.output.close();
         result
     }
 
@@ -264,16 +263,65 @@ impl Vmm {
 
             let output = self.devices.tx.take();
             if !output.is_empty() {
-                self.output
-                    .output(position, &output)
-                    .map_err(|err| RunError::Io { what: "writing serial output", err })?;
+                self.output.output(position, output);
             }
             if let PortAction::Exit(status) = action {
                 return self.finish(position, status);
             }
             self.devices.advance_timers(self.clock.now_ns());
             self.take_inputs(position, action == PortAction::Idle)?;
+            self.passed(position)?;
         }
+    }
+
+    /// The VMM is done with exit `position` and resumes the guest: tell the
+    /// backup (the lockstep watermark), keep pace with it, keep its view of
+    /// released output current.
+    fn passed(&mut self, position: Position) -> Result<(), RunError> {
+        match &mut self.inputs {
+            Inputs::Live(live) => {
+                let Some(recorder) = &mut live.recorder else { return Ok(()) };
+                recorder.passed().map_err(log_write_error)?;
+                if let (LogSink::Primary(link), Role::Primary { delivered, .. }) = (recorder.sink_mut(), &self.role) {
+                    link.released(delivered.load(Ordering::Acquire));
+                    link.throttle(position.exit);
+                    if !self.backup_loss_reported {
+                        if let Some(why) = link.backup_lost() {
+                            eprintln!("ftvmm: primary: backup lost ({why}); running alone from exit {}", position.exit);
+                            self.backup_loss_reported = true;
+                        }
+                    }
+                }
+            }
+            Inputs::Replay(r) => {
+                if let LogSource::Backup(link) = r.source_mut() {
+                    self.output.prune(link.released());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A replay ran out of log. For a backup that means the primary is gone:
+    /// go live — serve the outside world, take inputs from the host, and
+    /// re-emit the output the primary may not have released — and carry on
+    /// from exactly here. For anything else it is the end of the run.
+    fn end_of_log(&mut self, err: RunError) -> Result<(), RunError> {
+        let RunError::EndOfLog { .. } = err else { return Err(err) };
+        let Role::Backup { endpoint } = &mut self.role else { return Err(err) };
+        let Some(endpoint) = endpoint.take() else { return Err(err) };
+        let Inputs::Replay(r) = &mut self.inputs else { return Err(err) };
+        let (released, why) = match r.source_mut() {
+            LogSource::Backup(link) => (link.released(), link.primary_lost().unwrap_or_else(|| "log ended".into())),
+            LogSource::File(_) => (0, "log ended".into()),
+        };
+        eprintln!("ftvmm: backup: primary lost ({why}); going live at exit {}", self.exits);
+        let (input, port) = endpoint.start();
+        self.output.go_live(released, port);
+        let host = HostClock::resume_at(self.clock.now_ns());
+        self.inputs = Inputs::Live(Box::new(LiveInputs::new(host, Some(input), None, None)));
+        self.role = Role::Solo;
+        Ok(())
     }
 
     /// Runs the vCPU until the next guest-caused exit.
@@ -346,7 +394,10 @@ impl Vmm {
                 Some(r) => r.exit(position, kind).map_err(log_write_error),
                 None => Ok(()),
             },
-            Inputs::Replay(r) => Ok(r.exit(position, kind)?),
+            Inputs::Replay(r) => match r.exit(position, kind) {
+                Ok(()) => Ok(()),
+                Err(e) => self.end_of_log(e.into()),
+            },
         }
     }
 
@@ -354,7 +405,12 @@ impl Vmm {
     fn read_time(&mut self, source: TimeSource) -> Result<u64, RunError> {
         let mut failed = None;
         take_time_reading(&mut self.inputs, &mut self.clock, 0, source, &mut failed);
-        failed.map_or(Ok(self.clock.now_ns()), Err)
+        if let Some(e) = failed {
+            // A backup whose primary died mid-exit answers from the last
+            // time it knows, then goes live.
+            self.end_of_log(e)?;
+        }
+        Ok(self.clock.now_ns())
     }
 
     fn port_read(&mut self, port: u16, data: &mut [u8]) -> Result<(), RunError> {
@@ -362,7 +418,7 @@ impl Vmm {
         let mut failed = None;
         let mut time = |source| take_time_reading(inputs, clock, *wall_clock_base_ns, source, &mut failed);
         devices.port_read(port, data, &mut time);
-        failed.map_or(Ok(()), Err)
+        failed.map_or(Ok(()), |e| self.end_of_log(e))
     }
 
     fn port_write(&mut self, port: u16, data: &[u8]) -> Result<PortAction, RunError> {
@@ -370,7 +426,10 @@ impl Vmm {
         let mut failed = None;
         let mut time = |source| take_time_reading(inputs, clock, *wall_clock_base_ns, source, &mut failed);
         let action = devices.port_write(port, data, &mut time);
-        failed.map_or(Ok(action), Err)
+        match failed {
+            Some(e) => self.end_of_log(e).map(|_| action),
+            None => Ok(action),
+        }
     }
 
     /// Steps 4 and 5: external inputs and interrupt delivery at `position`.
@@ -387,11 +446,16 @@ impl Vmm {
                 exits: self.exits,
             });
         }
-        let injected = if matches!(self.inputs, Inputs::Live(_)) {
-            self.take_live_inputs(position, idle, ready)?
-        } else {
-            self.take_logged_inputs(position, idle, ready && if_flag)?
-        };
+        let mut injected = false;
+        if matches!(self.inputs, Inputs::Replay(_)) {
+            match self.take_logged_inputs(position, idle, ready && if_flag) {
+                Ok(i) => injected = i,
+                Err(e) => self.end_of_log(e)?,
+            }
+        }
+        if matches!(self.inputs, Inputs::Live(_)) {
+            injected = self.take_live_inputs(position, idle, ready)?;
+        }
         let want_window = !injected && self.devices.pic.has_pending();
         self.machine.run_area().request_interrupt_window = u8::from(want_window);
         Ok(())
@@ -402,6 +466,11 @@ impl Vmm {
     fn take_live_inputs(&mut self, position: Position, idle: bool, ready: bool) -> Result<bool, RunError> {
         loop {
             self.poll_host()?;
+            if self.injected_at == position.exit {
+                // A backup that just went live may have injected this exit's
+                // interrupt from the log already.
+                return Ok(true);
+            }
             if self.devices.pic.has_pending() {
                 if !ready {
                     return Ok(false);
@@ -413,6 +482,7 @@ impl Vmm {
                 };
                 live.record(Event::Interrupt { vector }).map_err(log_write_error)?;
                 self.machine.inject_interrupt(vector)?;
+                self.injected_at = position.exit;
                 return Ok(true);
             }
             if !idle {
@@ -444,8 +514,7 @@ impl Vmm {
 
     /// The guest idles: block until the host has an input for it.
     fn wait_for_host_input(&mut self, position: Position) -> Result<(), RunError> {
-        // Nothing else will happen for a while: make what we have visible.
-        self.output.flush().map_err(|err| RunError::Io { what: "writing serial output", err })?;
+        // Nothing else will happen for a while: make the log durable.
         let Inputs::Live(live) = &mut self.inputs else {
             return Ok(());
         };
@@ -496,6 +565,7 @@ impl Vmm {
                         }
                     }
                     self.machine.inject_interrupt(vector)?;
+                    self.injected_at = position.exit;
                     injected = true;
                 }
             }
@@ -518,13 +588,23 @@ impl Vmm {
         let digest = if self.want_digest { Some(digest::state_digest(self)?) } else { None };
         match &mut self.inputs {
             Inputs::Live(live) => {
-                if let (Some(r), Some(d)) = (&mut live.recorder, digest) {
+                if let (Some(mut r), Some(d)) = (live.recorder.take(), digest) {
                     r.end(status, d).map_err(log_write_error)?;
+                    r.passed().map_err(log_write_error)?;
+                    if let (LogSink::Primary(link), Role::Primary { finish_timeout, .. }) = (r.into_sink(), &self.role)
+                    {
+                        // Let the backup have the whole log, so it can end as we do.
+                        if !link.finish(*finish_timeout) {
+                            eprintln!("ftvmm: primary: the backup did not acknowledge the end of the log");
+                        }
+                    }
                 }
             }
             Inputs::Replay(r) => {
                 let d = digest.unwrap_or(replay::Digest([0; 32]));
-                r.end(position, status, d)?;
+                if let Err(e) = r.end(position, status, d) {
+                    self.end_of_log(e.into())?;
+                }
             }
         }
         Ok(Outcome { status, digest, exits: self.exits })

@@ -1,0 +1,103 @@
+//! ticker: prints `tick N H` at a steady rate, driven by PIT interrupts, where
+//! H chains a hash over every tick so far (H(N) = FNV(H(N-1), N)), and answers
+//! each input line with `said: <line>`. A client can check that it saw every
+//! tick, in order: the failover guest.
+//!
+//! Command line: `hz=N` ticks a second (default 20), `ticks=N` to stop after
+//! N ticks with status 0 (default 0: run until the VM is killed).
+#![no_std]
+#![no_main]
+
+use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use guest_rt::{console, hw, print_bytes, println, Fnv};
+
+guest_rt::entry!(main);
+
+static TICKS: AtomicU64 = AtomicU64::new(0);
+static PIT_IRQS: AtomicU64 = AtomicU64::new(0);
+/// PIT interrupts per tick: the PIT cannot run slower than about 19 Hz.
+static DIVISOR: AtomicU64 = AtomicU64::new(1);
+
+const RING: usize = 1024;
+static RX: [AtomicU8; RING] = [const { AtomicU8::new(0) }; RING];
+static RX_HEAD: AtomicUsize = AtomicUsize::new(0);
+static RX_TAIL: AtomicUsize = AtomicUsize::new(0);
+
+fn on_tick(_irq: u8) {
+    let irqs = PIT_IRQS.fetch_add(1, Ordering::Relaxed) + 1;
+    if irqs % DIVISOR.load(Ordering::Relaxed) == 0 {
+        TICKS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn on_serial(_irq: u8) {
+    while let Some(b) = console::try_read_byte() {
+        let head = RX_HEAD.load(Ordering::Relaxed);
+        if head.wrapping_sub(RX_TAIL.load(Ordering::Relaxed)) < RING {
+            RX[head % RING].store(b, Ordering::Relaxed);
+            RX_HEAD.store(head.wrapping_add(1), Ordering::Release);
+        }
+    }
+}
+
+fn pop_rx() -> Option<u8> {
+    let tail = RX_TAIL.load(Ordering::Relaxed);
+    if tail == RX_HEAD.load(Ordering::Acquire) {
+        return None;
+    }
+    let b = RX[tail % RING].load(Ordering::Relaxed);
+    RX_TAIL.store(tail.wrapping_add(1), Ordering::Relaxed);
+    Some(b)
+}
+
+fn main() -> u8 {
+    let hz = guest_rt::cmdline_u64("hz", 20).clamp(1, 1000);
+    let stop_after = guest_rt::cmdline_u64("ticks", 0);
+    hw::pic_init();
+    guest_rt::set_irq_handler(0, on_tick);
+    guest_rt::set_irq_handler(console::COM1_IRQ, on_serial);
+    console::enable_rx_interrupt();
+    hw::pic_unmask(0);
+    hw::pic_unmask(console::COM1_IRQ);
+    let divisor = 19u64.div_ceil(hz);
+    DIVISOR.store(divisor, Ordering::Relaxed);
+    hw::pit_start_periodic(hz * divisor);
+    println!("ticker: ready hz={}", hz);
+
+    let mut printed = 0u64;
+    let mut chain = Fnv::new();
+    let mut line = [0u8; 200];
+    let mut len = 0;
+    loop {
+        // Every tick gets its line, in order, even if interrupts coalesced.
+        while printed < TICKS.load(Ordering::Relaxed) {
+            printed += 1;
+            chain.u64(printed);
+            println!("tick {} {:016x}", printed, chain.0);
+            if printed == stop_after {
+                return 0;
+            }
+        }
+        let mut busy = false;
+        while let Some(b) = pop_rx() {
+            busy = true;
+            match b {
+                b'\n' => {
+                    print_bytes(b"said: ");
+                    print_bytes(&line[..len]);
+                    print_bytes(b"\n");
+                    len = 0;
+                }
+                b'\r' => {}
+                _ if len < line.len() => {
+                    line[len] = b;
+                    len += 1;
+                }
+                _ => {}
+            }
+        }
+        if !busy && printed == TICKS.load(Ordering::Relaxed) {
+            guest_rt::wait_for_interrupt();
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Primary and backup: lockstep, the output rule, failover, a lost backup,
+//! bad peers on the logging channel.
+
+use ftvmm_tests::{Hosts, Proc, TIMEOUT};
+use rand::{Rng, SeedableRng};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+const START: Duration = Duration::from_secs(20);
+
+/// A primary waiting on an ephemeral port, and its logging address.
+fn primary(guest: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["--primary", "--guest", guest, "--listen", "127.0.0.1:0", "--digest"];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn(&args);
+    let addr = p.wait_addr("waiting for a backup on", START);
+    (p, addr)
+}
+
+fn backup(guest: &str, addr: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["--backup", "--guest", guest, "--connect", addr, "--digest"];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args)
+}
+
+fn digest_of(run: &ftvmm_tests::Run) -> String {
+    run.digest().unwrap_or_else(|| panic!("no digest; stderr:\n{}", run.stderr))
+}
+
+#[test]
+fn primary_and_backup_end_in_the_same_state() {
+    let dir = ftvmm_tests::Scratch::new("lockstep");
+    let input = dir.path("echo.in");
+    std::fs::write(&input, "one\ntwo three\nquit\n").unwrap();
+    for (guest, cmdline, extra) in [
+        ("timer", "ticks=40", vec![]),
+        ("compute", "rounds=30 kib=512", vec![]),
+        ("echo", "", vec!["--serial-input", input.as_str()]),
+        ("clock", "", vec![]),
+    ] {
+        let mut pargs = vec!["--cmdline", cmdline];
+        pargs.extend(extra.iter().copied());
+        let (p, addr) = primary(guest, &pargs);
+        let b = backup(guest, &addr, &["--cmdline", cmdline]);
+        let (p, b) = (p.finish(TIMEOUT), b.finish(TIMEOUT));
+        assert_eq!(p.code(), 0, "{guest} primary: {}", p.stderr);
+        assert_eq!(b.code(), 0, "{guest} backup: {}", b.stderr);
+        assert_eq!(digest_of(&p), digest_of(&b), "{guest}: primary and backup digests differ");
+        assert!(b.stdout.is_empty(), "{guest}: the backup's output is suppressed, got {:?}", b.stdout);
+        assert!(!p.stdout.is_empty(), "{guest}: the primary released its output");
+        if guest == "echo" {
+            assert_eq!(p.stdout, "echo: ready\necho: ENO\necho: EERHT OWT\necho: bye\n");
+        }
+    }
+}
+
+#[test]
+fn either_side_may_start_first() {
+    // The backup first: it keeps trying until the primary listens.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let b = backup("timer", &addr, &["--cmdline", "ticks=10"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let p = Proc::spawn(&["--primary", "--guest", "timer", "--cmdline", "ticks=10", "--listen", &addr, "--digest"]);
+    let (p, b) = (p.finish(TIMEOUT), b.finish(TIMEOUT));
+    assert_eq!(p.code(), 0, "{}", p.stderr);
+    assert_eq!(b.code(), 0, "{}", b.stderr);
+    assert_eq!(digest_of(&p), digest_of(&b));
+}
+
+/// Reads `tick N H` lines from a console, checking the hash chain.
+struct TickReader {
+    lines: Vec<(u64, String)>,
+}
+
+impl TickReader {
+    fn read_from(&mut self, stream: TcpStream, until: impl Fn(&[(u64, String)]) -> bool) {
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            if let Some(rest) = line.strip_prefix("tick ") {
+                let mut parts = rest.split(' ');
+                let n: u64 = parts.next().unwrap().parse().unwrap();
+                self.lines.push((n, parts.next().unwrap_or_default().to_string()));
+                if until(&self.lines) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn connect_retry(addr: &str) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot connect to {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// The client's view across a failover: every tick, in order, possibly
+/// some repeated at the switch, never one missing.
+fn check_continuity(lines: &[(u64, String)]) -> Result<(), String> {
+    let mut expected_next = lines.first().map(|l| l.0).ok_or("no ticks")?;
+    let mut seen: std::collections::HashMap<u64, String> = Default::default();
+    let mut rewinds = 0;
+    for (n, hash) in lines {
+        if let Some(h) = seen.get(n) {
+            if h != hash {
+                return Err(format!("tick {n} seen twice with different hashes"));
+            }
+        }
+        if *n == expected_next {
+            expected_next += 1;
+        } else if *n < expected_next {
+            // A duplicate: allowed only as a rewind at the switch, which
+            // then replays consecutive ticks.
+            if !seen.contains_key(&(n.wrapping_sub(1))) && *n != lines[0].0 {
+                return Err(format!("duplicate tick {n} without its predecessor"));
+            }
+            rewinds += 1;
+            expected_next = n + 1;
+        } else {
+            return Err(format!("tick {n} follows tick {} : ticks missing", expected_next - 1));
+        }
+        seen.insert(*n, hash.clone());
+    }
+    if rewinds > 1 {
+        return Err(format!("{rewinds} rewinds: reordering, not a single failover boundary"));
+    }
+    Ok(())
+}
+
+#[test]
+fn continuity_checker_catches_gaps_and_reordering() {
+    let l = |v: &[u64]| v.iter().map(|n| (*n, format!("h{n}"))).collect::<Vec<_>>();
+    assert!(check_continuity(&l(&[1, 2, 3, 4])).is_ok());
+    assert!(check_continuity(&l(&[1, 2, 3, 2, 3, 4])).is_ok());
+    assert!(check_continuity(&l(&[1, 2, 4])).is_err());
+    assert!(check_continuity(&l(&[1, 3, 2])).is_err());
+    assert!(check_continuity(&l(&[1, 2, 3, 2, 3, 2, 3])).is_err());
+}
+
+fn failover_trial(rng: &mut impl Rng, trial: u32, hosts: Option<&Hosts>) {
+    // On two hosts (network namespaces) when root, else on loopback.
+    let (p_ip, b_ip) =
+        hosts.map_or(("127.0.0.1".into(), "127.0.0.1".into()), |h| (h.primary_ip.clone(), h.backup_ip.clone()));
+    if let Some(h) = hosts {
+        h.restore_primary_link();
+    }
+    let (listen, p_serial, b_serial) = (format!("{p_ip}:0"), format!("tcp:{p_ip}:0"), format!("tcp:{b_ip}:0"));
+    let p_args = ["--primary", "--guest", "ticker", "--cmdline", "hz=50", "--listen", &listen, "--serial", &p_serial];
+    let mut p = Proc::spawn_in(hosts.map(|h| h.primary_ns()).as_deref(), &p_args);
+    let addr = p.wait_addr("waiting for a backup on", START);
+    let p_console = p.wait_addr("serial console on", START);
+    let b_args = ["--backup", "--guest", "ticker", "--cmdline", "hz=50", "--connect", &addr, "--serial", &b_serial];
+    let mut b = Proc::spawn_in(hosts.map(|h| h.backup_ns()).as_deref(), &b_args);
+    let b_console = b.wait_addr("serial console on", START);
+    p.wait_line("backup attached", START);
+
+    let mut reader = TickReader { lines: Vec::new() };
+    let kill_after = rng.gen_range(5..40u64);
+    let stream = connect_retry(&p_console);
+    reader.read_from(stream, |lines| lines.len() as u64 >= kill_after);
+    let killed_at = reader.lines.last().map(|l| l.0).unwrap_or(0);
+    // Kill at a random moment, not only right after a line.
+    std::thread::sleep(Duration::from_micros(rng.gen_range(0..20_000)));
+    p.kill();
+    if let Some(h) = hosts {
+        h.cut_primary_link();
+    }
+    b.wait_line("going live", Duration::from_secs(5));
+    let stream = connect_retry(&b_console);
+    reader.read_from(stream, |lines| lines.last().is_some_and(|l| l.0 >= killed_at + 20));
+    if let Err(e) = check_continuity(&reader.lines) {
+        panic!("trial {trial}: {e}; ticks seen: {:?}", reader.lines.iter().map(|l| l.0).collect::<Vec<_>>());
+    }
+    b.kill();
+}
+
+#[test]
+fn failover_loses_no_tick_and_reorders_none() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
+    let hosts = Hosts::create(78);
+    eprintln!(
+        "failover trials on {}",
+        if hosts.is_some() { "two network-namespace hosts" } else { "loopback (not root)" }
+    );
+    for trial in 0..20 {
+        failover_trial(&mut rng, trial, hosts.as_ref());
+    }
+}
+
+#[test]
+fn a_lost_backup_releases_the_primarys_output_within_the_heartbeat_timeout() {
+    let (p, addr) = primary("ticker", &["--cmdline", "hz=50", "--serial", "tcp:127.0.0.1:0", "--heartbeat-ms", "150"]);
+    let console = p.wait_addr("serial console on", START);
+    let mut b = backup("ticker", &addr, &["--cmdline", "hz=50", "--heartbeat-ms", "150"]);
+    p.wait_line("backup attached", START);
+    let stream = connect_retry(&console);
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    for _ in 0..10 {
+        lines.next().unwrap().unwrap();
+    }
+    // Stop the backup without a word (SIGSTOP: no FIN, no RST): only the
+    // heartbeat timeout can tell. Output is held meanwhile, then released.
+    let pid = b.child.id().to_string();
+    std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let stopped = Instant::now();
+    let mut last_gap = Duration::ZERO;
+    let mut previous = Instant::now();
+    let mut after = 0;
+    while after < 30 {
+        let line = lines.next().expect("primary keeps printing").expect("line");
+        if line.starts_with("tick ") {
+            let now = Instant::now();
+            last_gap = last_gap.max(now - previous);
+            previous = now;
+            after += 1;
+        }
+    }
+    assert!(last_gap < Duration::from_millis(150 + 600), "output held {last_gap:?} after the backup stopped");
+    p.wait_line("backup lost", Duration::from_secs(2));
+    assert!(stopped.elapsed() < Duration::from_secs(5));
+    b.kill();
+}
+
+#[test]
+fn garbage_on_the_logging_port_is_refused_and_the_primary_carries_on() {
+    let (p, addr) = primary("timer", &["--cmdline", "ticks=10"]);
+    let bad_peers: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        [&b"FTVMMLCH"[..], &99u32.to_le_bytes()].concat(),
+        [&b"FTVMMLCH"[..], &1u32.to_le_bytes(), &[0xff, 0xff, 0xff, 0x7f]].concat(),
+        [&b"FTVMMLCH"[..], &1u32.to_le_bytes(), &[10, 0, 0, 0, 1, 2]].concat(),
+    ];
+    for bytes in bad_peers {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        let _ = s.write_all(&bytes);
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let b = backup("timer", &addr, &["--cmdline", "ticks=10"]);
+    let (p, b) = (p.finish(TIMEOUT), b.finish(TIMEOUT));
+    assert_eq!(p.code(), 0, "{}", p.stderr);
+    assert_eq!(b.code(), 0, "{}", b.stderr);
+    assert_eq!(digest_of(&p), digest_of(&b));
+    assert!(!p.stderr.contains("panicked"));
+}
+
+#[test]
+fn a_backup_talking_to_garbage_fails_clearly() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(1) {
+            let mut s = s.unwrap();
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let b = backup("timer", &addr, &[]).finish(TIMEOUT);
+    assert_eq!(b.code(), 2, "{}", b.stderr);
+    assert!(b.stderr.lines().any(|l| l.starts_with("ftvmm: error: backup: logging channel")), "{}", b.stderr);
+    assert!(!b.stderr.contains("panicked"));
+}
+
+#[test]
+fn a_backup_with_another_image_or_config_is_refused_at_handshake() {
+    let (p, addr) = primary("timer", &["--cmdline", "ticks=10"]);
+    let other_image = backup("hello", &addr, &[]).finish(TIMEOUT);
+    assert_eq!(other_image.code(), 2);
+    assert!(other_image.stderr.contains("another guest image"), "{}", other_image.stderr);
+    let other_config = backup("timer", &addr, &["--cmdline", "ticks=10", "--mem-mib", "32"]).finish(TIMEOUT);
+    assert_eq!(other_config.code(), 2);
+    assert!(other_config.stderr.contains("another VM configuration"), "{}", other_config.stderr);
+    // The primary is still waiting for a proper backup.
+    let b = backup("timer", &addr, &["--cmdline", "ticks=10"]);
+    let (p, b) = (p.finish(TIMEOUT), b.finish(TIMEOUT));
+    assert_eq!(p.code(), 0, "{}", p.stderr);
+    assert_eq!(digest_of(&p), digest_of(&b));
+}

@@ -1,0 +1,365 @@
+//! Where the guest's serial port meets the outside world: stdin/stdout, or a
+//! TCP server (`--serial tcp:ADDR`) whose client types the guest's input and
+//! reads its output.
+//!
+//! Output goes through an [`OutputPort`]: a channel to a writer thread, so
+//! that neither the vCPU thread nor the logging channel's ack handler ever
+//! blocks on a slow reader. A TCP console serves one client at a time (a new
+//! client replaces the old one); output produced while no client is connected
+//! is kept (up to [`MAX_BACKLOG`]) and sent to the next client.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Output kept for a TCP console with no client; beyond it the oldest goes.
+pub const MAX_BACKLOG: usize = 4 << 20;
+
+/// The `--serial` choice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialSpec {
+    Stdio,
+    Tcp(String),
+}
+
+impl std::str::FromStr for SerialSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(SerialSpec::Stdio),
+            _ => match s.strip_prefix("tcp:") {
+                Some(addr) if !addr.is_empty() => Ok(SerialSpec::Tcp(addr.to_string())),
+                _ => Err(format!("{s:?} is neither `stdio` nor `tcp:ADDR`")),
+            },
+        }
+    }
+}
+
+/// The serial endpoint, bound but not yet serving (a backup binds its
+/// console at start and serves it only once it goes live).
+pub enum Endpoint {
+    Stdio,
+    Tcp(TcpListener),
+}
+
+impl Endpoint {
+    pub fn bind(spec: &SerialSpec) -> std::io::Result<Self> {
+        Ok(match spec {
+            SerialSpec::Stdio => Endpoint::Stdio,
+            SerialSpec::Tcp(addr) => Endpoint::Tcp(TcpListener::bind(addr)?),
+        })
+    }
+
+    /// The TCP address being served, if any.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Endpoint::Stdio => None,
+            Endpoint::Tcp(l) => l.local_addr().ok(),
+        }
+    }
+
+    /// Starts serving: returns the guest's input (chunks of received bytes;
+    /// the sender drops at end of input) and its output port.
+    pub fn start(self) -> (Receiver<Vec<u8>>, OutputPort) {
+        match self {
+            Endpoint::Stdio => (spawn_reader(std::io::stdin()), OutputPort::spawn(Sink::Stdout)),
+            tcp => tcp.start_serving(),
+        }
+    }
+
+    /// Starts serving output only: a replay takes no input from the host.
+    pub fn start_output_only(self) -> OutputPort {
+        match self {
+            Endpoint::Stdio => OutputPort::spawn(Sink::Stdout),
+            tcp => tcp.start_serving().1,
+        }
+    }
+
+    fn start_serving(self) -> (Receiver<Vec<u8>>, OutputPort) {
+        match self {
+            Endpoint::Stdio => unreachable!("stdio is served by start()"),
+            Endpoint::Tcp(listener) => {
+                let (input_tx, input_rx) = mpsc::channel();
+                let client: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+                let port = OutputPort::spawn(Sink::Tcp {
+                    client: client.clone(),
+                    backlog: VecDeque::new(),
+                    in_flight: VecDeque::new(),
+                    written: 0,
+                });
+                let notify = port.tx.clone();
+                std::thread::spawn(move || serve(listener, client, input_tx, notify));
+                (input_rx, port)
+            }
+        }
+    }
+}
+
+/// Accepts console clients one after the other.
+fn serve(listener: TcpListener, client: Arc<Mutex<Option<TcpStream>>>, input: Sender<Vec<u8>>, out: Sender<Chunk>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let _ = stream.set_nodelay(true);
+        let Ok(reader) = stream.try_clone() else { continue };
+        if let Ok(mut slot) = client.lock() {
+            *slot = Some(stream);
+        }
+        // Tell the writer a client is there, so it sends what was kept.
+        if out.send(Chunk::Connected).is_err() {
+            return;
+        }
+        let input = input.clone();
+        std::thread::spawn(move || forward(reader, input));
+    }
+}
+
+fn forward(mut from: impl Read, to: Sender<Vec<u8>>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if to.send(buf[..n].to_vec()).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Reads `input` on a thread, in chunks, until its end.
+pub fn spawn_reader(input: impl Read + Send + 'static) -> Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || forward(input, tx));
+    rx
+}
+
+enum Chunk {
+    /// Output the guest produced at exit `.0`.
+    Bytes(u64, Vec<u8>),
+    Connected,
+    /// Everything before this is written; the writer stops.
+    Close,
+}
+
+/// Bytes of `ioctl(SIOCOUTQ)`: what the peer has not acknowledged yet.
+fn unacked_bytes(stream: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    const SIOCOUTQ: libc::c_ulong = 0x5411;
+    let mut pending: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ on a TCP socket fd writes one int through a valid pointer.
+    let ret = unsafe { libc::ioctl(stream.as_raw_fd(), SIOCOUTQ, &mut pending as *mut libc::c_int) };
+    if ret == 0 {
+        usize::try_from(pending).unwrap_or(0)
+    } else {
+        // Unknown: assume nothing is confirmed beyond what is already known.
+        usize::MAX
+    }
+}
+
+enum Sink {
+    Stdout,
+    Tcp {
+        client: Arc<Mutex<Option<TcpStream>>>,
+        /// Output not yet written to a client.
+        backlog: VecDeque<(u64, Vec<u8>)>,
+        /// Written to the current client but not yet acknowledged by its TCP:
+        /// (stream offset just past the chunk, exit).
+        in_flight: VecDeque<(u64, u64)>,
+        written: u64,
+    },
+}
+
+impl Sink {
+    /// Takes a chunk, advancing `delivered` as output reaches the world.
+    fn take(&mut self, chunk: Chunk, delivered: &AtomicU64) {
+        match self {
+            Sink::Stdout => {
+                if let Chunk::Bytes(exit, bytes) = chunk {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&bytes).and_then(|_| out.flush());
+                    delivered.fetch_max(exit, Ordering::Release);
+                }
+            }
+            Sink::Tcp { client, backlog, in_flight, written } => {
+                if let Chunk::Connected = chunk {
+                    // A new client, a new stream: what the old one had in
+                    // flight stays unconfirmed (a backup would re-emit it).
+                    in_flight.clear();
+                    *written = 0;
+                }
+                if let Chunk::Bytes(exit, bytes) = chunk {
+                    backlog.push_back((exit, bytes));
+                    let mut kept: usize = backlog.iter().map(|(_, b)| b.len()).sum();
+                    while kept > MAX_BACKLOG {
+                        // Too long without a client: the oldest output goes.
+                        let Some((exit, dropped)) = backlog.pop_front() else { break };
+                        kept -= dropped.len();
+                        delivered.fetch_max(exit, Ordering::Release);
+                    }
+                }
+                let Ok(mut slot) = client.lock() else { return };
+                let Some(stream) = slot.as_mut() else { return };
+                while let Some((exit, bytes)) = backlog.pop_front() {
+                    if stream.write_all(&bytes).is_err() {
+                        // The client went away: keep this for the next one.
+                        backlog.push_front((exit, bytes));
+                        in_flight.clear();
+                        *written = 0;
+                        *slot = None;
+                        return;
+                    }
+                    *written += bytes.len() as u64;
+                    in_flight.push_back((*written, exit));
+                }
+                Self::confirm(stream, in_flight, *written, delivered);
+            }
+        }
+    }
+
+    /// Moves output the client's TCP has acknowledged to `delivered`.
+    fn confirm(stream: &TcpStream, in_flight: &mut VecDeque<(u64, u64)>, written: u64, delivered: &AtomicU64) {
+        if in_flight.is_empty() {
+            return;
+        }
+        let acked_to = written.saturating_sub(unacked_bytes(stream) as u64);
+        while in_flight.front().is_some_and(|(end, _)| *end <= acked_to) {
+            if let Some((_, exit)) = in_flight.pop_front() {
+                delivered.fetch_max(exit, Ordering::Release);
+            }
+        }
+    }
+
+    /// Output written but not yet acknowledged by the client.
+    fn awaiting_ack(&mut self, delivered: &AtomicU64) -> bool {
+        match self {
+            Sink::Stdout => false,
+            Sink::Tcp { client, in_flight, written, .. } => {
+                if let Ok(slot) = client.lock() {
+                    if let Some(stream) = slot.as_ref() {
+                        Self::confirm(stream, in_flight, *written, delivered);
+                    }
+                }
+                !in_flight.is_empty()
+            }
+        }
+    }
+}
+
+/// The writing end of the serial port. Never blocks.
+pub struct OutputPort {
+    tx: Sender<Chunk>,
+    writer: Option<JoinHandle<()>>,
+    delivered: Arc<AtomicU64>,
+}
+
+impl OutputPort {
+    fn spawn(mut sink: Sink) -> Self {
+        let (tx, rx) = mpsc::channel::<Chunk>();
+        let delivered = Arc::new(AtomicU64::new(0));
+        let shared = delivered.clone();
+        let writer = std::thread::spawn(move || loop {
+            // While the client has not acknowledged everything, look again soon.
+            let chunk = if sink.awaiting_ack(&shared) {
+                match rx.recv_timeout(Duration::from_micros(200)) {
+                    Ok(chunk) => chunk,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(chunk) => chunk,
+                    Err(_) => return,
+                }
+            };
+            if let Chunk::Close = chunk {
+                return;
+            }
+            sink.take(chunk, &shared);
+        });
+        OutputPort { tx, writer: Some(writer), delivered }
+    }
+
+    /// A handle that sends into the same port (for the output gate).
+    pub fn sender(&self) -> PortSender {
+        PortSender(self.tx.clone())
+    }
+
+    /// The exit up to which output has reached the outside world: written to
+    /// stdout, or acknowledged by the console client's TCP. What a backup
+    /// going live need not re-emit.
+    pub fn delivered(&self) -> Arc<AtomicU64> {
+        self.delivered.clone()
+    }
+
+    /// Waits until everything sent so far has been written (or kept for a
+    /// console client that never came), then stops the writer.
+    pub fn close(mut self) {
+        let _ = self.tx.send(Chunk::Close);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A cloneable sender into an [`OutputPort`].
+#[derive(Clone)]
+pub struct PortSender(Sender<Chunk>);
+
+impl PortSender {
+    /// Output the guest produced at exit `exit`.
+    pub fn send(&self, exit: u64, bytes: Vec<u8>) {
+        // The writer thread lives as long as the port; a send after it is
+        // gone (process ending) has no one to deliver to.
+        let _ = self.0.send(Chunk::Bytes(exit, bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn parses_serial_specs() {
+        assert_eq!("stdio".parse::<SerialSpec>(), Ok(SerialSpec::Stdio));
+        assert_eq!("tcp:127.0.0.1:5000".parse::<SerialSpec>(), Ok(SerialSpec::Tcp("127.0.0.1:5000".into())));
+        assert!("tcp:".parse::<SerialSpec>().is_err());
+        assert!("udp:1".parse::<SerialSpec>().is_err());
+    }
+
+    #[test]
+    fn tcp_console_keeps_output_until_a_client_comes_and_forwards_input() {
+        let endpoint = Endpoint::bind(&SerialSpec::Tcp("127.0.0.1:0".into())).unwrap();
+        let Endpoint::Tcp(listener) = &endpoint else { panic!("tcp") };
+        let addr = listener.local_addr().unwrap();
+        let (input, port) = endpoint.start();
+        port.sender().send(1, b"before ".to_vec());
+        std::thread::sleep(Duration::from_millis(50));
+        let mut client = TcpStream::connect(addr).unwrap();
+        port.sender().send(2, b"after\n".to_vec());
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while !got.ends_with(b"\n") {
+            let n = client.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"before after\n");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while port.delivered().load(Ordering::Acquire) < 2 {
+            assert!(std::time::Instant::now() < deadline, "delivery never confirmed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        client.write_all(b"typed").unwrap();
+        assert_eq!(input.recv_timeout(Duration::from_secs(5)).unwrap(), b"typed");
+    }
+}

@@ -1,0 +1,235 @@
+//! Fault tolerance glue: where the log goes and comes from (a file, or the
+//! logging channel), and the serial output's three regimes:
+//! - [`Direct`]: released at once (a run alone, a recording, a replay, and a
+//!   backup after it went live);
+//! - [`Held`]: the primary's output rule — each output waits until the
+//!   backup has acknowledged the log up to the position that produced it;
+//! - [`Suppressed`]: the backup's, while it replays — kept until the primary
+//!   reports it released, and re-emitted when the backup goes live.
+
+use crate::console::{OutputPort, PortSender};
+use logging_channel::{BackupLink, PrimaryLink};
+use replay::{LogError, LogReader, LogWriter, Position, Record, RecordSink, RecordSource};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Where recorded records go.
+pub enum LogSink {
+    File(LogWriter<BufWriter<File>>),
+    Primary(PrimaryLink),
+}
+
+impl RecordSink for LogSink {
+    fn append(&mut self, record: &Record) -> std::io::Result<()> {
+        match self {
+            LogSink::File(w) => w.append(record),
+            LogSink::Primary(l) => l.append(record),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            LogSink::File(w) => w.flush(),
+            LogSink::Primary(l) => l.flush(),
+        }
+    }
+    fn passed(&mut self, exit: u64) -> std::io::Result<()> {
+        match self {
+            LogSink::File(w) => w.passed(exit),
+            LogSink::Primary(l) => l.passed(exit),
+        }
+    }
+}
+
+/// Where replayed records come from.
+pub enum LogSource {
+    File(LogReader<BufReader<File>>),
+    Backup(BackupLink),
+}
+
+impl RecordSource for LogSource {
+    fn next_record(&mut self) -> Result<Option<Record>, LogError> {
+        match self {
+            LogSource::File(r) => r.next_record(),
+            LogSource::Backup(l) => l.next_record(),
+        }
+    }
+    fn passed(&mut self, exit: u64) -> Result<bool, LogError> {
+        match self {
+            LogSource::File(r) => r.passed(exit),
+            LogSource::Backup(l) => l.passed(exit),
+        }
+    }
+}
+
+/// Where the guest's serial output goes. Every byte comes with the position
+/// at which the guest produced it.
+pub trait SerialOutput {
+    fn output(&mut self, position: Position, bytes: Vec<u8>);
+    /// The backup goes live: re-emit what the primary may not have released
+    /// (everything produced after `released`), then pass output through.
+    fn go_live(&mut self, _released: u64, _port: OutputPort) {}
+    /// The primary reported outputs up to `released` as released.
+    fn prune(&mut self, _released: u64) {}
+    /// Waits until everything released so far has been written out.
+    fn close(self: Box<Self>);
+}
+
+/// Output released at once.
+pub struct Direct(pub OutputPort);
+
+impl SerialOutput for Direct {
+    fn output(&mut self, position: Position, bytes: Vec<u8>) {
+        self.0.sender().send(position.exit, bytes);
+    }
+    fn close(self: Box<Self>) {
+        self.0.close();
+    }
+}
+
+/// The primary's output rule: outputs wait for the backup's acknowledgement.
+pub struct OutputGate {
+    inner: Mutex<GateState>,
+    port: PortSender,
+}
+
+struct GateState {
+    held: VecDeque<(u64, Instant, Vec<u8>)>,
+    acked: u64,
+    /// How long each output was held, in µs (for `--stats`).
+    held_us: Vec<u32>,
+}
+
+impl OutputGate {
+    pub fn new(port: PortSender) -> Arc<Self> {
+        let state = GateState { held: VecDeque::new(), acked: 0, held_us: Vec::new() };
+        Arc::new(OutputGate { inner: Mutex::new(state), port })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        // A panic while holding the lock cannot leave the queue half-updated
+        // in a way that matters more than losing the process; keep going.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The guest produced `bytes` at exit `exit`.
+    pub fn output(&self, exit: u64, bytes: Vec<u8>) {
+        let mut s = self.state();
+        if s.held.is_empty() && s.acked >= exit {
+            s.held_us.push(0);
+            self.port.send(exit, bytes);
+        } else {
+            s.held.push_back((exit, Instant::now(), bytes));
+        }
+    }
+
+    /// The backup acknowledged the log up to `watermark` (u64::MAX: the
+    /// backup is gone and nothing is held any more).
+    pub fn acked(&self, watermark: u64) {
+        let mut s = self.state();
+        s.acked = s.acked.max(watermark);
+        while s.held.front().is_some_and(|(exit, _, _)| *exit <= watermark) {
+            if let Some((exit, since, bytes)) = s.held.pop_front() {
+                if watermark != u64::MAX {
+                    s.held_us.push(u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX));
+                }
+                self.port.send(exit, bytes);
+            }
+        }
+    }
+
+    /// Outputs still waiting for an acknowledgement.
+    pub fn held(&self) -> usize {
+        self.state().held.len()
+    }
+
+    /// Output-commit latency — how long outputs were held for the backup's
+    /// acknowledgement — as (outputs, p50 µs, p99 µs, max µs).
+    pub fn latency_stats(&self) -> Option<(usize, u32, u32, u32)> {
+        let mut v = self.state().held_us.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        Some((v.len(), at(0.5), at(0.99), at(1.0)))
+    }
+}
+
+/// The primary's serial output, through the gate.
+pub struct Held {
+    pub gate: Arc<OutputGate>,
+    pub port: OutputPort,
+}
+
+impl SerialOutput for Held {
+    fn output(&mut self, position: Position, bytes: Vec<u8>) {
+        self.gate.output(position.exit, bytes);
+    }
+    fn close(self: Box<Self>) {
+        let Held { gate, port } = *self;
+        drop(gate);
+        port.close();
+    }
+}
+
+/// The backup's serial output while it replays.
+#[derive(Default)]
+pub struct Suppressed {
+    pending: VecDeque<(u64, Vec<u8>)>,
+    live: Option<OutputPort>,
+    /// Outputs the primary reported released (not to be re-emitted).
+    released: u64,
+}
+
+impl SerialOutput for Suppressed {
+    fn prune(&mut self, released: u64) {
+        self.released = self.released.max(released);
+        while self.pending.front().is_some_and(|(exit, _)| *exit <= self.released) {
+            self.pending.pop_front();
+        }
+    }
+
+    fn output(&mut self, position: Position, bytes: Vec<u8>) {
+        match &self.live {
+            Some(port) => port.sender().send(position.exit, bytes),
+            None => self.pending.push_back((position.exit, bytes)),
+        }
+    }
+    fn go_live(&mut self, released: u64, port: OutputPort) {
+        self.prune(released);
+        let sender = port.sender();
+        for (exit, bytes) in self.pending.drain(..) {
+            sender.send(exit, bytes);
+        }
+        self.live = Some(port);
+    }
+    fn close(self: Box<Self>) {
+        if let Some(port) = self.live {
+            port.close();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(exit: u64) -> Position {
+        Position { exit, rip: 0 }
+    }
+
+    #[test]
+    fn suppressed_output_re_emits_only_what_was_not_released() {
+        let mut s = Suppressed::default();
+        for exit in 1..=5 {
+            s.output(pos(exit), vec![exit as u8]);
+        }
+        s.prune(2);
+        assert_eq!(s.pending.iter().map(|(e, _)| *e).collect::<Vec<_>>(), vec![3, 4, 5]);
+        s.prune(1);
+        assert_eq!(s.pending.len(), 3, "a stale report prunes nothing more");
+    }
+}
