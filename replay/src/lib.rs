@@ -268,6 +268,12 @@ impl<S: RecordSink> Recorder<S> {
         self.sink.passed(self.position.exit)
     }
 
+    /// The VM has passed the exit before the current one (it is still
+    /// taking inputs at the current one).
+    pub fn passed_previous(&mut self) -> std::io::Result<()> {
+        self.sink.passed(self.position.exit.saturating_sub(1))
+    }
+
     /// Records written so far.
     pub fn records(&self) -> u64 {
         self.records

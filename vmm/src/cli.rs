@@ -213,7 +213,12 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
         link.on_ack(Box::new(move |watermark| acks.acked(watermark)));
         let live = LiveInputs::new(HostClock::start(), Some(input), Some(Recorder::new(LogSink::Primary(link))), None);
         let delivered = port.delivered();
-        let role = Role::Primary { gate: gate.clone(), delivered, finish_timeout: channel.heartbeat_timeout * 5 };
+        let role = Role::Primary {
+            gate: gate.clone(),
+            delivered,
+            finish_timeout: channel.heartbeat_timeout * 5,
+            shipped: (0, std::time::Instant::now()),
+        };
         (Inputs::Live(Box::new(live)), Box::new(Held { gate, port }), role)
     } else {
         header.wall_clock_base_ns = wall_clock_ns();

@@ -24,7 +24,13 @@ use replay::{Divergence, Event, ExitKind, LogError, Position, ReplayError, TimeS
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Without output waiting for it, the primary ships the lockstep watermark
+/// at least every this many exits...
+const SHIP_EVERY_EXITS: u64 = 64;
+/// ...and at least this often.
+const SHIP_EVERY: Duration = Duration::from_millis(5);
 
 /// Why a run ended other than by the guest's own exit.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +121,8 @@ pub enum Role {
         /// The exit up to which output has reached the outside world.
         delivered: Arc<AtomicU64>,
         finish_timeout: Duration,
+        /// When the watermark was last shipped: (exit, time).
+        shipped: (u64, Instant),
     },
     /// The backup: replays the primary's log; when it ends (the primary is
     /// gone) it goes live and serves `endpoint`.
@@ -281,6 +289,19 @@ impl Vmm {
         match &mut self.inputs {
             Inputs::Live(live) => {
                 let Some(recorder) = &mut live.recorder else { return Ok(()) };
+                if let Role::Primary { gate, shipped, .. } = &mut self.role {
+                    // Ship the watermark at once when output waits for it,
+                    // else every few exits or milliseconds: each message
+                    // wakes threads on both sides, which a guest that exits
+                    // often but outputs little should not pay for every exit.
+                    let due = gate.held() > 0
+                        || position.exit >= shipped.0 + SHIP_EVERY_EXITS
+                        || shipped.1.elapsed() >= SHIP_EVERY;
+                    if !due {
+                        return Ok(());
+                    }
+                    *shipped = (position.exit, Instant::now());
+                }
                 recorder.passed().map_err(log_write_error)?;
                 if let (LogSink::Primary(link), Role::Primary { delivered, .. }) = (recorder.sink_mut(), &self.role) {
                     link.released(delivered.load(Ordering::Acquire));
@@ -519,6 +540,8 @@ impl Vmm {
             return Ok(());
         };
         if let Some(r) = &mut live.recorder {
+            // Let a backup catch up to this exit while the guest idles.
+            r.passed_previous().map_err(log_write_error)?;
             r.flush().map_err(log_write_error)?;
         }
         let deadline = self.devices.pit.next_irq0_deadline().map(|ns| live.host.instant_at(ns));
