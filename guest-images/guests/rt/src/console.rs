@@ -2,6 +2,7 @@
 
 use crate::hw::{inb, outb};
 use core::fmt::Write;
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 const COM1: u16 = 0x3f8;
 /// PIC line of COM1.
@@ -61,4 +62,40 @@ macro_rules! println {
 #[macro_export]
 macro_rules! print {
     ($($arg:tt)*) => { $crate::console::print_fmt(format_args!($($arg)*)) };
+}
+
+/// Received bytes, queued by the receive interrupt until the guest reads them.
+const RX_RING: usize = 1024;
+static RX: [AtomicU8; RX_RING] = [const { AtomicU8::new(0) }; RX_RING];
+static RX_HEAD: AtomicUsize = AtomicUsize::new(0);
+static RX_TAIL: AtomicUsize = AtomicUsize::new(0);
+
+fn on_rx(_irq: u8) {
+    while let Some(b) = try_read_byte() {
+        let head = RX_HEAD.load(Ordering::Relaxed);
+        // A full ring drops the byte, as a UART overrun would.
+        if head.wrapping_sub(RX_TAIL.load(Ordering::Relaxed)) < RX_RING {
+            RX[head % RX_RING].store(b, Ordering::Relaxed);
+            RX_HEAD.store(head.wrapping_add(1), Ordering::Release);
+        }
+    }
+}
+
+/// Interrupt-driven input: COM1's receive interrupt (IRQ 4) moves bytes into
+/// a ring that [`pop_rx`] reads. Call after `hw::pic_init`.
+pub fn start_rx_interrupts() {
+    crate::set_irq_handler(COM1_IRQ, on_rx);
+    enable_rx_interrupt();
+    crate::hw::pic_unmask(COM1_IRQ);
+}
+
+/// The next byte the receive interrupt queued, if any.
+pub fn pop_rx() -> Option<u8> {
+    let tail = RX_TAIL.load(Ordering::Relaxed);
+    if tail == RX_HEAD.load(Ordering::Acquire) {
+        return None;
+    }
+    let b = RX[tail % RX_RING].load(Ordering::Relaxed);
+    RX_TAIL.store(tail.wrapping_add(1), Ordering::Relaxed);
+    Some(b)
 }

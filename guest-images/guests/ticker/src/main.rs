@@ -8,7 +8,7 @@
 #![no_std]
 #![no_main]
 
-use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 use guest_rt::{console, hw, print_bytes, println, Fnv};
 
 guest_rt::entry!(main);
@@ -18,11 +18,6 @@ static PIT_IRQS: AtomicU64 = AtomicU64::new(0);
 /// PIT interrupts per tick: the PIT cannot run slower than about 19 Hz.
 static DIVISOR: AtomicU64 = AtomicU64::new(1);
 
-const RING: usize = 1024;
-static RX: [AtomicU8; RING] = [const { AtomicU8::new(0) }; RING];
-static RX_HEAD: AtomicUsize = AtomicUsize::new(0);
-static RX_TAIL: AtomicUsize = AtomicUsize::new(0);
-
 fn on_tick(_irq: u8) {
     let irqs = PIT_IRQS.fetch_add(1, Ordering::Relaxed) + 1;
     if irqs % DIVISOR.load(Ordering::Relaxed) == 0 {
@@ -30,35 +25,13 @@ fn on_tick(_irq: u8) {
     }
 }
 
-fn on_serial(_irq: u8) {
-    while let Some(b) = console::try_read_byte() {
-        let head = RX_HEAD.load(Ordering::Relaxed);
-        if head.wrapping_sub(RX_TAIL.load(Ordering::Relaxed)) < RING {
-            RX[head % RING].store(b, Ordering::Relaxed);
-            RX_HEAD.store(head.wrapping_add(1), Ordering::Release);
-        }
-    }
-}
-
-fn pop_rx() -> Option<u8> {
-    let tail = RX_TAIL.load(Ordering::Relaxed);
-    if tail == RX_HEAD.load(Ordering::Acquire) {
-        return None;
-    }
-    let b = RX[tail % RING].load(Ordering::Relaxed);
-    RX_TAIL.store(tail.wrapping_add(1), Ordering::Relaxed);
-    Some(b)
-}
-
 fn main() -> u8 {
     let hz = guest_rt::cmdline_u64("hz", 20).clamp(1, 1000);
     let stop_after = guest_rt::cmdline_u64("ticks", 0);
     hw::pic_init();
     guest_rt::set_irq_handler(0, on_tick);
-    guest_rt::set_irq_handler(console::COM1_IRQ, on_serial);
-    console::enable_rx_interrupt();
     hw::pic_unmask(0);
-    hw::pic_unmask(console::COM1_IRQ);
+    console::start_rx_interrupts();
     let divisor = 19u64.div_ceil(hz);
     DIVISOR.store(divisor, Ordering::Relaxed);
     hw::pit_start_periodic(hz * divisor);
@@ -79,7 +52,7 @@ fn main() -> u8 {
             }
         }
         let mut busy = false;
-        while let Some(b) = pop_rx() {
+        while let Some(b) = console::pop_rx() {
             busy = true;
             match b {
                 b'\n' => {
