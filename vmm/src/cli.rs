@@ -195,7 +195,11 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
             .map_err(|e| usage(format!("backup: logging channel to {addr}: {e}")))?;
         header.wall_clock_base_ns = primary.wall_clock_base_ns;
         eprintln!("ftvmm: backup: attached to the primary at {addr}; replaying in lockstep");
-        let role = Role::Backup { endpoint: Some(endpoint) };
+        if let Some(path) = &cli.serial_input {
+            // Checked now, used when the backup goes live.
+            File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?;
+        }
+        let role = Role::Backup { endpoint: Some(endpoint), serial_input: cli.serial_input.clone() };
         (Inputs::Replay(Replayer::new(LogSource::Backup(link))), Box::new(Suppressed::default()), role)
     } else if cli.primary {
         header.wall_clock_base_ns = wall_clock_ns();

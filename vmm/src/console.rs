@@ -67,7 +67,7 @@ impl Endpoint {
     /// the sender drops at end of input) and its output port.
     pub fn start(self) -> (Receiver<Vec<u8>>, OutputPort) {
         match self {
-            Endpoint::Stdio => (spawn_reader(std::io::stdin()), OutputPort::spawn(Sink::Stdout)),
+            Endpoint::Stdio => (spawn_reader(std::io::stdin()), OutputPort::to_writer(Box::new(std::io::stdout()))),
             tcp => tcp.start_serving(),
         }
     }
@@ -75,7 +75,7 @@ impl Endpoint {
     /// Starts serving output only: a replay takes no input from the host.
     pub fn start_output_only(self) -> OutputPort {
         match self {
-            Endpoint::Stdio => OutputPort::spawn(Sink::Stdout),
+            Endpoint::Stdio => OutputPort::to_writer(Box::new(std::io::stdout())),
             tcp => tcp.start_serving().1,
         }
     }
@@ -165,7 +165,7 @@ fn unacked_bytes(stream: &TcpStream) -> usize {
 }
 
 enum Sink {
-    Stdout,
+    Writer(Box<dyn Write + Send>),
     Tcp {
         client: Arc<Mutex<Option<TcpStream>>>,
         /// Output not yet written to a client.
@@ -181,9 +181,8 @@ impl Sink {
     /// Takes a chunk, advancing `delivered` as output reaches the world.
     fn take(&mut self, chunk: Chunk, delivered: &AtomicU64) {
         match self {
-            Sink::Stdout => {
+            Sink::Writer(out) => {
                 if let Chunk::Bytes(exit, bytes) = chunk {
-                    let mut out = std::io::stdout().lock();
                     let _ = out.write_all(&bytes).and_then(|_| out.flush());
                     delivered.fetch_max(exit, Ordering::Release);
                 }
@@ -240,7 +239,7 @@ impl Sink {
     /// Output written but not yet acknowledged by the client.
     fn awaiting_ack(&mut self, delivered: &AtomicU64) -> bool {
         match self {
-            Sink::Stdout => false,
+            Sink::Writer(_) => false,
             Sink::Tcp { client, in_flight, written, .. } => {
                 if let Ok(slot) = client.lock() {
                     if let Some(stream) = slot.as_ref() {
@@ -285,6 +284,12 @@ impl OutputPort {
             sink.take(chunk, &shared);
         });
         OutputPort { tx, writer: Some(writer), delivered }
+    }
+
+    /// A port writing to `out` (stdout, a file...): output counts as
+    /// delivered once written.
+    pub fn to_writer(out: Box<dyn Write + Send>) -> Self {
+        OutputPort::spawn(Sink::Writer(out))
     }
 
     /// A handle that sends into the same port (for the output gate).

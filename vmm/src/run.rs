@@ -125,8 +125,9 @@ pub enum Role {
         shipped: (u64, Instant),
     },
     /// The backup: replays the primary's log; when it ends (the primary is
-    /// gone) it goes live and serves `endpoint`.
-    Backup { endpoint: Option<Endpoint> },
+    /// gone) it goes live and serves `endpoint`, with serial input from
+    /// `serial_input` if given (`--serial-input`), else from the endpoint.
+    Backup { endpoint: Option<Endpoint>, serial_input: Option<std::path::PathBuf> },
 }
 
 /// A running VM: the machine, its devices, its clock and its inputs.
@@ -329,7 +330,7 @@ impl Vmm {
     /// from exactly here. For anything else it is the end of the run.
     fn end_of_log(&mut self, err: RunError) -> Result<(), RunError> {
         let RunError::EndOfLog { .. } = err else { return Err(err) };
-        let Role::Backup { endpoint } = &mut self.role else { return Err(err) };
+        let Role::Backup { endpoint, serial_input } = &mut self.role else { return Err(err) };
         let Some(endpoint) = endpoint.take() else { return Err(err) };
         let Inputs::Replay(r) = &mut self.inputs else { return Err(err) };
         let (released, why) = match r.source_mut() {
@@ -337,7 +338,14 @@ impl Vmm {
             LogSource::File(_) => (0, "log ended".into()),
         };
         eprintln!("ftvmm: backup: primary lost ({why}); going live at exit {}", self.exits);
-        let (input, port) = endpoint.start();
+        let (input, port) = match serial_input.take() {
+            Some(path) => {
+                let file =
+                    std::fs::File::open(&path).map_err(|err| RunError::Io { what: "opening --serial-input", err })?;
+                (crate::console::spawn_reader(file), endpoint.start_output_only())
+            }
+            None => endpoint.start(),
+        };
         self.output.go_live(released, port);
         let host = HostClock::resume_at(self.clock.now_ns());
         self.inputs = Inputs::Live(Box::new(LiveInputs::new(host, Some(input), None, None)));
