@@ -106,6 +106,8 @@ pub enum Event {
     TimeRead { source: TimeSource, ns: u64 },
     /// Bytes arrived on the serial port.
     SerialRx { bytes: Vec<u8> },
+    /// The disk answered a read with `data` (a replay never reads the disk).
+    DiskRead { data: Vec<u8> },
 }
 
 impl fmt::Display for Event {
@@ -114,6 +116,7 @@ impl fmt::Display for Event {
             Event::Interrupt { vector } => write!(f, "interrupt {vector:#x}"),
             Event::TimeRead { source, ns } => write!(f, "time read {source:?} = {ns} ns"),
             Event::SerialRx { bytes } => write!(f, "{} serial byte(s) received", bytes.len()),
+            Event::DiskRead { data } => write!(f, "a disk read of {} bytes", data.len()),
         }
     }
 }
@@ -389,6 +392,15 @@ impl<S: RecordSource> Replayer<S> {
             Some(Event::TimeRead { source: logged, ns }) if logged == source => Ok(ns),
             Some(other) => Err(self.diverge(other, format_args!("a time read by {source:?}"))),
             None => Err(self.diverge("no further input at this exit", format_args!("a time read by {source:?}"))),
+        }
+    }
+
+    /// The data of a disk read of `len` bytes at the current exit.
+    pub fn disk_read(&mut self, len: usize) -> Result<Vec<u8>, ReplayError> {
+        match self.take_event()? {
+            Some(Event::DiskRead { data }) if data.len() == len => Ok(data),
+            Some(other) => Err(self.diverge(other, format_args!("a disk read of {len} bytes"))),
+            None => Err(self.diverge("no further input at this exit", format_args!("a disk read of {len} bytes"))),
         }
     }
 

@@ -2,7 +2,8 @@
 //! guest's first instruction runs.
 //!
 //! The guest enters its ELF entry point in 64-bit long mode at CPL0, with:
-//! - paging on, identity-mapping all guest memory with 2 MiB pages that are
+//! - paging on, identity-mapping the low 4 GiB (guest memory, and the MMIO
+//!   hole from 3 GiB where the virtio disk lives) with 2 MiB pages that are
 //!   user-accessible (guests do their work at CPL3);
 //! - a minimal GDT (64-bit code at selector 0x08, data at 0x10), no IDT
 //!   (the guest installs its own), interrupts disabled;
@@ -55,10 +56,11 @@ pub fn write_boot_structures(
         mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64))?;
     }
 
-    // Identity map of all guest memory in 2 MiB pages, one PD per GiB.
+    // Identity map of the low 4 GiB — guest memory and the MMIO hole above
+    // 3 GiB — in 2 MiB pages, one PD per GiB.
     let flags = PTE_PRESENT | PTE_WRITE | PTE_USER;
     mem.write_obj(PDPT_ADDR | flags, GuestAddress(PML4_ADDR))?;
-    let gibs = mem_size.div_ceil(1 << 30);
+    let gibs = mem_size.div_ceil(1 << 30).max(4);
     for gib in 0..gibs {
         let pd = PD_ADDR + gib * 0x1000;
         mem.write_obj(pd | flags, GuestAddress(PDPT_ADDR + 8 * gib))?;

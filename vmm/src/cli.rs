@@ -3,6 +3,7 @@
 use crate::boot::{CMDLINE_MAX, MAX_MEM_BYTES};
 use crate::clock::{wall_clock_ns, HostClock};
 use crate::console::{self, Endpoint, SerialSpec};
+use crate::disk::{BlockBackend, FileBackend};
 use crate::ft::{Direct, Held, LogSink, LogSource, OutputGate, SerialOutput, Suppressed};
 use crate::inputs::{Inputs, LiveInputs};
 use crate::run::{Role, RunError, Vmm};
@@ -95,6 +96,11 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", requires = "backup")]
     pub connect: Option<String>,
 
+    /// Give the guest a virtio-blk disk backed by the raw image file PATH
+    /// (e.g. made by `qemu-img create -f raw PATH 64M`).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["primary", "backup"])]
+    pub disk: Option<PathBuf>,
+
     /// At exit, print the output-commit latency (how long outputs were held
     /// for the backup's acknowledgement) on stderr: `ftvmm: stats: ...`.
     #[arg(long)]
@@ -158,7 +164,16 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
     }
     let (name, image) = image(&cli)?;
     let mem_size = cli.mem_mib << 20;
-    let config = format!("mem_mib={} cmdline={:?}", cli.mem_mib, cli.cmdline);
+    let backend: Option<Box<dyn BlockBackend>> = match &cli.disk {
+        Some(path) => {
+            Some(Box::new(FileBackend::open(path).map_err(|e| usage(format!("--disk {}: {e}", path.display())))?))
+        }
+        None => None,
+    };
+    let mut config = format!("mem_mib={} cmdline={:?}", cli.mem_mib, cli.cmdline);
+    if let Some(b) = &backend {
+        config.push_str(&format!(" disk_bytes={}", b.size()));
+    }
     let mut header =
         Header { image_hash: replay::Digest(*blake3::hash(&image).as_bytes()), config, wall_clock_base_ns: 0 };
 
@@ -254,7 +269,7 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
         Role::Primary { gate, .. } => Some(gate.clone()),
         _ => None,
     };
-    let vmm = Vmm::new(machine, inputs, output, role, rdtsc_sites, header.wall_clock_base_ns, want_digest);
+    let vmm = Vmm::new(machine, inputs, output, role, backend, rdtsc_sites, header.wall_clock_base_ns, want_digest);
     let outcome = vmm.run()?;
     if cli.stats {
         eprintln!("ftvmm: stats: {} guest exits", outcome.exits);

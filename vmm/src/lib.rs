@@ -3,7 +3,7 @@
 //! Owns the KVM VM and its single vCPU ([`vm`]), guest memory and the boot
 //! protocol ([`boot`]), the fixed CPUID model ([`cpuid`]), the MSR filter, the
 //! image loader ([`loader`]) and RDTSC rewriter ([`rdtsc`]), the device models
-//! ([`devices`]), the virtual clock ([`clock`]), the run loop ([`run`]) that
+//! ([`devices`]) and the disk's storage ([`disk`]), the virtual clock ([`clock`]), the run loop ([`run`]) that
 //! takes external inputs live or from a log ([`inputs`]), the serial port's
 //! outside world ([`console`]), the fault-tolerance roles and the output rule
 //! ([`ft`]), the state digest ([`digest`]), and the `ftvmm` command line
@@ -20,6 +20,7 @@ pub mod console;
 pub mod cpuid;
 pub mod devices;
 pub mod digest;
+pub mod disk;
 pub mod ft;
 pub mod inputs;
 pub mod loader;

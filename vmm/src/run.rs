@@ -14,8 +14,10 @@
 
 use crate::clock::{HostClock, VirtualClock, TSC_HZ};
 use crate::console::Endpoint;
+use crate::devices::virtio_blk::{self, DiskIo, Notify, VirtioBlk};
 use crate::devices::{self, Devices, PortAction};
 use crate::digest;
+use crate::disk::BlockBackend;
 use crate::ft::{LogSink, LogSource, OutputGate, SerialOutput};
 use crate::inputs::{Inputs, LiveInputs, Woken};
 use crate::vm::{Machine, VmError, MSR_IA32_TSC};
@@ -89,7 +91,7 @@ enum GuestExit {
     IoIn { port: u16, size: u8, count: u32 },
     IoOut { port: u16, size: u8, data: Vec<u8> },
     MmioRead { addr: u64, len: u8 },
-    MmioWrite { addr: u64, len: u8 },
+    MmioWrite { addr: u64, data: [u8; 8], len: u8 },
     Hlt,
     RdMsr { index: u32 },
     WrMsr { index: u32, data: u64 },
@@ -102,7 +104,7 @@ impl GuestExit {
             GuestExit::IoIn { port, size, .. } => ExitKind::IoIn { port, size },
             GuestExit::IoOut { port, size, .. } => ExitKind::IoOut { port, size },
             GuestExit::MmioRead { addr, len } => ExitKind::MmioRead { addr, size: len },
-            GuestExit::MmioWrite { addr, len } => ExitKind::MmioWrite { addr, size: len },
+            GuestExit::MmioWrite { addr, len, .. } => ExitKind::MmioWrite { addr, size: len },
             GuestExit::Hlt => ExitKind::Hlt,
             GuestExit::RdMsr { index } => ExitKind::RdMsr { index },
             GuestExit::WrMsr { index, .. } => ExitKind::WrMsr { index },
@@ -138,6 +140,8 @@ pub struct Vmm {
     pub inputs: Inputs,
     output: Box<dyn SerialOutput>,
     role: Role,
+    /// The disk's storage, if the VM has a disk.
+    backend: Option<Box<dyn BlockBackend>>,
     /// The exit at which an interrupt was last injected (one per exit).
     injected_at: u64,
     backup_loss_reported: bool,
@@ -157,11 +161,12 @@ impl Vmm {
         inputs: Inputs,
         output: Box<dyn SerialOutput>,
         role: Role,
+        backend: Option<Box<dyn BlockBackend>>,
         rdtsc_sites: HashSet<u64>,
         wall_clock_base_ns: u64,
         want_digest: bool,
     ) -> Self {
-        let devices = Devices::new(machine.mem_size);
+        let devices = Devices::new(machine.mem_size, backend.as_ref().map(|b| b.size()));
         Vmm {
             machine,
             devices,
@@ -169,6 +174,7 @@ impl Vmm {
             inputs,
             output,
             role,
+            backend,
             injected_at: 0,
             backup_loss_reported: false,
             rdtsc_sites,
@@ -244,9 +250,23 @@ impl Vmm {
                         action = self.port_write(port, chunk)?;
                     }
                 }
-                // No MMIO devices yet: reads float high, writes are dropped.
-                GuestExit::MmioRead { .. } => self.machine.complete_mmio_read(&[0xff; 8]),
-                GuestExit::MmioWrite { .. } => {}
+                GuestExit::MmioRead { addr, len } => {
+                    // Unclaimed MMIO floats high.
+                    let mut data = [0xffu8; 8];
+                    if let Some(disk) = self.devices.disk.as_ref().filter(|_| VirtioBlk::contains(addr)) {
+                        disk.read(addr, &mut data[..usize::from(len.min(8))]);
+                    }
+                    self.machine.complete_mmio_read(&data);
+                }
+                GuestExit::MmioWrite { addr, data, len } => {
+                    let notify = match self.devices.disk.as_mut().filter(|_| VirtioBlk::contains(addr)) {
+                        Some(disk) => disk.write(addr, &data[..usize::from(len)]),
+                        None => Notify::None,
+                    };
+                    if notify == Notify::Queue {
+                        self.serve_disk()?;
+                    }
+                }
                 GuestExit::Hlt => action = PortAction::Idle,
                 GuestExit::RdMsr { index } => {
                     let value = if index == MSR_IA32_TSC {
@@ -373,7 +393,12 @@ impl Vmm {
                     return Ok(GuestExit::IoOut { port, size, data });
                 }
                 VcpuExit::MmioRead(addr, data) => return Ok(GuestExit::MmioRead { addr, len: data.len() as u8 }),
-                VcpuExit::MmioWrite(addr, data) => return Ok(GuestExit::MmioWrite { addr, len: data.len() as u8 }),
+                VcpuExit::MmioWrite(addr, data) => {
+                    let mut bytes = [0u8; 8];
+                    let len = data.len().min(8);
+                    bytes[..len].copy_from_slice(&data[..len]);
+                    return Ok(GuestExit::MmioWrite { addr, data: bytes, len: len as u8 });
+                }
                 VcpuExit::Hlt => return Ok(GuestExit::Hlt),
                 VcpuExit::IrqWindowOpen => return Ok(GuestExit::IrqWindow),
                 VcpuExit::X86Rdmsr(msr) => return Ok(GuestExit::RdMsr { index: msr.index }),
@@ -428,6 +453,22 @@ impl Vmm {
                 Err(e) => self.end_of_log(e.into()),
             },
         }
+    }
+
+    /// The guest notified the disk's queue: serve its requests now, at this
+    /// position (reads from the disk and logged, or from the log).
+    fn serve_disk(&mut self) -> Result<(), RunError> {
+        let Vmm { devices, inputs, machine, backend, .. } = self;
+        let Some(disk) = devices.disk.as_mut() else { return Ok(()) };
+        let mut io = DiskInputs { inputs, backend: backend.as_deref_mut(), failed: None };
+        let raise = disk.process(&machine.mem, &mut io);
+        if let Some(e) = io.failed {
+            self.end_of_log(e)?;
+        }
+        if raise {
+            self.devices.pic.pulse_irq(virtio_blk::IRQ);
+        }
+        Ok(())
     }
 
     /// Reads the virtual clock for `source` at the current position.
@@ -584,6 +625,9 @@ impl Vmm {
                 Event::TimeRead { source, .. } => {
                     return Err(self.diverged(format_args!("a time read by {source:?}"), "no device reading time"));
                 }
+                Event::DiskRead { data } => {
+                    return Err(self.diverged(format_args!("a disk read of {} bytes", data.len()), "no disk request"));
+                }
                 Event::Interrupt { vector } => {
                     if injected || !can_inject {
                         return Err(self.diverged(format_args!("interrupt {vector:#x}"), "a guest that cannot take it"));
@@ -639,6 +683,50 @@ impl Vmm {
             }
         }
         Ok(Outcome { status, digest, exits: self.exits })
+    }
+}
+
+/// The disk I/O of the current exit: on the backend and logged (live), or
+/// from the log (replay, which never touches the disk).
+struct DiskInputs<'a> {
+    inputs: &'a mut Inputs,
+    backend: Option<&'a mut (dyn BlockBackend + 'static)>,
+    failed: Option<RunError>,
+}
+
+impl DiskIo for DiskInputs<'_> {
+    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        if self.failed.is_some() {
+            return Err("earlier failure".into());
+        }
+        let result = match (&mut *self.inputs, self.backend.as_deref_mut()) {
+            (Inputs::Live(live), Some(backend)) => match backend.read(offset, len) {
+                Ok(data) => live.record(Event::DiskRead { data: data.clone() }).map(|_| data).map_err(log_write_error),
+                Err(e) => return Err(e.to_string()),
+            },
+            (Inputs::Replay(r), _) => r.disk_read(len).map_err(RunError::from),
+            (Inputs::Live(_), None) => return Err("no disk".into()),
+        };
+        result.map_err(|e| {
+            let text = e.to_string();
+            self.failed = Some(e);
+            text
+        })
+    }
+
+    fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), String> {
+        match (&*self.inputs, self.backend.as_deref_mut()) {
+            (Inputs::Live(_), Some(backend)) => backend.write(offset, &data).map_err(|e| e.to_string()),
+            // A replay's writes went to the disk when they were recorded.
+            _ => Ok(()),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        match (&*self.inputs, self.backend.as_deref_mut()) {
+            (Inputs::Live(_), Some(backend)) => backend.flush().map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -15,12 +15,16 @@
 //! | 0xf5 | idle: write to wait for an interrupt (HLT faults at CPL3) |
 //! | 0xf6 | TSC port: 32-bit read = rewritten RDTSC |
 //!
+//! MMIO: a virtio-blk disk on virtio-mmio at 0xd000_0000 (IRQ 5), when the
+//! VM has a disk ([`virtio_blk`]).
+//!
 //! Other ports read as all ones and ignore writes, as on an empty ISA bus.
 
 pub mod cmos;
 pub mod pic;
 pub mod pit;
 pub mod serial;
+pub mod virtio_blk;
 
 use replay::TimeSource;
 use serde::Serialize;
@@ -49,6 +53,7 @@ pub struct Devices {
     pub pic: pic::Pic,
     pub pit: pit::Pit,
     pub cmos: cmos::Cmos,
+    pub disk: Option<virtio_blk::VirtioBlk>,
 }
 
 /// The devices' state, for the state digest.
@@ -59,12 +64,23 @@ pub struct DevicesState<'a> {
     pub pic: &'a pic::Pic,
     pub pit: &'a pit::Pit,
     pub cmos: &'a cmos::Cmos,
+    pub disk: Option<virtio_blk::VirtioBlkState>,
 }
 
 impl Devices {
-    pub fn new(mem_size: u64) -> Self {
+    /// The devices of a VM with `mem_size` bytes, and a disk of `disk_size`
+    /// bytes if it has one.
+    pub fn new(mem_size: u64, disk_size: Option<u64>) -> Self {
         let (uart, uart_irq, tx) = serial::com1();
-        Devices { uart, uart_irq, tx, pic: pic::Pic::new(), pit: pit::Pit::new(), cmos: cmos::Cmos::new(mem_size) }
+        Devices {
+            uart,
+            uart_irq,
+            tx,
+            pic: pic::Pic::new(),
+            pit: pit::Pit::new(),
+            cmos: cmos::Cmos::new(mem_size),
+            disk: disk_size.map(virtio_blk::VirtioBlk::new),
+        }
     }
 
     /// A port read of `data.len()` bytes. `clock` answers time readings.
@@ -147,6 +163,7 @@ impl Devices {
             pic: &self.pic,
             pit: &self.pit,
             cmos: &self.cmos,
+            disk: self.disk.as_ref().map(|d| d.state()),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod boot;
 pub mod console;
 pub mod hw;
 mod mem;
+pub mod virtio_blk;
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
