@@ -51,7 +51,8 @@ fn replay_takes_disk_reads_from_the_log_and_never_touches_the_disk() {
     assert_eq!(std::fs::read(&disk).unwrap(), before, "a replay wrote to the disk");
     // The log is tied to the disk's size.
     let other = image(&dir, "other.img", 8 << 20);
-    run(&["--guest", "kvstore", "--disk", &other, "--replay", &log], TIMEOUT).assert_error(2, "another VM configuration");
+    run(&["--guest", "kvstore", "--disk", &other, "--replay", &log], TIMEOUT)
+        .assert_error(2, "another VM configuration");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use crate::boot::{CMDLINE_MAX, MAX_MEM_BYTES};
 use crate::clock::{wall_clock_ns, HostClock};
 use crate::console::{self, Endpoint, SerialSpec};
-use crate::disk::{BlockBackend, FileBackend};
+use crate::disk::{BlockBackend, DiskPort, FileBackend};
 use crate::ft::{Direct, Held, LogSink, LogSource, OutputGate, SerialOutput, Suppressed};
 use crate::inputs::{Inputs, LiveInputs};
 use crate::run::{Role, RunError, Vmm};
@@ -97,8 +97,10 @@ pub struct Cli {
     pub connect: Option<String>,
 
     /// Give the guest a virtio-blk disk backed by the raw image file PATH
-    /// (e.g. made by `qemu-img create -f raw PATH 64M`).
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["primary", "backup"])]
+    /// (e.g. made by `qemu-img create -f raw PATH 64M`). With --primary and
+    /// --backup, both name the same shared image: only the live side writes
+    /// it, and the backup never reads it while it replays.
+    #[arg(long, value_name = "PATH")]
     pub disk: Option<PathBuf>,
 
     /// At exit, print the output-commit latency (how long outputs were held
@@ -164,15 +166,17 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
     }
     let (name, image) = image(&cli)?;
     let mem_size = cli.mem_mib << 20;
-    let backend: Option<Box<dyn BlockBackend>> = match &cli.disk {
+    let mut disk = match &cli.disk {
         Some(path) => {
-            Some(Box::new(FileBackend::open(path).map_err(|e| usage(format!("--disk {}: {e}", path.display())))?))
+            let backend: Box<dyn BlockBackend> =
+                Box::new(FileBackend::open(path).map_err(|e| usage(format!("--disk {}: {e}", path.display())))?);
+            Some(DiskPort::new(backend))
         }
         None => None,
     };
     let mut config = format!("mem_mib={} cmdline={:?}", cli.mem_mib, cli.cmdline);
-    if let Some(b) = &backend {
-        config.push_str(&format!(" disk_bytes={}", b.size()));
+    if let Some(d) = &disk {
+        config.push_str(&format!(" disk_bytes={}", d.size()));
     }
     let mut header =
         Header { image_hash: replay::Digest(*blake3::hash(&image).as_bytes()), config, wall_clock_base_ns: 0 };
@@ -227,14 +231,16 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
             .map_err(|e| usage(format!("primary: logging channel on {addr}: {e}")))?;
         eprintln!("ftvmm: primary: backup attached; booting");
         let (input, port) = serial_input(endpoint)?;
-        let gate = OutputGate::new(port.sender());
+        let gate = OutputGate::new(port.sender(), disk.as_mut().map(|d| d.releaser()));
         let acks = gate.clone();
         link.on_ack(Box::new(move |watermark| acks.acked(watermark)));
         let live = LiveInputs::new(HostClock::start(), Some(input), Some(Recorder::new(LogSink::Primary(link))), None);
         let delivered = port.delivered();
+        let disk_delivered = disk.as_ref().map_or_else(Default::default, |d| d.delivered());
         let role = Role::Primary {
             gate: gate.clone(),
             delivered,
+            disk_delivered,
             finish_timeout: channel.heartbeat_timeout * 5,
             shipped: (0, std::time::Instant::now()),
         };
@@ -269,7 +275,7 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
         Role::Primary { gate, .. } => Some(gate.clone()),
         _ => None,
     };
-    let vmm = Vmm::new(machine, inputs, output, role, backend, rdtsc_sites, header.wall_clock_base_ns, want_digest);
+    let vmm = Vmm::new(machine, inputs, output, role, disk, rdtsc_sites, header.wall_clock_base_ns, want_digest);
     let outcome = vmm.run()?;
     if cli.stats {
         eprintln!("ftvmm: stats: {} guest exits", outcome.exits);

@@ -1,9 +1,15 @@
-//! Block storage behind the virtio disk: a local raw image file (`--disk
-//! PATH`, for unreplicated runs).
+//! Block storage behind the virtio disk: a raw image file (`--disk PATH`),
+//! and the [`DiskPort`] through which the run loop reads it and applies the
+//! guest's writes (at once, or when the output rule releases them).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 /// Where the disk's blocks live.
 pub trait BlockBackend: Send {
@@ -50,5 +56,152 @@ impl BlockBackend for FileBackend {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.file.sync_data()
+    }
+}
+
+/// A disk write or flush the guest issued, as an output: under fault
+/// tolerance it waits for the backup's acknowledgement like serial output.
+#[derive(Debug, Clone)]
+pub enum DiskOp {
+    Write { offset: u64, data: Arc<Vec<u8>> },
+    Flush,
+}
+
+/// Writes not yet applied: (exit, offset, data), in issue order.
+type Overlay = Arc<Mutex<VecDeque<(u64, u64, Arc<Vec<u8>>)>>>;
+/// Ops for the writer thread, each with its exit; None stops it.
+type OpSender = Sender<(u64, Option<DiskOp>)>;
+
+/// The disk's storage as the run loop uses it: synchronous reads and
+/// writes, and (for a primary) a writer thread that applies released writes
+/// in order. Writes not yet applied stay visible to reads (the overlay), so
+/// the guest reads what it wrote even while the write waits for the backup.
+pub struct DiskPort {
+    backend: Arc<Mutex<Box<dyn BlockBackend>>>,
+    overlay: Overlay,
+    size: u64,
+    writer: Option<(OpSender, JoinHandle<()>)>,
+    delivered: Arc<AtomicU64>,
+    failed: Arc<Mutex<Option<String>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl DiskPort {
+    pub fn new(backend: Box<dyn BlockBackend>) -> Self {
+        let size = backend.size();
+        DiskPort {
+            backend: Arc::new(Mutex::new(backend)),
+            overlay: Arc::default(),
+            size,
+            writer: None,
+            delivered: Arc::new(AtomicU64::new(0)),
+            failed: Arc::default(),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads from the storage, with writes not yet applied laid over it.
+    pub fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut data = lock(&self.backend).read(offset, len)?;
+        let end = offset + len as u64;
+        for (_, at, bytes) in lock(&self.overlay).iter() {
+            let (w_start, w_end) = (*at, *at + bytes.len() as u64);
+            let (from, to) = (w_start.max(offset), w_end.min(end));
+            if from < to {
+                data[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&bytes[(from - w_start) as usize..(to - w_start) as usize]);
+            }
+        }
+        Ok(data)
+    }
+
+    /// Applies `op` now.
+    pub fn apply(&self, op: &DiskOp) -> std::io::Result<()> {
+        let mut backend = lock(&self.backend);
+        match op {
+            DiskOp::Write { offset, data } => backend.write(*offset, data),
+            DiskOp::Flush => backend.flush(),
+        }
+    }
+
+    /// The guest issued `op` at exit `exit`, to be applied later (when the
+    /// output rule releases it): until then reads see it through the overlay.
+    pub fn defer(&self, exit: u64, op: &DiskOp) {
+        if let DiskOp::Write { offset, data } = op {
+            lock(&self.overlay).push_back((exit, *offset, data.clone()));
+        }
+    }
+
+    /// A sender that applies released ops in order on a writer thread.
+    pub fn releaser(&mut self) -> DiskSender {
+        if let Some((tx, _)) = &self.writer {
+            return DiskSender(tx.clone());
+        }
+        let (tx, rx) = mpsc::channel::<(u64, Option<DiskOp>)>();
+        let (backend, overlay, delivered, failed) =
+            (self.backend.clone(), self.overlay.clone(), self.delivered.clone(), self.failed.clone());
+        let thread = std::thread::spawn(move || {
+            // None: everything before it is applied; stop.
+            while let Ok((exit, Some(op))) = rx.recv() {
+                let result = {
+                    let mut b = lock(&backend);
+                    match &op {
+                        DiskOp::Write { offset, data } => b.write(*offset, data),
+                        DiskOp::Flush => b.flush(),
+                    }
+                };
+                match result {
+                    Ok(()) => {
+                        let mut o = lock(&overlay);
+                        if let (DiskOp::Write { .. }, Some(pos)) = (&op, o.iter().position(|(e, _, _)| *e == exit)) {
+                            o.remove(pos);
+                        }
+                        delivered.fetch_max(exit, Ordering::Release);
+                    }
+                    Err(e) => {
+                        *lock(&failed) = Some(e.to_string());
+                        return;
+                    }
+                }
+            }
+        });
+        self.writer = Some((tx.clone(), thread));
+        DiskSender(tx)
+    }
+
+    /// The exit up to which released ops have been applied.
+    pub fn delivered(&self) -> Arc<AtomicU64> {
+        self.delivered.clone()
+    }
+
+    /// Why the writer thread stopped, if a write failed.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.failed).clone()
+    }
+
+    /// Waits until every op released so far has been applied.
+    pub fn close(&mut self) {
+        if let Some((tx, thread)) = self.writer.take() {
+            let _ = tx.send((0, None));
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Hands released disk ops to the [`DiskPort`]'s writer thread.
+#[derive(Clone)]
+pub struct DiskSender(OpSender);
+
+impl DiskSender {
+    pub fn send(&self, exit: u64, op: DiskOp) {
+        // The writer lives as long as the port; after it stopped on an error
+        // the failure is reported through DiskPort::failure.
+        let _ = self.0.send((exit, Some(op)));
     }
 }

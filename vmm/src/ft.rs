@@ -8,6 +8,7 @@
 //!   reports it released, and re-emitted when the backup goes live.
 
 use crate::console::{OutputPort, PortSender};
+use crate::disk::{DiskOp, DiskPort, DiskSender};
 use logging_channel::{BackupLink, PrimaryLink};
 use replay::{LogError, LogReader, LogWriter, Position, Record, RecordSink, RecordSource};
 use std::collections::VecDeque;
@@ -64,13 +65,21 @@ impl RecordSource for LogSource {
     }
 }
 
-/// Where the guest's serial output goes. Every byte comes with the position
-/// at which the guest produced it.
+/// Where the guest's outputs go — serial bytes and disk writes —, each with
+/// the position at which the guest produced it.
 pub trait SerialOutput {
     fn output(&mut self, position: Position, bytes: Vec<u8>);
+    /// A disk write or flush. Returns false when the caller should apply it
+    /// at once (no output rule applies); true when it was taken over.
+    fn disk(&mut self, _position: Position, _op: &DiskOp) -> bool {
+        false
+    }
     /// The backup goes live: re-emit what the primary may not have released
-    /// (everything produced after `released`), then pass output through.
-    fn go_live(&mut self, _released: u64, _port: OutputPort) {}
+    /// (everything produced after `released`) — serial output to `port`,
+    /// disk writes re-issued on `disk` —, then pass output through.
+    fn go_live(&mut self, _released: u64, _port: OutputPort, _disk: Option<&DiskPort>) -> std::io::Result<()> {
+        Ok(())
+    }
     /// The primary reported outputs up to `released` as released.
     fn prune(&mut self, _released: u64) {}
     /// Waits until everything released so far has been written out.
@@ -89,23 +98,70 @@ impl SerialOutput for Direct {
     }
 }
 
+/// One output to the outside world.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Serial(Vec<u8>),
+    Disk(DiskOp),
+}
+
 /// The primary's output rule: outputs wait for the backup's acknowledgement.
 pub struct OutputGate {
     inner: Mutex<GateState>,
     port: PortSender,
+    disk: Option<DiskSender>,
 }
 
 struct GateState {
-    held: VecDeque<(u64, Instant, Vec<u8>)>,
+    held: VecDeque<(u64, Instant, Item)>,
     acked: u64,
+    /// The exit of the last item handed to each port: (serial, disk).
+    handed: (u64, u64),
     /// How long each output was held, in µs (for `--stats`).
     held_us: Vec<u32>,
 }
 
 impl OutputGate {
-    pub fn new(port: PortSender) -> Arc<Self> {
-        let state = GateState { held: VecDeque::new(), acked: 0, held_us: Vec::new() };
-        Arc::new(OutputGate { inner: Mutex::new(state), port })
+    pub fn new(port: PortSender, disk: Option<DiskSender>) -> Arc<Self> {
+        let state = GateState { held: VecDeque::new(), acked: 0, handed: (0, 0), held_us: Vec::new() };
+        Arc::new(OutputGate { inner: Mutex::new(state), port, disk })
+    }
+
+    fn hand(&self, s: &mut GateState, exit: u64, item: Item) {
+        match item {
+            Item::Serial(bytes) => {
+                s.handed.0 = exit;
+                self.port.send(exit, bytes);
+            }
+            Item::Disk(op) => {
+                s.handed.1 = exit;
+                if let Some(d) = &self.disk {
+                    d.send(exit, op);
+                }
+            }
+        }
+    }
+
+    /// The guest issued a disk write or flush at exit `exit`.
+    pub fn disk(&self, exit: u64, op: DiskOp) {
+        self.push(exit, Item::Disk(op));
+    }
+
+    /// The exit up to which every output has reached the outside world, given
+    /// how far each port has got: what a backup going live need not re-emit.
+    pub fn released(&self, serial_delivered: u64, disk_delivered: u64) -> u64 {
+        let s = self.state();
+        let mut released = s.acked;
+        if serial_delivered < s.handed.0 {
+            released = released.min(serial_delivered);
+        }
+        if disk_delivered < s.handed.1 {
+            released = released.min(disk_delivered);
+        }
+        if let Some((exit, _, _)) = s.held.front() {
+            released = released.min(exit.saturating_sub(1));
+        }
+        released
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
@@ -116,12 +172,16 @@ impl OutputGate {
 
     /// The guest produced `bytes` at exit `exit`.
     pub fn output(&self, exit: u64, bytes: Vec<u8>) {
+        self.push(exit, Item::Serial(bytes));
+    }
+
+    fn push(&self, exit: u64, item: Item) {
         let mut s = self.state();
         if s.held.is_empty() && s.acked >= exit {
             s.held_us.push(0);
-            self.port.send(exit, bytes);
+            self.hand(&mut s, exit, item);
         } else {
-            s.held.push_back((exit, Instant::now(), bytes));
+            s.held.push_back((exit, Instant::now(), item));
         }
     }
 
@@ -131,11 +191,11 @@ impl OutputGate {
         let mut s = self.state();
         s.acked = s.acked.max(watermark);
         while s.held.front().is_some_and(|(exit, _, _)| *exit <= watermark) {
-            if let Some((exit, since, bytes)) = s.held.pop_front() {
+            if let Some((exit, since, item)) = s.held.pop_front() {
                 if watermark != u64::MAX {
                     s.held_us.push(u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX));
                 }
-                self.port.send(exit, bytes);
+                self.hand(&mut s, exit, item);
             }
         }
     }
@@ -168,6 +228,10 @@ impl SerialOutput for Held {
     fn output(&mut self, position: Position, bytes: Vec<u8>) {
         self.gate.output(position.exit, bytes);
     }
+    fn disk(&mut self, position: Position, op: &DiskOp) -> bool {
+        self.gate.disk(position.exit, op.clone());
+        true
+    }
     fn close(self: Box<Self>) {
         let Held { gate, port } = *self;
         drop(gate);
@@ -175,10 +239,10 @@ impl SerialOutput for Held {
     }
 }
 
-/// The backup's serial output while it replays.
+/// The backup's outputs while it replays.
 #[derive(Default)]
 pub struct Suppressed {
-    pending: VecDeque<(u64, Vec<u8>)>,
+    pending: VecDeque<(u64, Item)>,
     live: Option<OutputPort>,
     /// Outputs the primary reported released (not to be re-emitted).
     released: u64,
@@ -195,16 +259,32 @@ impl SerialOutput for Suppressed {
     fn output(&mut self, position: Position, bytes: Vec<u8>) {
         match &self.live {
             Some(port) => port.sender().send(position.exit, bytes),
-            None => self.pending.push_back((position.exit, bytes)),
+            None => self.pending.push_back((position.exit, Item::Serial(bytes))),
         }
     }
-    fn go_live(&mut self, released: u64, port: OutputPort) {
+    fn disk(&mut self, position: Position, op: &DiskOp) -> bool {
+        if self.live.is_some() {
+            return false;
+        }
+        self.pending.push_back((position.exit, Item::Disk(op.clone())));
+        true
+    }
+    fn go_live(&mut self, released: u64, port: OutputPort, disk: Option<&DiskPort>) -> std::io::Result<()> {
         self.prune(released);
         let sender = port.sender();
-        for (exit, bytes) in self.pending.drain(..) {
-            sender.send(exit, bytes);
-        }
         self.live = Some(port);
+        for (exit, item) in self.pending.drain(..) {
+            match item {
+                Item::Serial(bytes) => sender.send(exit, bytes),
+                // Writes are idempotent: re-issuing one the primary completed is harmless.
+                Item::Disk(op) => {
+                    if let Some(d) = disk {
+                        d.apply(&op)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
     fn close(self: Box<Self>) {
         if let Some(port) = self.live {
@@ -235,7 +315,7 @@ mod tests {
     fn the_gate_releases_output_in_order_once_acked() {
         let out = Shared::default();
         let port = OutputPort::to_writer(Box::new(out.clone()));
-        let gate = OutputGate::new(port.sender());
+        let gate = OutputGate::new(port.sender(), None);
         gate.output(3, b"a".to_vec());
         gate.output(5, b"b".to_vec());
         gate.output(9, b"c".to_vec());
@@ -263,7 +343,7 @@ mod tests {
             s.output(pos(exit), vec![b'0' + exit as u8]);
         }
         s.prune(2);
-        s.go_live(1, OutputPort::to_writer(Box::new(out.clone())));
+        s.go_live(1, OutputPort::to_writer(Box::new(out.clone())), None).unwrap();
         s.output(pos(5), b"5".to_vec());
         s.close();
         assert_eq!(&*out.0.lock().unwrap(), b"345");

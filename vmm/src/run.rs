@@ -17,7 +17,7 @@ use crate::console::Endpoint;
 use crate::devices::virtio_blk::{self, DiskIo, Notify, VirtioBlk};
 use crate::devices::{self, Devices, PortAction};
 use crate::digest;
-use crate::disk::BlockBackend;
+use crate::disk::{DiskOp, DiskPort};
 use crate::ft::{LogSink, LogSource, OutputGate, SerialOutput};
 use crate::inputs::{Inputs, LiveInputs, Woken};
 use crate::vm::{Machine, VmError, MSR_IA32_TSC};
@@ -120,8 +120,10 @@ pub enum Role {
     /// The primary: inputs go to the backup, outputs wait for its acks.
     Primary {
         gate: Arc<OutputGate>,
-        /// The exit up to which output has reached the outside world.
+        /// The exit up to which serial output has reached the outside world.
         delivered: Arc<AtomicU64>,
+        /// The exit up to which released disk writes have been applied.
+        disk_delivered: Arc<AtomicU64>,
         finish_timeout: Duration,
         /// When the watermark was last shipped: (exit, time).
         shipped: (u64, Instant),
@@ -141,7 +143,7 @@ pub struct Vmm {
     output: Box<dyn SerialOutput>,
     role: Role,
     /// The disk's storage, if the VM has a disk.
-    backend: Option<Box<dyn BlockBackend>>,
+    disk: Option<DiskPort>,
     /// The exit at which an interrupt was last injected (one per exit).
     injected_at: u64,
     backup_loss_reported: bool,
@@ -161,12 +163,12 @@ impl Vmm {
         inputs: Inputs,
         output: Box<dyn SerialOutput>,
         role: Role,
-        backend: Option<Box<dyn BlockBackend>>,
+        disk: Option<DiskPort>,
         rdtsc_sites: HashSet<u64>,
         wall_clock_base_ns: u64,
         want_digest: bool,
     ) -> Self {
-        let devices = Devices::new(machine.mem_size, backend.as_ref().map(|b| b.size()));
+        let devices = Devices::new(machine.mem_size, disk.as_ref().map(|d| d.size()));
         Vmm {
             machine,
             devices,
@@ -174,7 +176,7 @@ impl Vmm {
             inputs,
             output,
             role,
-            backend,
+            disk,
             injected_at: 0,
             backup_loss_reported: false,
             rdtsc_sites,
@@ -202,6 +204,10 @@ impl Vmm {
             }
         }
         self.output.close();
+        if let Some(disk) = &mut self.disk {
+            // Released writes reach the disk before the VMM is gone.
+            disk.close();
+        }
         result
     }
 
@@ -264,7 +270,7 @@ impl Vmm {
                         None => Notify::None,
                     };
                     if notify == Notify::Queue {
-                        self.serve_disk()?;
+                        self.serve_disk(position)?;
                     }
                 }
                 GuestExit::Hlt => action = PortAction::Idle,
@@ -307,6 +313,9 @@ impl Vmm {
     /// backup (the lockstep watermark), keep pace with it, keep its view of
     /// released output current.
     fn passed(&mut self, position: Position) -> Result<(), RunError> {
+        if let Some(why) = self.disk.as_ref().and_then(|d| d.failure()) {
+            return Err(RunError::Io { what: "writing the disk", err: std::io::Error::other(why) });
+        }
         match &mut self.inputs {
             Inputs::Live(live) => {
                 let Some(recorder) = &mut live.recorder else { return Ok(()) };
@@ -324,8 +333,12 @@ impl Vmm {
                     *shipped = (position.exit, Instant::now());
                 }
                 recorder.passed().map_err(log_write_error)?;
-                if let (LogSink::Primary(link), Role::Primary { delivered, .. }) = (recorder.sink_mut(), &self.role) {
-                    link.released(delivered.load(Ordering::Acquire));
+                if let (LogSink::Primary(link), Role::Primary { gate, delivered, disk_delivered, .. }) =
+                    (recorder.sink_mut(), &self.role)
+                {
+                    link.released(
+                        gate.released(delivered.load(Ordering::Acquire), disk_delivered.load(Ordering::Acquire)),
+                    );
                     link.throttle(position.exit);
                     if !self.backup_loss_reported {
                         if let Some(why) = link.backup_lost() {
@@ -358,7 +371,8 @@ impl Vmm {
             LogSource::File(_) => (0, "log ended".into()),
         };
         eprintln!("ftvmm: backup: primary lost ({why}); going live at exit {}", self.exits);
-        let (input, port) = match serial_input.take() {
+        let serial_input = serial_input.take();
+        let (input, port) = match serial_input {
             Some(path) => {
                 let file =
                     std::fs::File::open(&path).map_err(|err| RunError::Io { what: "opening --serial-input", err })?;
@@ -366,7 +380,9 @@ impl Vmm {
             }
             None => endpoint.start(),
         };
-        self.output.go_live(released, port);
+        self.output
+            .go_live(released, port, self.disk.as_ref())
+            .map_err(|err| RunError::Io { what: "re-issuing the primary's disk writes", err })?;
         let host = HostClock::resume_at(self.clock.now_ns());
         self.inputs = Inputs::Live(Box::new(LiveInputs::new(host, Some(input), None, None)));
         self.role = Role::Solo;
@@ -457,10 +473,10 @@ impl Vmm {
 
     /// The guest notified the disk's queue: serve its requests now, at this
     /// position (reads from the disk and logged, or from the log).
-    fn serve_disk(&mut self) -> Result<(), RunError> {
-        let Vmm { devices, inputs, machine, backend, .. } = self;
+    fn serve_disk(&mut self, position: Position) -> Result<(), RunError> {
+        let Vmm { devices, inputs, machine, disk: port, output, .. } = self;
         let Some(disk) = devices.disk.as_mut() else { return Ok(()) };
-        let mut io = DiskInputs { inputs, backend: backend.as_deref_mut(), failed: None };
+        let mut io = DiskInputs { inputs, port: port.as_ref(), output: output.as_mut(), position, failed: None };
         let raise = disk.process(&machine.mem, &mut io);
         if let Some(e) = io.failed {
             self.end_of_log(e)?;
@@ -686,12 +702,35 @@ impl Vmm {
     }
 }
 
-/// The disk I/O of the current exit: on the backend and logged (live), or
-/// from the log (replay, which never touches the disk).
+/// The disk I/O of the current exit. Reads: from the disk (with writes not
+/// yet applied laid over) and logged, or, on a replay, from the log. Writes
+/// and flushes: outputs — held for the backup's ack on a primary, kept by a
+/// backup until the primary reports them done, applied at once otherwise,
+/// and never applied by a replay of a log file.
 struct DiskInputs<'a> {
     inputs: &'a mut Inputs,
-    backend: Option<&'a mut (dyn BlockBackend + 'static)>,
+    port: Option<&'a DiskPort>,
+    output: &'a mut dyn SerialOutput,
+    position: Position,
     failed: Option<RunError>,
+}
+
+impl DiskInputs<'_> {
+    fn issue(&mut self, op: DiskOp) -> Result<(), String> {
+        let Some(port) = self.port else { return Err("no disk".into()) };
+        if self.output.disk(self.position, &op) {
+            if matches!(self.inputs, Inputs::Live(_)) {
+                // Held for the backup: reads must see it meanwhile.
+                port.defer(self.position.exit, &op);
+            }
+            return Ok(());
+        }
+        match self.inputs {
+            Inputs::Live(_) => port.apply(&op).map_err(|e| e.to_string()),
+            // A replay's writes went to the disk when they were recorded.
+            Inputs::Replay(_) => Ok(()),
+        }
+    }
 }
 
 impl DiskIo for DiskInputs<'_> {
@@ -699,8 +738,8 @@ impl DiskIo for DiskInputs<'_> {
         if self.failed.is_some() {
             return Err("earlier failure".into());
         }
-        let result = match (&mut *self.inputs, self.backend.as_deref_mut()) {
-            (Inputs::Live(live), Some(backend)) => match backend.read(offset, len) {
+        let result = match (&mut *self.inputs, self.port) {
+            (Inputs::Live(live), Some(port)) => match port.read(offset, len) {
                 Ok(data) => live.record(Event::DiskRead { data: data.clone() }).map(|_| data).map_err(log_write_error),
                 Err(e) => return Err(e.to_string()),
             },
@@ -715,18 +754,11 @@ impl DiskIo for DiskInputs<'_> {
     }
 
     fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), String> {
-        match (&*self.inputs, self.backend.as_deref_mut()) {
-            (Inputs::Live(_), Some(backend)) => backend.write(offset, &data).map_err(|e| e.to_string()),
-            // A replay's writes went to the disk when they were recorded.
-            _ => Ok(()),
-        }
+        self.issue(DiskOp::Write { offset, data: Arc::new(data) })
     }
 
     fn flush(&mut self) -> Result<(), String> {
-        match (&*self.inputs, self.backend.as_deref_mut()) {
-            (Inputs::Live(_), Some(backend)) => backend.flush().map_err(|e| e.to_string()),
-            _ => Ok(()),
-        }
+        self.issue(DiskOp::Flush)
     }
 }
 
