@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 const MARGIN: Duration = Duration::from_millis(500);
 
 fn header() -> Header {
-    Header { image_hash: Digest([1; 32]), config: "mem=64M".into(), wall_clock_base_ns: 1_000 }
+    Header { image_hash: Digest([1; 32]), config: "mem=64M".into(), wall_clock_base_ns: 1_000, disk_generation: 0 }
 }
 
 /// For tests of loss detection: a short heartbeat timeout.

@@ -225,7 +225,7 @@ mod tests {
     use crate::{Digest, Entry, Event, ExitKind, Position, TimeSource};
 
     fn header() -> Header {
-        Header { image_hash: Digest([3; 32]), config: "mem_mib=64".into(), wall_clock_base_ns: 1 }
+        Header { image_hash: Digest([3; 32]), config: "mem_mib=64".into(), wall_clock_base_ns: 1, disk_generation: 0 }
     }
 
     fn records() -> Vec<Record> {

@@ -167,6 +167,9 @@ pub struct Header {
     pub config: String,
     /// Wall-clock time at boot (ns since the Unix epoch): the RTC's base.
     pub wall_clock_base_ns: u64,
+    /// The shared disk's owner generation the recording VM holds (0: none):
+    /// a backup claims the disk from exactly this generation.
+    pub disk_generation: u64,
 }
 
 impl Header {
@@ -534,7 +537,8 @@ mod tests {
 
     #[test]
     fn header_mismatch_names_the_difference() {
-        let ours = Header { image_hash: Digest([1; 32]), config: "mem=64".into(), wall_clock_base_ns: 5 };
+        let ours =
+            Header { image_hash: Digest([1; 32]), config: "mem=64".into(), wall_clock_base_ns: 5, disk_generation: 0 };
         let other_image = Header { image_hash: Digest([2; 32]), ..ours.clone() };
         assert!(other_image.check_matches(&ours).unwrap_err().contains("another guest image"));
         let other_config = Header { config: "mem=128".into(), ..ours.clone() };

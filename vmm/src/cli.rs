@@ -3,7 +3,7 @@
 use crate::boot::{CMDLINE_MAX, MAX_MEM_BYTES};
 use crate::clock::{wall_clock_ns, HostClock};
 use crate::console::{self, Endpoint, SerialSpec};
-use crate::disk::{BlockBackend, DiskPort, FileBackend};
+use crate::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
 use crate::ft::{Direct, Held, LogSink, LogSource, OutputGate, SerialOutput, Suppressed};
 use crate::inputs::{Inputs, LiveInputs};
 use crate::run::{Role, RunError, Vmm};
@@ -153,6 +153,24 @@ fn image(cli: &Cli) -> Result<(String, Vec<u8>), CliError> {
     }
 }
 
+/// How this VMM calls itself in the arbitration record.
+pub fn owner_name(role: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{role} pid {} on {}", std::process::id(), host.trim())
+}
+
+/// Takes ownership of a shared disk at boot; returns the generation (0 when
+/// the disk cannot arbitrate).
+fn claim_at_boot(disk: &DiskPort, role: &str) -> Result<u64, CliError> {
+    let fail = |e: std::io::Error| usage(format!("--disk: claiming the shared disk: {e}"));
+    let Some(current) = disk.generation().map_err(fail)? else { return Ok(0) };
+    match disk.claim(current, &owner_name(role)).map_err(fail)? {
+        Some(Claim::Won { generation }) => Ok(generation),
+        Some(Claim::Lost { owner, .. }) => Err(usage(format!("--disk: {owner} took the shared disk while we started"))),
+        None => Ok(0),
+    }
+}
+
 /// Runs `ftvmm` as the command line says; returns the process exit status.
 pub fn run(cli: Cli) -> Result<u8, CliError> {
     if cli.list_guests {
@@ -168,8 +186,11 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
     let mem_size = cli.mem_mib << 20;
     let mut disk = match &cli.disk {
         Some(path) => {
-            let backend: Box<dyn BlockBackend> =
-                Box::new(FileBackend::open(path).map_err(|e| usage(format!("--disk {}: {e}", path.display())))?);
+            let spec = path.display().to_string();
+            let backend: Box<dyn BlockBackend> = match spec.strip_prefix("ftdisk:") {
+                Some(addr) => Box::new(FtdiskBackend::connect(addr).map_err(|e| usage(format!("--disk {spec}: {e}")))?),
+                None => Box::new(FileBackend::open(path).map_err(|e| usage(format!("--disk {spec}: {e}")))?),
+            };
             Some(DiskPort::new(backend))
         }
         None => None,
@@ -178,14 +199,26 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
     if let Some(d) = &disk {
         config.push_str(&format!(" disk_bytes={}", d.size()));
     }
-    let mut header =
-        Header { image_hash: replay::Digest(*blake3::hash(&image).as_bytes()), config, wall_clock_base_ns: 0 };
+    let mut header = Header {
+        image_hash: replay::Digest(*blake3::hash(&image).as_bytes()),
+        config,
+        wall_clock_base_ns: 0,
+        disk_generation: 0,
+    };
 
     let channel = ChannelConfig { heartbeat_timeout: Duration::from_millis(cli.heartbeat_ms), ..Default::default() };
     let endpoint = Endpoint::bind(&cli.serial).map_err(|e| usage(format!("--serial {:?}: {e}", cli.serial)))?;
     if let Some(addr) = endpoint.local_addr() {
         eprintln!("ftvmm: serial console on {addr}");
     }
+    // A VM that starts live owns the shared disk: claim it (fencing off any
+    // earlier owner). A replay never writes; a backup claims it when it goes live.
+    if cli.replay.is_none() && !cli.backup {
+        if let Some(d) = &disk {
+            header.disk_generation = claim_at_boot(d, if cli.primary { "primary" } else { "vmm" })?;
+        }
+    }
+
     // Live serial input: the endpoint's, or --serial-input's file.
     let serial_input = |endpoint: Endpoint| -> Result<_, CliError> {
         match &cli.serial_input {
@@ -218,7 +251,11 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
             // Checked now, used when the backup goes live.
             File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?;
         }
-        let role = Role::Backup { endpoint: Some(endpoint), serial_input: cli.serial_input.clone() };
+        let role = Role::Backup {
+            endpoint: Some(endpoint),
+            serial_input: cli.serial_input.clone(),
+            expected_generation: primary.disk_generation,
+        };
         (Inputs::Replay(Replayer::new(LogSource::Backup(link))), Box::new(Suppressed::default()), role)
     } else if cli.primary {
         header.wall_clock_base_ns = wall_clock_ns();
@@ -233,7 +270,13 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
         let (input, port) = serial_input(endpoint)?;
         let gate = OutputGate::new(port.sender(), disk.as_mut().map(|d| d.releaser()));
         let acks = gate.clone();
-        link.on_ack(Box::new(move |watermark| acks.acked(watermark)));
+        // Losing the backup is not an ack: the run loop releases held output
+        // once it has won the disk (or has no disk to arbitrate on).
+        link.on_ack(Box::new(move |watermark| {
+            if watermark != u64::MAX {
+                acks.acked(watermark)
+            }
+        }));
         let live = LiveInputs::new(HostClock::start(), Some(input), Some(Recorder::new(LogSink::Primary(link))), None);
         let delivered = port.delivered();
         let disk_delivered = disk.as_ref().map_or_else(Default::default, |d| d.delivered());
@@ -242,6 +285,7 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
             delivered,
             disk_delivered,
             finish_timeout: channel.heartbeat_timeout * 5,
+            generation: header.disk_generation,
             shipped: (0, std::time::Instant::now()),
         };
         (Inputs::Live(Box::new(live)), Box::new(Held { gate, port }), role)

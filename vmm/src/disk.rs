@@ -1,5 +1,6 @@
-//! Block storage behind the virtio disk: a raw image file (`--disk PATH`),
-//! and the [`DiskPort`] through which the run loop reads it and applies the
+//! Block storage behind the virtio disk: a raw image file (`--disk PATH`)
+//! or a disk shared through `ftdisk` (`--disk ftdisk:ADDR`, with go-live
+//! arbitration), and the [`DiskPort`] through which the run loop reads it and applies the
 //! guest's writes (at once, or when the output rule releases them).
 
 use std::collections::VecDeque;
@@ -18,6 +19,80 @@ pub trait BlockBackend: Send {
     fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>>;
     fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()>;
     fn flush(&mut self) -> std::io::Result<()>;
+    /// The go-live arbitration record's generation, or None when this
+    /// storage cannot arbitrate (a local file).
+    fn generation(&mut self) -> std::io::Result<Option<u64>> {
+        Ok(None)
+    }
+    /// Test-and-set on the arbitration record: take ownership if its
+    /// generation is still `expected`. None when this storage cannot
+    /// arbitrate. On a win, later writes carry the new generation.
+    fn claim(&mut self, _expected: u64, _owner: &str) -> std::io::Result<Option<Claim>> {
+        Ok(None)
+    }
+}
+
+/// The outcome of a go-live test-and-set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    Won { generation: u64 },
+    Lost { generation: u64, owner: String },
+}
+
+/// A disk served by `ftdisk` (`--disk ftdisk:ADDR`): shared by primary and
+/// backup, with go-live arbitration and write fencing.
+pub struct FtdiskBackend {
+    client: shared_disk::DiskClient,
+    /// The owner generation our writes carry (0 until we own the disk).
+    generation: u64,
+}
+
+impl FtdiskBackend {
+    pub fn connect(addr: &str) -> std::io::Result<Self> {
+        let client = shared_disk::DiskClient::connect(addr, std::time::Duration::from_secs(10))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(FtdiskBackend { client, generation: 0 })
+    }
+}
+
+fn io_error(e: shared_disk::ClientError) -> std::io::Error {
+    let kind = match &e {
+        shared_disk::ClientError::Disk(shared_disk::DiskError::Fenced { .. }) => std::io::ErrorKind::PermissionDenied,
+        _ => std::io::ErrorKind::Other,
+    };
+    std::io::Error::new(kind, e.to_string())
+}
+
+impl BlockBackend for FtdiskBackend {
+    fn size(&self) -> u64 {
+        self.client.size()
+    }
+
+    fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.client.read(offset, len).map_err(io_error)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.client.write(offset, data, self.generation).map_err(io_error)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.client.flush(self.generation).map_err(io_error)
+    }
+
+    fn generation(&mut self) -> std::io::Result<Option<u64>> {
+        self.client.owner().map(|(generation, _)| Some(generation)).map_err(io_error)
+    }
+
+    fn claim(&mut self, expected: u64, owner: &str) -> std::io::Result<Option<Claim>> {
+        match self.client.test_and_set(expected, owner).map_err(io_error)? {
+            shared_disk::TasOutcome::Won { generation } => {
+                self.generation = generation;
+                Ok(Some(Claim::Won { generation }))
+            }
+            shared_disk::TasOutcome::Lost { generation, owner } => Ok(Some(Claim::Lost { generation, owner })),
+        }
+    }
 }
 
 /// A raw image file (e.g. made by `qemu-img create -f raw`).
@@ -119,6 +194,16 @@ impl DiskPort {
             }
         }
         Ok(data)
+    }
+
+    /// The arbitration record's generation (None: no arbitration here).
+    pub fn generation(&self) -> std::io::Result<Option<u64>> {
+        lock(&self.backend).generation()
+    }
+
+    /// Go-live test-and-set (None: no arbitration here).
+    pub fn claim(&self, expected: u64, owner: &str) -> std::io::Result<Option<Claim>> {
+        lock(&self.backend).claim(expected, owner)
     }
 
     /// Applies `op` now.

@@ -17,7 +17,7 @@ use crate::console::Endpoint;
 use crate::devices::virtio_blk::{self, DiskIo, Notify, VirtioBlk};
 use crate::devices::{self, Devices, PortAction};
 use crate::digest;
-use crate::disk::{DiskOp, DiskPort};
+use crate::disk::{Claim, DiskOp, DiskPort};
 use crate::ft::{LogSink, LogSource, OutputGate, SerialOutput};
 use crate::inputs::{Inputs, LiveInputs, Woken};
 use crate::vm::{Machine, VmError, MSR_IA32_TSC};
@@ -51,6 +51,9 @@ pub enum RunError {
     Log(#[from] LogError),
     #[error("{what}: {err}")]
     Io { what: &'static str, err: std::io::Error },
+    /// The other side won the go-live arbitration: this one must stop.
+    #[error("{0}")]
+    Halted(String),
 }
 
 impl From<ReplayError> for RunError {
@@ -69,6 +72,7 @@ impl RunError {
         match self {
             RunError::Divergence(_) => 3,
             RunError::EndOfLog { .. } => 4,
+            RunError::Halted(_) => 5,
             _ => 2,
         }
     }
@@ -125,13 +129,20 @@ pub enum Role {
         /// The exit up to which released disk writes have been applied.
         disk_delivered: Arc<AtomicU64>,
         finish_timeout: Duration,
+        /// Our owner generation of the shared disk (0: none).
+        generation: u64,
         /// When the watermark was last shipped: (exit, time).
         shipped: (u64, Instant),
     },
     /// The backup: replays the primary's log; when it ends (the primary is
     /// gone) it goes live and serves `endpoint`, with serial input from
     /// `serial_input` if given (`--serial-input`), else from the endpoint.
-    Backup { endpoint: Option<Endpoint>, serial_input: Option<std::path::PathBuf> },
+    Backup {
+        endpoint: Option<Endpoint>,
+        serial_input: Option<std::path::PathBuf>,
+        /// The primary's generation of the shared disk, to claim it from.
+        expected_generation: u64,
+    },
 }
 
 /// A running VM: the machine, its devices, its clock and its inputs.
@@ -314,7 +325,7 @@ impl Vmm {
     /// released output current.
     fn passed(&mut self, position: Position) -> Result<(), RunError> {
         if let Some(why) = self.disk.as_ref().and_then(|d| d.failure()) {
-            return Err(RunError::Io { what: "writing the disk", err: std::io::Error::other(why) });
+            return Err(RunError::Halted(format!("writing the shared disk failed ({why}); halting")));
         }
         match &mut self.inputs {
             Inputs::Live(live) => {
@@ -340,11 +351,9 @@ impl Vmm {
                         gate.released(delivered.load(Ordering::Acquire), disk_delivered.load(Ordering::Acquire)),
                     );
                     link.throttle(position.exit);
-                    if !self.backup_loss_reported {
-                        if let Some(why) = link.backup_lost() {
-                            eprintln!("ftvmm: primary: backup lost ({why}); running alone from exit {}", position.exit);
-                            self.backup_loss_reported = true;
-                        }
+                    if let Some(why) = link.backup_lost().filter(|_| !self.backup_loss_reported) {
+                        self.backup_loss_reported = true;
+                        return self.backup_lost(position, &why);
                     }
                 }
             }
@@ -357,21 +366,70 @@ impl Vmm {
         Ok(())
     }
 
+    /// The primary lost its backup: win the shared disk (if there is one to
+    /// arbitrate on), then stop holding output and run alone.
+    fn backup_lost(&mut self, position: Position, why: &str) -> Result<(), RunError> {
+        eprintln!("ftvmm: primary: backup lost ({why}) at exit {}", position.exit);
+        let Role::Primary { gate, generation, .. } = &self.role else { return Ok(()) };
+        let (gate, expected) = (gate.clone(), *generation);
+        if let Some(generation) = self.arbitrate("primary", expected)? {
+            if let Role::Primary { generation: g, .. } = &mut self.role {
+                *g = generation;
+            }
+        }
+        eprintln!("ftvmm: primary: running alone");
+        gate.acked(u64::MAX);
+        Ok(())
+    }
+
+    /// Go-live arbitration: the test-and-set on the shared disk from
+    /// generation `expected`. Returns the new generation (None: the disk
+    /// cannot arbitrate, or there is none, and each side goes live on its own
+    /// detection). Losing halts this VMM; unreachable storage is retried for
+    /// as long as it takes, without going live.
+    fn arbitrate(&mut self, role: &str, expected: u64) -> Result<Option<u64>, RunError> {
+        let Some(disk) = &self.disk else { return Ok(None) };
+        let owner = crate::cli::owner_name(role);
+        loop {
+            match disk.claim(expected, &owner) {
+                Ok(None) => return Ok(None),
+                Ok(Some(Claim::Won { generation })) => {
+                    eprintln!("ftvmm: {role}: won the shared disk (generation {generation})");
+                    return Ok(Some(generation));
+                }
+                Ok(Some(Claim::Lost { generation, owner })) => {
+                    return Err(RunError::Halted(format!(
+                        "{role}: lost the go-live arbitration to {owner} (generation {generation}); halting"
+                    )));
+                }
+                Err(e) => {
+                    eprintln!(
+                        "ftvmm: {role}: cannot reach the shared disk to arbitrate ({e}); not going live, retrying"
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
     /// A replay ran out of log. For a backup that means the primary is gone:
     /// go live — serve the outside world, take inputs from the host, and
     /// re-emit the output the primary may not have released — and carry on
     /// from exactly here. For anything else it is the end of the run.
     fn end_of_log(&mut self, err: RunError) -> Result<(), RunError> {
         let RunError::EndOfLog { .. } = err else { return Err(err) };
-        let Role::Backup { endpoint, serial_input } = &mut self.role else { return Err(err) };
+        let Role::Backup { endpoint, serial_input, expected_generation } = &mut self.role else { return Err(err) };
         let Some(endpoint) = endpoint.take() else { return Err(err) };
+        let expected = *expected_generation;
         let Inputs::Replay(r) = &mut self.inputs else { return Err(err) };
         let (released, why) = match r.source_mut() {
             LogSource::Backup(link) => (link.released(), link.primary_lost().unwrap_or_else(|| "log ended".into())),
             LogSource::File(_) => (0, "log ended".into()),
         };
-        eprintln!("ftvmm: backup: primary lost ({why}); going live at exit {}", self.exits);
         let serial_input = serial_input.take();
+        eprintln!("ftvmm: backup: primary lost ({why}) at exit {}", self.exits);
+        self.arbitrate("backup", expected)?;
+        eprintln!("ftvmm: backup: going live at exit {}", self.exits);
         let (input, port) = match serial_input {
             Some(path) => {
                 let file =
@@ -609,7 +667,23 @@ impl Vmm {
             r.passed_previous().map_err(log_write_error)?;
             r.flush().map_err(log_write_error)?;
         }
-        let deadline = self.devices.pit.next_irq0_deadline().map(|ns| live.host.instant_at(ns));
+        let mut deadline = self.devices.pit.next_irq0_deadline().map(|ns| live.host.instant_at(ns));
+        let mut watching = None;
+        if let (Some(r), Role::Primary { .. }) = (&mut live.recorder, &self.role) {
+            if let LogSink::Primary(link) = r.sink_mut() {
+                // Keep an eye on the backup while the guest idles.
+                watching = link.backup_lost().filter(|_| !self.backup_loss_reported);
+                let soon = Instant::now() + Duration::from_millis(20);
+                deadline = Some(deadline.map_or(soon, |d| d.min(soon)));
+            }
+        }
+        if let Some(why) = watching {
+            self.backup_loss_reported = true;
+            return self.backup_lost(position, &why);
+        }
+        let Inputs::Live(live) = &mut self.inputs else {
+            return Ok(());
+        };
         match live.wait(deadline) {
             Woken::Input | Woken::Deadline => Ok(()),
             Woken::Nothing => Err(RunError::Guest {

@@ -1,0 +1,400 @@
+//! The blocking client: one connection to ftdisk, re-established whenever it
+//! fails.
+
+use crate::owner;
+use crate::proto::{self, DiskError, Op, Reply, Request, Response, WireError};
+use crate::MAX_IO;
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+use tracing::{debug, info};
+
+/// How long [`DiskClient`] keeps retrying a request across connection
+/// failures unless told otherwise ([`DiskClient::set_retry_for`]).
+pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// Pause between connection attempts that keep failing.
+const RECONNECT_DELAY: Duration = Duration::from_millis(50);
+
+/// Why a request did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server refused or failed the request (not retried).
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// No answer could be had for this long, across reconnections.
+    #[error("the disk server at {addr} was unreachable for {waited:?}: {last}")]
+    Unreachable { addr: String, waited: Duration, last: String },
+    /// The peer is not an ftdisk server, or not one of our version, or it
+    /// answered nonsense.
+    #[error("the disk server at {addr} broke the protocol: {why}")]
+    Protocol { addr: String, why: String },
+    /// `addr` is not `host:port`.
+    #[error("invalid disk server address {addr}: {why}")]
+    BadAddress { addr: String, why: String },
+}
+
+/// The outcome of a test-and-set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TasOutcome {
+    /// The caller owns the disk: its writes and flushes must carry
+    /// `generation`.
+    Won { generation: u64 },
+    /// Someone else got there first: this is the record as it stands.
+    Lost { generation: u64, owner: String },
+}
+
+/// A connection to an ftdisk server, for one VMM.
+///
+/// Every method blocks until the server answers. When the connection fails
+/// (the server restarted, a reset, a timeout) the client reconnects and
+/// sends the request again, for up to [`DiskClient::retry_for`] per call:
+/// reads, writes and flushes are idempotent, so a request the server
+/// executed but whose answer was lost does no harm when repeated; a
+/// test-and-set is checked against the record first (see
+/// [`DiskClient::test_and_set`]).
+#[derive(Debug)]
+pub struct DiskClient {
+    addr: String,
+    /// None after a failure, until the next request reconnects.
+    conn: Option<BufReader<TcpStream>>,
+    connect_timeout: Duration,
+    retry_for: Duration,
+    size: u64,
+    next_id: u64,
+    /// Reused for every response.
+    buf: Vec<u8>,
+}
+
+/// The outcome of one attempt at a request.
+enum Failure {
+    /// The connection failed: worth another try on a new one.
+    Retry(String),
+    /// Another try would fail the same way.
+    Fatal(ClientError),
+}
+
+/// The retry budget of one call.
+struct Retry {
+    start: Instant,
+    deadline: Instant,
+    failures: u32,
+}
+
+impl DiskClient {
+    /// Connects to the ftdisk server at `addr` (`host:port`) and learns the
+    /// disk's size. A server that is not listening yet is waited for, up to
+    /// `timeout`; `timeout` also bounds each later connection attempt.
+    pub fn connect(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
+        let mut client = DiskClient {
+            addr: addr.to_string(),
+            conn: None,
+            connect_timeout: timeout,
+            retry_for: DEFAULT_RETRY_FOR,
+            size: 0,
+            next_id: 1,
+            buf: Vec::new(),
+        };
+        let deadline = Instant::now() + timeout;
+        client.size = match client.call_until(Op::Info, deadline)? {
+            Reply::Info { size } => size,
+            other => return Err(client.unexpected("Info", &other)),
+        };
+        Ok(client)
+    }
+
+    /// The server's address, as given to [`DiskClient::connect`].
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The disk's size in bytes, a multiple of [`crate::SECTOR_SIZE`].
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// How long one call keeps retrying across connection failures.
+    pub fn retry_for(&self) -> Duration {
+        self.retry_for
+    }
+
+    /// Sets how long one call keeps retrying across connection failures
+    /// before it fails with [`ClientError::Unreachable`]; it also bounds how
+    /// long one call waits for an answer.
+    pub fn set_retry_for(&mut self, retry_for: Duration) {
+        self.retry_for = retry_for;
+    }
+
+    /// Reads `len` bytes at `offset`, in requests of at most [`MAX_IO`] bytes.
+    pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, ClientError> {
+        if len > MAX_IO as usize {
+            self.check_range(offset, len)?;
+        }
+        let mut out = Vec::with_capacity(len.min(MAX_IO as usize));
+        while out.len() < len {
+            let chunk = (len - out.len()).min(MAX_IO as usize);
+            let at = offset + out.len() as u64;
+            let op = Op::Read { offset: at, len: chunk as u32 };
+            match self.call(op)? {
+                Reply::Data(data) if data.len() == chunk => out.extend_from_slice(&data),
+                Reply::Data(data) => {
+                    return Err(self.protocol(format!("asked for {chunk} bytes, got {}", data.len())));
+                }
+                other => return Err(self.unexpected("Data", &other)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset` as the owner at `generation`, in requests of
+    /// at most [`MAX_IO`] bytes. When this returns Ok the data is in the
+    /// image (later reads see it), but only [`DiskClient::flush`] makes it
+    /// durable. A transfer split in several requests is checked against the
+    /// disk's size first, so an out-of-range one writes nothing; if the
+    /// writer is fenced in between, a prefix may have been written.
+    pub fn write(&mut self, offset: u64, data: &[u8], generation: u64) -> Result<(), ClientError> {
+        if data.len() > MAX_IO as usize {
+            self.check_range(offset, data.len())?;
+        }
+        // An empty write is still sent: it checks range and fencing.
+        let mut done = 0;
+        loop {
+            let chunk = &data[done..data.len().min(done + MAX_IO as usize)];
+            let op = Op::Write { offset: offset + done as u64, data: chunk.to_vec(), generation };
+            match self.call(op)? {
+                Reply::Done => {}
+                other => return Err(self.unexpected("Done", &other)),
+            }
+            done += chunk.len();
+            if done >= data.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Makes every write acknowledged so far durable, as the owner at
+    /// `generation`.
+    pub fn flush(&mut self, generation: u64) -> Result<(), ClientError> {
+        match self.call(Op::Flush { generation })? {
+            Reply::Done => Ok(()),
+            other => Err(self.unexpected("Done", &other)),
+        }
+    }
+
+    /// The go-live arbitration: if the record's generation is
+    /// `expected_generation`, it becomes `expected_generation + 1` with
+    /// `owner` as the owner, and the caller has won. `owner` must be unique
+    /// to this VMM (e.g. `role@host`), non-empty, at most
+    /// [`crate::MAX_OWNER_LEN`] bytes and without control characters.
+    ///
+    /// If the connection fails after the request went out, the request may
+    /// or may not have been executed: after reconnecting the client reads
+    /// the record, and reports Won if it shows `owner` at
+    /// `expected_generation + 1`; otherwise it sends the test-and-set again.
+    pub fn test_and_set(&mut self, expected_generation: u64, owner: &str) -> Result<TasOutcome, ClientError> {
+        // Checked here too, so an invalid name fails before any retrying.
+        owner::check_owner(owner).map_err(DiskError::Invalid)?;
+        let tas = Op::TestAndSet { expected_generation, owner: owner.to_string() };
+        let mut retry = Retry::until(Instant::now() + self.retry_for);
+        let mut uncertain = false;
+        loop {
+            if uncertain {
+                let query = self.request(Op::Owner)?;
+                match self.attempt(&query, retry.deadline) {
+                    Ok(Reply::Owner { generation, owner: holder }) => {
+                        if Some(generation) == expected_generation.checked_add(1) && holder == owner {
+                            info!(generation, "test-and-set won (its answer was lost with the connection)");
+                            return Ok(TasOutcome::Won { generation });
+                        }
+                        // Not ours: send the test-and-set (again); if it ran
+                        // before, it now answers Lost with the record.
+                    }
+                    Ok(other) => return Err(self.unexpected("Owner", &other)),
+                    Err(Failure::Fatal(e)) => return Err(e),
+                    Err(Failure::Retry(why)) => {
+                        self.wait_to_retry(&mut retry, why)?;
+                        continue;
+                    }
+                }
+            }
+            let request = self.request(tas.clone())?;
+            match self.attempt(&request, retry.deadline) {
+                Ok(Reply::Won { generation }) => return Ok(TasOutcome::Won { generation }),
+                Ok(Reply::Lost { generation, owner }) => return Ok(TasOutcome::Lost { generation, owner }),
+                Ok(other) => return Err(self.unexpected("Won or Lost", &other)),
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Retry(why)) => {
+                    uncertain = true;
+                    self.wait_to_retry(&mut retry, why)?;
+                }
+            }
+        }
+    }
+
+    /// The arbitration record: the owner generation and the owner's name
+    /// (empty while the generation is 0).
+    pub fn owner(&mut self) -> Result<(u64, String), ClientError> {
+        match self.call(Op::Owner)? {
+            Reply::Owner { generation, owner } => Ok((generation, owner)),
+            other => Err(self.unexpected("Owner", &other)),
+        }
+    }
+
+    /// Sends `op`, retrying across connection failures for `retry_for`.
+    fn call(&mut self, op: Op) -> Result<Reply, ClientError> {
+        self.call_until(op, Instant::now() + self.retry_for)
+    }
+
+    fn call_until(&mut self, op: Op, deadline: Instant) -> Result<Reply, ClientError> {
+        // Encoded once: a retry sends the same bytes, id included.
+        let frame = self.request(op)?;
+        let mut retry = Retry::until(deadline);
+        loop {
+            match self.attempt(&frame, deadline) {
+                Ok(reply) => return Ok(reply),
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Retry(why)) => self.wait_to_retry(&mut retry, why)?,
+            }
+        }
+    }
+
+    /// Encodes `op` as the next request.
+    fn request(&mut self, op: Op) -> Result<(u64, Vec<u8>), ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = proto::encode(&Request { id, op }).map_err(|e| self.protocol(e.to_string()))?;
+        Ok((id, frame))
+    }
+
+    /// One try: (re)connect if needed, send, wait for the answer until
+    /// `deadline`. The connection is dropped on any failure.
+    fn attempt(&mut self, (id, frame): &(u64, Vec<u8>), deadline: Instant) -> Result<Reply, Failure> {
+        let result = self.exchange(*id, frame, deadline);
+        if result.is_err() {
+            self.conn = None;
+        }
+        match result? {
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(Failure::Fatal(ClientError::Disk(e))),
+        }
+    }
+
+    fn exchange(&mut self, id: u64, frame: &[u8], deadline: Instant) -> Result<Result<Reply, DiskError>, Failure> {
+        let remaining = remaining(deadline)?;
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.establish(deadline)?,
+        };
+        let conn = self.conn.insert(conn);
+        let stream = conn.get_ref();
+        // The answer must come by the deadline; waiting longer would only
+        // end in Unreachable anyway.
+        let socket = |e: std::io::Error| Failure::Retry(format!("setting a socket timeout: {e}"));
+        stream.set_read_timeout(Some(remaining)).map_err(socket)?;
+        stream.set_write_timeout(Some(remaining)).map_err(socket)?;
+        let mut out = stream;
+        out.write_all(frame).map_err(|e| Failure::Retry(format!("sending a request: {e}")))?;
+        let addr = &self.addr;
+        let wire = |e: WireError| wire_failure(addr, e);
+        proto::read_frame(conn, &mut self.buf).map_err(wire)?;
+        let response: Response = proto::decode(&self.buf).map_err(wire)?;
+        if response.id != id {
+            return Err(Failure::Fatal(ClientError::Protocol {
+                addr: self.addr.clone(),
+                why: format!("got the answer to request {} instead of {id}", response.id),
+            }));
+        }
+        Ok(response.result)
+    }
+
+    /// Connects and does the handshake.
+    fn establish(&self, deadline: Instant) -> Result<BufReader<TcpStream>, Failure> {
+        let limit = remaining(deadline)?.min(self.connect_timeout);
+        let addrs: Vec<SocketAddr> = match self.addr.to_socket_addrs() {
+            Ok(addrs) => addrs.collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                return Err(Failure::Fatal(ClientError::BadAddress { addr: self.addr.clone(), why: e.to_string() }))
+            }
+            // E.g. a name server that is down for a moment.
+            Err(e) => return Err(Failure::Retry(format!("resolving the address: {e}"))),
+        };
+        let mut last = String::from("the address resolves to nothing");
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, limit) {
+                Ok(stream) => return self.handshake(stream, limit),
+                Err(e) => last = format!("connecting to {addr}: {e}"),
+            }
+        }
+        Err(Failure::Retry(last))
+    }
+
+    fn handshake(&self, stream: TcpStream, limit: Duration) -> Result<BufReader<TcpStream>, Failure> {
+        let setup = |e: std::io::Error| Failure::Retry(format!("setting up the connection: {e}"));
+        stream.set_nodelay(true).map_err(setup)?;
+        stream.set_read_timeout(Some(limit)).map_err(setup)?;
+        stream.set_write_timeout(Some(limit)).map_err(setup)?;
+        let mut out = &stream;
+        out.write_all(&proto::preamble()).map_err(|e| Failure::Retry(format!("sending the preamble: {e}")))?;
+        let mut conn = BufReader::new(stream);
+        proto::read_preamble(&mut conn).map_err(|e| wire_failure(&self.addr, e))?;
+        debug!(addr = %self.addr, "connected to the disk server");
+        Ok(conn)
+    }
+
+    /// Records a failed attempt; pauses before the next unless it is the
+    /// first retry (a server that restarted is likely back at once), or
+    /// gives up at the deadline.
+    fn wait_to_retry(&self, retry: &mut Retry, why: String) -> Result<(), ClientError> {
+        retry.failures += 1;
+        let now = Instant::now();
+        if now >= retry.deadline {
+            return Err(ClientError::Unreachable { addr: self.addr.clone(), waited: now - retry.start, last: why });
+        }
+        if retry.failures == 1 {
+            info!(addr = %self.addr, "no answer from the disk server ({why}); retrying");
+        } else {
+            std::thread::sleep(RECONNECT_DELAY.min(retry.deadline - now));
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> Result<(), ClientError> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(ClientError::Disk(DiskError::OutOfRange { offset, len: len as u64, size: self.size })),
+        }
+    }
+
+    fn protocol(&self, why: String) -> ClientError {
+        ClientError::Protocol { addr: self.addr.clone(), why }
+    }
+
+    fn unexpected(&self, wanted: &str, got: &Reply) -> ClientError {
+        self.protocol(format!("expected a {wanted} reply, got {}", got.kind()))
+    }
+}
+
+impl Retry {
+    fn until(deadline: Instant) -> Self {
+        Retry { start: Instant::now(), deadline, failures: 0 }
+    }
+}
+
+/// What is left until `deadline`; none left is a failure that the caller's
+/// retry loop turns into Unreachable.
+fn remaining(deadline: Instant) -> Result<Duration, Failure> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(Failure::Retry("timed out".into()))
+    } else {
+        Ok(left)
+    }
+}
+
+fn wire_failure(addr: &str, e: WireError) -> Failure {
+    if e.is_connection_failure() {
+        Failure::Retry(e.to_string())
+    } else {
+        Failure::Fatal(ClientError::Protocol { addr: addr.to_string(), why: e.to_string() })
+    }
+}
