@@ -32,6 +32,45 @@ pub fn ftvmm_bin() -> PathBuf {
     bin
 }
 
+/// The `ftdisk` binary beside `ftvmm`.
+pub fn ftdisk_bin() -> PathBuf {
+    let bin = ftvmm_bin().with_file_name("ftdisk");
+    assert!(bin.is_file(), "ftdisk binary not found at {}: build it first (`cargo build --release`)", bin.display());
+    bin
+}
+
+/// A running `ftdisk` serving `image` on `addr` (port 0: any), and the
+/// address it serves on.
+pub fn spawn_ftdisk(image: &str, addr: &str) -> (Child, String) {
+    let mut child = Command::new(ftdisk_bin())
+        .args(["--image", image, "--listen", addr])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ftdisk");
+    let err = child.stderr.take().expect("piped stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(err));
+    let line = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("ftdisk: serving"))
+        .unwrap_or_else(|| panic!("ftdisk never said it was serving"));
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let served = line.rsplit(' ').next().unwrap_or_default().to_string();
+    (child, served)
+}
+
+/// A raw disk image of `bytes` bytes made by qemu-img.
+pub fn qemu_img(path: &str, bytes: u64) {
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw", path, &bytes.to_string()])
+        .status()
+        .expect("qemu-img is installed");
+    assert!(status.success(), "qemu-img create failed");
+}
+
 /// What a finished run printed and how it ended.
 #[derive(Debug, Clone)]
 pub struct Run {

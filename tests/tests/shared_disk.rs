@@ -1,0 +1,174 @@
+//! The shared disk under fault tolerance: go-live arbitration when the
+//! logging channel is cut (split brain), and a storage server restarting
+//! under load.
+
+use ftvmm_tests::{qemu_img, spawn_ftdisk, Proc, Scratch};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const START: Duration = Duration::from_secs(20);
+
+/// A TCP proxy for the logging channel that can be cut: after `cut`, bytes
+/// are swallowed in both directions while the connections stay open, as on a
+/// partitioned network.
+struct Proxy {
+    addr: String,
+    cut: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn new(target: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(&target) else { return };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 65536];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            if !flag.load(Ordering::Relaxed) && to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Proxy { addr, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+    }
+}
+
+fn split_brain_trial(disk: &str, trial: u32) {
+    let common = ["--guest", "ticker", "--cmdline", "hz=50", "--disk", disk, "--heartbeat-ms", "100"];
+    let mut pargs = vec!["--primary", "--listen", "127.0.0.1:0"];
+    pargs.extend_from_slice(&common);
+    let mut p = Proc::spawn(&pargs);
+    let target = p.wait_addr("waiting for a backup on", START);
+    let proxy = Proxy::new(target);
+    let mut bargs = vec!["--backup", "--connect", proxy.addr.as_str()];
+    bargs.extend_from_slice(&common);
+    let mut b = Proc::spawn(&bargs);
+    p.wait_line("backup attached", START);
+    std::thread::sleep(Duration::from_millis(100 + (trial as u64 * 37) % 200));
+    proxy.cut();
+
+    // Exactly one side wins the disk and runs on; the other halts (status 5).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut p_status, mut b_status) = (None, None);
+    while Instant::now() < deadline && p_status.is_none() && b_status.is_none() {
+        p_status = p.child.try_wait().unwrap().map(|s| s.code());
+        b_status = b.child.try_wait().unwrap().map(|s| s.code());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Give the winner a moment to show it is still running.
+    std::thread::sleep(Duration::from_millis(300));
+    p_status = p_status.or_else(|| p.child.try_wait().unwrap().map(|s| s.code()));
+    b_status = b_status.or_else(|| b.child.try_wait().unwrap().map(|s| s.code()));
+    let context = || format!("trial {trial}\nprimary: {:?}\nbackup: {:?}", p.stderr(), b.stderr());
+    match (p_status, b_status) {
+        (Some(Some(5)), None) => {
+            b.wait_line("won the shared disk", Duration::from_secs(2));
+            b.wait_line("going live", Duration::from_secs(2));
+        }
+        (None, Some(Some(5))) => {
+            p.wait_line("won the shared disk", Duration::from_secs(2));
+            p.wait_line("running alone", Duration::from_secs(2));
+        }
+        other => panic!("not exactly one survivor: {other:?}\n{}", context()),
+    }
+    let loser = if p_status.is_some() { p.stderr() } else { b.stderr() };
+    assert!(loser.iter().any(|l| l.contains("lost the go-live arbitration")), "{}", context());
+    p.kill();
+    b.kill();
+}
+
+#[test]
+fn a_cut_logging_channel_leaves_exactly_one_side_live() {
+    let dir = Scratch::new("split-brain");
+    let image = dir.path("disk.img");
+    qemu_img(&image, 1 << 20);
+    let (mut ftdisk, addr) = spawn_ftdisk(&image, "127.0.0.1:0");
+    let disk = format!("ftdisk:{addr}");
+    for trial in 0..50 {
+        split_brain_trial(&disk, trial);
+    }
+    let _ = ftdisk.kill();
+}
+
+#[test]
+fn acknowledged_writes_survive_a_storage_server_restart() {
+    let dir = Scratch::new("ftdisk-restart");
+    let image = dir.path("disk.img");
+    qemu_img(&image, 4 << 20);
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let (mut ftdisk, _) = spawn_ftdisk(&image, &addr);
+    let disk = format!("ftdisk:{addr}");
+    let common = ["--guest", "kvstore", "--disk", disk.as_str(), "--serial", "tcp:127.0.0.1:0"];
+    let mut pargs = vec!["--primary", "--listen", "127.0.0.1:0"];
+    pargs.extend_from_slice(&common);
+    let p = Proc::spawn(&pargs);
+    let log_addr = p.wait_addr("waiting for a backup on", START);
+    let console = p.wait_addr("serial console on", START);
+    let mut bargs = vec!["--backup", "--connect", log_addr.as_str()];
+    bargs.extend_from_slice(&common);
+    let b = Proc::spawn(&bargs);
+    p.wait_line("backup attached", START);
+
+    let stream = TcpStream::connect(&console).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("kvstore: ready"), "{line}");
+    let mut ask = |q: String| -> String {
+        reader.get_mut().write_all(format!("{q}\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        reader.read_line(&mut reply).unwrap();
+        reply.trim_end().to_string()
+    };
+    for i in 0..60 {
+        if i == 20 {
+            // The storage server dies and comes back on the same address.
+            let _ = ftdisk.kill();
+            let _ = ftdisk.wait();
+            std::thread::sleep(Duration::from_millis(200));
+            ftdisk = spawn_ftdisk(&image, &addr).0;
+        }
+        assert_eq!(ask(format!("set k{i} v{i}")), "OK", "set k{i}");
+    }
+    for i in 0..60 {
+        assert_eq!(ask(format!("get k{i}")), format!("VALUE v{i}"));
+    }
+    drop(p);
+    drop(b);
+    // And it is all on the disk: a fresh VM reads it back.
+    let _ = ftdisk.kill();
+    let _ = ftdisk.wait();
+    let (mut ftdisk, served) = spawn_ftdisk(&image, "127.0.0.1:0");
+    let input = dir.path("gets.txt");
+    std::fs::write(&input, (0..60).map(|i| format!("get k{i}\n")).collect::<String>() + "quit\n").unwrap();
+    let disk = format!("ftdisk:{served}");
+    let r = ftvmm_tests::run(&["--guest", "kvstore", "--disk", &disk, "--serial-input", &input], ftvmm_tests::TIMEOUT);
+    let expected: String = (0..60).map(|i| format!("VALUE v{i}\n")).collect::<String>() + "BYE\n";
+    assert!(r.stdout.ends_with(&expected), "{}\n{}", r.stdout, r.stderr);
+    let _ = ftdisk.kill();
+}
