@@ -1,38 +1,53 @@
 #!/usr/bin/env bash
-# ftvmm's failover demo on three "hosts": network namespaces ftdemo-primary
-# (10.77.0.1), ftdemo-backup (10.77.0.2) and ftdemo-client (10.77.0.3) on a
-# bridge. The primary and backup run the `ticker` guest in lockstep; the
-# client reads its console from the primary. Then the primary host dies: its
-# VMM is SIGKILLed and its link cut. The backup goes live and the client,
-# reconnecting to the backup's console, sees the ticks continue — none
-# missing, some repeated at the switch.
+# ftvmm's failover demo on four "hosts": network namespaces ftdemo-primary
+# (10.77.0.1), ftdemo-backup (10.77.0.2), ftdemo-client (10.77.0.3) and
+# ftdemo-storage (10.77.0.4) on one bridge. The storage host serves the shared
+# disk (ftdisk); the primary and backup run a guest in lockstep; the client
+# talks to the guest's console on the primary. Then the primary host dies: its
+# VMM is SIGKILLed and its link cut. The backup wins the go-live test-and-set
+# on the shared disk, goes live, and the client, reconnecting to the backup's
+# console, carries on.
 #
-# Needs root (namespaces) and /dev/kvm. Usage: scripts/demo.sh [seconds-before-kill]
+# Guests: `kvstore` (default): the client streams `set`s and afterwards reads
+# back every one that was acknowledged — none may be lost. `ticker`: the
+# client reads ticks — none may be missing, a few repeat at the switch.
+#
+# Needs root (namespaces), /dev/kvm, iproute2 and qemu-img.
+# Usage: scripts/demo.sh [kvstore|ticker] [seconds-before-kill]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KILL_AFTER=${1:-3}
-NS_P=ftdemo-primary NS_B=ftdemo-backup NS_C=ftdemo-client BR=ftdemo-br0
-P=10.77.0.1 B=10.77.0.2 C=10.77.0.3
+GUEST=${1:-kvstore}
+KILL_AFTER=${2:-3}
+case "$GUEST" in kvstore|ticker) ;; *) echo "demo: guest must be kvstore or ticker" >&2; exit 2;; esac
+NS_P=ftdemo-primary NS_B=ftdemo-backup NS_C=ftdemo-client NS_S=ftdemo-storage BR=ftdemo-br0
+P=10.77.0.1 B=10.77.0.2 S=10.77.0.4
 
 if [ "$(id -u)" != 0 ]; then echo "demo: needs root (network namespaces)" >&2; exit 1; fi
 if [ ! -e /dev/kvm ]; then echo "demo: /dev/kvm is missing" >&2; exit 1; fi
 command -v ip >/dev/null || { echo "demo: needs iproute2 (ip)" >&2; exit 1; }
+command -v qemu-img >/dev/null || { echo "demo: needs qemu-img (qemu-utils)" >&2; exit 1; }
 
-cargo build --release --bin ftvmm --bin ftclient >&2
-FTVMM=$PWD/target/release/ftvmm FTCLIENT=$PWD/target/release/ftclient
-LOGS=$(mktemp -d)
+cargo build --release --bin ftvmm --bin ftdisk --bin ftclient >&2
+BIN=$PWD/target/release
+WORK=$(mktemp -d)
 
 cleanup() {
     jobs -p | xargs -r kill -9 2>/dev/null || true
-    for ns in $NS_P $NS_B $NS_C; do ip netns pids $ns 2>/dev/null | xargs -r kill -9 2>/dev/null || true; ip netns del $ns 2>/dev/null || true; done
+    for ns in $NS_P $NS_B $NS_C $NS_S; do
+        ip netns pids $ns 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+        ip netns del $ns 2>/dev/null || true
+    done
+    for i in 1 2 3 4; do ip link del ftdemo-v$i 2>/dev/null || true; done
     ip link del $BR 2>/dev/null || true
+    rm -rf "$WORK"
 }
 trap cleanup EXIT
 cleanup
+WORK=$(mktemp -d)
 
 ip link add $BR type bridge && ip link set $BR up
 i=0
-for ns in $NS_P $NS_B $NS_C; do
+for ns in $NS_P $NS_B $NS_C $NS_S; do
     i=$((i + 1))
     ip netns add $ns
     ip link add ftdemo-v$i type veth peer name eth0 netns $ns
@@ -42,11 +57,18 @@ for ns in $NS_P $NS_B $NS_C; do
     ip -n $ns link set lo up
 done
 
-echo "== three hosts: primary $P, backup $B, client $C (network namespaces on bridge $BR)"
-ip netns exec $NS_B "$FTVMM" --backup --guest ticker --connect $P:7000 --serial tcp:$B:7001 2>"$LOGS/backup.err" &
-ip netns exec $NS_P "$FTVMM" --primary --guest ticker --listen $P:7000 --serial tcp:$P:7001 2>"$LOGS/primary.err" &
-PRIMARY=$!
-ip netns exec $NS_C "$FTCLIENT" --seconds $((KILL_AFTER + 6)) $P:7001 $B:7001 &
+echo "== four hosts: primary $P, backup $B, client 10.77.0.3, storage $S (namespaces on bridge $BR)"
+qemu-img create -q -f raw "$WORK/shared.img" 16M
+ip netns exec $NS_S "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 2>"$WORK/storage.err" &
+sleep 0.3
+DISK=(--disk ftdisk:$S:7100)
+ip netns exec $NS_B "$BIN/ftvmm" --backup --guest "$GUEST" "${DISK[@]}" --connect $P:7000 --serial tcp:$B:7001 2>"$WORK/backup.err" &
+ip netns exec $NS_P "$BIN/ftvmm" --primary --guest "$GUEST" "${DISK[@]}" --listen $P:7000 --serial tcp:$P:7001 2>"$WORK/primary.err" &
+if [ "$GUEST" = kvstore ]; then
+    ip netns exec $NS_C "$BIN/ftclient" --kv $(( (KILL_AFTER + 3) * 40 )) $P:7001 $B:7001 &
+else
+    ip netns exec $NS_C "$BIN/ftclient" --seconds $((KILL_AFTER + 6)) $P:7001 $B:7001 &
+fi
 CLIENT=$!
 
 sleep "$KILL_AFTER"
@@ -54,6 +76,7 @@ echo "== killing the primary host: SIGKILL to its VMM, its link cut"
 ip netns pids $NS_P | xargs -r kill -9
 ip link set ftdemo-v1 down
 wait $CLIENT && status=0 || status=$?
-echo "== primary said:"; sed 's/^/   /' "$LOGS/primary.err"
-echo "== backup said:";  sed 's/^/   /' "$LOGS/backup.err"
+for who in primary backup storage; do
+    echo "== $who said:"; sed 's/^/   /' "$WORK/$who.err"
+done
 exit $status

@@ -4,7 +4,12 @@
 //! checks the `tick N H` lines of the `ticker` guest for continuity: every
 //! tick, in order, duplicates allowed only at the switch.
 //!
-//! `ftclient [--until-tick N] [--seconds S] ADDR [ADDR...]`
+//! With `--kv N` it is a client of the `kvstore` guest instead: it sends
+//! `set kI vI` for I in 0..N, one at a time, 20 ms apart, failing over the
+//! same way, then reads every key whose `OK` it received and checks that
+//! each is there.
+//!
+//! `ftclient [--until-tick N] [--seconds S] [--kv N] ADDR [ADDR...]`
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
@@ -23,21 +28,122 @@ fn connect(addr: &str, deadline: Instant) -> Option<TcpStream> {
     }
 }
 
+/// A kvstore session that moves to the next address when its connection dies.
+struct KvSession<'a> {
+    addrs: &'a [String],
+    at: usize,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl KvSession<'_> {
+    /// Sends `line` and returns its reply. When the connection dies, moves
+    /// to the next address, skips what the new primary re-emits (answers the
+    /// old one had not released), and asks again: every command here is
+    /// idempotent. None when no address is left.
+    fn ask(&mut self, line: &str) -> Option<String> {
+        loop {
+            if self.conn.is_none() {
+                let addr = self.addrs.get(self.at)?;
+                let stream = connect(addr, Instant::now() + Duration::from_secs(10))?;
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                println!("ftclient: connected to {addr}");
+                let mut conn = BufReader::new(stream);
+                if self.at > 0 && Self::exchange(&mut conn, "get ftclient-probe", |r| r == "NOTFOUND").is_none() {
+                    self.fail_over();
+                    continue;
+                }
+                self.conn = Some(conn);
+            }
+            let conn = self.conn.as_mut()?;
+            match Self::exchange(conn, line, |r| !r.starts_with("kvstore: ready")) {
+                Some(reply) => return Some(reply),
+                None => self.fail_over(),
+            }
+        }
+    }
+
+    fn fail_over(&mut self) {
+        println!("ftclient: --- connection lost; failing over ---");
+        self.conn = None;
+        self.at += 1;
+    }
+
+    /// Sends `line`, then reads lines until one satisfies `answer`.
+    fn exchange(conn: &mut BufReader<TcpStream>, line: &str, answer: impl Fn(&str) -> bool) -> Option<String> {
+        use std::io::Write;
+        conn.get_mut().write_all(format!("{line}\n").as_bytes()).ok()?;
+        loop {
+            let mut reply = String::new();
+            match conn.read_line(&mut reply) {
+                Ok(n) if n > 0 => {
+                    let r = reply.trim_end();
+                    if answer(r) {
+                        return Some(r.to_string());
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+fn kv(addrs: &[String], n: u64) -> i32 {
+    let mut session = KvSession { addrs, at: 0, conn: None };
+    let mut acked = Vec::new();
+    for i in 0..n {
+        let q = format!("set k{i} v{i}");
+        match session.ask(&q) {
+            Some(r) if r == "OK" => {
+                println!("  {q} -> OK");
+                acked.push(i);
+            }
+            Some(r) => println!("  {q} -> {r}"),
+            None => {
+                println!("  {q} -> no server left");
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut missing = 0;
+    for i in &acked {
+        match session.ask(&format!("get k{i}")) {
+            Some(r) if r == format!("VALUE v{i}") => {}
+            other => {
+                println!("  get k{i} -> {other:?}: LOST");
+                missing += 1;
+            }
+        }
+    }
+    println!(
+        "ftclient: {} sets acknowledged, {} readable afterwards: {}",
+        acked.len(),
+        acked.len() - missing,
+        if missing == 0 { "no acknowledged write lost" } else { "WRITES LOST" }
+    );
+    i32::from(missing > 0 || acked.is_empty())
+}
+
 fn main() {
     let mut args = std::env::args().skip(1).peekable();
     let mut until_tick = u64::MAX;
     let mut seconds = 30u64;
+    let mut kv_sets = None;
     let mut addrs = Vec::new();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--until-tick" => until_tick = args.next().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX),
             "--seconds" => seconds = args.next().and_then(|v| v.parse().ok()).unwrap_or(30),
+            "--kv" => kv_sets = args.next().and_then(|v| v.parse().ok()),
             _ => addrs.push(a),
         }
     }
     if addrs.is_empty() {
-        eprintln!("usage: ftclient [--until-tick N] [--seconds S] ADDR [ADDR...]");
+        eprintln!("usage: ftclient [--until-tick N] [--seconds S] [--kv N] ADDR [ADDR...]");
         std::process::exit(2);
+    }
+    if let Some(n) = kv_sets {
+        std::process::exit(kv(&addrs, n));
     }
     let end = Instant::now() + Duration::from_secs(seconds);
     let (mut last, mut duplicates, mut missing, mut switches) = (0u64, 0u64, 0u64, 0u32);
