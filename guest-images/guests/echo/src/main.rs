@@ -17,33 +17,20 @@ fn main() -> u8 {
     console::start_rx_interrupts();
     println!("echo: ready");
 
-    let mut line = [0u8; 256];
-    let mut len = 0;
+    let mut lines = console::LineReader::new();
     loop {
-        let Some(b) = console::pop_rx() else {
+        let Some(text) = lines.poll() else {
             guest_rt::wait_for_interrupt();
             continue;
         };
-        match b {
-            b'\r' => {}
-            b'\n' => {
-                let text = &mut line[..len];
-                if text == b"quit" {
-                    println!("echo: bye");
-                    return 0;
-                }
-                text.make_ascii_uppercase();
-                text.reverse();
-                print_bytes(b"echo: ");
-                print_bytes(text);
-                print_bytes(b"\n");
-                len = 0;
-            }
-            _ if len < line.len() => {
-                line[len] = b;
-                len += 1;
-            }
-            _ => {}
+        if text == b"quit" {
+            println!("echo: bye");
+            return 0;
         }
+        text.make_ascii_uppercase();
+        text.reverse();
+        print_bytes(b"echo: ");
+        print_bytes(text);
+        print_bytes(b"\n");
     }
 }

@@ -149,24 +149,13 @@ fn main() -> u8 {
     console::start_rx_interrupts();
     println!("kvstore: ready ({} records)", store.next);
 
-    let mut line = [0u8; 256];
-    let mut len = 0;
+    let mut lines = console::LineReader::new();
     loop {
-        let Some(b) = console::pop_rx() else {
+        let Some(line) = lines.poll() else {
             guest_rt::wait_for_interrupt();
             continue;
         };
-        if b == b'\r' {
-            continue;
-        }
-        if b != b'\n' {
-            if len < line.len() {
-                line[len] = b;
-                len += 1;
-            }
-            continue;
-        }
-        let mut words = line[..len].split(|c| *c == b' ').filter(|w| !w.is_empty());
+        let mut words = line.split(|c| *c == b' ').filter(|w| !w.is_empty());
         let (cmd, a, b, extra) = (words.next(), words.next(), words.next(), words.next());
         match (cmd, a, b, extra) {
             (Some(b"set"), Some(k), Some(v), None) if valid_token(k) && valid_token(v) => {
@@ -201,6 +190,5 @@ fn main() -> u8 {
             }
             _ => println!("ERR usage: set K V | get K | del K"),
         }
-        len = 0;
     }
 }

@@ -99,3 +99,41 @@ pub fn pop_rx() -> Option<u8> {
     RX_TAIL.store(tail.wrapping_add(1), Ordering::Relaxed);
     Some(b)
 }
+
+/// Assembles lines from the interrupt-driven input ([`start_rx_interrupts`]).
+/// Carriage returns are dropped; a line longer than the buffer is cut short.
+pub struct LineReader {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Default for LineReader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LineReader {
+    pub const fn new() -> Self {
+        LineReader { buf: [0; 256], len: 0 }
+    }
+
+    /// The next complete line (without its newline), once one has arrived.
+    pub fn poll(&mut self) -> Option<&mut [u8]> {
+        while let Some(b) = pop_rx() {
+            match b {
+                b'\n' => {
+                    let len = core::mem::take(&mut self.len);
+                    return Some(&mut self.buf[..len]);
+                }
+                b'\r' => {}
+                _ if self.len < self.buf.len() => {
+                    self.buf[self.len] = b;
+                    self.len += 1;
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+}

@@ -39,8 +39,7 @@ fn main() -> u8 {
 
     let mut printed = 0u64;
     let mut chain = Fnv::new();
-    let mut line = [0u8; 200];
-    let mut len = 0;
+    let mut lines = console::LineReader::new();
     loop {
         // Every tick gets its line, in order, even if interrupts coalesced.
         while printed < TICKS.load(Ordering::Relaxed) {
@@ -52,22 +51,11 @@ fn main() -> u8 {
             }
         }
         let mut busy = false;
-        while let Some(b) = console::pop_rx() {
+        while let Some(line) = lines.poll() {
             busy = true;
-            match b {
-                b'\n' => {
-                    print_bytes(b"said: ");
-                    print_bytes(&line[..len]);
-                    print_bytes(b"\n");
-                    len = 0;
-                }
-                b'\r' => {}
-                _ if len < line.len() => {
-                    line[len] = b;
-                    len += 1;
-                }
-                _ => {}
-            }
+            print_bytes(b"said: ");
+            print_bytes(line);
+            print_bytes(b"\n");
         }
         if !busy && printed == TICKS.load(Ordering::Relaxed) {
             guest_rt::wait_for_interrupt();
