@@ -17,9 +17,9 @@
 //! console, alone and with a backup attached, the disk on ftdisk.
 
 use ftvmm_tests::{ftvmm, qemu_img, require_kvm, spawn_ftdisk, wait, Proc, Scratch};
-use std::io::{BufRead, BufReader, Write};
 use replay::{Entry, LogReader, RecordSource};
 use std::io::Read;
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
