@@ -27,7 +27,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 ///
 /// Exit status: the guest's own status (what it wrote to port 0xf4); 2 for a
 /// VMM, guest or input error; 3 for a replay divergence; 4 when a replayed
-/// log ends before the guest does.
+/// log ends before the guest does; 5 when this side lost the go-live
+/// arbitration on the shared disk and halted.
 #[derive(Debug, Parser)]
 #[command(name = "ftvmm", version, about, long_about)]
 pub struct Cli {
@@ -97,10 +98,12 @@ pub struct Cli {
     pub connect: Option<String>,
 
     /// Give the guest a virtio-blk disk backed by the raw image file PATH
-    /// (e.g. made by `qemu-img create -f raw PATH 64M`). With --primary and
-    /// --backup, both name the same shared image: only the live side writes
-    /// it, and the backup never reads it while it replays.
-    #[arg(long, value_name = "PATH")]
+    /// (e.g. made by `qemu-img create -f raw PATH 64M`), or by the image an
+    /// `ftdisk` server at ADDR serves (`ftdisk:ADDR`: shared storage with
+    /// go-live arbitration and fencing). A primary and its backup name the
+    /// same disk: only the live side writes it, and the backup never reads it
+    /// while it replays.
+    #[arg(long, value_name = "PATH|ftdisk:ADDR")]
     pub disk: Option<PathBuf>,
 
     /// At exit, print the output-commit latency (how long outputs were held
