@@ -172,3 +172,41 @@ fn acknowledged_writes_survive_a_storage_server_restart() {
     assert!(r.stdout.ends_with(&expected), "{}\n{}", r.stdout, r.stderr);
     let _ = ftdisk.kill();
 }
+
+#[test]
+fn a_backup_that_cannot_reach_the_storage_does_not_go_live_until_it_can() {
+    let dir = Scratch::new("ftdisk-down");
+    let image = dir.path("disk.img");
+    qemu_img(&image, 1 << 20);
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let (mut ftdisk, _) = spawn_ftdisk(&image, &addr);
+    let disk = format!("ftdisk:{addr}");
+    let common = ["--guest", "ticker", "--cmdline", "hz=50", "--disk", disk.as_str(), "--heartbeat-ms", "100"];
+    let mut pargs = vec!["--primary", "--listen", "127.0.0.1:0"];
+    pargs.extend_from_slice(&common);
+    let mut p = Proc::spawn(&pargs);
+    let log_addr = p.wait_addr("waiting for a backup on", START);
+    let mut bargs = vec!["--backup", "--connect", log_addr.as_str()];
+    bargs.extend_from_slice(&common);
+    let mut b = Proc::spawn(&bargs);
+    p.wait_line("backup attached", START);
+
+    // The storage goes away, then the primary dies.
+    let _ = ftdisk.kill();
+    let _ = ftdisk.wait();
+    p.kill();
+    b.wait_line("primary lost", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !b.stderr().iter().any(|l| l.contains("going live") || l.contains("won the shared disk")),
+        "went live without the storage: {:?}",
+        b.stderr()
+    );
+    assert!(b.child.try_wait().unwrap().is_none(), "the backup gave up instead of waiting");
+    // The storage comes back: now the backup wins it and goes live.
+    let (mut ftdisk, _) = spawn_ftdisk(&image, &addr);
+    b.wait_line("won the shared disk (generation 2)", Duration::from_secs(20));
+    b.wait_line("going live", Duration::from_secs(5));
+    let _ = ftdisk.kill();
+}
