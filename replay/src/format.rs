@@ -44,14 +44,13 @@ pub enum LogError {
 pub struct LogWriter<W: Write> {
     out: W,
     scratch: Vec<u8>,
-    bytes: u64,
 }
 
 impl<W: Write> LogWriter<W> {
     pub fn new(mut out: W, header: &Header) -> io::Result<Self> {
         out.write_all(MAGIC)?;
         out.write_all(&FORMAT_VERSION.to_le_bytes())?;
-        let mut writer = LogWriter { out, scratch: Vec::new(), bytes: 12 };
+        let mut writer = LogWriter { out, scratch: Vec::new() };
         writer.frame(header)?;
         Ok(writer)
     }
@@ -64,13 +63,7 @@ impl<W: Write> LogWriter<W> {
         self.out.write_all(&len[..n])?;
         self.out.write_all(&self.scratch)?;
         self.out.write_all(&crc32fast::hash(&self.scratch).to_le_bytes())?;
-        self.bytes += (n + self.scratch.len() + 4) as u64;
         Ok(())
-    }
-
-    /// Bytes written so far.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
     }
 }
 
@@ -103,7 +96,6 @@ pub struct LogReader<R: BufRead> {
     input: R,
     offset: u64,
     truncated: bool,
-    records: u64,
 }
 
 enum Frame {
@@ -133,7 +125,7 @@ impl<R: BufRead> LogReader<R> {
         if found != FORMAT_VERSION {
             return Err(LogError::Version { found });
         }
-        let mut reader = LogReader { input, offset: 12, truncated: false, records: 0 };
+        let mut reader = LogReader { input, offset: 12, truncated: false };
         let header = match reader.frame()? {
             Frame::Complete(payload) => reader.decode(&payload)?,
             Frame::End { .. } => return Err(LogError::NoHeader),
@@ -144,11 +136,6 @@ impl<R: BufRead> LogReader<R> {
     /// Whether the log ended inside a record (cut short by a crash).
     pub fn truncated(&self) -> bool {
         self.truncated
-    }
-
-    /// Records read so far.
-    pub fn records(&self) -> u64 {
-        self.records
     }
 
     fn decode<T: DeserializeOwned>(&self, payload: &[u8]) -> Result<T, LogError> {
@@ -208,7 +195,6 @@ impl<R: BufRead> RecordSource for LogReader<R> {
                     LogError::Corrupt { why, .. } => LogError::Corrupt { offset: start, why },
                     other => other,
                 })?;
-                self.records += 1;
                 Ok(Some(record))
             }
             Frame::End { partial } => {

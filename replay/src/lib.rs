@@ -240,12 +240,11 @@ impl<T: RecordSource + ?Sized> RecordSource for Box<T> {
 pub struct Recorder<S: RecordSink> {
     sink: S,
     position: Position,
-    records: u64,
 }
 
 impl<S: RecordSink> Recorder<S> {
     pub fn new(sink: S) -> Self {
-        Recorder { sink, position: Position { exit: 0, rip: 0 }, records: 0 }
+        Recorder { sink, position: Position { exit: 0, rip: 0 } }
     }
 
     /// The guest exited at `position` for `kind`.
@@ -280,11 +279,6 @@ impl<S: RecordSink> Recorder<S> {
         self.sink.passed(self.position.exit.saturating_sub(1))
     }
 
-    /// Records written so far.
-    pub fn records(&self) -> u64 {
-        self.records
-    }
-
     pub fn sink_mut(&mut self) -> &mut S {
         &mut self.sink
     }
@@ -294,7 +288,6 @@ impl<S: RecordSink> Recorder<S> {
     }
 
     fn append(&mut self, entry: Entry) -> std::io::Result<()> {
-        self.records += 1;
         self.sink.append(&Record { position: self.position, entry })
     }
 }
