@@ -24,8 +24,13 @@ P=10.77.0.1 B=10.77.0.2 S=10.77.0.4
 
 if [ "$(id -u)" != 0 ]; then echo "demo: needs root (network namespaces)" >&2; exit 1; fi
 if [ ! -e /dev/kvm ]; then echo "demo: /dev/kvm is missing" >&2; exit 1; fi
-command -v ip >/dev/null || { echo "demo: needs iproute2 (ip)" >&2; exit 1; }
-command -v qemu-img >/dev/null || { echo "demo: needs qemu-img (qemu-utils)" >&2; exit 1; }
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "demo: installing ${need[*]}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
 
 cargo build --release --bin ftvmm --bin ftdisk --bin ftclient >&2
 BIN=$PWD/target/release
