@@ -100,6 +100,19 @@ fn split_brain_trial(disk: &str, trial: u32) {
     b.kill();
 }
 
+/// A primary and a backup attached to it, both with `common` arguments.
+fn start_pair(common: &[&str]) -> (Proc, Proc) {
+    let mut pargs = vec!["--primary", "--listen", "127.0.0.1:0"];
+    pargs.extend_from_slice(common);
+    let p = Proc::spawn(&pargs);
+    let log_addr = p.wait_addr("waiting for a backup on", START);
+    let mut bargs = vec!["--backup", "--connect", log_addr.as_str()];
+    bargs.extend_from_slice(common);
+    let b = Proc::spawn(&bargs);
+    p.wait_line("backup attached", START);
+    (p, b)
+}
+
 #[test]
 fn a_cut_logging_channel_leaves_exactly_one_side_live() {
     let dir = Scratch::new("split-brain");
@@ -123,15 +136,8 @@ fn acknowledged_writes_survive_a_storage_server_restart() {
     let (mut ftdisk, _) = spawn_ftdisk(&image, &addr);
     let disk = format!("ftdisk:{addr}");
     let common = ["--guest", "kvstore", "--disk", disk.as_str(), "--serial", "tcp:127.0.0.1:0"];
-    let mut pargs = vec!["--primary", "--listen", "127.0.0.1:0"];
-    pargs.extend_from_slice(&common);
-    let p = Proc::spawn(&pargs);
-    let log_addr = p.wait_addr("waiting for a backup on", START);
+    let (p, b) = start_pair(&common);
     let console = p.wait_addr("serial console on", START);
-    let mut bargs = vec!["--backup", "--connect", log_addr.as_str()];
-    bargs.extend_from_slice(&common);
-    let b = Proc::spawn(&bargs);
-    p.wait_line("backup attached", START);
 
     let stream = TcpStream::connect(&console).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -183,14 +189,7 @@ fn a_backup_that_cannot_reach_the_storage_does_not_go_live_until_it_can() {
     let (mut ftdisk, _) = spawn_ftdisk(&image, &addr);
     let disk = format!("ftdisk:{addr}");
     let common = ["--guest", "ticker", "--cmdline", "hz=50", "--disk", disk.as_str(), "--heartbeat-ms", "100"];
-    let mut pargs = vec!["--primary", "--listen", "127.0.0.1:0"];
-    pargs.extend_from_slice(&common);
-    let mut p = Proc::spawn(&pargs);
-    let log_addr = p.wait_addr("waiting for a backup on", START);
-    let mut bargs = vec!["--backup", "--connect", log_addr.as_str()];
-    bargs.extend_from_slice(&common);
-    let mut b = Proc::spawn(&bargs);
-    p.wait_line("backup attached", START);
+    let (mut p, mut b) = start_pair(&common);
 
     // The storage goes away, then the primary dies.
     let _ = ftdisk.kill();

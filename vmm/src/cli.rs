@@ -2,7 +2,7 @@
 
 use crate::boot::{CMDLINE_MAX, MAX_MEM_BYTES};
 use crate::clock::{wall_clock_ns, HostClock};
-use crate::console::{self, Endpoint, SerialSpec};
+use crate::console::{Endpoint, SerialSpec};
 use crate::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
 use crate::ft::{Direct, Held, LogSink, LogSource, OutputGate, SerialOutput, Suppressed};
 use crate::inputs::{Inputs, LiveInputs};
@@ -224,14 +224,10 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
 
     // Live serial input: the endpoint's, or --serial-input's file.
     let serial_input = |endpoint: Endpoint| -> Result<_, CliError> {
-        match &cli.serial_input {
-            Some(path) => {
-                let file =
-                    File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?;
-                Ok((console::spawn_reader(file), endpoint.start_output_only()))
-            }
-            None => Ok(endpoint.start()),
-        }
+        endpoint.start_with_input(cli.serial_input.as_deref()).map_err(|e| {
+            let path = cli.serial_input.as_deref().unwrap_or(std::path::Path::new("")).display();
+            usage(format!("cannot open serial input {path}: {e}"))
+        })
     };
 
     // Open the log (or reach the peer) before touching KVM, so that a bad log

@@ -72,6 +72,21 @@ impl Endpoint {
         }
     }
 
+    /// Starts serving, with the guest's input read from `input_file`
+    /// (`--serial-input`) instead of the endpoint when one is given.
+    pub fn start_with_input(
+        self,
+        input_file: Option<&std::path::Path>,
+    ) -> std::io::Result<(Receiver<Vec<u8>>, OutputPort)> {
+        match input_file {
+            Some(path) => {
+                let file = std::fs::File::open(path)?;
+                Ok((spawn_reader(file), self.start_output_only()))
+            }
+            None => Ok(self.start()),
+        }
+    }
+
     /// Starts serving output only: a replay takes no input from the host.
     pub fn start_output_only(self) -> OutputPort {
         match self {

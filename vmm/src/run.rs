@@ -351,10 +351,9 @@ impl Vmm {
                         gate.released(delivered.load(Ordering::Acquire), disk_delivered.load(Ordering::Acquire)),
                     );
                     link.throttle(position.exit);
-                    if let Some(why) = link.backup_lost().filter(|_| !self.backup_loss_reported) {
-                        self.backup_loss_reported = true;
-                        return self.backup_lost(position, &why);
-                    }
+                }
+                if let Some(why) = self.newly_lost_backup() {
+                    return self.backup_lost(position, &why);
                 }
             }
             Inputs::Replay(r) => {
@@ -364,6 +363,27 @@ impl Vmm {
             }
         }
         Ok(())
+    }
+
+    /// The primary's logging channel to its backup, if this VMM is one.
+    fn primary_link(&mut self) -> Option<&mut logging_channel::PrimaryLink> {
+        match (&mut self.inputs, &self.role) {
+            (Inputs::Live(live), Role::Primary { .. }) => match live.recorder.as_mut()?.sink_mut() {
+                LogSink::Primary(link) => Some(link),
+                LogSink::File(_) => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Why the backup was lost, the first time the primary notices.
+    fn newly_lost_backup(&mut self) -> Option<String> {
+        if self.backup_loss_reported {
+            return None;
+        }
+        let why = self.primary_link()?.backup_lost()?;
+        self.backup_loss_reported = true;
+        Some(why)
     }
 
     /// The primary lost its backup: win the shared disk (if there is one to
@@ -430,14 +450,9 @@ impl Vmm {
         eprintln!("ftvmm: backup: primary lost ({why}) at exit {}", self.exits);
         self.arbitrate("backup", expected)?;
         eprintln!("ftvmm: backup: going live at exit {}", self.exits);
-        let (input, port) = match serial_input {
-            Some(path) => {
-                let file =
-                    std::fs::File::open(&path).map_err(|err| RunError::Io { what: "opening --serial-input", err })?;
-                (crate::console::spawn_reader(file), endpoint.start_output_only())
-            }
-            None => endpoint.start(),
-        };
+        let (input, port) = endpoint
+            .start_with_input(serial_input.as_deref())
+            .map_err(|err| RunError::Io { what: "opening --serial-input", err })?;
         self.output
             .go_live(released, port, self.disk.as_ref())
             .map_err(|err| RunError::Io { what: "re-issuing the primary's disk writes", err })?;
@@ -658,32 +673,25 @@ impl Vmm {
 
     /// The guest idles: block until the host has an input for it.
     fn wait_for_host_input(&mut self, position: Position) -> Result<(), RunError> {
-        // Nothing else will happen for a while: make the log durable.
+        if let Some(why) = self.newly_lost_backup() {
+            return self.backup_lost(position, &why);
+        }
+        // Keep an eye on the backup while the guest idles.
+        let watch_backup = self.primary_link().is_some();
         let Inputs::Live(live) = &mut self.inputs else {
             return Ok(());
         };
         if let Some(r) = &mut live.recorder {
-            // Let a backup catch up to this exit while the guest idles.
+            // Nothing else will happen for a while: make the log durable, and
+            // let a backup catch up to this exit while the guest idles.
             r.passed_previous().map_err(log_write_error)?;
             r.flush().map_err(log_write_error)?;
         }
         let mut deadline = self.devices.pit.next_irq0_deadline().map(|ns| live.host.instant_at(ns));
-        let mut watching = None;
-        if let (Some(r), Role::Primary { .. }) = (&mut live.recorder, &self.role) {
-            if let LogSink::Primary(link) = r.sink_mut() {
-                // Keep an eye on the backup while the guest idles.
-                watching = link.backup_lost().filter(|_| !self.backup_loss_reported);
-                let soon = Instant::now() + Duration::from_millis(20);
-                deadline = Some(deadline.map_or(soon, |d| d.min(soon)));
-            }
+        if watch_backup {
+            let soon = Instant::now() + Duration::from_millis(20);
+            deadline = Some(deadline.map_or(soon, |d| d.min(soon)));
         }
-        if let Some(why) = watching {
-            self.backup_loss_reported = true;
-            return self.backup_lost(position, &why);
-        }
-        let Inputs::Live(live) = &mut self.inputs else {
-            return Ok(());
-        };
         match live.wait(deadline) {
             Woken::Input | Woken::Deadline => Ok(()),
             Woken::Nothing => Err(RunError::Guest {
