@@ -1,5 +1,6 @@
-//! Fault tolerance glue: where the log goes and comes from (a file, or the
-//! logging channel), and the serial output's three regimes:
+//! Fault tolerance glue: the VMM's role in a pair ([`Role`]), where the log
+//! goes and comes from (a file, or the logging channel), and the outputs'
+//! three regimes:
 //! - [`Direct`]: released at once (a run alone, a recording, a replay, and a
 //!   backup after it went live);
 //! - [`Held`]: the primary's output rule — each output waits until the
@@ -7,15 +8,50 @@
 //! - [`Suppressed`]: the backup's, while it replays — kept until the primary
 //!   reports it released, and re-emitted when the backup goes live.
 
-use crate::console::{OutputPort, PortSender};
+use crate::console::{Endpoint, OutputPort, PortSender};
 use crate::disk::{DiskOp, DiskPort, DiskSender};
 use logging_channel::{BackupLink, PrimaryLink};
 use replay::{LogError, LogReader, LogWriter, Position, Record, RecordSink, RecordSource};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// The VMM's part in fault tolerance.
+pub enum Role {
+    /// Alone: a plain run, a recording or a replay (or a former backup, live).
+    Solo,
+    /// The primary: inputs go to the backup, outputs wait for its acks.
+    Primary {
+        gate: Arc<OutputGate>,
+        /// The exit up to which serial output has reached the outside world.
+        delivered: Arc<AtomicU64>,
+        /// The exit up to which released disk writes have been applied.
+        disk_delivered: Arc<AtomicU64>,
+        finish_timeout: Duration,
+        /// Our owner generation of the shared disk (0: none).
+        generation: u64,
+        /// When the watermark was last shipped: (exit, time).
+        shipped: (u64, Instant),
+    },
+    /// The backup: replays the primary's log; when it ends (the primary is
+    /// gone) it goes live and serves `endpoint`, with serial input from
+    /// `serial_input` if given (`--serial-input`), else from the endpoint.
+    Backup {
+        endpoint: Option<Endpoint>,
+        serial_input: Option<std::path::PathBuf>,
+        /// The primary's generation of the shared disk, to claim it from.
+        expected_generation: u64,
+    },
+}
+
+/// How this VMM calls itself in the arbitration record.
+pub fn owner_name(role: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{role} pid {} on {}", std::process::id(), host.trim())
+}
 
 /// Where recorded records go.
 pub enum LogSink {

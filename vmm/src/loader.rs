@@ -4,7 +4,7 @@
 //! and then loaded by linux-loader. The executable segments are remembered:
 //! the RDTSC rewriter decodes them.
 
-use crate::boot::IMAGE_MIN_ADDR;
+use crate::layout::IMAGE_MIN_ADDR;
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use object::elf::{FileHeader64, PF_X, PT_LOAD};
 use object::read::elf::{FileHeader, ProgramHeader};

@@ -22,7 +22,7 @@ use std::collections::HashSet;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// `in eax, imm8` with the TSC port.
-const TSC_PORT_READ: [u8; 2] = [0xe5, crate::devices::TSC_PORT as u8];
+const TSC_PORT_READ: [u8; 2] = [0xe5, crate::layout::TSC_PORT as u8];
 
 /// Rewrites every RDTSC in `segments` (guest address, length) and returns
 /// the RIPs of the replacement instructions.
