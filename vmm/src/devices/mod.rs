@@ -298,13 +298,13 @@ mod tests {
         a.port_write(0x40, &[0x9c], &mut no_clock);
         a.port_write(layout::COM1_BASE + 7, &[0x5a], &mut no_clock);
         a.serial_receive(b"hi");
-        a.mmio_write(layout::VIRTIO_MMIO_BASE + 0x070, &3u32.to_le_bytes());
+        a.mmio_write(layout::VIRTIO_MMIO_BASE + virtio::mmio::reg::STATUS, &3u32.to_le_bytes());
         let saved = bincode::serialize(&a.state()).unwrap();
         let mut b = Devices::new(64 << 20, Some(1 << 20));
         b.restore(bincode::deserialize(&saved).unwrap()).unwrap();
         assert_eq!(bincode::serialize(&b.state()).unwrap(), saved);
         let mut status = [0u8; 4];
-        b.mmio_read(layout::VIRTIO_MMIO_BASE + 0x070, &mut status);
+        b.mmio_read(layout::VIRTIO_MMIO_BASE + virtio::mmio::reg::STATUS, &mut status);
         assert_eq!(u32::from_le_bytes(status), 3);
 
         let mut diskless = Devices::new(64 << 20, None);
