@@ -24,7 +24,8 @@
 //! Everything the VMM writes lives below 1 MiB; images load at 1 MiB or above.
 
 use crate::layout::{self, BOOT_INFO_ADDR, CMDLINE_ADDR, GDT_ADDR, PML4_ADDR};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vm::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
 
 const PDPT_ADDR: u64 = PML4_ADDR + 0x1000;
 const PD_ADDR: u64 = PDPT_ADDR + 0x1000;
@@ -50,7 +51,7 @@ const PTE_HUGE: u64 = 1 << 7;
 /// Writes the page tables, GDT, boot info (with its virtio device table) and
 /// command line into guest memory.
 pub fn write_boot_structures(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     mem_size: u64,
     cmdline: &[u8],
     virtio: &[VirtioEntry],

@@ -15,7 +15,8 @@ use crate::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
 use crate::error::{usage, Error, RunError};
 use crate::ft::{owner_name, Direct, Held, LogSink, LogSource, OutputGate, Role, SerialOutput, Suppressed};
 use crate::inputs::{Inputs, LiveInputs};
-use crate::run::Vmm;
+use crate::run::{check_begin, Vmm};
+use crate::snapshot::{SnapshotError, StateReader};
 use crate::{loader, rdtsc, vm};
 use logging_channel::{BackupLink, ChannelConfig, PrimaryListener};
 use replay::{Header, LogReader, LogWriter, Recorder, Replayer};
@@ -103,6 +104,7 @@ fn wire(
     header: &mut Header,
     endpoint: Endpoint,
     disk: Option<&mut DiskPort>,
+    restored_at: Option<u64>,
 ) -> Result<Wiring, Error> {
     let channel = ChannelConfig { heartbeat_timeout: config.heartbeat, ..Default::default() };
     let wiring = match &config.mode {
@@ -110,10 +112,29 @@ fn wire(
             let file = File::open(log).map_err(|e| usage(format!("cannot open log {}: {e}", log.display())))?;
             let (logged, reader) =
                 LogReader::new(BufReader::new(file)).map_err(|e| usage(format!("{}: {e}", log.display())))?;
+            let mut replayer = Replayer::new(LogSource::File(reader));
+            match restored_at {
+                // A log recorded from this snapshot on.
+                Some(exit) if logged.config == restored_config(&header.config, exit) => {
+                    header.config = logged.config.clone();
+                }
+                // A log recorded from boot: replay the part after the snapshot.
+                Some(exit) => {
+                    logged.check_matches(header).map_err(|e| usage(format!("{}: {e}", log.display())))?;
+                    let more = replayer.skip_through(exit).map_err(|e| usage(format!("{}: {e}", log.display())))?;
+                    if !more {
+                        return Err(usage(format!(
+                            "{}: the log ends before exit {exit}, the snapshot's",
+                            log.display()
+                        )));
+                    }
+                }
+                None => {}
+            }
             logged.check_matches(header).map_err(|e| usage(format!("{}: {e}", log.display())))?;
             header.wall_clock_base_ns = logged.wall_clock_base_ns;
             Wiring {
-                inputs: Inputs::Replay(Replayer::new(LogSource::File(reader))),
+                inputs: Inputs::Replay(replayer),
                 output: Box::new(Direct(endpoint.start_output_only())),
                 role: Role::Solo,
             }
@@ -171,6 +192,10 @@ fn wire(
         }
         Mode::Solo { record } => {
             header.wall_clock_base_ns = wall_clock_ns();
+            if let Some(exit) = restored_at {
+                // A recording from a snapshot replays only from that snapshot.
+                header.config = restored_config(&header.config, exit);
+            }
             let recorder = match record {
                 Some(path) => {
                     let file =
@@ -208,7 +233,19 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
             header.disk_generation = claim_at_boot(d, role)?;
         }
     }
-    let Wiring { inputs, output, role } = wire(config, &mut header, endpoint, disk.as_mut())?;
+    // A snapshot to start from: checked against this VM before anything runs.
+    let mut snapshot = match &config.restore {
+        Some(path) => {
+            let bad = |e: SnapshotError| usage(format!("--restore {}: {e}", path.display()));
+            let file = File::open(path).map_err(|e| usage(format!("--restore {}: {e}", path.display())))?;
+            let mut reader = StateReader::new(BufReader::with_capacity(1 << 20, file)).map_err(bad)?;
+            let exit = check_begin(reader.next_item().map_err(bad)?, &header, mem_size).map_err(bad)?;
+            Some((reader, exit))
+        }
+        None => None,
+    };
+    let restored_at = snapshot.as_ref().map(|(_, exit)| *exit);
+    let Wiring { inputs, output, role } = wire(config, &mut header, endpoint, disk.as_mut(), restored_at)?;
 
     let machine = vm::Machine::new(mem_size).map_err(RunError::from)?;
     let loaded = loader::load(&machine.mem, mem_size, &image).map_err(|e| usage(format!("guest image {name}: {e}")))?;
@@ -221,15 +258,19 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         .map_err(|e| usage(format!("writing boot structures: {e}")))?;
     machine.set_boot_state(loaded.entry).map_err(RunError::from)?;
 
-    Ok(Vmm::new(
-        machine,
-        devices,
-        inputs,
-        output,
-        role,
-        disk,
-        rdtsc_sites,
-        header.wall_clock_base_ns,
-        config.wants_digest(),
-    ))
+    let mut vmm = Vmm::new(machine, devices, inputs, output, role, disk, rdtsc_sites, header, config.wants_digest());
+    if let (Some((reader, exit)), Some(path)) = (snapshot.as_mut(), &config.restore) {
+        vmm.restore_snapshot(reader).map_err(|e| usage(format!("--restore {}: {e}", path.display())))?;
+        eprintln!("ftvmm: restored the snapshot {} (exit {exit})", path.display());
+    }
+    if let Some((exit, path)) = &config.save_snapshot {
+        vmm.save_snapshot_at(*exit, path.clone());
+    }
+    Ok(vmm)
+}
+
+/// The configuration a recording begun from a snapshot at `exit` carries:
+/// it replays only from that snapshot.
+fn restored_config(config: &str, exit: u64) -> String {
+    format!("{config} restored_at_exit={exit}")
 }

@@ -100,6 +100,23 @@ pub struct Cli {
     #[arg(long)]
     pub stats: bool,
 
+    /// Save a snapshot of the whole VM (memory, vCPU, devices, clock) to
+    /// PATH when the guest reaches exit --save-at-exit, and run on.
+    #[arg(long, value_name = "PATH", requires = "save_at_exit")]
+    pub save_snapshot: Option<PathBuf>,
+
+    /// The guest-caused exit at which --save-snapshot saves (see --stats
+    /// for a run's exit count).
+    #[arg(long, value_name = "N", requires = "save_snapshot", value_parser = clap::value_parser!(u64).range(1..))]
+    pub save_at_exit: Option<u64>,
+
+    /// Start from the snapshot at PATH (taken of the same image and
+    /// configuration) instead of booting. With --replay, replays the rest of
+    /// a log recorded from boot, or a log recorded from this snapshot; with
+    /// --record, the log records from the snapshot on.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["primary", "backup"])]
+    pub restore: Option<PathBuf>,
+
     /// Declare the peer on the logging channel lost after this many
     /// milliseconds without traffic from it.
     #[arg(long, value_name = "MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
@@ -155,6 +172,8 @@ impl Cli {
             perturb_seed: self.perturb_seed,
             digest: self.digest,
             stats: self.stats,
+            save_snapshot: self.save_at_exit.zip(self.save_snapshot),
+            restore: self.restore,
             ..VmConfig::new(image)
         })))
     }

@@ -73,6 +73,10 @@ pub struct VmConfig {
     pub digest: bool,
     /// Print exit and output-commit statistics.
     pub stats: bool,
+    /// Save a snapshot when the guest reaches this exit, to this file.
+    pub save_snapshot: Option<(u64, PathBuf)>,
+    /// Start from this snapshot file instead of booting the image.
+    pub restore: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -91,6 +95,8 @@ impl VmConfig {
             perturb_seed: None,
             digest: false,
             stats: false,
+            save_snapshot: None,
+            restore: None,
         }
     }
 

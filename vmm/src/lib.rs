@@ -20,7 +20,8 @@
 //!   outside world;
 //! - [`inputs`] are the external inputs, live or from a log; [`ft`] the FT
 //!   role, the log's sinks and sources and the output regimes (the output
-//!   rule); [`digest`] the state digest; [`error`] what ends a run.
+//!   rule); [`digest`] the state digest; [`snapshot`] the state snapshot
+//!   format (files and live state transfer); [`error`] what ends a run.
 
 pub mod boot;
 pub mod builder;
@@ -39,4 +40,5 @@ pub mod layout;
 pub mod loader;
 pub mod rdtsc;
 pub mod run;
+pub mod snapshot;
 pub mod vm;

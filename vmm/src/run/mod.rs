@@ -18,6 +18,9 @@ mod delivery;
 mod dispatch;
 mod exit;
 mod failover;
+mod state;
+
+pub use state::check_begin;
 
 use crate::clock::{VirtualClock, TSC_HZ};
 use crate::devices::{Devices, PortAction};
@@ -27,7 +30,7 @@ use crate::error::{log_write_error, RunError};
 use crate::ft::{LogSink, Role, SerialOutput};
 use crate::inputs::Inputs;
 use crate::vm::Machine;
-use replay::{Divergence, ExitKind, Position};
+use replay::{Divergence, ExitKind, Header, Position};
 use std::collections::HashSet;
 
 /// How a run ended when the guest ended it.
@@ -57,9 +60,13 @@ pub struct Vmm {
     rdtsc_sites: HashSet<u64>,
     /// Wall-clock time at boot, the RTC's base.
     wall_clock_base_ns: u64,
+    /// What identifies this VM to a log, a peer or a snapshot.
+    header: Header,
     exits: u64,
     /// Compute the final state digest (for `--digest`, recording and replay).
     want_digest: bool,
+    /// Save a snapshot at this exit, to this file (`--save-snapshot`).
+    save_at: Option<(u64, std::path::PathBuf)>,
 }
 
 impl Vmm {
@@ -72,7 +79,7 @@ impl Vmm {
         role: Role,
         disk: Option<DiskPort>,
         rdtsc_sites: HashSet<u64>,
-        wall_clock_base_ns: u64,
+        header: Header,
         want_digest: bool,
     ) -> Self {
         Vmm {
@@ -86,10 +93,17 @@ impl Vmm {
             injected_at: 0,
             backup_loss_reported: false,
             rdtsc_sites,
-            wall_clock_base_ns,
+            wall_clock_base_ns: header.wall_clock_base_ns,
+            header,
             exits: 0,
             want_digest,
+            save_at: None,
         }
+    }
+
+    /// Saves a snapshot to `path` once exit `exit` has been handled.
+    pub fn save_snapshot_at(&mut self, exit: u64, path: std::path::PathBuf) {
+        self.save_at = Some((exit, path));
     }
 
     /// Guest-caused exits so far.
@@ -136,6 +150,7 @@ impl Vmm {
             self.devices.advance_timers(self.clock.now_ns());
             self.take_inputs(position, action == PortAction::Idle)?;
             self.passed(position)?;
+            self.maybe_save_snapshot(position.exit)?;
         }
     }
 

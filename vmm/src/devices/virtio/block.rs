@@ -9,9 +9,10 @@
 //! exactly.
 
 use super::{VirtioDevice, DEVICE_ID_BLOCK, F_VERSION_1};
+use crate::vm::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 pub const SECTOR: u64 = 512;
 const QUEUE_SIZES: &[u16] = &[64];
@@ -87,7 +88,7 @@ impl VirtioDevice for Block {
         &mut self,
         _index: usize,
         queues: &mut [Queue],
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         io: &mut Self::Io<'_>,
     ) -> Result<bool, String> {
         let Some(queue) = queues.first_mut() else { return Ok(false) };
@@ -119,7 +120,7 @@ impl VirtioDevice for Block {
 impl Block {
     /// One request: header, data descriptors, status byte. Returns the bytes
     /// written into guest memory.
-    fn serve(&mut self, mem: &GuestMemoryMmap, descs: &[(GuestAddress, u32, bool)], io: &mut dyn DiskIo) -> u32 {
+    fn serve(&mut self, mem: &GuestMem, descs: &[(GuestAddress, u32, bool)], io: &mut dyn DiskIo) -> u32 {
         let (Some(&(header, header_len, _)), Some(&(status_addr, _, true))) = (descs.first(), descs.last()) else {
             return 0;
         };

@@ -5,9 +5,9 @@
 //! behind it as a [`VirtioDevice`].
 
 use super::{SavedQueue, VirtioDevice};
+use crate::vm::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 /// "virt", little-endian.
 pub const MAGIC: u32 = 0x7472_6976;
@@ -215,7 +215,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// whether the guest should be interrupted.
     pub fn with_device(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         f: impl FnOnce(&mut D, &mut [Queue]) -> Result<bool, String>,
     ) -> bool {
         if !self.driver_ok() || self.queues.iter().any(|q| q.ready() && !q.is_valid(mem)) {
@@ -238,7 +238,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     /// The driver notified queue `index`: let the device process it.
-    pub fn notify(&mut self, index: usize, mem: &GuestMemoryMmap, io: &mut D::Io<'_>) -> bool {
+    pub fn notify(&mut self, index: usize, mem: &GuestMem, io: &mut D::Io<'_>) -> bool {
         let ready = self.queues.get(index).is_some_and(|q| q.ready());
         ready && self.with_device(mem, |device, queues| device.queue_notify(index, queues, mem, io))
     }
@@ -315,13 +315,7 @@ mod tests {
         fn reset(&mut self) {
             self.resets += 1;
         }
-        fn queue_notify(
-            &mut self,
-            index: usize,
-            _: &mut [Queue],
-            _: &GuestMemoryMmap,
-            _: &mut (),
-        ) -> Result<bool, String> {
+        fn queue_notify(&mut self, index: usize, _: &mut [Queue], _: &GuestMem, _: &mut ()) -> Result<bool, String> {
             self.notified.push(index);
             Ok(true)
         }
@@ -375,7 +369,7 @@ mod tests {
         write32(&mut t, reg::QUEUE_READY, 1); // ignored
         assert_eq!(write32(&mut t, reg::QUEUE_NOTIFY, 1), MmioEvent::QueueNotify(1));
         assert_eq!(write32(&mut t, reg::QUEUE_NOTIFY, 2), MmioEvent::None);
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
         assert!(!t.notify(1, &mem, &mut ()), "no work before DRIVER_OK and a ready queue");
         assert!(t.device.notified.is_empty());
     }

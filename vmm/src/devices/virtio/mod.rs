@@ -10,10 +10,10 @@
 pub mod block;
 pub mod mmio;
 
+use crate::vm::GuestMem;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
-use vm_memory::GuestMemoryMmap;
 
 /// VIRTIO_F_VERSION_1: a virtio 1.x device (the only kind ftvmm has).
 pub const F_VERSION_1: u64 = 1 << 32;
@@ -47,7 +47,7 @@ pub trait VirtioDevice {
         &mut self,
         index: usize,
         queues: &mut [Queue],
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         io: &mut Self::Io<'_>,
     ) -> Result<bool, String>;
     /// The device's state, to save or digest.
