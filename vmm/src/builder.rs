@@ -15,7 +15,7 @@ use crate::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
 use crate::error::{usage, Error, RunError};
 use crate::ft::{owner_name, Direct, Held, LogSink, LogSource, OutputGate, Role, SerialOutput, Suppressed};
 use crate::inputs::{Inputs, LiveInputs};
-use crate::run::{check_begin, Vmm};
+use crate::run::{check_begin, restore_state, Vmm};
 use crate::snapshot::{SnapshotError, StateReader};
 use crate::{loader, rdtsc, vm};
 use logging_channel::{BackupLink, ChannelConfig, PrimaryListener};
@@ -258,9 +258,20 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         .map_err(|e| usage(format!("writing boot structures: {e}")))?;
     machine.set_boot_state(loaded.entry).map_err(RunError::from)?;
 
+    let mut machine = machine;
+    let mut devices = devices;
+    // The second entry point: a VM built from a snapshot instead of its image.
+    let restored = match (snapshot.as_mut(), &config.restore) {
+        (Some((reader, _)), Some(path)) => Some(
+            restore_state(&mut machine, &mut devices, reader)
+                .map_err(|e| usage(format!("--restore {}: {e}", path.display())))?,
+        ),
+        _ => None,
+    };
     let mut vmm = Vmm::new(machine, devices, inputs, output, role, disk, rdtsc_sites, header, config.wants_digest());
-    if let (Some((reader, exit)), Some(path)) = (snapshot.as_mut(), &config.restore) {
-        vmm.restore_snapshot(reader).map_err(|e| usage(format!("--restore {}: {e}", path.display())))?;
+    if let (Some(restored), Some(path)) = (restored, &config.restore) {
+        let exit = restored.exits;
+        vmm.adopt(restored).map_err(|e| usage(format!("--restore {}: {e}", path.display())))?;
         eprintln!("ftvmm: restored the snapshot {} (exit {exit})", path.display());
     }
     if let Some((exit, path)) = &config.save_snapshot {

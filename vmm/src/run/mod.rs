@@ -20,7 +20,7 @@ mod exit;
 mod failover;
 mod state;
 
-pub use state::check_begin;
+pub use state::{check_begin, restore_state, Restored};
 
 use crate::clock::{VirtualClock, TSC_HZ};
 use crate::devices::{Devices, PortAction};
