@@ -288,12 +288,19 @@ fn raw_connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
-fn send(s: &mut TcpStream, id: u64, op: Op) -> Response {
-    s.write_all(&proto::encode(&Request { id, op }).unwrap()).unwrap();
+/// The session of the raw connections of tests.
+const RAW_SESSION: u64 = 0x5e55_10e0;
+
+fn send(s: &mut TcpStream, seq: u64, op: Op) -> Response {
+    send_in(s, RAW_SESSION, seq, op)
+}
+
+fn send_in(s: &mut TcpStream, session: u64, seq: u64, op: Op) -> Response {
+    s.write_all(&proto::encode(&Request { session, seq, op }).unwrap()).unwrap();
     let mut buf = Vec::new();
     proto::read_frame(s, &mut buf).unwrap();
     let response: Response = proto::decode(&buf).unwrap();
-    assert_eq!(response.id, id);
+    assert_eq!(response.seq, seq);
     response
 }
 
@@ -335,15 +342,23 @@ fn hostile_peers_are_dropped_and_change_nothing() {
     let addr = server.local_addr();
     let mut good = client(&server);
 
-    let mut wrong_version = proto::preamble();
-    wrong_version[8..].copy_from_slice(&2u32.to_le_bytes());
-    let valid = proto::encode(&Request { id: 1, op: Op::Info }).unwrap();
-    let write =
-        proto::encode(&Request { id: 1, op: Op::Write { offset: 0, data: vec![0xee; 512], generation: 0 } }).unwrap();
+    let version = |v: u32| {
+        let mut preamble = proto::preamble();
+        preamble[8..].copy_from_slice(&v.to_le_bytes());
+        preamble.to_vec()
+    };
+    let valid = proto::encode(&Request { session: 1, seq: 1, op: Op::Info }).unwrap();
+    let write = proto::encode(&Request {
+        session: 1,
+        seq: 1,
+        op: Op::Write { offset: 0, data: vec![0xee; 512], generation: 0 },
+    })
+    .unwrap();
     let cases: Vec<(&str, Vec<u8>, bool)> = vec![
         ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), false),
         ("wrong magic", b"FTDISK02\x01\0\0\0".to_vec(), false),
-        ("wrong version", wrong_version.to_vec(), false),
+        ("version 1", version(1), false),
+        ("a newer version", version(PROTOCOL_VERSION + 1), false),
         ("short preamble", b"FTDI".to_vec(), true),
         ("oversize length", with_preamble(&(MAX_FRAME + 1).to_le_bytes()), false),
         ("maximal length", with_preamble(&u32::MAX.to_le_bytes()), false),
@@ -351,11 +366,11 @@ fn hostile_peers_are_dropped_and_change_nothing() {
         ("truncated frame", with_preamble(&[&100u32.to_le_bytes()[..], &[1; 10]].concat()), true),
         ("truncated write", with_preamble(&write[..write.len() - 1]), true),
         ("undecodable payload", with_preamble(&frame(&[0xff; 8])), false),
-        ("unknown op", with_preamble(&frame(&[1, 42])), false),
+        ("unknown op", with_preamble(&frame(&[1, 1, 42])), false),
         ("empty payload", with_preamble(&frame(&[])), false),
         ("trailing bytes", with_preamble(&frame(&[&valid[4..], &[0][..]].concat())), false),
         // A write whose data length claims more than the frame holds.
-        ("lying length", with_preamble(&frame(&[1, 1, 0, 0xfc, 0xff, 0xff, 0xff, 0x0f])), false),
+        ("lying length", with_preamble(&frame(&[1, 1, 1, 0, 0xfc, 0xff, 0xff, 0xff, 0x0f])), false),
     ];
     for (name, bytes, then_close) in &cases {
         let got = hostile(addr, bytes, *then_close);
@@ -385,11 +400,11 @@ fn hostile_peers_are_dropped_and_change_nothing() {
             DiskError::TooLarge { len: u64::from(MAX_IO) + 1, max: MAX_IO.into() },
         ),
     ];
-    for (id, (op, want)) in refused.into_iter().enumerate() {
+    for (i, (op, want)) in refused.into_iter().enumerate() {
         let kind = op.kind();
-        assert_eq!(send(&mut raw, id as u64, op).result, Err(want), "{kind}");
+        assert_eq!(send(&mut raw, i as u64 + 1, op).result, Err(want), "{kind}");
     }
-    assert_eq!(send(&mut raw, 99, Op::Info).result, Ok(Reply::Info { size }));
+    assert_eq!(send(&mut raw, 99, Op::Info).result, Ok(Reply::Info { size, arbiter_only: false }));
 
     assert_eq!(good.owner().unwrap(), (0, String::new()));
     good.write(512, &block(5), 0).unwrap();
