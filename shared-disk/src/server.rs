@@ -110,6 +110,9 @@ pub struct ServerStats {
     pub sessions: usize,
     /// Sessions forgotten because the table was full.
     pub sessions_evicted: u64,
+    /// Connection threads that panicked: a bug (each ends only its own
+    /// connection). Tests check it stays 0.
+    pub connection_panics: u64,
 }
 
 /// The timeouts of a server's connections.
@@ -158,6 +161,7 @@ struct Shared {
     writes_applied: AtomicU64,
     remembered: AtomicU64,
     refused: AtomicU64,
+    panics: AtomicU64,
 }
 
 struct Conn {
@@ -227,6 +231,7 @@ impl Server {
             writes_applied: AtomicU64::new(0),
             remembered: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
         });
         let for_thread = shared.clone();
         let accept = std::thread::Builder::new()
@@ -262,6 +267,7 @@ impl Server {
             refused_stale: s.refused.load(Ordering::Relaxed),
             sessions,
             sessions_evicted,
+            connection_panics: s.panics.load(Ordering::Relaxed),
         }
     }
 
@@ -420,6 +426,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         next_id += 1;
         let for_thread = shared.clone();
         let spawned = std::thread::Builder::new().name(format!("ftdisk-conn-{id}")).spawn(move || {
+            let _count = CountPanic(&for_thread.panics);
             serve_connection(&for_thread, stream, peer);
             if let Some(conn) = lock(&for_thread.conns).get_mut(&id) {
                 conn.stream = None;
@@ -430,6 +437,18 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 conns.insert(id, Conn { stream: Some(handle), thread });
             }
             Err(e) => warn!(%peer, "refusing a connection: cannot start its thread: {e}"),
+        }
+    }
+}
+
+/// Counts the connection threads that panicked (a bug; it ends only that
+/// connection).
+struct CountPanic<'a>(&'a AtomicU64);
+
+impl Drop for CountPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -35,7 +35,7 @@ struct Cli {
     /// win is acknowledged, so it survives restarts). Its directory must be
     /// writable: the record is replaced by rename, and PATH.lock keeps a
     /// second server off it.
-    #[arg(long, value_name = "PATH", requires = "arbiter_only")]
+    #[arg(long, value_name = "PATH", requires = "arbiter_only", conflicts_with = "image")]
     state: Option<PathBuf>,
     /// Address to listen on, e.g. 0.0.0.0:7400 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]

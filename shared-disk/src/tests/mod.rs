@@ -1,8 +1,16 @@
 //! Tests over real TCP on 127.0.0.1, with images in temporary directories.
-//! Raw `std::net` sockets stand in for broken or hostile peers.
+//! Raw `std::net` sockets stand in for broken or hostile peers, and a proxy
+//! ([`proxy`]) for a network that breaks connections mid-request.
+
+mod arbiter;
+mod bounds;
+mod props;
+mod proxy;
+mod sessions;
 
 use crate::proto::{self, DiskError, Op, Reply, Request, Response};
 use crate::*;
+use proxy::{Fate, Proxy};
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -488,46 +496,19 @@ fn a_client_refuses_a_server_that_is_not_ftdisk() {
     fake.join().unwrap();
 }
 
-/// Forwards connections to `target`. On the first connection it forwards
-/// the server's first `lose_frame - 1` response frames, then closes both
-/// sides instead of forwarding the next one: the request was executed, but
-/// its answer is lost.
-fn lossy_proxy(target: SocketAddr, lose_frame: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for (n, client) in listener.incoming().enumerate() {
-            let Ok(client) = client else { return };
-            let Ok(server) = TcpStream::connect(target) else { return };
-            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            thread::spawn(move || {
-                let _ = std::io::copy(&mut c_in, &mut s_out);
-                let _ = s_out.shutdown(Shutdown::Write);
-            });
-            let (mut s_in, mut c_out) = (server, client);
-            thread::spawn(move || {
-                if n > 0 {
-                    let _ = std::io::copy(&mut s_in, &mut c_out);
-                    let _ = c_out.shutdown(Shutdown::Write);
-                    return;
-                }
-                let mut preamble = [0u8; 12];
-                s_in.read_exact(&mut preamble).unwrap();
-                c_out.write_all(&preamble).unwrap();
-                for i in 1.. {
-                    let mut buf = Vec::new();
-                    proto::read_frame(&mut s_in, &mut buf).unwrap();
-                    if i == lose_frame {
-                        let _ = c_out.shutdown(Shutdown::Both);
-                        let _ = s_in.shutdown(Shutdown::Both);
-                        return;
-                    }
-                    c_out.write_all(&frame(&buf)).unwrap();
-                }
-            });
+/// Forwards connections to `target`, and loses the answer to the
+/// `lose_frame`th request (counting from 1, over all connections): the
+/// request was executed, but its answer is lost with the connection.
+fn lossy_proxy(target: SocketAddr, lose_frame: usize) -> Proxy {
+    let mut n = 0;
+    Proxy::start(target, move |_| {
+        n += 1;
+        if n == lose_frame {
+            Fate::LoseAnswer
+        } else {
+            Fate::Pass
         }
-    });
-    addr
+    })
 }
 
 #[test]
@@ -537,7 +518,7 @@ fn a_test_and_set_whose_answer_was_lost_still_wins_once() {
     let server = start(&image);
     // Frame 1 answers Info (in connect), frame 2 the test-and-set.
     let proxy = lossy_proxy(server.local_addr(), 2);
-    let mut c = DiskClient::connect(&proxy.to_string(), TIMEOUT).unwrap();
+    let mut c = DiskClient::connect(&proxy.addr().to_string(), TIMEOUT).unwrap();
     assert_eq!(c.test_and_set(0, "backup@b").unwrap(), TasOutcome::Won { generation: 1 });
     // Won once: a blind retry would have reported Lost, or won twice.
     assert_eq!(c.owner().unwrap(), (1, "backup@b".to_string()));
@@ -550,7 +531,7 @@ fn a_lost_answer_to_someone_elses_win_is_not_taken_for_ours() {
     let image = dir.image(64 << 10);
     let server = start(&image);
     let proxy = lossy_proxy(server.local_addr(), 2);
-    let mut c = DiskClient::connect(&proxy.to_string(), TIMEOUT).unwrap();
+    let mut c = DiskClient::connect(&proxy.addr().to_string(), TIMEOUT).unwrap();
     // Our test-and-set from generation 0 loses and its answer is lost; the
     // record then shows generation 1, expected + 1, but not our name.
     assert_eq!(client(&server).test_and_set(0, "primary@a").unwrap(), TasOutcome::Won { generation: 1 });
