@@ -1,5 +1,9 @@
-//! The messages of the ftdisk protocol and their framing: what goes over the
-//! socket, and nothing about when.
+//! The messages of the ftdisk protocol (version [`crate::PROTOCOL_VERSION`])
+//! and their framing: what goes over the socket, and nothing about when.
+//! The crate doc has the protocol as a whole; [`crate::session`] what the
+//! session and sequence number of a [`Request`] mean. Decoding never trusts
+//! a length from the peer: a frame is at most [`crate::MAX_FRAME`] bytes,
+//! read as it arrives, and bincode is limited to the same.
 
 use crate::{MAGIC, MAX_FRAME, PROTOCOL_VERSION};
 use bincode::Options;

@@ -3,7 +3,7 @@
 //!
 //! A client picks a random 64-bit session id when it is created and numbers
 //! its requests 1, 2, 3, ...; a request it retries on a new connection keeps
-//! its number. For each session the server keeps a [`Slot`]: the highest
+//! its number. For each session the server keeps a slot: the highest
 //! sequence number executed so far (the *applied mark*) and the outcomes of
 //! the last [`REPLY_CACHE`] requests. A request of the session is handled
 //! under the slot's lock, so requests of one session never execute

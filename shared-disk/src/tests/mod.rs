@@ -556,5 +556,6 @@ fn errors_display_on_one_line() {
 fn a_client_can_move_to_the_vcpu_thread() {
     fn send<T: Send>() {}
     send::<DiskClient>();
+    send::<Arbiter>();
     send::<Server>();
 }

@@ -104,6 +104,13 @@ fn a_retried_request_is_answered_from_memory() {
     assert_eq!(send_in(&mut second, session, 2, write_op(2)).result, Ok(Reply::Done));
     let stats = server.stats();
     assert_eq!((stats.writes_applied, stats.answered_from_memory), (2, 2), "{stats:?}");
+    // A request older than the newest executed one, never seen before (it
+    // was still in the network, say), does not execute.
+    assert_eq!(send_in(&mut second, session, 4, write_op(4)).result, Ok(Reply::Done));
+    assert_eq!(send_in(&mut first, session, 3, write_op(3)).result, Err(DiskError::Stale { seq: 3, applied: 4 }));
+    assert_eq!(server.stats().writes_applied, 3);
+    assert_eq!(client(&server).read(0, 512).unwrap(), vec![4; 512]);
+    assert_eq!(send_in(&mut first, session, 5, write_op(2)).result, Ok(Reply::Done));
     // Another session is another numbering.
     assert_eq!(
         send_in(&mut second, session + 1, 1, Op::Read { offset: 0, len: 512 }).result,
