@@ -6,6 +6,7 @@
 //! The log or the peer is opened before KVM is touched, so that a bad log or
 //! an unreachable peer is reported as such.
 
+use crate::arbiter::{Arbitration, RemoteArbiter};
 use crate::boot::{self, VirtioEntry};
 use crate::clock::{wall_clock_ns, HostClock};
 use crate::config::{DiskSpec, ImageSource, Mode, VmConfig};
@@ -53,14 +54,14 @@ fn open_disk(spec: &DiskSpec) -> Result<DiskPort, Error> {
     Ok(DiskPort::new(backend))
 }
 
-/// Takes ownership of a shared disk at boot; returns the generation (0 when
-/// the disk cannot arbitrate).
-fn claim_at_boot(disk: &DiskPort, role: &str) -> Result<u64, Error> {
-    let fail = |e: std::io::Error| usage(format!("--disk: claiming the shared disk: {e}"));
-    let Some(current) = disk.generation().map_err(fail)? else { return Ok(0) };
-    match disk.claim(current, &owner_name(role)).map_err(fail)? {
+/// Takes the arbitration record at boot (fencing off any earlier owner);
+/// returns the generation (0 when there is nothing to arbitrate on).
+fn claim_at_boot(arbitration: Arbitration<'_>, role: &str) -> Result<u64, Error> {
+    let fail = |e: std::io::Error| usage(format!("claiming the go-live arbitration record: {e}"));
+    let Some(current) = arbitration.generation().map_err(fail)? else { return Ok(0) };
+    match arbitration.claim(current, &owner_name(role)).map_err(fail)? {
         Some(Claim::Won { generation }) => Ok(generation),
-        Some(Claim::Lost { owner, .. }) => Err(usage(format!("--disk: {owner} took the shared disk while we started"))),
+        Some(Claim::Lost { owner, .. }) => Err(usage(format!("{owner} took the arbitration record while we started"))),
         None => Ok(0),
     }
 }
@@ -225,13 +226,22 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
     if let Some(addr) = endpoint.local_addr() {
         eprintln!("ftvmm: serial console on {addr}");
     }
-    // A VM that starts live owns the shared disk: claim it (fencing off any
-    // earlier owner). A replay never writes; a backup claims it when it goes live.
+    let arbiter = match &config.arbiter {
+        Some(addr) => Some(RemoteArbiter::connect(addr).map_err(|e| usage(format!("--arbiter ftdisk:{addr}: {e}")))?),
+        None => None,
+    };
+    let arbitration = match (&arbiter, &disk) {
+        (Some(a), _) => Arbitration::Remote(a),
+        (None, Some(d)) if matches!(config.disk, Some(DiskSpec::Ftdisk(_))) => Arbitration::Disk(d),
+        _ => Arbitration::None,
+    };
+    let unarbitrated = matches!(arbitration, Arbitration::None);
+    // A VM that starts live owns the arbitration record: claim it (fencing
+    // off any earlier owner of a shared disk). A replay never writes; a
+    // backup claims it when it goes live.
     if config.starts_live() {
-        if let Some(d) = &disk {
-            let role = if matches!(config.mode, Mode::Primary { .. }) { "primary" } else { "vmm" };
-            header.disk_generation = claim_at_boot(d, role)?;
-        }
+        let role = if matches!(config.mode, Mode::Primary { .. }) { "primary" } else { "vmm" };
+        header.disk_generation = claim_at_boot(arbitration, role)?;
     }
     // A snapshot to start from: checked against this VM before anything runs.
     let mut snapshot = match &config.restore {
@@ -246,6 +256,12 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
     };
     let restored_at = snapshot.as_ref().map(|(_, exit)| *exit);
     let Wiring { inputs, output, role } = wire(config, &mut header, endpoint, disk.as_mut(), restored_at)?;
+    if unarbitrated && matches!(config.mode, Mode::Primary { .. } | Mode::Backup { .. }) {
+        eprintln!(
+            "ftvmm: warning: no go-live arbitration (neither --disk ftdisk:ADDR nor --arbiter ftdisk:ADDR): \
+             a partition between primary and backup can leave two live copies"
+        );
+    }
 
     let machine = vm::Machine::new(mem_size).map_err(RunError::from)?;
     let loaded = loader::load(&machine.mem, mem_size, &image).map_err(|e| usage(format!("guest image {name}: {e}")))?;
@@ -269,6 +285,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         _ => None,
     };
     let mut vmm = Vmm::new(machine, devices, inputs, output, role, disk, rdtsc_sites, header, config.wants_digest());
+    vmm.arbiter = arbiter;
     if let (Some(restored), Some(path)) = (restored, &config.restore) {
         let exit = restored.exits;
         vmm.adopt(restored).map_err(|e| usage(format!("--restore {}: {e}", path.display())))?;

@@ -95,6 +95,12 @@ pub struct Cli {
     #[arg(long, value_name = "PATH|ftdisk:ADDR")]
     pub disk: Option<PathBuf>,
 
+    /// Arbitrate going live on the `ftdisk` at ADDR (`ftdisk --arbiter-only`
+    /// serves just that), for a pair without a shared disk on ftdisk: a
+    /// partition then never leaves two live copies.
+    #[arg(long, value_name = "ftdisk:ADDR")]
+    pub arbiter: Option<String>,
+
     /// At exit, print the output-commit latency (how long outputs were held
     /// for the backup's acknowledgement) on stderr: `ftvmm: stats: ...`.
     #[arg(long)]
@@ -161,7 +167,20 @@ impl Cli {
                 None => DiskSpec::File(path),
             }
         });
+        let arbiter = match self.arbiter {
+            Some(spec) => match spec.strip_prefix("ftdisk:") {
+                Some(addr) if !addr.is_empty() => Some(addr.to_string()),
+                _ => return Err(format!("--arbiter {spec:?}: want ftdisk:ADDR")),
+            },
+            None => None,
+        };
+        if arbiter.is_some() && matches!(disk, Some(DiskSpec::Ftdisk(_))) {
+            return Err(
+                "--arbiter: the shared disk on ftdisk already arbitrates (and fences); give one or the other".into()
+            );
+        }
         Ok(Command::Run(Box::new(VmConfig {
+            arbiter,
             mem_mib: self.mem_mib,
             cmdline: self.cmdline,
             serial: self.serial,

@@ -61,6 +61,9 @@ pub struct VmConfig {
     /// Serial input from this file instead of the endpoint.
     pub serial_input: Option<PathBuf>,
     pub disk: Option<DiskSpec>,
+    /// An arbiter-only `ftdisk` for go-live arbitration (a pair without a
+    /// shared disk on ftdisk).
+    pub arbiter: Option<String>,
     pub mode: Mode,
     /// The peer on the logging channel is lost after this long without
     /// traffic from it.
@@ -89,6 +92,7 @@ impl VmConfig {
             serial: SerialSpec::Stdio,
             serial_input: None,
             disk: None,
+            arbiter: None,
             mode: Mode::Solo { record: None },
             heartbeat: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(30),

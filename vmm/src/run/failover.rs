@@ -2,6 +2,7 @@
 //! output; noticing a lost backup; go-live arbitration on the shared disk;
 //! and a backup going live where its primary's log ends.
 
+use crate::arbiter::Arbitration;
 use crate::clock::HostClock;
 use crate::disk::Claim;
 use crate::error::{log_write_error, RunError};
@@ -101,19 +102,23 @@ impl Vmm {
         Ok(())
     }
 
-    /// Go-live arbitration: the test-and-set on the shared disk from
-    /// generation `expected`. Returns the new generation (None: the disk
-    /// cannot arbitrate, or there is none, and each side goes live on its own
+    /// Go-live arbitration: the test-and-set on the arbiter or the shared
+    /// disk from generation `expected`. Returns the new generation (None:
+    /// nothing to arbitrate on, and each side goes live on its own
     /// detection). Losing halts this VMM; unreachable storage is retried for
     /// as long as it takes, without going live.
     pub(super) fn arbitrate(&mut self, role: &str, expected: u64) -> Result<Option<u64>, RunError> {
-        let Some(disk) = &self.disk else { return Ok(None) };
+        let arbitration = self.arbitration();
+        let record = match arbitration {
+            Arbitration::Remote(_) => "the arbiter",
+            _ => "the shared disk",
+        };
         let owner = owner_name(role);
         loop {
-            match disk.claim(expected, &owner) {
+            match arbitration.claim(expected, &owner) {
                 Ok(None) => return Ok(None),
                 Ok(Some(Claim::Won { generation })) => {
-                    eprintln!("ftvmm: {role}: won the shared disk (generation {generation})");
+                    eprintln!("ftvmm: {role}: won {record} (generation {generation})");
                     return Ok(Some(generation));
                 }
                 Ok(Some(Claim::Lost { generation, owner })) => {
@@ -122,9 +127,7 @@ impl Vmm {
                     )));
                 }
                 Err(e) => {
-                    eprintln!(
-                        "ftvmm: {role}: cannot reach the shared disk to arbitrate ({e}); not going live, retrying"
-                    );
+                    eprintln!("ftvmm: {role}: cannot reach {record} to arbitrate ({e}); not going live, retrying");
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }

@@ -22,6 +22,7 @@ mod state;
 
 pub use state::{check_begin, restore_state, Restored};
 
+use crate::arbiter::{Arbitration, RemoteArbiter};
 use crate::clock::{VirtualClock, TSC_HZ};
 use crate::devices::{Devices, PortAction};
 use crate::digest;
@@ -65,6 +66,8 @@ pub struct Vmm {
     exits: u64,
     /// Compute the final state digest (for `--digest`, recording and replay).
     want_digest: bool,
+    /// The arbiter-only ftdisk go-live arbitration happens on (`--arbiter`).
+    pub arbiter: Option<RemoteArbiter>,
     /// Save a snapshot at this exit, to this file (`--save-snapshot`).
     save_at: Option<(u64, std::path::PathBuf)>,
 }
@@ -98,6 +101,17 @@ impl Vmm {
             exits: 0,
             want_digest,
             save_at: None,
+            arbiter: None,
+        }
+    }
+
+    /// Where going live is arbitrated: the arbiter, else a shared disk on
+    /// ftdisk (a local disk file answers that it cannot arbitrate).
+    pub(crate) fn arbitration(&self) -> Arbitration<'_> {
+        match (&self.arbiter, &self.disk) {
+            (Some(a), _) => Arbitration::Remote(a),
+            (None, Some(d)) => Arbitration::Disk(d),
+            (None, None) => Arbitration::None,
         }
     }
 
