@@ -39,4 +39,5 @@ pub mod layout;
 pub mod loader;
 pub mod rdtsc;
 pub mod run;
+pub mod tap;
 pub mod vm;

@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
