@@ -42,4 +42,5 @@ pub mod loader;
 pub mod rdtsc;
 pub mod run;
 pub mod snapshot;
+pub mod tap;
 pub mod vm;
