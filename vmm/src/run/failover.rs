@@ -140,7 +140,7 @@ impl Vmm {
     /// from exactly here. For anything else it is the end of the run.
     pub(super) fn end_of_log(&mut self, err: RunError) -> Result<(), RunError> {
         let RunError::EndOfLog { .. } = err else { return Err(err) };
-        let Role::Backup { endpoint, serial_input, expected_generation } = &mut self.role else { return Err(err) };
+        let Role::Backup { endpoint, serial_input, expected_generation, nic } = &mut self.role else { return Err(err) };
         let Some(endpoint) = endpoint.take() else { return Err(err) };
         let expected = *expected_generation;
         let Inputs::Replay(r) = &mut self.inputs else { return Err(err) };
@@ -149,17 +149,28 @@ impl Vmm {
             LogSource::File(_) => (0, "log ended".into()),
         };
         let serial_input = serial_input.take();
+        let nic = nic.take();
         eprintln!("ftvmm: backup: primary lost ({why}) at exit {}", self.exits);
         self.arbitrate("backup", expected)?;
         eprintln!("ftvmm: backup: going live at exit {}", self.exits);
         let (input, port) = endpoint
             .start_with_input(serial_input.as_deref())
             .map_err(|err| RunError::Io { what: "opening --serial-input", err })?;
+        if let Some(nic) = &nic {
+            // The LAN's bridges learn where the VM's MAC now is, before the
+            // re-emitted frames and the guest's retransmissions go out.
+            nic.announce();
+        }
         self.output
-            .go_live(released, port, self.disk.as_ref())
+            .go_live(released, port, self.disk.as_ref(), nic.as_ref().map(|n| n.tx.clone()))
             .map_err(|err| RunError::Io { what: "re-issuing the primary's disk writes", err })?;
         let host = HostClock::resume_at(self.clock.now_ns());
-        self.inputs = Inputs::Live(Box::new(LiveInputs::new(host, Some(input), None, None)));
+        let mut live = LiveInputs::new(host, Some(input), None, None);
+        if let Some(nic) = &nic {
+            live.attach_nic(nic.rx.clone(), &nic.waker);
+            nic.rx.set_discard(false);
+        }
+        self.inputs = Inputs::Live(Box::new(live));
         self.role = Role::Solo;
         Ok(())
     }

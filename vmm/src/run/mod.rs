@@ -28,7 +28,7 @@ use crate::devices::{Devices, PortAction};
 use crate::digest;
 use crate::disk::DiskPort;
 use crate::error::{log_write_error, RunError};
-use crate::ft::{LogSink, Role, SerialOutput};
+use crate::ft::{LogSink, Outputs, Role};
 use crate::inputs::Inputs;
 use crate::vm::Machine;
 use replay::{Divergence, ExitKind, Header, Position};
@@ -50,7 +50,7 @@ pub struct Vmm {
     pub devices: Devices,
     pub clock: VirtualClock,
     pub inputs: Inputs,
-    output: Box<dyn SerialOutput>,
+    output: Box<dyn Outputs>,
     role: Role,
     /// The disk's storage, if the VM has a disk.
     disk: Option<DiskPort>,
@@ -78,7 +78,7 @@ impl Vmm {
         machine: Machine,
         devices: Devices,
         inputs: Inputs,
-        output: Box<dyn SerialOutput>,
+        output: Box<dyn Outputs>,
         role: Role,
         disk: Option<DiskPort>,
         rdtsc_sites: HashSet<u64>,
