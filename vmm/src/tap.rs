@@ -595,6 +595,41 @@ pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
     f
 }
 
+/// The host side of a VM's NIC: its TAP's receive queue and sender, the
+/// waker of whichever run takes its frames, and the VM's MAC.
+pub struct HostNic {
+    pub rx: std::sync::Arc<TapRx>,
+    pub tx: TapTx,
+    pub waker: crate::inputs::FrameWaker,
+    pub mac: [u8; 6],
+}
+
+/// Frames a TAP's receive queue holds before it drops (as a NIC does).
+pub const RX_QUEUE_FRAMES: usize = 256;
+
+impl HostNic {
+    /// Opens the existing TAP `spec` names.
+    pub fn open(spec: &NetSpec) -> Result<HostNic, TapError> {
+        let waker = crate::inputs::FrameWaker::default();
+        let (rx, tx) = Tap::open(&spec.ifname)?.split(RX_QUEUE_FRAMES, waker.callback())?;
+        Ok(HostNic { rx: std::sync::Arc::new(rx), tx, waker, mac: spec.mac })
+    }
+
+    /// Going live: tells the LAN's bridges where the VM's MAC now is, with
+    /// the RARP frames QEMU's announce-self sends, three times (now, then
+    /// 50 and 150 ms later, in case one is lost).
+    pub fn announce(&self) {
+        let (tx, frame) = (self.tx.clone(), rarp_announce(self.mac));
+        let _ = tx.write(&frame);
+        std::thread::spawn(move || {
+            for delay in [50, 100] {
+                std::thread::sleep(std::time::Duration::from_millis(delay));
+                let _ = tx.write(&frame);
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1013,41 +1048,6 @@ mod tests {
             sock.send(&marker(20, 60));
             wait_until("a frame queued after discard mode", || !rx.is_empty());
             assert_eq!(rx.pop(), Some(marker(20, 60)));
-        });
-    }
-}
-
-/// The host side of a VM's NIC: its TAP's receive queue and sender, the
-/// waker of whichever run takes its frames, and the VM's MAC.
-pub struct HostNic {
-    pub rx: std::sync::Arc<TapRx>,
-    pub tx: TapTx,
-    pub waker: crate::inputs::FrameWaker,
-    pub mac: [u8; 6],
-}
-
-/// Frames a TAP's receive queue holds before it drops (as a NIC does).
-pub const RX_QUEUE_FRAMES: usize = 256;
-
-impl HostNic {
-    /// Opens the existing TAP `spec` names.
-    pub fn open(spec: &NetSpec) -> Result<HostNic, TapError> {
-        let waker = crate::inputs::FrameWaker::default();
-        let (rx, tx) = Tap::open(&spec.ifname)?.split(RX_QUEUE_FRAMES, waker.callback())?;
-        Ok(HostNic { rx: std::sync::Arc::new(rx), tx, waker, mac: spec.mac })
-    }
-
-    /// Going live: tells the LAN's bridges where the VM's MAC now is, with
-    /// the RARP frames QEMU's announce-self sends, three times (now, then
-    /// 50 and 150 ms later, in case one is lost).
-    pub fn announce(&self) {
-        let (tx, frame) = (self.tx.clone(), rarp_announce(self.mac));
-        let _ = tx.write(&frame);
-        std::thread::spawn(move || {
-            for delay in [50, 100] {
-                std::thread::sleep(std::time::Duration::from_millis(delay));
-                let _ = tx.write(&frame);
-            }
         });
     }
 }
