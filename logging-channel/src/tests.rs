@@ -51,8 +51,8 @@ fn pair(config: &ChannelConfig) -> (PrimaryLink, BackupLink) {
     let backup_config = config.clone();
     let backup = thread::spawn(move || BackupLink::connect(&addr, &header(), &backup_config, Duration::from_secs(2)));
     let primary = listener.accept(&header(), config).unwrap();
-    let (backup, their_header) = backup.join().unwrap().unwrap();
-    assert_eq!(their_header, header());
+    let (backup, info) = backup.join().unwrap().unwrap();
+    assert_eq!(info, PrimaryInfo { header: header(), start: LogStart::Boot });
     (primary, backup)
 }
 
@@ -110,7 +110,7 @@ fn fake_primary(then: impl FnOnce(TcpStream) + Send + 'static) -> (String, threa
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut hello = wire::preamble().to_vec();
-        hello.extend(wire::encode(&Message::Hello { header: header() }).unwrap());
+        hello.extend(wire::encode(&Message::Hello { header: header(), start: LogStart::Boot }).unwrap());
         s.write_all(&hello).unwrap();
         let mut pre = [0u8; 12];
         s.read_exact(&mut pre).unwrap();
@@ -443,12 +443,13 @@ fn connecting_to_a_garbage_server_fails_clearly() {
     assert_eq!(err.to_string(), "the peer is not an ftvmm logging channel (bad magic)");
     t.join().unwrap();
 
+    // An ftvmm of protocol version 1 (no state transfer).
     let mut wrong_version = MAGIC.to_vec();
-    wrong_version.extend(2u32.to_le_bytes());
+    wrong_version.extend(1u32.to_le_bytes());
     let (addr, t) = server(wrong_version);
     let err = BackupLink::connect(&addr, &header(), &fast(), Duration::from_secs(1)).err().unwrap();
-    assert!(matches!(err, ChannelError::Version { found: 2 }), "{err}");
-    assert!(err.to_string().contains("version 2"), "{err}");
+    assert!(matches!(err, ChannelError::Version { found: 1 }), "{err}");
+    assert!(err.to_string().contains("version 1; this ftvmm speaks version 2"), "{err}");
     t.join().unwrap();
 
     let mut truncated = wire::preamble().to_vec();
@@ -492,7 +493,7 @@ fn a_mismatched_backup_is_refused_and_accept_goes_on() {
     // Another boot time is fine: the primary's is authoritative.
     let ours = Header { wall_clock_base_ns: 99, ..header() };
     let (_backup, theirs) = BackupLink::connect(&addr, &ours, &fast(), Duration::from_secs(2)).unwrap();
-    assert_eq!(theirs.wall_clock_base_ns, header().wall_clock_base_ns);
+    assert_eq!(theirs.header.wall_clock_base_ns, header().wall_clock_base_ns);
     accepting.join().unwrap().unwrap();
     let log = capture.text();
     assert!(log.contains("the peer refused us: the log was recorded from another guest image"), "{log}");
@@ -501,7 +502,8 @@ fn a_mismatched_backup_is_refused_and_accept_goes_on() {
 #[test]
 fn throttle_blocks_until_acks_catch_up() {
     // A long heartbeat timeout: the hand-played backup does not heartbeat.
-    let config = ChannelConfig { heartbeat_timeout: Duration::from_secs(3), max_lag_exits: 10 };
+    let config =
+        ChannelConfig { heartbeat_timeout: Duration::from_secs(3), max_lag_exits: 10, ..ChannelConfig::default() };
     let (mut primary, mut fake) = primary_with_fake_backup(&config);
     for exit in 1..=100 {
         primary.append(&exit_record(exit)).unwrap();
