@@ -178,6 +178,9 @@ struct Shared {
     config: ChannelConfig,
     peer: SocketAddr,
     start: LogStart,
+    /// Held by `send_state` for a whole chunk, so that chunks sent from
+    /// several threads at once do not interleave.
+    sending: Mutex<()>,
 }
 
 type AckCallback = Arc<dyn Fn(u64) + Send + Sync>;
@@ -283,6 +286,7 @@ impl PrimaryLink {
             config,
             peer,
             start,
+            sending: Mutex::new(()),
         });
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
@@ -322,7 +326,8 @@ impl PrimaryLink {
 
     /// The state stream is complete: it is the VM's state at guest exit
     /// `exit`, and the log goes on with the records of the exits after it.
-    /// Does not wait for the backup. Records appended before this call wait
+    /// Waits for a chunk another thread is sending to be handed over, not
+    /// for the backup. Records appended before this call wait
     /// until the state is out; a record at an exit up to `exit` is a misuse
     /// that loses the backup (the state already covers it). Until this call,
     /// [`throttle`](Self::throttle) bounds the records by bytes only; after
@@ -581,6 +586,7 @@ fn send_state(shared: &Shared, chunk: Vec<u8>) -> Result<(), ChannelError> {
     }
     // Pieces no larger than the window, so that the window holds exactly.
     let piece = usize::try_from(shared.config.state_window).unwrap_or(usize::MAX).clamp(1, STATE_FRAME);
+    let _whole = lock(&shared.sending);
     if chunk.len() <= piece {
         return hand_piece(shared, chunk);
     }
@@ -625,6 +631,8 @@ fn end_state(shared: &Shared, exit: u64) -> Result<(), ChannelError> {
     if shared.start != LogStart::State {
         return Err(no_state());
     }
+    // After a chunk another thread is sending, never inside it.
+    let _after = lock(&shared.sending);
     {
         let mut st = lock(&shared.state);
         if let Some(why) = &st.lost {
