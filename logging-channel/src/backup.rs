@@ -142,7 +142,9 @@ impl BackupLink {
     /// the byte stream the primary sent, in order; their boundaries are the
     /// channel's (at most [`crate::STATE_FRAME`] bytes each), not the
     /// primary's chunks. Each piece is acknowledged to the primary as it is
-    /// handed out: the primary's window bounds what waits here.
+    /// handed out: the primary's window bounds what waits here, and this
+    /// side stops reading while it holds [`ChannelConfig::state_window`]
+    /// bytes.
     ///
     /// Fails with [`ChannelError::Lost`] when the primary is lost before the
     /// end of the stream (pieces still queued are useless then), and with

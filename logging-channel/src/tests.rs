@@ -1103,3 +1103,33 @@ fn acks_release_the_byte_bound() {
     assert!(primary.peak_unacked_bytes() <= config.max_lag_bytes + (64 << 10) + 64);
     assert!(primary.backup_lost().is_none());
 }
+
+#[test]
+fn chunks_sent_from_several_threads_do_not_interleave() {
+    let config = ChannelConfig { state_window: 1 << 20, ..steady() };
+    let (primary, mut backup) = joining_pair(&config);
+    const CHUNK: usize = 3 << 20; // 12 pieces each
+    let senders: Vec<_> = (1..=3u8)
+        .map(|tag| {
+            let sender = primary.state_sender();
+            thread::spawn(move || {
+                for _ in 0..4 {
+                    sender.send_state(vec![tag; CHUNK]).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut stream = Vec::new();
+    while stream.len() < 12 * CHUNK {
+        stream.extend(backup.next_state_chunk().unwrap().unwrap());
+    }
+    senders.into_iter().for_each(|s| s.join().unwrap());
+    primary.end_state(1).unwrap();
+    assert_eq!(backup.next_state_chunk().unwrap(), None);
+    let mut count = [0; 4];
+    for chunk in stream.chunks(CHUNK) {
+        assert!(chunk.iter().all(|&b| b == chunk[0]), "two chunks interleaved");
+        count[chunk[0] as usize] += 1;
+    }
+    assert_eq!(count, [0, 4, 4, 4]);
+}
