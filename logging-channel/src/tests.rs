@@ -1133,3 +1133,37 @@ fn chunks_sent_from_several_threads_do_not_interleave() {
     }
     assert_eq!(count, [0, 4, 4, 4]);
 }
+
+#[test]
+fn a_backup_holding_its_window_stops_reading_and_both_stay_alive() {
+    // The backup's window is smaller than the primary's: it stops reading
+    // while it holds 1 MiB, and its VMM then pauses for several heartbeat
+    // timeouts. Neither side may declare the other lost meanwhile.
+    let primary_config = ChannelConfig { state_window: 16 << 20, ..fast() };
+    let backup_config = ChannelConfig { state_window: 1 << 20, ..fast() };
+    let listener = PrimaryListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().to_string();
+    let connecting =
+        thread::spawn(move || BackupLink::connect(&addr, &header(), &backup_config, Duration::from_secs(2)));
+    let primary = listener.accept_joining(&header(), &primary_config).unwrap();
+    let (mut backup, _) = connecting.join().unwrap().unwrap();
+    let sender = primary.state_sender();
+    let sending = thread::spawn(move || {
+        sender.send_state(state_bytes(0, 16 << 20)).unwrap();
+        sender.end_state(3).unwrap();
+    });
+    let first = backup.next_state_chunk().unwrap().unwrap();
+    assert_eq!(first, state_bytes(0, first.len()));
+    thread::sleep(primary_config.heartbeat_timeout * 5);
+    assert!(backup.primary_lost().is_none(), "{:?}", backup.primary_lost());
+    assert!(primary.backup_lost().is_none(), "{:?}", primary.backup_lost());
+    let mut offset = first.len() as u64;
+    while let Some(piece) = backup.next_state_chunk().unwrap() {
+        assert!(piece == state_bytes(offset, piece.len()), "wrong state bytes from offset {offset}");
+        offset += piece.len() as u64;
+    }
+    sending.join().unwrap();
+    assert_eq!(offset, 16 << 20);
+    assert!(backup.peak_state_queued() <= (1 << 20) + STATE_FRAME as u64, "{}", backup.peak_state_queued());
+    assert!(backup.primary_lost().is_none() && primary.backup_lost().is_none());
+}
