@@ -866,8 +866,9 @@ fn a_primary_lost_mid_transfer_fails_next_state_chunk() {
     assert!(start.elapsed() < config.heartbeat_timeout + MARGIN);
     assert!(matches!(err, ChannelError::Lost(_)), "{err}");
     let why = err.to_string();
+    // Whichever half noticed first: the reader (closed) or the writer of
+    // the acks for what the VMM just consumed (broken pipe, reset).
     assert!(why.contains("cut short") && why.contains("lost the primary"), "{why}");
-    assert!(why.contains("closed the connection"), "{why}");
     // Still an error, and records cannot be read past a half state.
     assert!(matches!(backup.next_state_chunk(), Err(ChannelError::Lost(_))));
     let err = backup.next_record().err().unwrap();
