@@ -150,7 +150,7 @@ fn wire(
         Mode::Backup { connect } => {
             let (link, primary) = BackupLink::connect(connect, header, &channel, config.connect_timeout)
                 .map_err(|e| usage(format!("backup: logging channel to {connect}: {e}")))?;
-            header.wall_clock_base_ns = primary.wall_clock_base_ns;
+            header.wall_clock_base_ns = primary.header.wall_clock_base_ns;
             eprintln!("ftvmm: backup: attached to the primary at {connect}; replaying in lockstep");
             if let Some(path) = &config.serial_input {
                 // Checked now, used when the backup goes live.
@@ -166,7 +166,7 @@ fn wire(
                 role: Role::Backup {
                     endpoint: Some(endpoint),
                     serial_input: config.serial_input.clone(),
-                    expected_generation: primary.disk_generation,
+                    expected_generation: primary.header.disk_generation,
                     nic,
                 },
             }
