@@ -126,6 +126,11 @@ impl<R: Read> StateReader<R> {
         Ok(StateReader { input, ended: false })
     }
 
+    /// The stream the items came from.
+    pub fn into_inner(self) -> R {
+        self.input
+    }
+
     /// The next item; `None` after `End`.
     pub fn next_item(&mut self) -> Result<Option<StateItem>, SnapshotError> {
         if self.ended {

@@ -112,8 +112,9 @@ impl Vmm {
         if let Some(why) = self.newly_lost_backup() {
             return self.backup_lost(position, &why);
         }
-        // Keep an eye on the backup while the guest idles.
-        let watch_backup = self.primary_link().is_some();
+        // Keep an eye on the backup (or a joining one) while the guest idles.
+        let watch_backup =
+            self.primary_link().is_some() || matches!(self.role, crate::ft::Role::Primary { joiner: Some(_), .. });
         let Inputs::Live(live) = &mut self.inputs else {
             return Ok(());
         };
