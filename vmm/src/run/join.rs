@@ -26,7 +26,7 @@ use logging_channel::{ChannelConfig, PrimaryLink, PrimaryListener, StateSender};
 use replay::{Header, Recorder};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -82,10 +82,7 @@ impl Joiner {
     }
 
     fn joined(&self) -> Option<PrimaryLink> {
-        match self.incoming.try_recv() {
-            Ok(link) => Some(link),
-            Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-        }
+        self.incoming.try_recv().ok()
     }
 }
 
