@@ -69,6 +69,12 @@ impl Vmm {
             if !idle {
                 return Ok(false);
             }
+            if self.tend_protection(false)? {
+                // A joining backup's state is ready for its final round,
+                // which needs an exit boundary: let the idle guest resume
+                // without an interrupt (a spurious wake-up; it idles again).
+                return Ok(false);
+            }
             self.wait_for_host_input(position)?;
         }
     }

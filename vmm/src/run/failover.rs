@@ -28,10 +28,8 @@ impl Vmm {
         if let Some(why) = self.disk.as_ref().and_then(|d| d.failure()) {
             return Err(RunError::Halted(format!("writing the shared disk failed ({why}); halting")));
         }
-        if matches!(self.role, Role::Primary { joiner: Some(_), .. }) && self.primary_link().is_none() {
-            // No backup: take one that joins, or finish its state transfer.
-            self.tend_protection()?;
-        }
+        // No backup: take one that joins, or finish its state transfer.
+        self.tend_protection(true)?;
         match &mut self.inputs {
             Inputs::Live(live) => {
                 let Some(recorder) = &mut live.recorder else { return Ok(()) };

@@ -161,17 +161,24 @@ fn precopy(
 }
 
 impl Vmm {
-    /// At an exit of a primary without a backup: start a transfer to a
-    /// backup that joined, or finish one whose pre-copy is done.
-    pub(super) fn tend_protection(&mut self) -> Result<(), RunError> {
-        let Role::Primary { joiner: Some(joiner), .. } = &self.role else { return Ok(()) };
-        if let Some(t) = &self.transfer {
-            if t.done.load(Ordering::Acquire) {
-                return self.finish_transfer();
-            }
-            return Ok(());
+    /// For a primary without a backup: start a transfer to a backup that
+    /// joined, and, `at_boundary` (the current exit fully handled), finish
+    /// one whose pre-copy is done. Returns whether a finish waits for a
+    /// boundary.
+    pub(super) fn tend_protection(&mut self, at_boundary: bool) -> Result<bool, RunError> {
+        if !matches!(self.role, Role::Primary { joiner: Some(_), .. }) || self.primary_link().is_some() {
+            return Ok(false);
         }
-        let Some(link) = joiner.joined() else { return Ok(()) };
+        if let Some(t) = &self.transfer {
+            let done = t.done.load(Ordering::Acquire);
+            if done && at_boundary {
+                self.finish_transfer()?;
+                return Ok(false);
+            }
+            return Ok(done);
+        }
+        let Role::Primary { joiner: Some(joiner), .. } = &self.role else { return Ok(false) };
+        let Some(link) = joiner.joined() else { return Ok(false) };
         eprintln!("ftvmm: primary: a backup joins at exit {}; copying the VM's state", self.exits);
         self.machine.set_dirty_logging(true)?;
         let done = Arc::new(AtomicBool::new(false));
@@ -185,7 +192,7 @@ impl Vmm {
         );
         let precopy = std::thread::spawn(move || precopy(vm, mem, size, begin, sender, flag));
         self.transfer = Some(Transfer { link, precopy: Some(precopy), done, started: Instant::now() });
-        Ok(())
+        Ok(false)
     }
 
     /// The final round, with the guest stopped at this exit; from here on
