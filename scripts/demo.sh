@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
-# ftvmm's failover demo on four "hosts": network namespaces ftdemo-primary
-# (10.77.0.1), ftdemo-backup (10.77.0.2), ftdemo-client (10.77.0.3) and
-# ftdemo-storage (10.77.0.4) on one bridge. The storage host serves the shared
-# disk (ftdisk); the primary and backup run a guest in lockstep; the client
-# talks to the guest's console on the primary. Then the primary host dies: its
-# VMM is SIGKILLed and its link cut. The backup wins the go-live test-and-set
-# on the shared disk, goes live, and the client, reconnecting to the backup's
-# console, carries on.
+# ftvmm's failover demos, on "hosts" that are network namespaces on one
+# bridge (made by ftlab): ftdemo-primary 10.77.0.1, ftdemo-backup 10.77.0.2,
+# ftdemo-client 10.77.0.3, ftdemo-storage 10.77.0.4, and for `reprotect` two
+# more VM hosts, ftdemo-third 10.77.0.5 and ftdemo-fourth 10.77.0.6. The
+# storage host serves the shared disk (ftdisk); the primary and the backup
+# run a guest in lockstep; the client talks to the guest. Then the primary
+# host dies: its VMM is SIGKILLed and its link cut. The backup wins the
+# go-live test-and-set on the shared disk, goes live, and the client carries
+# on.
 #
-# Guests: `kvstore` (default): the client streams `set`s and afterwards reads
-# back every one that was acknowledged — none may be lost. `ticker`: the
-# client reads ticks — none may be missing, a few repeat at the switch.
+# Modes:
+#   kvstore (default)  the client streams `set`s to the guest's serial console
+#                      and afterwards reads back every one that was
+#                      acknowledged: none may be lost.
+#   ticker             the client reads ticks: none may be missing, a few
+#                      repeat at the switch.
+#   reprotect          kvstore through three failovers in a row: after each,
+#                      a new backup joins the live side by live state
+#                      transfer, and the next kill fails over to it.
 #
-# Needs root (namespaces), /dev/kvm, iproute2 and qemu-img.
-# Usage: scripts/demo.sh [kvstore|ticker] [seconds-before-kill]
+# Needs root (namespaces), /dev/kvm, iproute2 and qemu-img (installed from
+# the distribution where missing).
+# Usage: scripts/demo.sh [kvstore|ticker|reprotect] [seconds-before-kill]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-GUEST=${1:-kvstore}
+MODE=${1:-kvstore}
 KILL_AFTER=${2:-3}
-case "$GUEST" in kvstore|ticker) ;; *) echo "demo: guest must be kvstore or ticker" >&2; exit 2;; esac
-NS_P=ftdemo-primary NS_B=ftdemo-backup NS_C=ftdemo-client NS_S=ftdemo-storage
-P=10.77.0.1 B=10.77.0.2 S=10.77.0.4
+case "$MODE" in kvstore|ticker|reprotect) ;; *) echo "demo: mode must be kvstore, ticker or reprotect" >&2; exit 2;; esac
+S=10.77.0.4
 
 if [ "$(id -u)" != 0 ]; then echo "demo: needs root (network namespaces)" >&2; exit 1; fi
 if [ ! -e /dev/kvm ]; then echo "demo: /dev/kvm is missing" >&2; exit 1; fi
@@ -43,28 +50,67 @@ cleanup() {
 }
 trap cleanup EXIT
 # The lab's namespaces and bridge: whatever an earlier run left is removed first.
-"$BIN/ftlab" up ftdemo 10.77.0 primary=1 backup=2 client=3 storage=4 --owner $$ >/dev/null
+"$BIN/ftlab" up ftdemo 10.77.0 primary=1 backup=2 client=3 storage=4 third=5 fourth=6 --owner $$ >/dev/null
+in_host() { local h=$1; shift; ip netns exec "ftdemo-$h" "$@"; }
+kill_host() {
+    echo "== killing the $1 host: SIGKILL to its VMM, its link cut"
+    ip netns pids "ftdemo-$1" | xargs -r kill -9
+    "$BIN/ftlab" cut ftdemo "$1"
+}
+wait_for() { # FILE TEXT SECONDS
+    local i
+    for i in $(seq $(( $3 * 10 ))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+    echo "demo: no \"$2\" in $1 after $3 s" >&2; return 1
+}
+show() { for who in "$@"; do echo "== $who said:"; sed 's/^/   /' "$WORK/$who.err"; done; }
 
-echo "== four hosts: primary $P, backup $B, client 10.77.0.3, storage $S (namespaces on bridge ftdemo-br0)"
+echo "== hosts: primary 10.77.0.1, backup 10.77.0.2, client 10.77.0.3, storage $S (namespaces on bridge ftdemo-br0)"
 qemu-img create -q -f raw "$WORK/shared.img" 16M
-ip netns exec $NS_S "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 2>"$WORK/storage.err" &
+in_host storage "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 2>"$WORK/storage.err" &
 sleep 0.3
 DISK=(--disk ftdisk:$S:7100)
-ip netns exec $NS_B "$BIN/ftvmm" --backup --guest "$GUEST" "${DISK[@]}" --connect $P:7000 --serial tcp:$B:7001 2>"$WORK/backup.err" &
-ip netns exec $NS_P "$BIN/ftvmm" --primary --guest "$GUEST" "${DISK[@]}" --listen $P:7000 --serial tcp:$P:7001 2>"$WORK/primary.err" &
-if [ "$GUEST" = kvstore ]; then
-    ip netns exec $NS_C "$BIN/ftclient" --kv $(( (KILL_AFTER + 3) * 40 )) $P:7001 $B:7001 &
+
+if [ "$MODE" = reprotect ]; then
+    # Each VM host listens for a backup of its own once it is live.
+    hosts=(primary backup third fourth)
+    ips=(10.77.0.1 10.77.0.2 10.77.0.5 10.77.0.6)
+    in_host primary "$BIN/ftvmm" --primary --guest kvstore "${DISK[@]}" --listen ${ips[0]}:7000 \
+        --serial tcp:${ips[0]}:7001 2>"$WORK/primary.err" &
+    start_backup() { # INDEX: a backup of host INDEX-1
+        in_host "${hosts[$1]}" "$BIN/ftvmm" --backup --guest kvstore "${DISK[@]}" --connect "${ips[$1 - 1]}:7000" \
+            --listen "${ips[$1]}:7000" --serial "tcp:${ips[$1]}:7001" 2>"$WORK/${hosts[$1]}.err" &
+    }
+    start_backup 1
+    in_host client "$BIN/ftclient" --kv $(( (3 * KILL_AFTER + 8) * 40 )) \
+        ${ips[0]}:7001 ${ips[1]}:7001 ${ips[2]}:7001 ${ips[3]}:7001 &
+    CLIENT=$!
+    for i in 1 2 3; do
+        sleep "$KILL_AFTER"
+        kill_host "${hosts[$i - 1]}"
+        wait_for "$WORK/${hosts[$i]}.err" "going live" 10
+        if [ $i -lt 3 ]; then
+            echo "== a new backup joins the live ${hosts[$i]} host by live state transfer"
+            start_backup $((i + 1))
+            wait_for "$WORK/${hosts[$i]}.err" "backup joined" 60
+            grep "backup joined" "$WORK/${hosts[$i]}.err" | sed 's/^/   /'
+        fi
+    done
+    wait $CLIENT && status=0 || status=$?
+    show primary backup third fourth storage
+    exit $status
+fi
+
+P=10.77.0.1 B=10.77.0.2
+in_host backup "$BIN/ftvmm" --backup --guest "$MODE" "${DISK[@]}" --connect $P:7000 --serial tcp:$B:7001 2>"$WORK/backup.err" &
+in_host primary "$BIN/ftvmm" --primary --guest "$MODE" "${DISK[@]}" --listen $P:7000 --serial tcp:$P:7001 2>"$WORK/primary.err" &
+if [ "$MODE" = kvstore ]; then
+    in_host client "$BIN/ftclient" --kv $(( (KILL_AFTER + 3) * 40 )) $P:7001 $B:7001 &
 else
-    ip netns exec $NS_C "$BIN/ftclient" --seconds $((KILL_AFTER + 6)) $P:7001 $B:7001 &
+    in_host client "$BIN/ftclient" --seconds $((KILL_AFTER + 6)) $P:7001 $B:7001 &
 fi
 CLIENT=$!
-
 sleep "$KILL_AFTER"
-echo "== killing the primary host: SIGKILL to its VMM, its link cut"
-ip netns pids $NS_P | xargs -r kill -9
-"$BIN/ftlab" cut ftdemo primary
+kill_host primary
 wait $CLIENT && status=0 || status=$?
-for who in primary backup storage; do
-    echo "== $who said:"; sed 's/^/   /' "$WORK/$who.err"
-done
+show primary backup storage
 exit $status
