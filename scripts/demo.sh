@@ -81,11 +81,13 @@ if [ "$MODE" = reprotect ]; then
             --listen "${ips[$1]}:7000" --serial "tcp:${ips[$1]}:7001" 2>"$WORK/${hosts[$1]}.err" &
     }
     start_backup 1
-    in_host client "$BIN/ftclient" --kv $(( (3 * KILL_AFTER + 8) * 40 )) \
+    in_host client "$BIN/ftclient" --kv $(( (KILL_AFTER + 22) * 40 )) \
         ${ips[0]}:7001 ${ips[1]}:7001 ${ips[2]}:7001 ${ips[3]}:7001 &
     CLIENT=$!
     for i in 1 2 3; do
-        sleep "$KILL_AFTER"
+        # Long enough for the client to notice the last death (its reads
+        # time out after 5 s when a dead host's link is cut) and move on.
+        if [ $i = 1 ]; then sleep "$KILL_AFTER"; else sleep $(( KILL_AFTER > 7 ? KILL_AFTER : 7 )); fi
         kill_host "${hosts[$i - 1]}"
         wait_for "$WORK/${hosts[$i]}.err" "going live" 10
         if [ $i -lt 3 ]; then

@@ -44,7 +44,11 @@ impl KvSession<'_> {
         loop {
             if self.conn.is_none() {
                 let addr = self.addrs.get(self.at)?;
-                let stream = connect(addr, Instant::now() + Duration::from_secs(10))?;
+                // An address that does not answer (its host is dead too): the next one.
+                let Some(stream) = connect(addr, Instant::now() + Duration::from_secs(10)) else {
+                    self.fail_over();
+                    continue;
+                };
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                 println!("ftclient: connected to {addr}");
                 let mut conn = BufReader::new(stream);
