@@ -1,5 +1,10 @@
 //! Port I/O and the legacy PC devices ftvmm emulates: 8259 PIC pair, 8254 PIT,
 //! CMOS RTC. Every access here is a port I/O exit to the VMM.
+//!
+//! The asm of each exit deliberately does not claim `nomem`: at an exit the
+//! VMM may write guest memory (a virtio device fills a receive buffer and
+//! its used ring) and an interrupt handler may run, so the compiler must
+//! not carry memory values across one.
 
 use core::arch::asm;
 
@@ -11,14 +16,14 @@ pub const PIT_HZ: u64 = 1_193_182;
 #[inline]
 pub fn outb(port: u16, value: u8) {
     // SAFETY: IOPL 3; every port is emulated by the VMM.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nostack, preserves_flags)) }
 }
 
 #[inline]
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: IOPL 3; every port is emulated by the VMM.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nostack, preserves_flags)) }
     value
 }
 
@@ -26,7 +31,7 @@ pub fn inb(port: u16) -> u8 {
 pub fn inl(port: u16) -> u32 {
     let value: u32;
     // SAFETY: IOPL 3; every port is emulated by the VMM.
-    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) }
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nostack, preserves_flags)) }
     value
 }
 
@@ -70,6 +75,15 @@ pub fn pit_start_periodic(hz: u64) {
     outb(0x40, (reload >> 8) as u8);
 }
 
+/// Programs PIT channel 0 as a one-shot (mode 0, interrupt on terminal
+/// count): IRQ 0 fires once, `ticks` PIT clocks ([`PIT_HZ`]) from now.
+/// Reprogramming before it fires replaces the pending shot.
+pub fn pit_one_shot(ticks: u16) {
+    outb(0x43, 0x30);
+    outb(0x40, ticks as u8);
+    outb(0x40, (ticks >> 8) as u8);
+}
+
 /// Latches and reads PIT channel 0's current count.
 pub fn pit_read_count() -> u16 {
     outb(0x43, 0x00);
@@ -90,7 +104,8 @@ pub fn cmos_read(reg: u8) -> u8 {
 pub fn rdtsc() -> u64 {
     let lo: u32;
     let hi: u32;
-    // SAFETY: rdtsc has no memory effects.
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    // SAFETY: rdtsc has no memory effects on real hardware; under ftvmm it is
+    // an exit (hence no `nomem`, see the module docs).
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nostack, preserves_flags)) }
     (u64::from(hi) << 32) | u64::from(lo)
 }
