@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 GUEST=${1:-kvstore}
 KILL_AFTER=${2:-3}
 case "$GUEST" in kvstore|ticker) ;; *) echo "demo: guest must be kvstore or ticker" >&2; exit 2;; esac
-NS_P=ftdemo-primary NS_B=ftdemo-backup NS_C=ftdemo-client NS_S=ftdemo-storage BR=ftdemo-br0
+NS_P=ftdemo-primary NS_B=ftdemo-backup NS_C=ftdemo-client NS_S=ftdemo-storage
 P=10.77.0.1 B=10.77.0.2 S=10.77.0.4
 
 if [ "$(id -u)" != 0 ]; then echo "demo: needs root (network namespaces)" >&2; exit 1; fi
@@ -32,37 +32,20 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 
-cargo build --release --bin ftvmm --bin ftdisk --bin ftclient >&2
+cargo build --release --bin ftvmm --bin ftdisk --bin ftclient --bin ftlab >&2
 BIN=$PWD/target/release
 WORK=$(mktemp -d)
 
 cleanup() {
     jobs -p | xargs -r kill -9 2>/dev/null || true
-    for ns in $NS_P $NS_B $NS_C $NS_S; do
-        ip netns pids $ns 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-        ip netns del $ns 2>/dev/null || true
-    done
-    for i in 1 2 3 4; do ip link del ftdemo-v$i 2>/dev/null || true; done
-    ip link del $BR 2>/dev/null || true
+    "$BIN/ftlab" down ftdemo
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-cleanup
-WORK=$(mktemp -d)
+# The lab's namespaces and bridge: whatever an earlier run left is removed first.
+"$BIN/ftlab" up ftdemo 10.77.0 primary=1 backup=2 client=3 storage=4 --owner $$ >/dev/null
 
-ip link add $BR type bridge && ip link set $BR up
-i=0
-for ns in $NS_P $NS_B $NS_C $NS_S; do
-    i=$((i + 1))
-    ip netns add $ns
-    ip link add ftdemo-v$i type veth peer name eth0 netns $ns
-    ip link set ftdemo-v$i master $BR up
-    ip -n $ns addr add 10.77.0.$i/24 dev eth0
-    ip -n $ns link set eth0 up
-    ip -n $ns link set lo up
-done
-
-echo "== four hosts: primary $P, backup $B, client 10.77.0.3, storage $S (namespaces on bridge $BR)"
+echo "== four hosts: primary $P, backup $B, client 10.77.0.3, storage $S (namespaces on bridge ftdemo-br0)"
 qemu-img create -q -f raw "$WORK/shared.img" 16M
 ip netns exec $NS_S "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 2>"$WORK/storage.err" &
 sleep 0.3
@@ -79,7 +62,7 @@ CLIENT=$!
 sleep "$KILL_AFTER"
 echo "== killing the primary host: SIGKILL to its VMM, its link cut"
 ip netns pids $NS_P | xargs -r kill -9
-ip link set ftdemo-v1 down
+"$BIN/ftlab" cut ftdemo primary
 wait $CLIENT && status=0 || status=$?
 for who in primary backup storage; do
     echo "== $who said:"; sed 's/^/   /' "$WORK/$who.err"

@@ -355,6 +355,19 @@ impl<S: RecordSource> Replayer<S> {
         })
     }
 
+    /// Skips the log's records up to and including exit `exit`: a replay
+    /// that starts from a snapshot taken there. Returns false when the log
+    /// ends first.
+    pub fn skip_through(&mut self, exit: u64) -> Result<bool, LogError> {
+        loop {
+            match self.peek()? {
+                Some(record) if record.position.exit <= exit => self.peeked = None,
+                Some(_) => return Ok(true),
+                None => return Ok(false),
+            }
+        }
+    }
+
     /// The guest exited at `position` for `kind`: it must be the log's next exit.
     /// Inputs of the previous position that nobody consumed are a divergence.
     pub fn exit(&mut self, position: Position, kind: ExitKind) -> Result<(), ReplayError> {

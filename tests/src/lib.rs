@@ -1,6 +1,9 @@
 //! ftvmm-tests: end-to-end tests of the `ftvmm` binary on real `/dev/kvm`
 //! (`tests/*.rs`), the helpers they share (this file), and the `ftbench`
 //! benchmark. Tests run the release binary the README's test command builds.
+//! [`lab`] makes network-namespace hosts (also for the demo, via `ftlab`).
+
+pub mod lab;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -339,81 +342,45 @@ impl Drop for Proc {
     }
 }
 
-/// Two test hosts, "primary" and "backup", as network namespaces on a bridge
-/// that the root namespace (the client) also sits on. Only as root; dropped,
-/// it removes them.
+/// Two test hosts, "primary" and "backup", as a [`lab::Lab`] whose bridge
+/// the root namespace (the client) also sits on. Only as root; dropped, it
+/// removes them.
 pub struct Hosts {
-    tag: String,
+    lab: lab::Lab,
     pub primary_ip: String,
     pub backup_ip: String,
 }
 
 impl Hosts {
-    /// Creates the hosts, or None when not root or without `ip`.
+    /// Creates the hosts on 10.`subnet`.0.0/24, or None when not root.
     pub fn create(subnet: u8) -> Option<Hosts> {
-        let uid = Command::new("id").arg("-u").output().ok()?;
-        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        if !lab::is_root() {
             return None;
         }
-        let tag = format!("ft{}{}", std::process::id() % 100_000, subnet);
-        let hosts =
-            Hosts { tag: tag.clone(), primary_ip: format!("10.{subnet}.0.1"), backup_ip: format!("10.{subnet}.0.2") };
-        let br = format!("{tag}br");
-        let sh = |cmd: String| -> bool {
-            Command::new("sh")
-                .args(["-c", &cmd])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        let mut ok = sh(format!(
-            "ip link add {br} type bridge && ip link set {br} up && ip addr add 10.{subnet}.0.254/24 dev {br}"
-        ));
-        for (i, role) in [(1, "p"), (2, "b")] {
-            let ns = format!("{tag}{role}");
-            ok &= sh(format!(
-                "ip netns add {ns} && ip link add {tag}v{i} type veth peer name eth0 netns {ns} && \
-                 ip link set {tag}v{i} master {br} up && ip -n {ns} addr add 10.{subnet}.0.{i}/24 dev eth0 && \
-                 ip -n {ns} link set eth0 up && ip -n {ns} link set lo up"
-            ));
-        }
-        if !ok {
-            drop(hosts);
-            return None;
-        }
-        Some(hosts)
+        let name = format!("ft{}{subnet}", std::process::id() % 100_000);
+        let lab = lab::Lab::create(&name, &format!("10.{subnet}.0"), &[("p", 1), ("b", 2)], std::process::id())
+            .unwrap_or_else(|e| panic!("creating test hosts: {e}"));
+        let ip = |h: &str| lab.host(h).map(|h| h.ip.clone()).unwrap_or_default();
+        let (primary_ip, backup_ip) = (ip("p"), ip("b"));
+        Some(Hosts { lab, primary_ip, backup_ip })
     }
 
     pub fn primary_ns(&self) -> String {
-        format!("{}p", self.tag)
+        format!("{}-p", self.lab.name)
     }
 
     pub fn backup_ns(&self) -> String {
-        format!("{}b", self.tag)
+        format!("{}-b", self.lab.name)
     }
 
     /// Cuts the primary host's link, as a dead host's would be.
     pub fn cut_primary_link(&self) {
-        let _ = Command::new("ip").args(["link", "set", &format!("{}v1", self.tag), "down"]).status();
+        let _ = self.lab.cut("p");
     }
 
     /// Brings the primary host's link back.
     pub fn restore_primary_link(&self) {
-        let _ = Command::new("ip").args(["link", "set", &format!("{}v1", self.tag), "up"]).status();
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for role in ["p", "b"] {
-            let ns = format!("{}{role}", self.tag);
-            let _ = Command::new("sh")
-                .args(["-c", &format!("ip netns pids {ns} | xargs -r kill -9; ip netns del {ns}")])
-                .stderr(Stdio::null())
-                .status();
-        }
-        let _ = Command::new("ip").args(["link", "del", &format!("{}br", self.tag)]).stderr(Stdio::null()).status();
+        let _ = self.lab.restore("p");
     }
 }
 

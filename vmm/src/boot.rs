@@ -3,38 +3,42 @@
 //!
 //! The guest enters its ELF entry point in 64-bit long mode at CPL0, with:
 //! - paging on, identity-mapping the low 4 GiB (guest memory, and the MMIO
-//!   hole from 3 GiB where the virtio disk lives) with 2 MiB pages that are
+//!   hole from 3 GiB where the virtio devices live) with 2 MiB pages that are
 //!   user-accessible (guests do their work at CPL3);
 //! - a minimal GDT (64-bit code at selector 0x08, data at 0x10), no IDT
 //!   (the guest installs its own), interrupts disabled;
 //! - CR0.MP/NE and CR4.OSFXSR/OSXMMEXCPT set so SSE works;
-//! - RDI = address of a [`BootInfo`]: magic `FTVMBOOT`, memory size, command
-//!   line address and length. RSP is 0: the guest sets up its own stack.
+//! - RDI = address of the boot info (little-endian words, at
+//!   [`layout::BOOT_INFO_ADDR`]):
+//!
+//!   | offset | field |
+//!   | --- | --- |
+//!   | 0 | magic `FTVMBOOT` |
+//!   | 8 | memory size in bytes |
+//!   | 16, 24 | command line address and length (0, 0: none) |
+//!   | 32 | number of virtio devices (at most 4) |
+//!   | 40 + 24·i | virtio device i: u64 MMIO base, u64 MMIO size, u32 virtio device id, u32 PIC line |
+//!
+//!   RSP is 0: the guest sets up its own stack.
 //!
 //! Everything the VMM writes lives below 1 MiB; images load at 1 MiB or above.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::layout::{self, BOOT_INFO_ADDR, CMDLINE_ADDR, GDT_ADDR, PML4_ADDR};
+use crate::vm::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
 
-/// Where the boot GDT lives.
-pub const GDT_ADDR: u64 = 0x500;
-/// Where the boot info lives.
-pub const BOOT_INFO_ADDR: u64 = 0x6000;
-/// Where the command line lives (up to [`CMDLINE_MAX`] bytes).
-pub const CMDLINE_ADDR: u64 = 0x6100;
-/// Longest accepted command line.
-pub const CMDLINE_MAX: usize = 0xf00;
-/// PML4, then PDPT, then the page directories.
-pub const PML4_ADDR: u64 = 0x9000;
 const PDPT_ADDR: u64 = PML4_ADDR + 0x1000;
 const PD_ADDR: u64 = PDPT_ADDR + 0x1000;
-/// Lowest address a guest image may load at.
-pub const IMAGE_MIN_ADDR: u64 = 0x10_0000;
-/// Largest guest memory: it must stay below the MMIO hole at 3 GiB and the
-/// page directories must fit below [`IMAGE_MIN_ADDR`].
-pub const MAX_MEM_BYTES: u64 = 3 << 30;
 
 /// `b"FTVMBOOT"` as a little-endian u64.
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"FTVMBOOT");
+
+/// A virtio device as the boot info lists it: its slot and device id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioEntry {
+    pub slot: usize,
+    pub device_id: u32,
+}
 
 pub const CODE64_SELECTOR: u16 = 0x08;
 pub const DATA_SELECTOR: u16 = 0x10;
@@ -44,11 +48,13 @@ const PTE_WRITE: u64 = 1 << 1;
 const PTE_USER: u64 = 1 << 2;
 const PTE_HUGE: u64 = 1 << 7;
 
-/// Writes the page tables, GDT, boot info and command line into guest memory.
+/// Writes the page tables, GDT, boot info (with its virtio device table) and
+/// command line into guest memory.
 pub fn write_boot_structures(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     mem_size: u64,
     cmdline: &[u8],
+    virtio: &[VirtioEntry],
 ) -> Result<(), vm_memory::GuestMemoryError> {
     // GDT: null, 64-bit code (DPL0), data (DPL0).
     let gdt: [u64; 3] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
@@ -70,10 +76,18 @@ pub fn write_boot_structures(
         }
     }
 
-    let info: [u64; 4] =
-        [BOOT_MAGIC, mem_size, if cmdline.is_empty() { 0 } else { CMDLINE_ADDR }, cmdline.len() as u64];
+    let count = virtio.len().min(layout::VIRTIO_IRQS.len());
+    let info: [u64; 5] =
+        [BOOT_MAGIC, mem_size, if cmdline.is_empty() { 0 } else { CMDLINE_ADDR }, cmdline.len() as u64, count as u64];
     for (i, word) in info.iter().enumerate() {
         mem.write_obj(*word, GuestAddress(BOOT_INFO_ADDR + 8 * i as u64))?;
+    }
+    for (i, entry) in virtio.iter().take(count).enumerate() {
+        let at = BOOT_INFO_ADDR + 40 + 24 * i as u64;
+        mem.write_obj(layout::virtio_mmio_base(entry.slot), GuestAddress(at))?;
+        mem.write_obj(layout::VIRTIO_MMIO_SIZE, GuestAddress(at + 8))?;
+        mem.write_obj(entry.device_id, GuestAddress(at + 16))?;
+        mem.write_obj(u32::from(layout::VIRTIO_IRQS[entry.slot]), GuestAddress(at + 20))?;
     }
     mem.write_slice(cmdline, GuestAddress(CMDLINE_ADDR))?;
     Ok(())

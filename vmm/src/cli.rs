@@ -1,23 +1,12 @@
-//! The `ftvmm` command line.
+//! The `ftvmm` command line: parses and validates flags into a
+//! [`VmConfig`]; assembling the VM is the builder's job.
 
-use crate::boot::{CMDLINE_MAX, MAX_MEM_BYTES};
-use crate::clock::{wall_clock_ns, HostClock};
-use crate::console::{Endpoint, SerialSpec};
-use crate::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
-use crate::ft::{Direct, Held, LogSink, LogSource, OutputGate, SerialOutput, Suppressed};
-use crate::inputs::{Inputs, LiveInputs};
-use crate::run::{Role, RunError, Vmm};
-use crate::{boot, loader, rdtsc, vm};
+use crate::config::{DiskSpec, ImageSource, Mode, VmConfig};
+use crate::console::SerialSpec;
+use crate::layout::{CMDLINE_MAX, MAX_MEM_BYTES};
 use clap::Parser;
-use logging_channel::{BackupLink, ChannelConfig, PrimaryListener};
-use replay::{Header, LogReader, LogWriter, Recorder, Replayer};
-use std::fs::File;
-use std::io::{BufReader, BufWriter};
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// How long a backup keeps trying to reach its primary.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// ftvmm: a fault-tolerant KVM virtual machine monitor.
 ///
@@ -111,225 +100,81 @@ pub struct Cli {
     #[arg(long)]
     pub stats: bool,
 
+    /// Save a snapshot of the whole VM (memory, vCPU, devices, clock) to
+    /// PATH when the guest reaches exit --save-at-exit, and run on.
+    #[arg(long, value_name = "PATH", requires = "save_at_exit")]
+    pub save_snapshot: Option<PathBuf>,
+
+    /// The guest-caused exit at which --save-snapshot saves (see --stats
+    /// for a run's exit count).
+    #[arg(long, value_name = "N", requires = "save_snapshot", value_parser = clap::value_parser!(u64).range(1..))]
+    pub save_at_exit: Option<u64>,
+
+    /// Start from the snapshot at PATH (taken of the same image and
+    /// configuration) instead of booting. With --replay, replays the rest of
+    /// a log recorded from boot, or a log recorded from this snapshot; with
+    /// --record, the log records from the snapshot on.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["primary", "backup"])]
+    pub restore: Option<PathBuf>,
+
     /// Declare the peer on the logging channel lost after this many
     /// milliseconds without traffic from it.
     #[arg(long, value_name = "MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub heartbeat_ms: u64,
 }
 
-/// An error before or during the run, with the exit status reporting it.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    #[error("{0}")]
-    Usage(String),
-    #[error("{0}")]
-    Run(#[from] RunError),
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    ListGuests,
+    Run(Box<VmConfig>),
 }
 
-impl CliError {
-    pub fn exit_status(&self) -> u8 {
-        match self {
-            CliError::Usage(_) => 2,
-            CliError::Run(e) => e.exit_status(),
+impl Cli {
+    /// The validated request, or a usage error (exit status 2).
+    pub fn into_command(self) -> Result<Command, String> {
+        if self.list_guests {
+            return Ok(Command::ListGuests);
         }
-    }
-}
-
-fn usage(msg: impl Into<String>) -> CliError {
-    CliError::Usage(msg.into())
-}
-
-/// The guest image named on the command line, and a name for messages.
-fn image(cli: &Cli) -> Result<(String, Vec<u8>), CliError> {
-    if let Some(path) = &cli.kernel {
-        let bytes =
-            std::fs::read(path).map_err(|e| usage(format!("cannot read guest image {}: {e}", path.display())))?;
-        return Ok((path.display().to_string(), bytes));
-    }
-    let name = cli.guest.as_deref().unwrap_or_default();
-    match guest_images::find(name) {
-        Some(g) => Ok((g.name.to_string(), g.image.to_vec())),
-        None => {
-            let known: Vec<&str> = guest_images::GUESTS.iter().map(|g| g.name).collect();
-            Err(usage(format!("no embedded guest named {name:?} (available: {})", known.join(", "))))
+        if self.cmdline.len() > CMDLINE_MAX {
+            return Err(format!("--cmdline is longer than {CMDLINE_MAX} bytes"));
         }
-    }
-}
-
-/// How this VMM calls itself in the arbitration record.
-pub fn owner_name(role: &str) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("{role} pid {} on {}", std::process::id(), host.trim())
-}
-
-/// Takes ownership of a shared disk at boot; returns the generation (0 when
-/// the disk cannot arbitrate).
-fn claim_at_boot(disk: &DiskPort, role: &str) -> Result<u64, CliError> {
-    let fail = |e: std::io::Error| usage(format!("--disk: claiming the shared disk: {e}"));
-    let Some(current) = disk.generation().map_err(fail)? else { return Ok(0) };
-    match disk.claim(current, &owner_name(role)).map_err(fail)? {
-        Some(Claim::Won { generation }) => Ok(generation),
-        Some(Claim::Lost { owner, .. }) => Err(usage(format!("--disk: {owner} took the shared disk while we started"))),
-        None => Ok(0),
-    }
-}
-
-/// Runs `ftvmm` as the command line says; returns the process exit status.
-pub fn run(cli: Cli) -> Result<u8, CliError> {
-    if cli.list_guests {
-        for g in guest_images::GUESTS {
-            println!("{:<10} {}", g.name, g.description);
-        }
-        return Ok(0);
-    }
-    if cli.cmdline.len() > CMDLINE_MAX {
-        return Err(usage(format!("--cmdline is longer than {CMDLINE_MAX} bytes")));
-    }
-    let (name, image) = image(&cli)?;
-    let mem_size = cli.mem_mib << 20;
-    let mut disk = match &cli.disk {
-        Some(path) => {
+        let image = match (self.kernel, self.guest) {
+            (Some(path), _) => ImageSource::File(path),
+            (None, Some(name)) => ImageSource::Embedded(name),
+            // clap requires one of --guest, --kernel, --list-guests.
+            (None, None) => return Err("--guest or --kernel is required".into()),
+        };
+        let mode = if self.primary {
+            Mode::Primary { listen: self.listen.unwrap_or_default() }
+        } else if self.backup {
+            Mode::Backup { connect: self.connect.unwrap_or_default() }
+        } else if let Some(log) = self.replay {
+            Mode::Replay { log }
+        } else {
+            Mode::Solo { record: self.record }
+        };
+        let disk = self.disk.map(|path| {
             let spec = path.display().to_string();
-            let backend: Box<dyn BlockBackend> = match spec.strip_prefix("ftdisk:") {
-                Some(addr) => Box::new(FtdiskBackend::connect(addr).map_err(|e| usage(format!("--disk {spec}: {e}")))?),
-                None => Box::new(FileBackend::open(path).map_err(|e| usage(format!("--disk {spec}: {e}")))?),
-            };
-            Some(DiskPort::new(backend))
-        }
-        None => None,
-    };
-    let mut config = format!("mem_mib={} cmdline={:?}", cli.mem_mib, cli.cmdline);
-    if let Some(d) = &disk {
-        config.push_str(&format!(" disk_bytes={}", d.size()));
-    }
-    let mut header = Header {
-        image_hash: replay::Digest(*blake3::hash(&image).as_bytes()),
-        config,
-        wall_clock_base_ns: 0,
-        disk_generation: 0,
-    };
-
-    let channel = ChannelConfig { heartbeat_timeout: Duration::from_millis(cli.heartbeat_ms), ..Default::default() };
-    let endpoint = Endpoint::bind(&cli.serial).map_err(|e| usage(format!("--serial {:?}: {e}", cli.serial)))?;
-    if let Some(addr) = endpoint.local_addr() {
-        eprintln!("ftvmm: serial console on {addr}");
-    }
-    // A VM that starts live owns the shared disk: claim it (fencing off any
-    // earlier owner). A replay never writes; a backup claims it when it goes live.
-    if cli.replay.is_none() && !cli.backup {
-        if let Some(d) = &disk {
-            header.disk_generation = claim_at_boot(d, if cli.primary { "primary" } else { "vmm" })?;
-        }
-    }
-
-    // Live serial input: the endpoint's, or --serial-input's file.
-    let serial_input = |endpoint: Endpoint| -> Result<_, CliError> {
-        endpoint.start_with_input(cli.serial_input.as_deref()).map_err(|e| {
-            let path = cli.serial_input.as_deref().unwrap_or(std::path::Path::new("")).display();
-            usage(format!("cannot open serial input {path}: {e}"))
-        })
-    };
-
-    // Open the log (or reach the peer) before touching KVM, so that a bad log
-    // or peer is reported as such.
-    let (inputs, output, role): (Inputs, Box<dyn SerialOutput>, Role) = if let Some(path) = &cli.replay {
-        let file = File::open(path).map_err(|e| usage(format!("cannot open log {}: {e}", path.display())))?;
-        let (logged, reader) =
-            LogReader::new(BufReader::new(file)).map_err(|e| usage(format!("{}: {e}", path.display())))?;
-        logged.check_matches(&header).map_err(|e| usage(format!("{}: {e}", path.display())))?;
-        header.wall_clock_base_ns = logged.wall_clock_base_ns;
-        let port = endpoint.start_output_only();
-        (Inputs::Replay(Replayer::new(LogSource::File(reader))), Box::new(Direct(port)), Role::Solo)
-    } else if cli.backup {
-        let addr = cli.connect.as_deref().unwrap_or_default();
-        let (link, primary) = BackupLink::connect(addr, &header, &channel, CONNECT_TIMEOUT)
-            .map_err(|e| usage(format!("backup: logging channel to {addr}: {e}")))?;
-        header.wall_clock_base_ns = primary.wall_clock_base_ns;
-        eprintln!("ftvmm: backup: attached to the primary at {addr}; replaying in lockstep");
-        if let Some(path) = &cli.serial_input {
-            // Checked now, used when the backup goes live.
-            File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?;
-        }
-        let role = Role::Backup {
-            endpoint: Some(endpoint),
-            serial_input: cli.serial_input.clone(),
-            expected_generation: primary.disk_generation,
-        };
-        (Inputs::Replay(Replayer::new(LogSource::Backup(link))), Box::new(Suppressed::default()), role)
-    } else if cli.primary {
-        header.wall_clock_base_ns = wall_clock_ns();
-        let addr = cli.listen.as_deref().unwrap_or_default();
-        let listener =
-            PrimaryListener::bind(addr).map_err(|e| usage(format!("primary: logging channel on {addr}: {e}")))?;
-        eprintln!("ftvmm: primary: waiting for a backup on {}", listener.local_addr());
-        let link = listener
-            .accept(&header, &channel)
-            .map_err(|e| usage(format!("primary: logging channel on {addr}: {e}")))?;
-        eprintln!("ftvmm: primary: backup attached; booting");
-        let (input, port) = serial_input(endpoint)?;
-        let gate = OutputGate::new(port.sender(), disk.as_mut().map(|d| d.releaser()));
-        let acks = gate.clone();
-        // Losing the backup is not an ack: the run loop releases held output
-        // once it has won the disk (or has no disk to arbitrate on).
-        link.on_ack(Box::new(move |watermark| {
-            if watermark != u64::MAX {
-                acks.acked(watermark)
+            match spec.strip_prefix("ftdisk:") {
+                Some(addr) => DiskSpec::Ftdisk(addr.to_string()),
+                None => DiskSpec::File(path),
             }
-        }));
-        let live = LiveInputs::new(HostClock::start(), Some(input), Some(Recorder::new(LogSink::Primary(link))), None);
-        let delivered = port.delivered();
-        let disk_delivered = disk.as_ref().map_or_else(Default::default, |d| d.delivered());
-        let role = Role::Primary {
-            gate: gate.clone(),
-            delivered,
-            disk_delivered,
-            finish_timeout: channel.heartbeat_timeout * 5,
-            generation: header.disk_generation,
-            shipped: (0, std::time::Instant::now()),
-        };
-        (Inputs::Live(Box::new(live)), Box::new(Held { gate, port }), role)
-    } else {
-        header.wall_clock_base_ns = wall_clock_ns();
-        let recorder = match &cli.record {
-            Some(path) => {
-                let file =
-                    File::create(path).map_err(|e| usage(format!("cannot create log {}: {e}", path.display())))?;
-                let writer = LogWriter::new(BufWriter::with_capacity(1 << 16, file), &header)
-                    .map_err(|e| usage(format!("cannot write log {}: {e}", path.display())))?;
-                Some(Recorder::new(LogSink::File(writer)))
-            }
-            None => None,
-        };
-        let (input, port) = serial_input(endpoint)?;
-        let live = LiveInputs::new(HostClock::start(), Some(input), recorder, cli.perturb_seed);
-        (Inputs::Live(Box::new(live)), Box::new(Direct(port)), Role::Solo)
-    };
-
-    let machine = vm::Machine::new(mem_size).map_err(RunError::from)?;
-    let loaded = loader::load(&machine.mem, mem_size, &image).map_err(|e| usage(format!("guest image {name}: {e}")))?;
-    let rdtsc_sites = rdtsc::rewrite(&machine.mem, &loaded.code_segments)
-        .map_err(|e| usage(format!("guest image {name}: rewriting RDTSC: {e}")))?;
-    boot::write_boot_structures(&machine.mem, mem_size, cli.cmdline.as_bytes())
-        .map_err(|e| usage(format!("writing boot structures: {e}")))?;
-    machine.set_boot_state(loaded.entry).map_err(RunError::from)?;
-
-    let want_digest = cli.digest || cli.record.is_some() || cli.replay.is_some() || cli.primary || cli.backup;
-    let gate = match &role {
-        Role::Primary { gate, .. } => Some(gate.clone()),
-        _ => None,
-    };
-    let vmm = Vmm::new(machine, inputs, output, role, disk, rdtsc_sites, header.wall_clock_base_ns, want_digest);
-    let outcome = vmm.run()?;
-    if cli.stats {
-        eprintln!("ftvmm: stats: {} guest exits", outcome.exits);
-        if let Some((n, p50, p99, max)) = gate.and_then(|g| g.latency_stats()) {
-            eprintln!("ftvmm: stats: output-commit latency over {n} outputs: p50 {p50} us, p99 {p99} us, max {max} us");
-        }
+        });
+        Ok(Command::Run(Box::new(VmConfig {
+            mem_mib: self.mem_mib,
+            cmdline: self.cmdline,
+            serial: self.serial,
+            serial_input: self.serial_input,
+            disk,
+            mode,
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            perturb_seed: self.perturb_seed,
+            digest: self.digest,
+            stats: self.stats,
+            save_snapshot: self.save_at_exit.zip(self.save_snapshot),
+            restore: self.restore,
+            ..VmConfig::new(image)
+        })))
     }
-    if cli.digest {
-        if let Some(d) = outcome.digest {
-            eprintln!("state-digest: {d}");
-        }
-    }
-    Ok(outcome.status)
 }

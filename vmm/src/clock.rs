@@ -5,14 +5,14 @@
 //! loop takes a time reading — from the host on the primary, from the log on
 //! a replay — so both sides see the same time at the same positions.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
 /// Frequency of the virtual TSC: 1 GHz, so one tick is one virtual nanosecond.
 pub const TSC_HZ: u64 = 1_000_000_000;
 
 /// The virtual clock's state (part of the state digest).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtualClock {
     now_ns: u64,
     /// What the guest added to the TSC by writing IA32_TSC (wrapping).

@@ -103,7 +103,7 @@ impl Endpoint {
                 let client: Arc<Mutex<Option<TcpStream>>> = Arc::default();
                 let port = OutputPort::spawn(Sink::Tcp {
                     client: client.clone(),
-                    backlog: VecDeque::new(),
+                    backlog: Backlog::default(),
                     in_flight: VecDeque::new(),
                     written: 0,
                 });
@@ -120,6 +120,10 @@ fn serve(listener: TcpListener, client: Arc<Mutex<Option<TcpStream>>>, input: Se
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let _ = stream.set_nodelay(true);
+        // A client that does not read must not block the writer: a write
+        // that cannot proceed returns soon, and the output waits in the
+        // bounded backlog.
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(1)));
         let Ok(reader) = stream.try_clone() else { continue };
         if let Ok(mut slot) = client.lock() {
             *slot = Some(stream);
@@ -156,6 +160,94 @@ pub fn spawn_reader(input: impl Read + Send + 'static) -> Receiver<Vec<u8>> {
     rx
 }
 
+/// Output kept for later, at most [`MAX_BACKLOG`] bytes, with the exit of
+/// each output; beyond it the oldest goes. Bytes of one exit share one
+/// entry, so a guest that writes a byte per exit costs a byte per byte, not
+/// an allocation per byte.
+#[derive(Default)]
+pub struct Backlog {
+    bytes: VecDeque<u8>,
+    /// (exit, bytes it produced), oldest first.
+    marks: VecDeque<(u64, usize)>,
+}
+
+impl Backlog {
+    /// Keeps `data`, produced at `exit`; returns the newest exit whose
+    /// output had to go to make room.
+    pub fn push(&mut self, exit: u64, data: &[u8]) -> Option<u64> {
+        match self.marks.back_mut() {
+            Some((last, len)) if *last == exit => *len += data.len(),
+            _ => self.marks.push_back((exit, data.len())),
+        }
+        self.bytes.extend(data);
+        let mut dropped = None;
+        while self.bytes.len() > MAX_BACKLOG {
+            dropped = self.pop_oldest().or(dropped);
+        }
+        dropped
+    }
+
+    fn pop_oldest(&mut self) -> Option<u64> {
+        let (exit, len) = self.marks.pop_front()?;
+        self.bytes.drain(..len.min(self.bytes.len()));
+        Some(exit)
+    }
+
+    /// Forgets the output of exits up to `exit`.
+    pub fn forget_up_to(&mut self, exit: u64) {
+        while self.marks.front().is_some_and(|(e, _)| *e <= exit) {
+            self.pop_oldest();
+        }
+    }
+
+    /// Takes everything kept, as (exit, bytes), oldest first.
+    pub fn drain(&mut self) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::with_capacity(self.marks.len());
+        for (exit, len) in self.marks.drain(..) {
+            out.push((exit, self.bytes.drain(..len.min(self.bytes.len())).collect()));
+        }
+        out
+    }
+
+    /// The oldest output: its exit, and as many of its bytes as lie
+    /// contiguously in memory (all of them, or a first part).
+    fn front(&self) -> Option<(u64, &[u8])> {
+        let &(exit, len) = self.marks.front()?;
+        let (a, b) = self.bytes.as_slices();
+        let part = if a.is_empty() { b } else { a };
+        Some((exit, &part[..len.min(part.len())]))
+    }
+
+    /// `n` bytes of the oldest output were written; returns its exit once
+    /// all of it was.
+    fn consume(&mut self, n: usize) -> Option<u64> {
+        let (exit, len) = self.marks.front_mut()?;
+        let n = n.min(*len);
+        self.bytes.drain(..n);
+        *len -= n;
+        let exit = *exit;
+        if *len == 0 {
+            self.marks.pop_front();
+            return Some(exit);
+        }
+        None
+    }
+
+    /// Bytes kept.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The exits whose output is kept, oldest first.
+    pub fn exits(&self) -> impl Iterator<Item = u64> + '_ {
+        self.marks.iter().map(|(e, _)| *e)
+    }
+}
+
 enum Chunk {
     /// Output the guest produced at exit `.0`.
     Bytes(u64, Vec<u8>),
@@ -184,7 +276,7 @@ enum Sink {
     Tcp {
         client: Arc<Mutex<Option<TcpStream>>>,
         /// Output not yet written to a client.
-        backlog: VecDeque<(u64, Vec<u8>)>,
+        backlog: Backlog,
         /// Written to the current client but not yet acknowledged by its TCP:
         /// (stream offset just past the chunk, exit).
         in_flight: VecDeque<(u64, u64)>,
@@ -210,30 +302,51 @@ impl Sink {
                     *written = 0;
                 }
                 if let Chunk::Bytes(exit, bytes) = chunk {
-                    backlog.push_back((exit, bytes));
-                    let mut kept: usize = backlog.iter().map(|(_, b)| b.len()).sum();
-                    while kept > MAX_BACKLOG {
-                        // Too long without a client: the oldest output goes.
-                        let Some((exit, dropped)) = backlog.pop_front() else { break };
-                        kept -= dropped.len();
-                        delivered.fetch_max(exit, Ordering::Release);
+                    // Too long without a client: the oldest output goes, and
+                    // counts as delivered (no one will ever get it).
+                    if let Some(dropped) = backlog.push(exit, &bytes) {
+                        delivered.fetch_max(dropped, Ordering::Release);
                     }
                 }
-                let Ok(mut slot) = client.lock() else { return };
-                let Some(stream) = slot.as_mut() else { return };
-                while let Some((exit, bytes)) = backlog.pop_front() {
-                    if stream.write_all(&bytes).is_err() {
-                        // The client went away: keep this for the next one.
-                        backlog.push_front((exit, bytes));
-                        in_flight.clear();
-                        *written = 0;
-                        *slot = None;
-                        return;
+                Self::flush_backlog(client, backlog, in_flight, written);
+                if let Ok(slot) = client.lock() {
+                    if let Some(stream) = slot.as_ref() {
+                        Self::confirm(stream, in_flight, *written, delivered);
                     }
-                    *written += bytes.len() as u64;
-                    in_flight.push_back((*written, exit));
                 }
-                Self::confirm(stream, in_flight, *written, delivered);
+            }
+        }
+    }
+
+    /// Writes what the client can take now; the rest stays in the backlog
+    /// (a client that does not read never blocks the writer, and what waits
+    /// for it is bounded by the backlog).
+    fn flush_backlog(
+        client: &Mutex<Option<TcpStream>>,
+        backlog: &mut Backlog,
+        in_flight: &mut VecDeque<(u64, u64)>,
+        written: &mut u64,
+    ) {
+        let Ok(mut slot) = client.lock() else { return };
+        let Some(stream) = slot.as_mut() else { return };
+        while let Some((_, bytes)) = backlog.front() {
+            match stream.write(bytes) {
+                Ok(n) if n > 0 => {
+                    *written += n as u64;
+                    if let Some(exit) = backlog.consume(n) {
+                        in_flight.push_back((*written, exit));
+                    }
+                }
+                // The client is full: the rest waits.
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // The client went away: what it did not get waits for the next one.
+                _ => {
+                    in_flight.clear();
+                    *written = 0;
+                    *slot = None;
+                    return;
+                }
             }
         }
     }
@@ -251,17 +364,20 @@ impl Sink {
         }
     }
 
-    /// Output written but not yet acknowledged by the client.
-    fn awaiting_ack(&mut self, delivered: &AtomicU64) -> bool {
+    /// Retries what waits for the client and confirms what it acknowledged;
+    /// returns whether anything is still unconfirmed with a client there
+    /// (then the writer looks again soon).
+    fn poll(&mut self, delivered: &AtomicU64) -> bool {
         match self {
             Sink::Writer(_) => false,
-            Sink::Tcp { client, in_flight, written, .. } => {
-                if let Ok(slot) = client.lock() {
-                    if let Some(stream) = slot.as_ref() {
-                        Self::confirm(stream, in_flight, *written, delivered);
-                    }
+            Sink::Tcp { client, backlog, in_flight, written } => {
+                if !backlog.is_empty() {
+                    Self::flush_backlog(client, backlog, in_flight, written);
                 }
-                !in_flight.is_empty()
+                let Ok(slot) = client.lock() else { return false };
+                let Some(stream) = slot.as_ref() else { return false };
+                Self::confirm(stream, in_flight, *written, delivered);
+                !in_flight.is_empty() || !backlog.is_empty()
             }
         }
     }
@@ -280,8 +396,9 @@ impl OutputPort {
         let delivered = Arc::new(AtomicU64::new(0));
         let shared = delivered.clone();
         let writer = std::thread::spawn(move || loop {
-            // While the client has not acknowledged everything, look again soon.
-            let chunk = if sink.awaiting_ack(&shared) {
+            // While the client has not taken and acknowledged everything,
+            // look again soon.
+            let chunk = if sink.poll(&shared) {
                 match rx.recv_timeout(Duration::from_micros(200)) {
                     Ok(chunk) => chunk,
                     Err(RecvTimeoutError::Timeout) => continue,
@@ -381,5 +498,40 @@ mod tests {
         }
         client.write_all(b"typed").unwrap();
         assert_eq!(input.recv_timeout(Duration::from_secs(5)).unwrap(), b"typed");
+    }
+
+    #[test]
+    fn a_client_that_never_reads_neither_blocks_the_port_nor_grows_it() {
+        let endpoint = Endpoint::bind(&SerialSpec::Tcp("127.0.0.1:0".into())).unwrap();
+        let Endpoint::Tcp(listener) = &endpoint else { panic!("tcp") };
+        let addr = listener.local_addr().unwrap();
+        let (_input, port) = endpoint.start();
+        let _client = TcpStream::connect(addr).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        // Far more than the socket buffers and the backlog hold.
+        let chunk = vec![b'x'; 64 << 10];
+        let total = 4 * MAX_BACKLOG / chunk.len();
+        for exit in 1..=total as u64 {
+            port.sender().send(exit, chunk.clone());
+        }
+        let started = std::time::Instant::now();
+        port.close();
+        assert!(started.elapsed() < Duration::from_secs(10), "the writer was stuck on the client");
+    }
+
+    #[test]
+    fn the_backlog_keeps_the_newest_bytes_and_reports_what_it_dropped() {
+        let mut b = Backlog::default();
+        assert_eq!(b.push(1, &vec![1; MAX_BACKLOG]), None);
+        assert_eq!(b.push(2, b"ab"), Some(1), "exit 1's output had to go");
+        assert_eq!(b.len(), 2);
+        b.push(2, b"c");
+        b.push(3, b"d");
+        assert_eq!(b.exits().collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(b.consume(2), None);
+        assert_eq!(b.front(), Some((2, &b"c"[..])));
+        assert_eq!(b.consume(1), Some(2));
+        b.forget_up_to(3);
+        assert!(b.is_empty());
     }
 }

@@ -4,7 +4,10 @@
 //! the virtual clock and the exit count. Two runs with equal digests are in
 //! the same state; every determinism test compares them.
 
-use crate::run::{RunError, Vmm};
+use crate::clock::VirtualClock;
+use crate::devices::DevicesState;
+use crate::error::RunError;
+use crate::vm::Machine;
 use crate::vm::VmError;
 use replay::Digest;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -13,9 +16,9 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RunError {
     move |err| RunError::Vm(VmError::Kvm { what, err })
 }
 
-/// Digest of the VM's current state.
-pub fn state_digest(vmm: &Vmm) -> Result<Digest, RunError> {
-    let m = &vmm.machine;
+/// Digest of a VM's state: its machine (memory and vCPU), its devices'
+/// state, its virtual clock and the guest-caused exits so far.
+pub fn state_digest(m: &Machine, devices: &DevicesState, clock: &VirtualClock, exits: u64) -> Result<Digest, RunError> {
     let mut h = blake3::Hasher::new();
     h.update(b"ftvmm state digest v1\0");
 
@@ -72,11 +75,11 @@ pub fn state_digest(vmm: &Vmm) -> Result<Digest, RunError> {
         h.update(&value.to_le_bytes());
     }
 
-    let devices = bincode::serialize(&vmm.devices.state())
+    let devices = bincode::serialize(devices)
         .map_err(|e| RunError::Io { what: "serializing device state", err: std::io::Error::other(e.to_string()) })?;
     h.update(&devices);
-    h.update(&vmm.clock.now_ns().to_le_bytes());
-    h.update(&vmm.clock.tsc().to_le_bytes());
-    h.update(&vmm.exits().to_le_bytes());
+    h.update(&clock.now_ns().to_le_bytes());
+    h.update(&clock.tsc().to_le_bytes());
+    h.update(&exits.to_le_bytes());
     Ok(Digest(*h.finalize().as_bytes()))
 }

@@ -1,5 +1,6 @@
-//! Fault tolerance glue: where the log goes and comes from (a file, or the
-//! logging channel), and the serial output's three regimes:
+//! Fault tolerance glue: the VMM's role in a pair ([`Role`]), where the log
+//! goes and comes from (a file, or the logging channel), and the outputs'
+//! three regimes:
 //! - [`Direct`]: released at once (a run alone, a recording, a replay, and a
 //!   backup after it went live);
 //! - [`Held`]: the primary's output rule — each output waits until the
@@ -7,15 +8,50 @@
 //! - [`Suppressed`]: the backup's, while it replays — kept until the primary
 //!   reports it released, and re-emitted when the backup goes live.
 
-use crate::console::{OutputPort, PortSender};
+use crate::console::{Backlog, Endpoint, OutputPort, PortSender};
 use crate::disk::{DiskOp, DiskPort, DiskSender};
 use logging_channel::{BackupLink, PrimaryLink};
 use replay::{LogError, LogReader, LogWriter, Position, Record, RecordSink, RecordSource};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// The VMM's part in fault tolerance.
+pub enum Role {
+    /// Alone: a plain run, a recording or a replay (or a former backup, live).
+    Solo,
+    /// The primary: inputs go to the backup, outputs wait for its acks.
+    Primary {
+        gate: Arc<OutputGate>,
+        /// The exit up to which serial output has reached the outside world.
+        delivered: Arc<AtomicU64>,
+        /// The exit up to which released disk writes have been applied.
+        disk_delivered: Arc<AtomicU64>,
+        finish_timeout: Duration,
+        /// Our owner generation of the shared disk (0: none).
+        generation: u64,
+        /// When the watermark was last shipped: (exit, time).
+        shipped: (u64, Instant),
+    },
+    /// The backup: replays the primary's log; when it ends (the primary is
+    /// gone) it goes live and serves `endpoint`, with serial input from
+    /// `serial_input` if given (`--serial-input`), else from the endpoint.
+    Backup {
+        endpoint: Option<Endpoint>,
+        serial_input: Option<std::path::PathBuf>,
+        /// The primary's generation of the shared disk, to claim it from.
+        expected_generation: u64,
+    },
+}
+
+/// How this VMM calls itself in the arbitration record.
+pub fn owner_name(role: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{role} pid {} on {}", std::process::id(), host.trim())
+}
 
 /// Where recorded records go.
 pub enum LogSink {
@@ -117,13 +153,14 @@ struct GateState {
     acked: u64,
     /// The exit of the last item handed to each port: (serial, disk).
     handed: (u64, u64),
-    /// How long each output was held, in µs (for `--stats`).
-    held_us: Vec<u32>,
+    /// How long outputs were held, in µs (for `--stats`): a fixed-size
+    /// histogram, however long the run.
+    held_us: LatencyHistogram,
 }
 
 impl OutputGate {
     pub fn new(port: PortSender, disk: Option<DiskSender>) -> Arc<Self> {
-        let state = GateState { held: VecDeque::new(), acked: 0, handed: (0, 0), held_us: Vec::new() };
+        let state = GateState { held: VecDeque::new(), acked: 0, handed: (0, 0), held_us: LatencyHistogram::new() };
         Arc::new(OutputGate { inner: Mutex::new(state), port, disk })
     }
 
@@ -178,7 +215,7 @@ impl OutputGate {
     fn push(&self, exit: u64, item: Item) {
         let mut s = self.state();
         if s.held.is_empty() && s.acked >= exit {
-            s.held_us.push(0);
+            s.held_us.record(0);
             self.hand(&mut s, exit, item);
         } else {
             s.held.push_back((exit, Instant::now(), item));
@@ -193,7 +230,7 @@ impl OutputGate {
         while s.held.front().is_some_and(|(exit, _, _)| *exit <= watermark) {
             if let Some((exit, since, item)) = s.held.pop_front() {
                 if watermark != u64::MAX {
-                    s.held_us.push(u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    s.held_us.record(u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX));
                 }
                 self.hand(&mut s, exit, item);
             }
@@ -208,13 +245,43 @@ impl OutputGate {
     /// Output-commit latency — how long outputs were held for the backup's
     /// acknowledgement — as (outputs, p50 µs, p99 µs, max µs).
     pub fn latency_stats(&self) -> Option<(usize, u32, u32, u32)> {
-        let mut v = self.state().held_us.clone();
-        if v.is_empty() {
+        self.state().held_us.summary()
+    }
+}
+
+/// A latency record of fixed size: an HDR histogram of microseconds, from
+/// 1 µs to an hour at 3 significant digits (about 30 KiB), values beyond
+/// clamped.
+pub struct LatencyHistogram(hdrhistogram::Histogram<u64>);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LatencyHistogram {
+    const MAX_US: u64 = 3_600_000_000;
+
+    pub fn new() -> Self {
+        // The bounds are constants that hdrhistogram accepts.
+        let h = hdrhistogram::Histogram::new_with_bounds(1, Self::MAX_US, 3)
+            .unwrap_or_else(|e| unreachable!("histogram bounds: {e}"));
+        LatencyHistogram(h)
+    }
+
+    pub fn record(&mut self, us: u64) {
+        self.0.saturating_record(us.min(Self::MAX_US));
+    }
+
+    /// (count, p50, p99, max) in µs, or None when nothing was recorded.
+    pub fn summary(&self) -> Option<(usize, u32, u32, u32)> {
+        let h = &self.0;
+        if h.is_empty() {
             return None;
         }
-        v.sort_unstable();
-        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        Some((v.len(), at(0.5), at(0.99), at(1.0)))
+        let us = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        Some((h.len() as usize, us(h.value_at_quantile(0.5)), us(h.value_at_quantile(0.99)), us(h.max())))
     }
 }
 
@@ -242,7 +309,13 @@ impl SerialOutput for Held {
 /// The backup's outputs while it replays.
 #[derive(Default)]
 pub struct Suppressed {
-    pending: VecDeque<(u64, Item)>,
+    /// Serial output, at most what the primary's console keeps for a
+    /// missing client ([`MAX_BACKLOG`]), the oldest dropped first.
+    serial: Backlog,
+    /// Disk writes and flushes, until the primary reports them applied (the
+    /// primary applies them as soon as they are acknowledged, so this holds
+    /// what is in flight between the two).
+    disk: VecDeque<(u64, DiskOp)>,
     live: Option<OutputPort>,
     /// Outputs the primary reported released (not to be re-emitted).
     released: u64,
@@ -251,37 +324,38 @@ pub struct Suppressed {
 impl SerialOutput for Suppressed {
     fn prune(&mut self, released: u64) {
         self.released = self.released.max(released);
-        while self.pending.front().is_some_and(|(exit, _)| *exit <= self.released) {
-            self.pending.pop_front();
+        self.serial.forget_up_to(self.released);
+        while self.disk.front().is_some_and(|(exit, _)| *exit <= self.released) {
+            self.disk.pop_front();
         }
     }
 
     fn output(&mut self, position: Position, bytes: Vec<u8>) {
         match &self.live {
             Some(port) => port.sender().send(position.exit, bytes),
-            None => self.pending.push_back((position.exit, Item::Serial(bytes))),
+            None => {
+                self.serial.push(position.exit, &bytes);
+            }
         }
     }
     fn disk(&mut self, position: Position, op: &DiskOp) -> bool {
         if self.live.is_some() {
             return false;
         }
-        self.pending.push_back((position.exit, Item::Disk(op.clone())));
+        self.disk.push_back((position.exit, op.clone()));
         true
     }
     fn go_live(&mut self, released: u64, port: OutputPort, disk: Option<&DiskPort>) -> std::io::Result<()> {
         self.prune(released);
         let sender = port.sender();
         self.live = Some(port);
-        for (exit, item) in self.pending.drain(..) {
-            match item {
-                Item::Serial(bytes) => sender.send(exit, bytes),
-                // Writes are idempotent: re-issuing one the primary completed is harmless.
-                Item::Disk(op) => {
-                    if let Some(d) = disk {
-                        d.apply(&op)?;
-                    }
-                }
+        for (exit, bytes) in self.serial.drain() {
+            sender.send(exit, bytes);
+        }
+        // Writes are idempotent: re-issuing one the primary completed is harmless.
+        for (_, op) in self.disk.drain(..) {
+            if let Some(d) = disk {
+                d.apply(&op)?;
             }
         }
         Ok(())
@@ -296,6 +370,7 @@ impl SerialOutput for Suppressed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::console::MAX_BACKLOG;
 
     /// A writer whose bytes the test can read back.
     #[derive(Clone, Default)]
@@ -360,8 +435,34 @@ mod tests {
             s.output(pos(exit), vec![exit as u8]);
         }
         s.prune(2);
-        assert_eq!(s.pending.iter().map(|(e, _)| *e).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(s.serial.exits().collect::<Vec<_>>(), vec![3, 4, 5]);
         s.prune(1);
-        assert_eq!(s.pending.len(), 3, "a stale report prunes nothing more");
+        assert_eq!(s.serial.exits().count(), 3, "a stale report prunes nothing more");
+    }
+
+    #[test]
+    fn a_backup_keeps_no_more_serial_output_than_the_console_backlog() {
+        let mut s = Suppressed::default();
+        // A primary whose console has no client reports nothing released:
+        // the backup keeps the newest MAX_BACKLOG bytes, as the console does.
+        let chunk = vec![b'x'; 1000];
+        for exit in 1..=(3 * MAX_BACKLOG as u64 / 1000) {
+            s.output(pos(exit), chunk.clone());
+        }
+        assert!(s.serial.len() <= MAX_BACKLOG);
+        assert!(s.serial.len() > MAX_BACKLOG - 1000);
+        assert_eq!(s.serial.exits().count(), s.serial.len() / 1000);
+        let newest = s.serial.exits().last();
+        assert_eq!(newest, Some(3 * MAX_BACKLOG as u64 / 1000), "the newest output stays");
+        // Bytes of one exit share one mark.
+        let mut t = Suppressed::default();
+        for b in b"tick 1\n" {
+            t.output(pos(7), vec![*b]);
+        }
+        assert_eq!(t.serial.exits().count(), 1);
+        let out = Shared::default();
+        t.go_live(0, OutputPort::to_writer(Box::new(out.clone())), None).unwrap();
+        Box::new(t).close();
+        assert_eq!(&*out.0.lock().unwrap(), b"tick 1\n");
     }
 }

@@ -1,29 +1,44 @@
 //! vmm: ftvmm's virtual machine monitor.
 //!
-//! Owns the KVM VM and its single vCPU ([`vm`]), guest memory and the boot
-//! protocol ([`boot`]), the fixed CPUID model ([`cpuid`]), the MSR filter, the
-//! image loader ([`loader`]) and RDTSC rewriter ([`rdtsc`]), the device models
-//! ([`devices`]) and the disk's storage ([`disk`]), the virtual clock ([`clock`]), the run loop ([`run`]) that
-//! takes external inputs live or from a log ([`inputs`]), the serial port's
-//! outside world ([`console`]), the fault-tolerance roles and the output rule
-//! ([`ft`]), the state digest ([`digest`]), and the `ftvmm` command line
-//! ([`cli`]).
-//!
 //! Every path from the outside world into the guest goes through this crate:
 //! there is no in-kernel irqchip, PIT or kvmclock, so that each input can be
 //! recorded on the primary and replayed, at the same position, on the backup.
+//!
+//! How it is put together (Firecracker's `src/vmm` is the model):
+//! - [`cli`] parses the command line into a [`config::VmConfig`] (only
+//!   `main.rs` uses it);
+//! - [`builder`] turns a configuration into a ready [`run::Vmm`]: the disk,
+//!   the serial endpoint, the log or the peer, the machine, the image;
+//! - [`run`] is the run loop: exit dispatch to the devices, input delivery
+//!   at positions, and the FT role's bookkeeping and going live;
+//! - [`layout`] is the platform's table of addresses, ports and IRQs;
+//! - [`vm`] is the KVM VM and its single vCPU, [`boot`] the boot protocol,
+//!   [`cpuid`] the fixed CPU model, [`loader`] and [`rdtsc`] the image loader
+//!   and RDTSC rewriter, [`clock`] the virtual clock;
+//! - [`devices`] are the device models, the virtio ones on one virtio-mmio
+//!   transport; [`disk`] is the disk's storage, [`console`] the serial port's
+//!   outside world;
+//! - [`inputs`] are the external inputs, live or from a log; [`ft`] the FT
+//!   role, the log's sinks and sources and the output regimes (the output
+//!   rule); [`digest`] the state digest; [`snapshot`] the state snapshot
+//!   format (files and live state transfer); [`error`] what ends a run.
 
 pub mod boot;
+pub mod builder;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod console;
 pub mod cpuid;
 pub mod devices;
 pub mod digest;
 pub mod disk;
+pub mod error;
 pub mod ft;
 pub mod inputs;
+pub mod layout;
 pub mod loader;
 pub mod rdtsc;
 pub mod run;
+pub mod snapshot;
 pub mod vm;

@@ -4,13 +4,14 @@
 //! and then loaded by linux-loader. The executable segments are remembered:
 //! the RDTSC rewriter decodes them.
 
-use crate::boot::IMAGE_MIN_ADDR;
+use crate::layout::IMAGE_MIN_ADDR;
+use crate::vm::GuestMem;
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use object::elf::{FileHeader64, PF_X, PT_LOAD};
 use object::read::elf::{FileHeader, ProgramHeader};
 use object::Endianness;
 use std::io::Cursor;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 /// A loaded image.
 #[derive(Debug, Clone)]
@@ -37,7 +38,7 @@ pub enum LoadError {
 }
 
 /// Validates `image` against a guest memory of `mem_size` bytes and loads it.
-pub fn load(mem: &GuestMemoryMmap, mem_size: u64, image: &[u8]) -> Result<LoadedImage, LoadError> {
+pub fn load(mem: &GuestMem, mem_size: u64, image: &[u8]) -> Result<LoadedImage, LoadError> {
     let loaded = inspect(image, mem_size)?;
     Elf::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(IMAGE_MIN_ADDR)))
         .map_err(|e| LoadError::Load(e.to_string()))?;

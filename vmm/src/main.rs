@@ -1,7 +1,11 @@
-//! The `ftvmm` binary: see `ftvmm --help`.
+//! The `ftvmm` binary: see `ftvmm --help`. Parses the command line into a
+//! configuration, builds the VM from it and runs it.
 
 use clap::Parser;
 use std::process::ExitCode;
+use vmm::cli::{Cli, Command};
+use vmm::config::VmConfig;
+use vmm::error::Error;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -12,18 +16,47 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let cli = match vmm::cli::Cli::try_parse() {
+    let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    match vmm::cli::run(cli) {
+    let config = match cli.into_command() {
+        Ok(Command::ListGuests) => {
+            for g in guest_images::GUESTS {
+                println!("{:<10} {}", g.name, g.description);
+            }
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Run(config)) => config,
+        Err(e) => return fail(&Error::Usage(e)),
+    };
+    match run(&config) {
         Ok(status) => ExitCode::from(status),
-        Err(e) => {
-            eprintln!("ftvmm: error: {e}");
-            ExitCode::from(e.exit_status())
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &Error) -> ExitCode {
+    eprintln!("ftvmm: error: {e}");
+    ExitCode::from(e.exit_status())
+}
+
+/// Builds and runs the VM; returns the guest's exit status.
+fn run(config: &VmConfig) -> Result<u8, Error> {
+    let outcome = vmm::builder::build(config)?.run()?;
+    if config.stats {
+        eprintln!("ftvmm: stats: {} guest exits", outcome.exits);
+        if let Some((n, p50, p99, max)) = outcome.commit_latency {
+            eprintln!("ftvmm: stats: output-commit latency over {n} outputs: p50 {p50} us, p99 {p99} us, max {max} us");
         }
     }
+    if config.digest {
+        if let Some(d) = outcome.digest {
+            eprintln!("state-digest: {d}");
+        }
+    }
+    Ok(outcome.status)
 }

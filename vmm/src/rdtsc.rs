@@ -17,16 +17,17 @@
 //! instructions). The CPUID model also hides the invariant-TSC and
 //! TSC-deadline features, steering guests to the PIT and RTC for timekeeping.
 
+use crate::vm::GuestMem;
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use std::collections::HashSet;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// `in eax, imm8` with the TSC port.
-const TSC_PORT_READ: [u8; 2] = [0xe5, crate::devices::TSC_PORT as u8];
+const TSC_PORT_READ: [u8; 2] = [0xe5, crate::layout::TSC_PORT as u8];
 
 /// Rewrites every RDTSC in `segments` (guest address, length) and returns
 /// the RIPs of the replacement instructions.
-pub fn rewrite(mem: &GuestMemoryMmap, segments: &[(u64, u64)]) -> Result<HashSet<u64>, vm_memory::GuestMemoryError> {
+pub fn rewrite(mem: &GuestMem, segments: &[(u64, u64)]) -> Result<HashSet<u64>, vm_memory::GuestMemoryError> {
     let mut sites = HashSet::new();
     for &(addr, len) in segments {
         let mut code = vec![0u8; len as usize];

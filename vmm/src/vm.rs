@@ -6,10 +6,23 @@
 
 use crate::boot;
 use crate::cpuid;
-use kvm_bindings::{kvm_enable_cap, kvm_run, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_regs, kvm_run, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Guest memory. The bitmap records the pages the VMM itself writes (device
+/// DMA), which KVM's dirty log does not see: a state transfer needs both.
+pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
+
+/// Guest page size for dirty tracking and state transfer.
+pub const PAGE_SIZE: u64 = 4096;
 
 /// IA32_TSC: reads and writes exit to the VMM, which answers from its clock.
 pub const MSR_IA32_TSC: u32 = 0x10;
@@ -63,9 +76,10 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 
 /// The VM and its single vCPU.
 pub struct Machine {
-    pub vm: VmFd,
+    /// Shared with a state transfer's sender thread (dirty log).
+    pub vm: Arc<VmFd>,
     pub vcpu: VcpuFd,
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     pub mem_size: u64,
     /// KVM copies the registers into `kvm_run` at every exit
     /// (KVM_CAP_SYNC_REGS), sparing a KVM_GET_REGS per exit.
@@ -85,20 +99,11 @@ impl Machine {
         // Needed by VMX hosts for real-mode emulation; unused in long mode but harmless.
         let _ = vm.set_tss_address(0xfffb_d000);
 
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), mem_size as usize)])
             .map_err(|e| VmError::Memory(mem_size >> 20, e.to_string()))?;
         let host_addr =
             mem.get_host_address(GuestAddress(0)).map_err(|e| VmError::Memory(mem_size >> 20, e.to_string()))?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: mem_size,
-            userspace_addr: host_addr as u64,
-        };
-        // SAFETY: the region is a live mapping of mem_size bytes owned by `mem`,
-        // which the Machine keeps alive as long as the VM.
-        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("registering guest memory"))?;
+        register_memory(&vm, host_addr as u64, mem_size, false)?;
 
         install_msr_filter(&vm)?;
 
@@ -110,7 +115,58 @@ impl Machine {
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("reading supported CPUID"))?;
         let model = cpuid::model(&supported).map_err(VmError::Cpu)?;
         vcpu.set_cpuid2(&model).map_err(kvm_err("setting the CPUID model"))?;
-        Ok(Machine { vm, vcpu, mem, mem_size, sync_regs })
+        Ok(Machine { vm: Arc::new(vm), vcpu, mem, mem_size, sync_regs })
+    }
+
+    /// Turns KVM's dirty-page logging of guest memory on or off (a state
+    /// transfer needs it while it runs). Turning it on also clears the
+    /// VMM's own record of written pages.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+        let host = self
+            .mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| VmError::Memory(self.mem_size >> 20, e.to_string()))?;
+        register_memory(&self.vm, host as u64, self.mem_size, on)?;
+        if on {
+            vmm_bitmap(&self.mem).map(AtomicBitmap::reset);
+        }
+        Ok(())
+    }
+
+    /// The vCPU's complete state. Call it at a guest-caused exit: it first
+    /// completes the exit just answered, so that registers are final.
+    pub fn save_vcpu(&mut self) -> Result<VcpuState, VmError> {
+        self.complete_pending_io()?;
+        let events = self.vcpu.get_vcpu_events().map_err(kvm_err("reading vCPU events"))?;
+        Ok(VcpuState {
+            regs: self.vcpu.get_regs().map_err(kvm_err("reading registers"))?,
+            sregs: self.vcpu.get_sregs().map_err(kvm_err("reading special registers"))?,
+            xsave: self.vcpu.get_xsave().map_err(kvm_err("reading the XSAVE state"))?,
+            xcrs: self.vcpu.get_xcrs().map_err(kvm_err("reading XCRs"))?,
+            msrs: self.read_msrs(SAVED_MSRS),
+            events,
+            irq_window: self.vcpu.get_kvm_run().request_interrupt_window != 0,
+        })
+    }
+
+    /// Puts the vCPU in a saved state.
+    pub fn restore_vcpu(&mut self, state: &VcpuState) -> Result<(), VmError> {
+        self.vcpu.set_sregs(&state.sregs).map_err(kvm_err("setting special registers"))?;
+        self.vcpu.set_regs(&state.regs).map_err(kvm_err("setting registers"))?;
+        // SAFETY: a kvm_xsave (4 KiB) is what KVM_SET_XSAVE reads; the vCPU
+        // was created with the same fixed CPU model the state was saved under.
+        unsafe { self.vcpu.set_xsave(&state.xsave) }.map_err(kvm_err("setting the XSAVE state"))?;
+        self.vcpu.set_xcrs(&state.xcrs).map_err(kvm_err("setting XCRs"))?;
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = state
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry { index, data, ..Default::default() })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|e| VmError::Cpu(format!("saved MSRs: {e:?}")))?;
+        self.vcpu.set_msrs(&msrs).map_err(kvm_err("setting MSRs"))?;
+        self.vcpu.set_vcpu_events(&state.events).map_err(kvm_err("setting vCPU events"))?;
+        self.vcpu.get_kvm_run().request_interrupt_window = u8::from(state.irq_window);
+        Ok(())
     }
 
     /// Puts the vCPU at `entry` in 64-bit mode per the boot protocol.
@@ -217,14 +273,88 @@ impl Machine {
 
     /// Reads the MSRs in `DIGEST_MSRS`; any the host cannot read are skipped.
     pub fn digest_msrs(&self) -> Vec<(u32, u64)> {
+        self.read_msrs(DIGEST_MSRS)
+    }
+
+    /// Reads `indices`; any the host cannot read are skipped.
+    fn read_msrs(&self, indices: &[u32]) -> Vec<(u32, u64)> {
         let entries: Vec<kvm_bindings::kvm_msr_entry> =
-            DIGEST_MSRS.iter().map(|&index| kvm_bindings::kvm_msr_entry { index, ..Default::default() }).collect();
+            indices.iter().map(|&index| kvm_bindings::kvm_msr_entry { index, ..Default::default() }).collect();
         let Ok(mut msrs) = Msrs::from_entries(&entries) else {
             return Vec::new();
         };
         let read = self.vcpu.get_msrs(&mut msrs).unwrap_or(0);
         msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)).collect()
     }
+}
+
+/// MSRs a saved vCPU state carries beyond those in sregs: the digested ones
+/// and the SYSCALL/SYSENTER and miscellaneous ones a guest may program.
+pub const SAVED_MSRS: &[u32] = &[
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x1a0,       // MISC_ENABLE
+    0x277,       // PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+];
+
+/// A vCPU's complete state at a guest-caused exit: registers, special
+/// registers, FPU/SSE/XSAVE state, XCRs, the MSRs that matter, KVM's vCPU
+/// events (a queued interrupt or exception, the interrupt shadow) and
+/// whether an interrupt window was requested.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub msrs: Vec<(u32, u64)>,
+    pub events: kvm_vcpu_events,
+    pub irq_window: bool,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VcpuState {{ rip: {:#x}, .. }}", self.regs.rip)
+    }
+}
+
+/// (Re)registers guest memory as slot 0, with KVM's dirty log on or off.
+fn register_memory(vm: &VmFd, host_addr: u64, mem_size: u64, dirty_log: bool) -> Result<(), VmError> {
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        guest_phys_addr: 0,
+        memory_size: mem_size,
+        userspace_addr: host_addr,
+    };
+    // SAFETY: the region is a live mapping of mem_size bytes owned by the
+    // Machine's guest memory, which lives as long as the VM.
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("registering guest memory"))
+}
+
+/// The VMM's own record of the guest pages it wrote.
+fn vmm_bitmap(mem: &GuestMem) -> Option<&AtomicBitmap> {
+    // MmapRegion's own bitmap (the region's GuestMemoryRegion::bitmap is a slice of it).
+    mem.iter().next().map(|region| std::ops::Deref::deref(region).bitmap())
+}
+
+/// The pages written since the last call (or since dirty logging was turned
+/// on), by the guest (KVM's dirty log) or by the VMM (the memory's bitmap),
+/// as a bitmap of u64 words, bit i = page i. Callable from any thread.
+pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMem, mem_size: u64) -> Result<Vec<u64>, VmError> {
+    let mut words = vm.get_dirty_log(0, mem_size as usize).map_err(kvm_err("reading the dirty log"))?;
+    if let Some(bitmap) = vmm_bitmap(mem) {
+        for (w, v) in words.iter_mut().zip(bitmap.get_and_reset()) {
+            *w |= v;
+        }
+    }
+    Ok(words)
 }
 
 fn install_msr_filter(vm: &VmFd) -> Result<(), VmError> {

@@ -1,39 +1,25 @@
-//! The device models and the port I/O bus that routes guest accesses to them.
+//! The device models, and the buses that route guest accesses to them.
 //!
 //! Every model is a deterministic function of its state, the guest's accesses
 //! and the inputs the run loop gives it (time readings, received bytes), so
-//! the same model runs on the primary and on the backup. Port map:
-//!
-//! | ports | device |
-//! | --- | --- |
-//! | 0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1 | 8259 PIC pair ([`pic`]) |
-//! | 0x40-0x43, 0x61 | 8254 PIT, channel 0 on IRQ 0 ([`pit`]) |
-//! | 0x70-0x71 | CMOS RTC and NVRAM ([`cmos`]) |
-//! | 0x3f8-0x3ff | COM1 16550 UART on IRQ 4 ([`serial`]) |
-//! | 0x80 | POST port: ignored, a cheap guest exit |
-//! | 0xf4 | exit device: write the status the VM ends with |
-//! | 0xf5 | idle: write to wait for an interrupt (HLT faults at CPL3) |
-//! | 0xf6 | TSC port: 32-bit read = rewritten RDTSC |
-//!
-//! MMIO: a virtio-blk disk on virtio-mmio at 0xd000_0000 (IRQ 5), when the
-//! VM has a disk ([`virtio_blk`]).
-//!
-//! Other ports read as all ones and ignore writes, as on an empty ISA bus.
+//! the same model runs on the primary and on the backup. Where each device
+//! lives is [`crate::layout`]'s table: the 8259 PIC pair ([`pic`]), the 8254
+//! PIT ([`pit`]), the CMOS RTC ([`cmos`]), COM1 ([`serial`]), the platform
+//! ports (exit, idle, TSC, POST) and the virtio-mmio slots ([`virtio`]).
+//! Other ports read as all ones and ignore writes, as on an empty ISA bus;
+//! unclaimed MMIO floats high.
 
 pub mod cmos;
 pub mod pic;
 pub mod pit;
 pub mod serial;
-pub mod virtio_blk;
+pub mod virtio;
 
+use crate::layout;
 use replay::TimeSource;
-use serde::Serialize;
-
-pub const POST_PORT: u16 = 0x80;
-pub const EXIT_PORT: u16 = 0xf4;
-pub const IDLE_PORT: u16 = 0xf5;
-pub const TSC_PORT: u16 = 0xf6;
-pub const PIT_IRQ: u8 = 0;
+use serde::{Deserialize, Serialize};
+use virtio::block::{Block, BlockState};
+use virtio::mmio::{MmioEvent, MmioState, MmioTransport, MmioWindow};
 
 /// What a port write asks of the run loop beyond device state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +31,39 @@ pub enum PortAction {
     Idle,
 }
 
-/// All devices on the bus.
+/// A device in a virtio-mmio slot.
+pub enum VirtioSlot {
+    Block(MmioTransport<Block>),
+}
+
+impl VirtioSlot {
+    fn window(&mut self) -> &mut dyn MmioWindow {
+        match self {
+            VirtioSlot::Block(t) => t,
+        }
+    }
+
+    fn window_ref(&self) -> &dyn MmioWindow {
+        match self {
+            VirtioSlot::Block(t) => t,
+        }
+    }
+
+    /// The virtio device id of what sits in the slot.
+    pub fn device_id(&self) -> u32 {
+        match self {
+            VirtioSlot::Block(t) => virtio::VirtioDevice::device_id(&t.device),
+        }
+    }
+}
+
+/// What a virtio slot holds when saved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum VirtioSlotState {
+    Block(MmioState<BlockState>),
+}
+
+/// All devices on the buses.
 pub struct Devices {
     pub uart: serial::Uart,
     uart_irq: serial::IrqEdge,
@@ -53,18 +71,30 @@ pub struct Devices {
     pub pic: pic::Pic,
     pub pit: pit::Pit,
     pub cmos: cmos::Cmos,
-    pub disk: Option<virtio_blk::VirtioBlk>,
+    /// The virtio-mmio slots in use, in slot order (see [`layout`]).
+    pub virtio: Vec<VirtioSlot>,
 }
 
-/// The devices' state, for the state digest.
-#[derive(Serialize)]
-pub struct DevicesState<'a> {
+/// The devices' state: what a snapshot saves and the state digest hashes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevicesState {
     pub uart: [u8; 9],
     pub uart_rx: Vec<u8>,
-    pub pic: &'a pic::Pic,
-    pub pit: &'a pit::Pit,
-    pub cmos: &'a cmos::Cmos,
-    pub disk: Option<virtio_blk::VirtioBlkState>,
+    pub pic: pic::Pic,
+    pub pit: pit::Pit,
+    pub cmos: cmos::Cmos,
+    pub virtio: Vec<VirtioSlotState>,
+}
+
+/// What a guest MMIO write asks of the run loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmioAction {
+    None,
+    /// The guest notified queue `queue` of the device in `slot`.
+    QueueNotify {
+        slot: usize,
+        queue: usize,
+    },
 }
 
 impl Devices {
@@ -72,6 +102,10 @@ impl Devices {
     /// bytes if it has one.
     pub fn new(mem_size: u64, disk_size: Option<u64>) -> Self {
         let (uart, uart_irq, tx) = serial::com1();
+        let mut virtio = Vec::new();
+        if let Some(size) = disk_size {
+            virtio.push(VirtioSlot::Block(MmioTransport::new(Block::new(size))));
+        }
         Devices {
             uart,
             uart_irq,
@@ -79,7 +113,39 @@ impl Devices {
             pic: pic::Pic::new(),
             pit: pit::Pit::new(),
             cmos: cmos::Cmos::new(mem_size),
-            disk: disk_size.map(virtio_blk::VirtioBlk::new),
+            virtio,
+        }
+    }
+
+    /// The virtio devices for the boot info's table: (slot, device id).
+    pub fn virtio_table(&self) -> Vec<(usize, u32)> {
+        self.virtio.iter().enumerate().map(|(slot, d)| (slot, d.device_id())).collect()
+    }
+
+    /// An MMIO read of `data.len()` bytes at `addr`.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if let Some((slot, offset)) = layout::virtio_slot_of(addr) {
+            if let Some(device) = self.virtio.get(slot) {
+                device.window_ref().read(offset, data);
+            }
+        }
+    }
+
+    /// An MMIO write at `addr`.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> MmioAction {
+        let Some((slot, offset)) = layout::virtio_slot_of(addr) else { return MmioAction::None };
+        let Some(device) = self.virtio.get_mut(slot) else { return MmioAction::None };
+        match device.window().write(offset, data) {
+            MmioEvent::QueueNotify(queue) => MmioAction::QueueNotify { slot, queue },
+            MmioEvent::None => MmioAction::None,
+        }
+    }
+
+    /// Interrupts the guest for the device in virtio slot `slot`.
+    pub fn virtio_interrupt(&mut self, slot: usize) {
+        if let Some(&irq) = layout::VIRTIO_IRQS.get(slot) {
+            self.pic.pulse_irq(irq);
         }
     }
 
@@ -87,12 +153,10 @@ impl Devices {
     pub fn port_read(&mut self, port: u16, data: &mut [u8], clock: &mut dyn FnMut(TimeSource) -> u64) {
         data.fill(0xff);
         let byte = match port {
-            0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => self.pic.io_read(port),
-            0x40..=0x43 | 0x61 => self.pit.io_read(port, || clock(TimeSource::Pit)),
-            0x70 | 0x71 => self.cmos.io_read(port, || clock(TimeSource::Rtc)),
-            p if (serial::COM1_BASE..serial::COM1_BASE + 8).contains(&p) => {
-                self.uart.read((p - serial::COM1_BASE) as u8)
-            }
+            p if is_pic_port(p) => self.pic.io_read(p),
+            p if is_pit_port(p) => self.pit.io_read(p, || clock(TimeSource::Pit)),
+            p if layout::CMOS_PORTS.contains(&p) => self.cmos.io_read(p, || clock(TimeSource::Rtc)),
+            p if layout::COM1_PORTS.contains(&p) => self.uart.read((p - layout::COM1_BASE) as u8),
             _ => return,
         };
         data[0] = byte;
@@ -105,14 +169,14 @@ impl Devices {
             return PortAction::None;
         };
         match port {
-            EXIT_PORT => return PortAction::Exit(byte),
-            IDLE_PORT => return PortAction::Idle,
-            0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => self.pic.io_write(port, byte),
-            0x40..=0x43 | 0x61 => self.pit.io_write(port, byte, || clock(TimeSource::Pit)),
-            0x70 | 0x71 => self.cmos.io_write(port, byte),
-            p if (serial::COM1_BASE..serial::COM1_BASE + 8).contains(&p) => {
+            layout::EXIT_PORT => return PortAction::Exit(byte),
+            layout::IDLE_PORT => return PortAction::Idle,
+            p if is_pic_port(p) => self.pic.io_write(p, byte),
+            p if is_pit_port(p) => self.pit.io_write(p, byte, || clock(TimeSource::Pit)),
+            p if layout::CMOS_PORTS.contains(&p) => self.cmos.io_write(p, byte),
+            p if layout::COM1_PORTS.contains(&p) => {
                 // The only error is the output writer's, and TxBuffer cannot fail.
-                let _ = self.uart.write((p - serial::COM1_BASE) as u8, byte);
+                let _ = self.uart.write((p - layout::COM1_BASE) as u8, byte);
             }
             _ => {}
         }
@@ -123,7 +187,7 @@ impl Devices {
     /// Brings the PIT up to virtual time `now_ns`, raising IRQ 0 for its edges.
     pub fn advance_timers(&mut self, now_ns: u64) {
         if self.pit.advance(now_ns) > 0 {
-            self.pic.pulse_irq(PIT_IRQ);
+            self.pic.pulse_irq(layout::PIT_IRQ);
         }
     }
 
@@ -141,11 +205,12 @@ impl Devices {
 
     fn forward_irqs(&mut self) {
         if self.uart_irq.take() {
-            self.pic.pulse_irq(serial::COM1_IRQ);
+            self.pic.pulse_irq(layout::COM1_IRQ);
         }
     }
 
-    pub fn state(&self) -> DevicesState<'_> {
+    /// The devices' state.
+    pub fn state(&self) -> DevicesState {
         let s = self.uart.state();
         DevicesState {
             uart: [
@@ -160,10 +225,89 @@ impl Devices {
                 s.scratch,
             ],
             uart_rx: s.in_buffer,
-            pic: &self.pic,
-            pit: &self.pit,
-            cmos: &self.cmos,
-            disk: self.disk.as_ref().map(|d| d.state()),
+            pic: self.pic.clone(),
+            pit: self.pit.clone(),
+            cmos: self.cmos.clone(),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|d| match d {
+                    VirtioSlot::Block(t) => VirtioSlotState::Block(t.state()),
+                })
+                .collect(),
         }
+    }
+
+    /// Restores a saved state into these devices (built for the same VM
+    /// configuration), or says why it does not fit them.
+    pub fn restore(&mut self, state: DevicesState) -> Result<(), String> {
+        if state.virtio.len() != self.virtio.len() {
+            return Err(format!("saved VM has {} virtio devices, this one {}", state.virtio.len(), self.virtio.len()));
+        }
+        for (device, saved) in self.virtio.iter_mut().zip(state.virtio) {
+            match (device, saved) {
+                (VirtioSlot::Block(t), VirtioSlotState::Block(s)) => t.restore(s)?,
+            }
+        }
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            state.uart;
+        let uart_state = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: state.uart_rx,
+        };
+        self.uart =
+            serial::Uart::from_state(&uart_state, self.uart_irq.clone(), vm_superio::serial::NoEvents, self.tx.clone())
+                .map_err(|e| format!("saved UART state: {e:?}"))?;
+        self.pic = state.pic;
+        self.pit = state.pit;
+        self.cmos = state.cmos;
+        Ok(())
+    }
+}
+
+fn is_pic_port(port: u16) -> bool {
+    layout::PIC_MASTER_PORTS.contains(&port)
+        || layout::PIC_SLAVE_PORTS.contains(&port)
+        || layout::PIC_ELCR_PORTS.contains(&port)
+}
+
+fn is_pit_port(port: u16) -> bool {
+    layout::PIT_PORTS.contains(&port) || port == layout::PORT_B
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_state_round_trips_through_a_snapshot() {
+        let mut a = Devices::new(64 << 20, Some(1 << 20));
+        let mut no_clock = |_| 0u64;
+        // Program the PIC, the PIT, the UART and the disk's transport a little.
+        a.port_write(0x20, &[0x11], &mut no_clock);
+        a.port_write(0x21, &[0x20], &mut no_clock);
+        a.port_write(0x43, &[0x34], &mut no_clock);
+        a.port_write(0x40, &[0x9c], &mut no_clock);
+        a.port_write(layout::COM1_BASE + 7, &[0x5a], &mut no_clock);
+        a.serial_receive(b"hi");
+        a.mmio_write(layout::VIRTIO_MMIO_BASE + virtio::mmio::reg::STATUS, &3u32.to_le_bytes());
+        let saved = bincode::serialize(&a.state()).unwrap();
+        let mut b = Devices::new(64 << 20, Some(1 << 20));
+        b.restore(bincode::deserialize(&saved).unwrap()).unwrap();
+        assert_eq!(bincode::serialize(&b.state()).unwrap(), saved);
+        let mut status = [0u8; 4];
+        b.mmio_read(layout::VIRTIO_MMIO_BASE + virtio::mmio::reg::STATUS, &mut status);
+        assert_eq!(u32::from_le_bytes(status), 3);
+
+        let mut diskless = Devices::new(64 << 20, None);
+        assert!(diskless.restore(bincode::deserialize(&saved).unwrap()).is_err(), "a disk's state needs a disk");
     }
 }

@@ -5,9 +5,6 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use vm_superio::{serial::NoEvents, Serial, Trigger};
 
-pub const COM1_BASE: u16 = 0x3f8;
-pub const COM1_IRQ: u8 = 4;
-
 /// The UART's interrupt output: an edge the bus forwards to the PIC.
 #[derive(Clone, Default)]
 pub struct IrqEdge(Rc<Cell<bool>>);

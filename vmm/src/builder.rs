@@ -1,0 +1,276 @@
+//! Turns a [`VmConfig`] into a ready [`Vmm`]: the disk, the serial
+//! endpoint, the log or the peer (and with them the inputs and the output
+//! regime), the machine, the image with its RDTSCs rewritten, and the boot
+//! state.
+//!
+//! The log or the peer is opened before KVM is touched, so that a bad log or
+//! an unreachable peer is reported as such.
+
+use crate::boot::{self, VirtioEntry};
+use crate::clock::{wall_clock_ns, HostClock};
+use crate::config::{DiskSpec, ImageSource, Mode, VmConfig};
+use crate::console::Endpoint;
+use crate::devices::Devices;
+use crate::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
+use crate::error::{usage, Error, RunError};
+use crate::ft::{owner_name, Direct, Held, LogSink, LogSource, OutputGate, Role, SerialOutput, Suppressed};
+use crate::inputs::{Inputs, LiveInputs};
+use crate::run::{check_begin, Vmm};
+use crate::snapshot::{SnapshotError, StateReader};
+use crate::{loader, rdtsc, vm};
+use logging_channel::{BackupLink, ChannelConfig, PrimaryListener};
+use replay::{Header, LogReader, LogWriter, Recorder, Replayer};
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::Path;
+use std::sync::mpsc::Receiver;
+
+/// The guest image, and a name for messages.
+fn image(source: &ImageSource) -> Result<(String, Vec<u8>), Error> {
+    match source {
+        ImageSource::File(path) => {
+            let bytes =
+                std::fs::read(path).map_err(|e| usage(format!("cannot read guest image {}: {e}", path.display())))?;
+            Ok((path.display().to_string(), bytes))
+        }
+        ImageSource::Embedded(name) => match guest_images::find(name) {
+            Some(g) => Ok((g.name.to_string(), g.image.to_vec())),
+            None => {
+                let known: Vec<&str> = guest_images::GUESTS.iter().map(|g| g.name).collect();
+                Err(usage(format!("no embedded guest named {name:?} (available: {})", known.join(", "))))
+            }
+        },
+    }
+}
+
+fn open_disk(spec: &DiskSpec) -> Result<DiskPort, Error> {
+    let backend: Box<dyn BlockBackend> = match spec {
+        DiskSpec::Ftdisk(addr) => {
+            Box::new(FtdiskBackend::connect(addr).map_err(|e| usage(format!("--disk {spec}: {e}")))?)
+        }
+        DiskSpec::File(path) => Box::new(FileBackend::open(path).map_err(|e| usage(format!("--disk {spec}: {e}")))?),
+    };
+    Ok(DiskPort::new(backend))
+}
+
+/// Takes ownership of a shared disk at boot; returns the generation (0 when
+/// the disk cannot arbitrate).
+fn claim_at_boot(disk: &DiskPort, role: &str) -> Result<u64, Error> {
+    let fail = |e: std::io::Error| usage(format!("--disk: claiming the shared disk: {e}"));
+    let Some(current) = disk.generation().map_err(fail)? else { return Ok(0) };
+    match disk.claim(current, &owner_name(role)).map_err(fail)? {
+        Some(Claim::Won { generation }) => Ok(generation),
+        Some(Claim::Lost { owner, .. }) => Err(usage(format!("--disk: {owner} took the shared disk while we started"))),
+        None => Ok(0),
+    }
+}
+
+/// The log header: what identifies this VM to a log or a peer.
+fn header(image: &[u8], config: &VmConfig, disk: Option<&DiskPort>) -> Header {
+    let mut vm = format!("mem_mib={} cmdline={:?}", config.mem_mib, config.cmdline);
+    if let Some(d) = disk {
+        vm.push_str(&format!(" disk_bytes={}", d.size()));
+    }
+    Header {
+        image_hash: replay::Digest(*blake3::hash(image).as_bytes()),
+        config: vm,
+        wall_clock_base_ns: 0,
+        disk_generation: 0,
+    }
+}
+
+/// Live serial input — the endpoint's, or `--serial-input`'s file — and the
+/// serial output port.
+fn start_serial(
+    endpoint: Endpoint,
+    input_file: Option<&Path>,
+) -> Result<(Receiver<Vec<u8>>, crate::console::OutputPort), Error> {
+    endpoint.start_with_input(input_file).map_err(|e| {
+        let path = input_file.unwrap_or(Path::new("")).display();
+        usage(format!("cannot open serial input {path}: {e}"))
+    })
+}
+
+/// Where a VM's inputs come from and its outputs go, for its mode.
+struct Wiring {
+    inputs: Inputs,
+    output: Box<dyn SerialOutput>,
+    role: Role,
+}
+
+/// Opens the log or reaches the peer, and wires inputs and outputs.
+fn wire(
+    config: &VmConfig,
+    header: &mut Header,
+    endpoint: Endpoint,
+    disk: Option<&mut DiskPort>,
+    restored_at: Option<u64>,
+) -> Result<Wiring, Error> {
+    let channel = ChannelConfig { heartbeat_timeout: config.heartbeat, ..Default::default() };
+    let wiring = match &config.mode {
+        Mode::Replay { log } => {
+            let file = File::open(log).map_err(|e| usage(format!("cannot open log {}: {e}", log.display())))?;
+            let (logged, reader) =
+                LogReader::new(BufReader::new(file)).map_err(|e| usage(format!("{}: {e}", log.display())))?;
+            let mut replayer = Replayer::new(LogSource::File(reader));
+            match restored_at {
+                // A log recorded from this snapshot on.
+                Some(exit) if logged.config == restored_config(&header.config, exit) => {
+                    header.config = logged.config.clone();
+                }
+                // A log recorded from boot: replay the part after the snapshot.
+                Some(exit) => {
+                    logged.check_matches(header).map_err(|e| usage(format!("{}: {e}", log.display())))?;
+                    let more = replayer.skip_through(exit).map_err(|e| usage(format!("{}: {e}", log.display())))?;
+                    if !more {
+                        return Err(usage(format!(
+                            "{}: the log ends before exit {exit}, the snapshot's",
+                            log.display()
+                        )));
+                    }
+                }
+                None => {}
+            }
+            logged.check_matches(header).map_err(|e| usage(format!("{}: {e}", log.display())))?;
+            header.wall_clock_base_ns = logged.wall_clock_base_ns;
+            Wiring {
+                inputs: Inputs::Replay(replayer),
+                output: Box::new(Direct(endpoint.start_output_only())),
+                role: Role::Solo,
+            }
+        }
+        Mode::Backup { connect } => {
+            let (link, primary) = BackupLink::connect(connect, header, &channel, config.connect_timeout)
+                .map_err(|e| usage(format!("backup: logging channel to {connect}: {e}")))?;
+            header.wall_clock_base_ns = primary.wall_clock_base_ns;
+            eprintln!("ftvmm: backup: attached to the primary at {connect}; replaying in lockstep");
+            if let Some(path) = &config.serial_input {
+                // Checked now, used when the backup goes live.
+                File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?;
+            }
+            Wiring {
+                inputs: Inputs::Replay(Replayer::new(LogSource::Backup(link))),
+                output: Box::new(Suppressed::default()),
+                role: Role::Backup {
+                    endpoint: Some(endpoint),
+                    serial_input: config.serial_input.clone(),
+                    expected_generation: primary.disk_generation,
+                },
+            }
+        }
+        Mode::Primary { listen } => {
+            header.wall_clock_base_ns = wall_clock_ns();
+            let listener = PrimaryListener::bind(listen)
+                .map_err(|e| usage(format!("primary: logging channel on {listen}: {e}")))?;
+            eprintln!("ftvmm: primary: waiting for a backup on {}", listener.local_addr());
+            let link = listener
+                .accept(header, &channel)
+                .map_err(|e| usage(format!("primary: logging channel on {listen}: {e}")))?;
+            eprintln!("ftvmm: primary: backup attached; booting");
+            let (input, port) = start_serial(endpoint, config.serial_input.as_deref())?;
+            let disk_delivered = disk.as_ref().map_or_else(Default::default, |d| d.delivered());
+            let gate = OutputGate::new(port.sender(), disk.map(|d| d.releaser()));
+            let acks = gate.clone();
+            // Losing the backup is not an ack: the run loop releases held
+            // output once it has won the disk (or has no disk to arbitrate on).
+            link.on_ack(Box::new(move |watermark| {
+                if watermark != u64::MAX {
+                    acks.acked(watermark)
+                }
+            }));
+            let recorder = Recorder::new(LogSink::Primary(link));
+            let live = LiveInputs::new(HostClock::start(), Some(input), Some(recorder), None);
+            let role = Role::Primary {
+                gate: gate.clone(),
+                delivered: port.delivered(),
+                disk_delivered,
+                finish_timeout: channel.heartbeat_timeout * 5,
+                generation: header.disk_generation,
+                shipped: (0, std::time::Instant::now()),
+            };
+            Wiring { inputs: Inputs::Live(Box::new(live)), output: Box::new(Held { gate, port }), role }
+        }
+        Mode::Solo { record } => {
+            header.wall_clock_base_ns = wall_clock_ns();
+            if let Some(exit) = restored_at {
+                // A recording from a snapshot replays only from that snapshot.
+                header.config = restored_config(&header.config, exit);
+            }
+            let recorder = match record {
+                Some(path) => {
+                    let file =
+                        File::create(path).map_err(|e| usage(format!("cannot create log {}: {e}", path.display())))?;
+                    let writer = LogWriter::new(BufWriter::with_capacity(1 << 16, file), header)
+                        .map_err(|e| usage(format!("cannot write log {}: {e}", path.display())))?;
+                    Some(Recorder::new(LogSink::File(writer)))
+                }
+                None => None,
+            };
+            let (input, port) = start_serial(endpoint, config.serial_input.as_deref())?;
+            let live = LiveInputs::new(HostClock::start(), Some(input), recorder, config.perturb_seed);
+            Wiring { inputs: Inputs::Live(Box::new(live)), output: Box::new(Direct(port)), role: Role::Solo }
+        }
+    };
+    Ok(wiring)
+}
+
+/// Builds the VM `config` describes, booted from its image.
+pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
+    let (name, image) = image(&config.image)?;
+    let mem_size = config.mem_mib << 20;
+    let mut disk = config.disk.as_ref().map(open_disk).transpose()?;
+    let mut header = header(&image, config, disk.as_ref());
+
+    let endpoint = Endpoint::bind(&config.serial).map_err(|e| usage(format!("--serial {:?}: {e}", config.serial)))?;
+    if let Some(addr) = endpoint.local_addr() {
+        eprintln!("ftvmm: serial console on {addr}");
+    }
+    // A VM that starts live owns the shared disk: claim it (fencing off any
+    // earlier owner). A replay never writes; a backup claims it when it goes live.
+    if config.starts_live() {
+        if let Some(d) = &disk {
+            let role = if matches!(config.mode, Mode::Primary { .. }) { "primary" } else { "vmm" };
+            header.disk_generation = claim_at_boot(d, role)?;
+        }
+    }
+    // A snapshot to start from: checked against this VM before anything runs.
+    let mut snapshot = match &config.restore {
+        Some(path) => {
+            let bad = |e: SnapshotError| usage(format!("--restore {}: {e}", path.display()));
+            let file = File::open(path).map_err(|e| usage(format!("--restore {}: {e}", path.display())))?;
+            let mut reader = StateReader::new(BufReader::with_capacity(1 << 20, file)).map_err(bad)?;
+            let exit = check_begin(reader.next_item().map_err(bad)?, &header, mem_size).map_err(bad)?;
+            Some((reader, exit))
+        }
+        None => None,
+    };
+    let restored_at = snapshot.as_ref().map(|(_, exit)| *exit);
+    let Wiring { inputs, output, role } = wire(config, &mut header, endpoint, disk.as_mut(), restored_at)?;
+
+    let machine = vm::Machine::new(mem_size).map_err(RunError::from)?;
+    let loaded = loader::load(&machine.mem, mem_size, &image).map_err(|e| usage(format!("guest image {name}: {e}")))?;
+    let rdtsc_sites = rdtsc::rewrite(&machine.mem, &loaded.code_segments)
+        .map_err(|e| usage(format!("guest image {name}: rewriting RDTSC: {e}")))?;
+    let devices = Devices::new(mem_size, disk.as_ref().map(|d| d.size()));
+    let virtio: Vec<VirtioEntry> =
+        devices.virtio_table().into_iter().map(|(slot, device_id)| VirtioEntry { slot, device_id }).collect();
+    boot::write_boot_structures(&machine.mem, mem_size, config.cmdline.as_bytes(), &virtio)
+        .map_err(|e| usage(format!("writing boot structures: {e}")))?;
+    machine.set_boot_state(loaded.entry).map_err(RunError::from)?;
+
+    let mut vmm = Vmm::new(machine, devices, inputs, output, role, disk, rdtsc_sites, header, config.wants_digest());
+    if let (Some((reader, exit)), Some(path)) = (snapshot.as_mut(), &config.restore) {
+        vmm.restore_snapshot(reader).map_err(|e| usage(format!("--restore {}: {e}", path.display())))?;
+        eprintln!("ftvmm: restored the snapshot {} (exit {exit})", path.display());
+    }
+    if let Some((exit, path)) = &config.save_snapshot {
+        vmm.save_snapshot_at(*exit, path.clone());
+    }
+    Ok(vmm)
+}
+
+/// The configuration a recording begun from a snapshot at `exit` carries:
+/// it replays only from that snapshot.
+fn restored_config(config: &str, exit: u64) -> String {
+    format!("{config} restored_at_exit={exit}")
+}

@@ -1,0 +1,114 @@
+//! A VM's configuration: everything the builder needs to assemble a
+//! [`crate::run::Vmm`], as plain data. The command line ([`crate::cli`])
+//! parses and validates into it; nothing here knows about flags.
+
+use crate::console::SerialSpec;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the guest image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// An embedded guest, by name (`--guest`).
+    Embedded(String),
+    /// An ELF file (`--kernel`).
+    File(PathBuf),
+}
+
+/// The virtio disk's storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSpec {
+    /// A raw image file.
+    File(PathBuf),
+    /// The image an `ftdisk` server at this address serves: shared storage
+    /// with go-live arbitration and fencing.
+    Ftdisk(String),
+}
+
+impl std::fmt::Display for DiskSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskSpec::File(path) => write!(f, "{}", path.display()),
+            DiskSpec::Ftdisk(addr) => write!(f, "ftdisk:{addr}"),
+        }
+    }
+}
+
+/// What the VMM does with the guest's inputs, and its part in fault
+/// tolerance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// A run alone, recording every input to `record` if given.
+    Solo { record: Option<PathBuf> },
+    /// Replay the log file: every input comes from it.
+    Replay { log: PathBuf },
+    /// The primary of a pair: wait for a backup on `listen`, then boot.
+    Primary { listen: String },
+    /// The backup of a pair: replay the primary at `connect` in lockstep.
+    Backup { connect: String },
+}
+
+/// Everything a VM is built from.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub image: ImageSource,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// The command line handed to the guest.
+    pub cmdline: String,
+    /// The serial port's outside world.
+    pub serial: SerialSpec,
+    /// Serial input from this file instead of the endpoint.
+    pub serial_input: Option<PathBuf>,
+    pub disk: Option<DiskSpec>,
+    pub mode: Mode,
+    /// The peer on the logging channel is lost after this long without
+    /// traffic from it.
+    pub heartbeat: Duration,
+    /// A backup gives up reaching its primary after this long.
+    pub connect_timeout: Duration,
+    /// Testing aid: perturb host timing from this seed.
+    pub perturb_seed: Option<u64>,
+    /// Print the final state digest.
+    pub digest: bool,
+    /// Print exit and output-commit statistics.
+    pub stats: bool,
+    /// Save a snapshot when the guest reaches this exit, to this file.
+    pub save_snapshot: Option<(u64, PathBuf)>,
+    /// Start from this snapshot file instead of booting the image.
+    pub restore: Option<PathBuf>,
+}
+
+impl VmConfig {
+    /// A plain run of `image` with the defaults of the command line.
+    pub fn new(image: ImageSource) -> Self {
+        VmConfig {
+            image,
+            mem_mib: 64,
+            cmdline: String::new(),
+            serial: SerialSpec::Stdio,
+            serial_input: None,
+            disk: None,
+            mode: Mode::Solo { record: None },
+            heartbeat: Duration::from_millis(200),
+            connect_timeout: Duration::from_secs(30),
+            perturb_seed: None,
+            digest: false,
+            stats: false,
+            save_snapshot: None,
+            restore: None,
+        }
+    }
+
+    /// The VM starts live: it owns the outside world (and the shared disk)
+    /// from its first instruction.
+    pub fn starts_live(&self) -> bool {
+        matches!(self.mode, Mode::Solo { .. } | Mode::Primary { .. })
+    }
+
+    /// The run computes the final state digest: asked for, or needed to
+    /// check a recording, a replay or a pair against each other.
+    pub fn wants_digest(&self) -> bool {
+        self.digest || !matches!(self.mode, Mode::Solo { record: None })
+    }
+}

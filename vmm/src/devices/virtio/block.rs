@@ -1,0 +1,195 @@
+//! The virtio-blk disk: one request queue, 512-byte sectors; IN, OUT, FLUSH
+//! and GET_ID; no feature but FLUSH.
+//!
+//! Requests complete synchronously, at the guest's queue notification: the
+//! device reads or writes through a [`DiskIo`] the run loop provides, copies
+//! read data into guest memory and asks for its interrupt, all at the
+//! position of that notification exit. DMA therefore happens at positions,
+//! and a replay (whose `DiskIo` answers reads from the log) repeats it
+//! exactly.
+
+use super::{VirtioDevice, DEVICE_ID_BLOCK, F_VERSION_1};
+use crate::vm::GuestMem;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
+
+pub const SECTOR: u64 = 512;
+const QUEUE_SIZES: &[u16] = &[64];
+
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const FEATURES: u64 = F_VERSION_1 | VIRTIO_BLK_F_FLUSH;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+/// The disk I/O a request needs, provided by the run loop.
+pub trait DiskIo {
+    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, String>;
+    fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), String>;
+    fn flush(&mut self) -> Result<(), String>;
+}
+
+/// The disk device.
+pub struct Block {
+    capacity: u64,
+    /// Requests served, for the digest and for tests.
+    requests: u64,
+}
+
+/// What a saved disk device holds beyond its transport.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockState {
+    capacity: u64,
+    requests: u64,
+}
+
+impl Block {
+    /// A disk of `capacity` bytes (rounded down to whole sectors).
+    pub fn new(capacity: u64) -> Self {
+        Block { capacity: capacity / SECTOR * SECTOR, requests: 0 }
+    }
+}
+
+impl VirtioDevice for Block {
+    type Io<'a> = dyn DiskIo + 'a;
+    type State = BlockState;
+
+    fn device_id(&self) -> u32 {
+        DEVICE_ID_BLOCK
+    }
+
+    fn features(&self) -> u64 {
+        FEATURES
+    }
+
+    fn queue_max_sizes(&self) -> &'static [u16] {
+        QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // Config space: the capacity in sectors (u64), then nothing.
+        let config = (self.capacity / SECTOR).to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = config.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.requests = 0;
+    }
+
+    fn queue_notify(
+        &mut self,
+        _index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMem,
+        io: &mut Self::Io<'_>,
+    ) -> Result<bool, String> {
+        let Some(queue) = queues.first_mut() else { return Ok(false) };
+        let mut served = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs: Vec<(GuestAddress, u32, bool)> = chain.map(|d| (d.addr(), d.len(), d.is_write_only())).collect();
+            let written = self.serve(mem, &descs, io);
+            queue.add_used(mem, head, written).map_err(|e| format!("completing a request: {e}"))?;
+            self.requests += 1;
+            served = true;
+        }
+        Ok(served)
+    }
+
+    fn state(&self) -> BlockState {
+        BlockState { capacity: self.capacity, requests: self.requests }
+    }
+
+    fn restore(&mut self, state: BlockState) -> Result<(), String> {
+        if state.capacity != self.capacity {
+            return Err(format!("saved disk has {} bytes, this one {}", state.capacity, self.capacity));
+        }
+        self.requests = state.requests;
+        Ok(())
+    }
+}
+
+impl Block {
+    /// One request: header, data descriptors, status byte. Returns the bytes
+    /// written into guest memory.
+    fn serve(&mut self, mem: &GuestMem, descs: &[(GuestAddress, u32, bool)], io: &mut dyn DiskIo) -> u32 {
+        let (Some(&(header, header_len, _)), Some(&(status_addr, _, true))) = (descs.first(), descs.last()) else {
+            return 0;
+        };
+        let (Ok(kind), Ok(sector)) = (mem.read_obj::<u32>(header), mem.read_obj::<u64>(header.unchecked_add(8))) else {
+            return 0;
+        };
+        if header_len < 16 || descs.len() < 2 {
+            let _ = mem.write_obj(S_IOERR, status_addr);
+            return 1;
+        }
+        let data = &descs[1..descs.len() - 1];
+        let total: u64 = data.iter().map(|d| u64::from(d.1)).sum();
+        let offset = sector.saturating_mul(SECTOR);
+        let in_range = offset.checked_add(total).is_some_and(|end| end <= self.capacity);
+        let mut written = 0u32;
+        let status = match kind {
+            T_IN if in_range && data.iter().all(|d| d.2) => match io.read(offset, total as usize) {
+                Ok(bytes) if bytes.len() as u64 == total => {
+                    let mut at = 0usize;
+                    for &(addr, len, _) in data {
+                        let chunk = &bytes[at..at + len as usize];
+                        if mem.write_slice(chunk, addr).is_err() {
+                            break;
+                        }
+                        at += len as usize;
+                        written += len;
+                    }
+                    S_OK
+                }
+                Ok(_) => S_IOERR,
+                Err(_) => S_IOERR,
+            },
+            T_OUT if in_range && data.iter().all(|d| !d.2) => {
+                let mut bytes = vec![0u8; total as usize];
+                let mut at = 0usize;
+                let mut ok = true;
+                for &(addr, len, _) in data {
+                    ok &= mem.read_slice(&mut bytes[at..at + len as usize], addr).is_ok();
+                    at += len as usize;
+                }
+                if ok && io.write(offset, bytes).is_ok() {
+                    S_OK
+                } else {
+                    S_IOERR
+                }
+            }
+            T_FLUSH => {
+                if io.flush().is_ok() {
+                    S_OK
+                } else {
+                    S_IOERR
+                }
+            }
+            T_GET_ID => {
+                let id = b"ftvmm-disk\0";
+                if let Some(&(addr, len, true)) = data.first() {
+                    let n = id.len().min(len as usize);
+                    if mem.write_slice(&id[..n], addr).is_ok() {
+                        written += n as u32;
+                    }
+                }
+                S_OK
+            }
+            T_IN | T_OUT => S_IOERR,
+            _ => S_UNSUPP,
+        };
+        if mem.write_obj(status, status_addr).is_ok() {
+            written += 1;
+        }
+        written
+    }
+}

@@ -1,0 +1,173 @@
+//! Input delivery at positions (steps 4 and 5 of an exit): live inputs from
+//! the host — serial bytes, due timers, and a wait when the guest idles — or
+//! the logged events of this position in their logged order; then the
+//! interrupt decision.
+
+use crate::error::{log_write_error, RunError};
+use crate::inputs::{Inputs, Woken};
+use crate::run::Vmm;
+use replay::{Event, Position, TimeSource};
+use std::time::{Duration, Instant};
+
+impl Vmm {
+    /// Steps 4 and 5: external inputs and interrupt delivery at `position`.
+    pub(super) fn take_inputs(&mut self, position: Position, idle: bool) -> Result<(), RunError> {
+        let (ready, if_flag) = {
+            let run = self.machine.run_area();
+            (run.ready_for_interrupt_injection != 0, run.if_flag != 0)
+        };
+        if idle && !if_flag {
+            // HLT with interrupts off never wakes: report it instead of hanging.
+            return Err(RunError::Guest {
+                what: "idle with interrupts disabled".into(),
+                rip: position.rip,
+                exits: self.exits,
+            });
+        }
+        let mut injected = false;
+        if matches!(self.inputs, Inputs::Replay(_)) {
+            match self.take_logged_inputs(position, idle, ready && if_flag) {
+                Ok(i) => injected = i,
+                Err(e) => self.end_of_log(e)?,
+            }
+        }
+        if matches!(self.inputs, Inputs::Live(_)) {
+            injected = self.take_live_inputs(position, idle, ready)?;
+        }
+        let want_window = !injected && self.devices.pic.has_pending();
+        self.machine.run_area().request_interrupt_window = u8::from(want_window);
+        Ok(())
+    }
+
+    /// Live: serial input and due timers from the host; when idle, wait for
+    /// one of them. Returns whether an interrupt was injected.
+    fn take_live_inputs(&mut self, position: Position, idle: bool, ready: bool) -> Result<bool, RunError> {
+        loop {
+            self.poll_host()?;
+            if self.injected_at == position.exit {
+                // A backup that just went live may have injected this exit's
+                // interrupt from the log already.
+                return Ok(true);
+            }
+            if self.devices.pic.has_pending() {
+                if !ready {
+                    return Ok(false);
+                }
+                let Inputs::Live(live) = &mut self.inputs else { unreachable!("live inputs") };
+                live.injection_delay();
+                let Some(vector) = self.devices.pic.acknowledge() else {
+                    return Ok(false);
+                };
+                live.record(Event::Interrupt { vector }).map_err(log_write_error)?;
+                self.machine.inject_interrupt(vector)?;
+                self.injected_at = position.exit;
+                return Ok(true);
+            }
+            if !idle {
+                return Ok(false);
+            }
+            self.wait_for_host_input(position)?;
+        }
+    }
+
+    /// Takes what the host has for the guest now: serial bytes the UART has
+    /// room for, and the timer if it is due.
+    fn poll_host(&mut self) -> Result<(), RunError> {
+        let Inputs::Live(live) = &mut self.inputs else {
+            return Ok(());
+        };
+        if let Some(bytes) = live.take_serial(self.devices.serial_rx_room()) {
+            live.record(Event::SerialRx { bytes: bytes.clone() }).map_err(log_write_error)?;
+            self.devices.serial_receive(&bytes);
+        }
+        if let Some(deadline) = self.devices.pit.next_irq0_deadline() {
+            let now = live.host.elapsed_ns().saturating_sub(live.timer_jitter_ns());
+            if now >= deadline {
+                self.read_time(TimeSource::TimerCheck)?;
+                self.devices.advance_timers(self.clock.now_ns());
+            }
+        }
+        Ok(())
+    }
+
+    /// The guest idles: block until the host has an input for it.
+    fn wait_for_host_input(&mut self, position: Position) -> Result<(), RunError> {
+        if let Some(why) = self.newly_lost_backup() {
+            return self.backup_lost(position, &why);
+        }
+        // Keep an eye on the backup while the guest idles.
+        let watch_backup = self.primary_link().is_some();
+        let Inputs::Live(live) = &mut self.inputs else {
+            return Ok(());
+        };
+        if let Some(r) = &mut live.recorder {
+            // Nothing else will happen for a while: make the log durable, and
+            // let a backup catch up to this exit while the guest idles.
+            r.passed_previous().map_err(log_write_error)?;
+            r.flush().map_err(log_write_error)?;
+        }
+        let mut deadline = self.devices.pit.next_irq0_deadline().map(|ns| live.host.instant_at(ns));
+        if watch_backup {
+            let soon = Instant::now() + Duration::from_millis(20);
+            deadline = Some(deadline.map_or(soon, |d| d.min(soon)));
+        }
+        match live.wait(deadline) {
+            Woken::Input | Woken::Deadline => Ok(()),
+            Woken::Nothing => Err(RunError::Guest {
+                what: "idle with no interrupt source left (no timer armed, serial input closed)".into(),
+                rip: position.rip,
+                exits: self.exits,
+            }),
+        }
+    }
+
+    /// Replay: apply the inputs logged at this position, in their order.
+    /// Returns whether an interrupt was injected.
+    fn take_logged_inputs(&mut self, position: Position, idle: bool, can_inject: bool) -> Result<bool, RunError> {
+        let mut injected = false;
+        loop {
+            let Inputs::Replay(r) = &mut self.inputs else { unreachable!("replay inputs") };
+            let Some(event) = r.take_event()? else { break };
+            match event {
+                Event::SerialRx { bytes } => {
+                    if bytes.len() > self.devices.serial_rx_room() {
+                        return Err(self.diverged("serial input the UART has room for", "a full receive FIFO"));
+                    }
+                    self.devices.serial_receive(&bytes);
+                }
+                Event::TimeRead { source: TimeSource::TimerCheck, ns } => {
+                    self.clock.set(ns);
+                    self.devices.advance_timers(self.clock.now_ns());
+                }
+                Event::TimeRead { source, .. } => {
+                    return Err(self.diverged(format_args!("a time read by {source:?}"), "no device reading time"));
+                }
+                Event::DiskRead { data } => {
+                    return Err(self.diverged(format_args!("a disk read of {} bytes", data.len()), "no disk request"));
+                }
+                Event::Interrupt { vector } => {
+                    if injected || !can_inject {
+                        return Err(self.diverged(format_args!("interrupt {vector:#x}"), "a guest that cannot take it"));
+                    }
+                    match self.devices.pic.acknowledge() {
+                        Some(v) if v == vector => {}
+                        got => {
+                            let got = got.map_or("no pending interrupt".to_string(), |v| format!("interrupt {v:#x}"));
+                            return Err(self.diverged(format_args!("interrupt {vector:#x}"), got));
+                        }
+                    }
+                    self.machine.inject_interrupt(vector)?;
+                    self.injected_at = position.exit;
+                    injected = true;
+                }
+            }
+        }
+        if !injected && can_inject && self.devices.pic.has_pending() {
+            return Err(self.diverged("no interrupt", "a pending interrupt the guest can take"));
+        }
+        if idle && !injected && !self.devices.pic.has_pending() {
+            return Err(self.diverged("an input to wake the idle guest", format_args!("none at {position}")));
+        }
+        Ok(injected)
+    }
+}

@@ -1,0 +1,242 @@
+//! Exit dispatch: each guest-caused exit goes to the device or handler that
+//! owns it — port I/O to the port bus, MMIO to the virtio transport (and a
+//! queue notification to its device), MSRs and the TSC port to the virtual
+//! clock — with the time readings and disk reads it needs taken through the
+//! run's inputs (live and logged, or from the log).
+
+use crate::clock::VirtualClock;
+use crate::devices::virtio::block::DiskIo;
+use crate::devices::{MmioAction, PortAction, VirtioSlot};
+use crate::disk::{DiskOp, DiskPort};
+use crate::error::{log_write_error, RunError};
+use crate::ft::SerialOutput;
+use crate::inputs::Inputs;
+use crate::layout;
+use crate::run::exit::GuestExit;
+use crate::run::Vmm;
+use crate::vm::{VmError, MSR_IA32_TSC};
+use replay::{Event, Position, TimeSource};
+use std::sync::Arc;
+
+impl Vmm {
+    /// Step 2: the device model (or handler) that owns `exit` answers it.
+    pub(super) fn dispatch(&mut self, exit: GuestExit, position: Position) -> Result<PortAction, RunError> {
+        let mut action = PortAction::None;
+        match exit {
+            GuestExit::IoIn { port, size, count } => {
+                let mut data = vec![0u8; usize::from(size) * count as usize];
+                if port == layout::TSC_PORT && size == 4 {
+                    let tsc = self.read_time(TimeSource::Rdtsc)?;
+                    data[..4].copy_from_slice(&(tsc as u32).to_le_bytes());
+                    self.machine.complete_io_in(&data);
+                    if self.rdtsc_sites.contains(&position.rip) {
+                        // A rewritten RDTSC: the 32-bit IN put the low half in
+                        // EAX (zero-extended); EDX gets the high half, once the
+                        // IN has completed (setting registers earlier would
+                        // race KVM's completion of the emulated IN).
+                        self.machine.complete_pending_io()?;
+                        let mut regs = self
+                            .machine
+                            .vcpu
+                            .get_regs()
+                            .map_err(|err| VmError::Kvm { what: "reading registers", err })?;
+                        regs.rdx = tsc >> 32;
+                        self.machine
+                            .vcpu
+                            .set_regs(&regs)
+                            .map_err(|err| VmError::Kvm { what: "setting registers", err })?;
+                    }
+                } else {
+                    for chunk in data.chunks_mut(usize::from(size.max(1))) {
+                        self.port_read(port, chunk)?;
+                    }
+                    self.machine.complete_io_in(&data);
+                }
+            }
+            GuestExit::IoOut { port, size, data } => {
+                for chunk in data.chunks(usize::from(size.max(1))) {
+                    action = self.port_write(port, chunk)?;
+                }
+            }
+            GuestExit::MmioRead { addr, len } => {
+                let mut data = [0u8; 8];
+                self.devices.mmio_read(addr, &mut data[..usize::from(len.min(8))]);
+                self.machine.complete_mmio_read(&data);
+            }
+            GuestExit::MmioWrite { addr, data, len } => {
+                if let MmioAction::QueueNotify { slot, queue } =
+                    self.devices.mmio_write(addr, &data[..usize::from(len)])
+                {
+                    self.queue_notify(slot, queue, position)?;
+                }
+            }
+            GuestExit::Hlt => action = PortAction::Idle,
+            GuestExit::RdMsr { index } => {
+                let value = if index == MSR_IA32_TSC {
+                    self.read_time(TimeSource::TscMsr)?;
+                    Some(self.clock.tsc())
+                } else {
+                    None
+                };
+                self.machine.complete_msr(value);
+            }
+            GuestExit::WrMsr { index, data } => {
+                let accepted = if index == MSR_IA32_TSC {
+                    self.read_time(TimeSource::TscMsr)?;
+                    self.clock.set_tsc(data);
+                    Some(0)
+                } else {
+                    None
+                };
+                self.machine.complete_msr(accepted);
+            }
+            GuestExit::IrqWindow => {}
+        }
+        Ok(action)
+    }
+
+    /// The guest notified queue `queue` of the virtio device in `slot`: the
+    /// device does its work now, at this position.
+    fn queue_notify(&mut self, slot: usize, queue: usize, position: Position) -> Result<(), RunError> {
+        let Vmm { devices, inputs, machine, disk: port, output, .. } = self;
+        let raise = match devices.virtio.get_mut(slot) {
+            Some(VirtioSlot::Block(disk)) => {
+                // Reads from the disk and logged, or from the log.
+                let mut io =
+                    DiskInputs { inputs, port: port.as_ref(), output: output.as_mut(), position, failed: None };
+                let raise = disk.notify(queue, &machine.mem, &mut io);
+                if let Some(e) = io.failed {
+                    self.end_of_log(e)?;
+                }
+                raise
+            }
+            None => false,
+        };
+        if raise {
+            self.devices.virtio_interrupt(slot);
+        }
+        Ok(())
+    }
+
+    /// Reads the virtual clock for `source` at the current position.
+    pub(super) fn read_time(&mut self, source: TimeSource) -> Result<u64, RunError> {
+        let mut failed = None;
+        take_time_reading(&mut self.inputs, &mut self.clock, 0, source, &mut failed);
+        if let Some(e) = failed {
+            // A backup whose primary died mid-exit answers from the last
+            // time it knows, then goes live.
+            self.end_of_log(e)?;
+        }
+        Ok(self.clock.now_ns())
+    }
+
+    fn port_read(&mut self, port: u16, data: &mut [u8]) -> Result<(), RunError> {
+        let Vmm { devices, inputs, clock, wall_clock_base_ns, .. } = self;
+        let mut failed = None;
+        let mut time = |source| take_time_reading(inputs, clock, *wall_clock_base_ns, source, &mut failed);
+        devices.port_read(port, data, &mut time);
+        failed.map_or(Ok(()), |e| self.end_of_log(e))
+    }
+
+    fn port_write(&mut self, port: u16, data: &[u8]) -> Result<PortAction, RunError> {
+        let Vmm { devices, inputs, clock, wall_clock_base_ns, .. } = self;
+        let mut failed = None;
+        let mut time = |source| take_time_reading(inputs, clock, *wall_clock_base_ns, source, &mut failed);
+        let action = devices.port_write(port, data, &mut time);
+        match failed {
+            Some(e) => self.end_of_log(e).map(|_| action),
+            None => Ok(action),
+        }
+    }
+}
+
+/// The disk I/O of the current exit. Reads: from the disk (with writes not
+/// yet applied laid over) and logged, or, on a replay, from the log. Writes
+/// and flushes: outputs — held for the backup's ack on a primary, kept by a
+/// backup until the primary reports them done, applied at once otherwise,
+/// and never applied by a replay of a log file.
+struct DiskInputs<'a> {
+    inputs: &'a mut Inputs,
+    port: Option<&'a DiskPort>,
+    output: &'a mut dyn SerialOutput,
+    position: Position,
+    failed: Option<RunError>,
+}
+
+impl DiskInputs<'_> {
+    fn issue(&mut self, op: DiskOp) -> Result<(), String> {
+        let Some(port) = self.port else { return Err("no disk".into()) };
+        if self.output.disk(self.position, &op) {
+            if matches!(self.inputs, Inputs::Live(_)) {
+                // Held for the backup: reads must see it meanwhile.
+                port.defer(self.position.exit, &op);
+            }
+            return Ok(());
+        }
+        match self.inputs {
+            Inputs::Live(_) => port.apply(&op).map_err(|e| e.to_string()),
+            // A replay's writes went to the disk when they were recorded.
+            Inputs::Replay(_) => Ok(()),
+        }
+    }
+}
+
+impl DiskIo for DiskInputs<'_> {
+    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        if self.failed.is_some() {
+            return Err("earlier failure".into());
+        }
+        let result = match (&mut *self.inputs, self.port) {
+            (Inputs::Live(live), Some(port)) => match port.read(offset, len) {
+                Ok(data) => live.record(Event::DiskRead { data: data.clone() }).map(|_| data).map_err(log_write_error),
+                Err(e) => return Err(e.to_string()),
+            },
+            (Inputs::Replay(r), _) => r.disk_read(len).map_err(RunError::from),
+            (Inputs::Live(_), None) => return Err("no disk".into()),
+        };
+        result.map_err(|e| {
+            let text = e.to_string();
+            self.failed = Some(e);
+            text
+        })
+    }
+
+    fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), String> {
+        self.issue(DiskOp::Write { offset, data: Arc::new(data) })
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        self.issue(DiskOp::Flush)
+    }
+}
+
+/// A time reading at the current position: the virtual clock through the
+/// inputs (host clock and log, or log), as wall time for the RTC. Errors are parked in `failed` (device models take
+/// infallible clocks) and surface after the access.
+pub(super) fn take_time_reading(
+    inputs: &mut Inputs,
+    clock: &mut VirtualClock,
+    wall_clock_base_ns: u64,
+    source: TimeSource,
+    failed: &mut Option<RunError>,
+) -> u64 {
+    if failed.is_some() {
+        return clock.now_ns();
+    }
+    let reading = match inputs {
+        Inputs::Live(live) => {
+            let ns = live.host.elapsed_ns().max(clock.now_ns());
+            live.record(Event::TimeRead { source, ns }).map(|_| ns).map_err(log_write_error)
+        }
+        Inputs::Replay(r) => r.time(source).map_err(RunError::from),
+    };
+    match reading {
+        Ok(ns) => clock.set(ns),
+        Err(e) => *failed = Some(e),
+    }
+    let ns = clock.now_ns();
+    match source {
+        TimeSource::Rtc => wall_clock_base_ns.saturating_add(ns),
+        _ => ns,
+    }
+}

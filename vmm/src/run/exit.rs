@@ -1,0 +1,105 @@
+//! Guest-caused exits: what KVM reports, copied out of `kvm_run`, and the
+//! exits that end the VM instead (triple fault, emulation failure...).
+
+use crate::error::RunError;
+use crate::run::Vmm;
+use crate::vm::VmError;
+use kvm_ioctls::VcpuExit;
+use replay::ExitKind;
+
+/// A guest-caused exit, copied out of `kvm_run`.
+pub(super) enum GuestExit {
+    IoIn { port: u16, size: u8, count: u32 },
+    IoOut { port: u16, size: u8, data: Vec<u8> },
+    MmioRead { addr: u64, len: u8 },
+    MmioWrite { addr: u64, data: [u8; 8], len: u8 },
+    Hlt,
+    RdMsr { index: u32 },
+    WrMsr { index: u32, data: u64 },
+    IrqWindow,
+}
+
+impl GuestExit {
+    pub(super) fn kind(&self) -> ExitKind {
+        match *self {
+            GuestExit::IoIn { port, size, .. } => ExitKind::IoIn { port, size },
+            GuestExit::IoOut { port, size, .. } => ExitKind::IoOut { port, size },
+            GuestExit::MmioRead { addr, len } => ExitKind::MmioRead { addr, size: len },
+            GuestExit::MmioWrite { addr, len, .. } => ExitKind::MmioWrite { addr, size: len },
+            GuestExit::Hlt => ExitKind::Hlt,
+            GuestExit::RdMsr { index } => ExitKind::RdMsr { index },
+            GuestExit::WrMsr { index, .. } => ExitKind::WrMsr { index },
+            GuestExit::IrqWindow => ExitKind::IrqWindow,
+        }
+    }
+}
+
+impl Vmm {
+    /// Runs the vCPU until the next guest-caused exit.
+    pub(super) fn next_exit(&mut self) -> Result<GuestExit, RunError> {
+        loop {
+            let exit = match self.machine.vcpu.run() {
+                Ok(exit) => exit,
+                // A signal: not a position, nothing to do but resume.
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(err) => return Err(VmError::Kvm { what: "running the vCPU", err }.into()),
+            };
+            let stop = match exit {
+                VcpuExit::IoIn(port, _) => {
+                    let (size, count) = self.io_geometry();
+                    return Ok(GuestExit::IoIn { port, size, count });
+                }
+                VcpuExit::IoOut(port, data) => {
+                    let data = data.to_vec();
+                    let (size, _) = self.io_geometry();
+                    return Ok(GuestExit::IoOut { port, size, data });
+                }
+                VcpuExit::MmioRead(addr, data) => return Ok(GuestExit::MmioRead { addr, len: data.len() as u8 }),
+                VcpuExit::MmioWrite(addr, data) => {
+                    let mut bytes = [0u8; 8];
+                    let len = data.len().min(8);
+                    bytes[..len].copy_from_slice(&data[..len]);
+                    return Ok(GuestExit::MmioWrite { addr, data: bytes, len: len as u8 });
+                }
+                VcpuExit::Hlt => return Ok(GuestExit::Hlt),
+                VcpuExit::IrqWindowOpen => return Ok(GuestExit::IrqWindow),
+                VcpuExit::X86Rdmsr(msr) => return Ok(GuestExit::RdMsr { index: msr.index }),
+                VcpuExit::X86Wrmsr(msr) => return Ok(GuestExit::WrMsr { index: msr.index, data: msr.data }),
+                VcpuExit::Intr => continue,
+                VcpuExit::Shutdown => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
+                VcpuExit::InternalError => String::new(),
+                VcpuExit::FailEntry(reason, _) => {
+                    format!("VM entry failed (hardware reason {reason:#x})")
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    format!("unhandled system event {kind} (KVM_EXIT_SYSTEM_EVENT)")
+                }
+                VcpuExit::Exception => "unhandled exception exit (KVM_EXIT_EXCEPTION)".to_string(),
+                VcpuExit::Debug(_) => "unhandled debug exit (KVM_EXIT_DEBUG)".to_string(),
+                VcpuExit::Hypercall(_) => "unhandled hypercall (KVM_EXIT_HYPERCALL)".to_string(),
+                VcpuExit::Unsupported(reason) => format!("unhandled exit reason {reason}"),
+                other => format!("unhandled exit {other:?}"),
+            };
+            let what = if stop.is_empty() {
+                match self.machine.internal_error_suberror() {
+                    1 => "KVM internal error: emulation failure".to_string(),
+                    2 => "KVM internal error: exception while delivering an exception".to_string(),
+                    3 => "KVM internal error: cannot deliver an event".to_string(),
+                    4 => "KVM internal error: unexpected exit".to_string(),
+                    n => format!("KVM internal error (suberror {n})"),
+                }
+            } else {
+                stop
+            };
+            let rip = self.machine.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+            return Err(RunError::Guest { what, rip, exits: self.exits });
+        }
+    }
+
+    fn io_geometry(&mut self) -> (u8, u32) {
+        let run = self.machine.run_area();
+        // SAFETY: called right after a KVM_EXIT_IO, when `io` is the active union member.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        (io.size, io.count)
+    }
+}

@@ -1,0 +1,163 @@
+//! The FT role at run time: the primary's watermark, acks and released
+//! output; noticing a lost backup; go-live arbitration on the shared disk;
+//! and a backup going live where its primary's log ends.
+
+use crate::clock::HostClock;
+use crate::disk::Claim;
+use crate::error::{log_write_error, RunError};
+use crate::ft::{owner_name, LogSink, LogSource, Role};
+use crate::inputs::{Inputs, LiveInputs};
+use crate::run::Vmm;
+use replay::Position;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Without output waiting for it, the primary ships the lockstep watermark
+/// at least every this many exits...
+const SHIP_EVERY_EXITS: u64 = 64;
+/// ...and at least this often.
+const SHIP_EVERY: Duration = Duration::from_millis(5);
+
+impl Vmm {
+    /// The VMM is done with exit `position` and resumes the guest: tell the
+    /// backup (the lockstep watermark), keep pace with it, keep its view of
+    /// released output current.
+    pub(super) fn passed(&mut self, position: Position) -> Result<(), RunError> {
+        if let Some(why) = self.disk.as_ref().and_then(|d| d.failure()) {
+            return Err(RunError::Halted(format!("writing the shared disk failed ({why}); halting")));
+        }
+        match &mut self.inputs {
+            Inputs::Live(live) => {
+                let Some(recorder) = &mut live.recorder else { return Ok(()) };
+                if let Role::Primary { gate, shipped, .. } = &mut self.role {
+                    // Ship the watermark at once when output waits for it,
+                    // else every few exits or milliseconds: each message
+                    // wakes threads on both sides, which a guest that exits
+                    // often but outputs little should not pay for every exit.
+                    let due = gate.held() > 0
+                        || position.exit >= shipped.0 + SHIP_EVERY_EXITS
+                        || shipped.1.elapsed() >= SHIP_EVERY;
+                    if !due {
+                        return Ok(());
+                    }
+                    *shipped = (position.exit, Instant::now());
+                }
+                recorder.passed().map_err(log_write_error)?;
+                if let (LogSink::Primary(link), Role::Primary { gate, delivered, disk_delivered, .. }) =
+                    (recorder.sink_mut(), &self.role)
+                {
+                    link.released(
+                        gate.released(delivered.load(Ordering::Acquire), disk_delivered.load(Ordering::Acquire)),
+                    );
+                    link.throttle(position.exit);
+                }
+                if let Some(why) = self.newly_lost_backup() {
+                    return self.backup_lost(position, &why);
+                }
+            }
+            Inputs::Replay(r) => {
+                if let LogSource::Backup(link) = r.source_mut() {
+                    self.output.prune(link.released());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The primary's logging channel to its backup, if this VMM is one.
+    pub(super) fn primary_link(&mut self) -> Option<&mut logging_channel::PrimaryLink> {
+        match (&mut self.inputs, &self.role) {
+            (Inputs::Live(live), Role::Primary { .. }) => match live.recorder.as_mut()?.sink_mut() {
+                LogSink::Primary(link) => Some(link),
+                LogSink::File(_) => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Why the backup was lost, the first time the primary notices.
+    pub(super) fn newly_lost_backup(&mut self) -> Option<String> {
+        if self.backup_loss_reported {
+            return None;
+        }
+        let why = self.primary_link()?.backup_lost()?;
+        self.backup_loss_reported = true;
+        Some(why)
+    }
+
+    /// The primary lost its backup: win the shared disk (if there is one to
+    /// arbitrate on), then stop holding output and run alone.
+    pub(super) fn backup_lost(&mut self, position: Position, why: &str) -> Result<(), RunError> {
+        eprintln!("ftvmm: primary: backup lost ({why}) at exit {}", position.exit);
+        let Role::Primary { gate, generation, .. } = &self.role else { return Ok(()) };
+        let (gate, expected) = (gate.clone(), *generation);
+        if let Some(generation) = self.arbitrate("primary", expected)? {
+            if let Role::Primary { generation: g, .. } = &mut self.role {
+                *g = generation;
+            }
+        }
+        eprintln!("ftvmm: primary: running alone");
+        gate.acked(u64::MAX);
+        Ok(())
+    }
+
+    /// Go-live arbitration: the test-and-set on the shared disk from
+    /// generation `expected`. Returns the new generation (None: the disk
+    /// cannot arbitrate, or there is none, and each side goes live on its own
+    /// detection). Losing halts this VMM; unreachable storage is retried for
+    /// as long as it takes, without going live.
+    pub(super) fn arbitrate(&mut self, role: &str, expected: u64) -> Result<Option<u64>, RunError> {
+        let Some(disk) = &self.disk else { return Ok(None) };
+        let owner = owner_name(role);
+        loop {
+            match disk.claim(expected, &owner) {
+                Ok(None) => return Ok(None),
+                Ok(Some(Claim::Won { generation })) => {
+                    eprintln!("ftvmm: {role}: won the shared disk (generation {generation})");
+                    return Ok(Some(generation));
+                }
+                Ok(Some(Claim::Lost { generation, owner })) => {
+                    return Err(RunError::Halted(format!(
+                        "{role}: lost the go-live arbitration to {owner} (generation {generation}); halting"
+                    )));
+                }
+                Err(e) => {
+                    eprintln!(
+                        "ftvmm: {role}: cannot reach the shared disk to arbitrate ({e}); not going live, retrying"
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    /// A replay ran out of log. For a backup that means the primary is gone:
+    /// go live — serve the outside world, take inputs from the host, and
+    /// re-emit the output the primary may not have released — and carry on
+    /// from exactly here. For anything else it is the end of the run.
+    pub(super) fn end_of_log(&mut self, err: RunError) -> Result<(), RunError> {
+        let RunError::EndOfLog { .. } = err else { return Err(err) };
+        let Role::Backup { endpoint, serial_input, expected_generation } = &mut self.role else { return Err(err) };
+        let Some(endpoint) = endpoint.take() else { return Err(err) };
+        let expected = *expected_generation;
+        let Inputs::Replay(r) = &mut self.inputs else { return Err(err) };
+        let (released, why) = match r.source_mut() {
+            LogSource::Backup(link) => (link.released(), link.primary_lost().unwrap_or_else(|| "log ended".into())),
+            LogSource::File(_) => (0, "log ended".into()),
+        };
+        let serial_input = serial_input.take();
+        eprintln!("ftvmm: backup: primary lost ({why}) at exit {}", self.exits);
+        self.arbitrate("backup", expected)?;
+        eprintln!("ftvmm: backup: going live at exit {}", self.exits);
+        let (input, port) = endpoint
+            .start_with_input(serial_input.as_deref())
+            .map_err(|err| RunError::Io { what: "opening --serial-input", err })?;
+        self.output
+            .go_live(released, port, self.disk.as_ref())
+            .map_err(|err| RunError::Io { what: "re-issuing the primary's disk writes", err })?;
+        let host = HostClock::resume_at(self.clock.now_ns());
+        self.inputs = Inputs::Live(Box::new(LiveInputs::new(host, Some(input), None, None)));
+        self.role = Role::Solo;
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! The run loop: runs the vCPU, turns every guest-caused exit into a
+//! [`Position`], lets the device models answer it, and delivers external
+//! inputs — live or replayed — only at positions.
+//!
+//! One exit, in order (identical on a recording and on its replay):
+//! 1. the exit is checked in (recorded, or matched against the log);
+//! 2. the device model that owns it answers the access ([`dispatch`]); a
+//!    time reading goes through the inputs (host clock + log, or log);
+//! 3. timers catch up with the virtual clock;
+//! 4. external inputs are taken ([`delivery`]; live: serial bytes, a due
+//!    timer; replay: the logged events of this position, in their order);
+//! 5. a pending PIC interrupt is injected if the guest can take it now, or an
+//!    interrupt window is requested so that it is injected at the next exit;
+//! 6. the FT role's bookkeeping ([`failover`]): the watermark, released
+//!    output, a lost peer.
+
+mod delivery;
+mod dispatch;
+mod exit;
+mod failover;
+mod state;
+
+pub use state::check_begin;
+
+use crate::clock::{VirtualClock, TSC_HZ};
+use crate::devices::{Devices, PortAction};
+use crate::digest;
+use crate::disk::DiskPort;
+use crate::error::{log_write_error, RunError};
+use crate::ft::{LogSink, Role, SerialOutput};
+use crate::inputs::Inputs;
+use crate::vm::Machine;
+use replay::{Divergence, ExitKind, Header, Position};
+use std::collections::HashSet;
+
+/// How a run ended when the guest ended it.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub status: u8,
+    pub digest: Option<replay::Digest>,
+    pub exits: u64,
+    /// The primary's output-commit latency: (outputs, p50 µs, p99 µs, max µs).
+    pub commit_latency: Option<(usize, u32, u32, u32)>,
+}
+
+/// A running VM: the machine, its devices, its clock and its inputs.
+pub struct Vmm {
+    pub machine: Machine,
+    pub devices: Devices,
+    pub clock: VirtualClock,
+    pub inputs: Inputs,
+    output: Box<dyn SerialOutput>,
+    role: Role,
+    /// The disk's storage, if the VM has a disk.
+    disk: Option<DiskPort>,
+    /// The exit at which an interrupt was last injected (one per exit).
+    injected_at: u64,
+    backup_loss_reported: bool,
+    /// RIPs of RDTSC instructions the loader rewrote into TSC port reads.
+    rdtsc_sites: HashSet<u64>,
+    /// Wall-clock time at boot, the RTC's base.
+    wall_clock_base_ns: u64,
+    /// What identifies this VM to a log, a peer or a snapshot.
+    header: Header,
+    exits: u64,
+    /// Compute the final state digest (for `--digest`, recording and replay).
+    want_digest: bool,
+    /// Save a snapshot at this exit, to this file (`--save-snapshot`).
+    save_at: Option<(u64, std::path::PathBuf)>,
+}
+
+impl Vmm {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        machine: Machine,
+        devices: Devices,
+        inputs: Inputs,
+        output: Box<dyn SerialOutput>,
+        role: Role,
+        disk: Option<DiskPort>,
+        rdtsc_sites: HashSet<u64>,
+        header: Header,
+        want_digest: bool,
+    ) -> Self {
+        Vmm {
+            machine,
+            devices,
+            clock: VirtualClock::default(),
+            inputs,
+            output,
+            role,
+            disk,
+            injected_at: 0,
+            backup_loss_reported: false,
+            rdtsc_sites,
+            wall_clock_base_ns: header.wall_clock_base_ns,
+            header,
+            exits: 0,
+            want_digest,
+            save_at: None,
+        }
+    }
+
+    /// Saves a snapshot to `path` once exit `exit` has been handled.
+    pub fn save_snapshot_at(&mut self, exit: u64, path: std::path::PathBuf) {
+        self.save_at = Some((exit, path));
+    }
+
+    /// Guest-caused exits so far.
+    pub fn exits(&self) -> u64 {
+        self.exits
+    }
+
+    /// Runs the guest until it ends the VM or something goes wrong.
+    pub fn run(mut self) -> Result<Outcome, RunError> {
+        let result = self.run_loop();
+        // Whatever happened, what was recorded and what the guest printed stays.
+        if let Inputs::Live(live) = &mut self.inputs {
+            if let Some(recorder) = &mut live.recorder {
+                let flushed = recorder.flush();
+                if result.is_ok() {
+                    flushed.map_err(log_write_error)?;
+                }
+            }
+        }
+        self.output.close();
+        if let Some(disk) = &mut self.disk {
+            // Released writes reach the disk before the VMM is gone.
+            disk.close();
+        }
+        result
+    }
+
+    fn run_loop(&mut self) -> Result<Outcome, RunError> {
+        loop {
+            let exit = self.next_exit()?;
+            self.exits += 1;
+            let position = Position { exit: self.exits, rip: self.machine.exit_rip()? };
+            tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", position.rip), kind = %exit.kind());
+            self.check_in(position, exit.kind())?;
+
+            let action = self.dispatch(exit, position)?;
+            let output = self.devices.tx.take();
+            if !output.is_empty() {
+                self.output.output(position, output);
+            }
+            if let PortAction::Exit(status) = action {
+                return self.finish(position, status);
+            }
+            self.devices.advance_timers(self.clock.now_ns());
+            self.take_inputs(position, action == PortAction::Idle)?;
+            self.passed(position)?;
+            self.maybe_save_snapshot(position.exit)?;
+        }
+    }
+
+    /// Step 1: the exit becomes a position in the log, or is checked against it.
+    fn check_in(&mut self, position: Position, kind: ExitKind) -> Result<(), RunError> {
+        match &mut self.inputs {
+            Inputs::Live(live) => match &mut live.recorder {
+                Some(r) => r.exit(position, kind).map_err(log_write_error),
+                None => Ok(()),
+            },
+            Inputs::Replay(r) => match r.exit(position, kind) {
+                Ok(()) => Ok(()),
+                Err(e) => self.end_of_log(e.into()),
+            },
+        }
+    }
+
+    fn diverged(&self, expected: impl std::fmt::Display, got: impl std::fmt::Display) -> RunError {
+        RunError::Divergence(Divergence { exit: self.exits, expected: expected.to_string(), got: got.to_string() })
+    }
+
+    /// The guest wrote its exit status.
+    fn finish(&mut self, position: Position, status: u8) -> Result<Outcome, RunError> {
+        let digest = if self.want_digest {
+            Some(digest::state_digest(&self.machine, &self.devices.state(), &self.clock, self.exits)?)
+        } else {
+            None
+        };
+        match &mut self.inputs {
+            Inputs::Live(live) => {
+                if let (Some(mut r), Some(d)) = (live.recorder.take(), digest) {
+                    r.end(status, d).map_err(log_write_error)?;
+                    r.passed().map_err(log_write_error)?;
+                    if let (LogSink::Primary(link), Role::Primary { finish_timeout, .. }) = (r.into_sink(), &self.role)
+                    {
+                        // Let the backup have the whole log, so it can end as we do.
+                        if !link.finish(*finish_timeout) {
+                            eprintln!("ftvmm: primary: the backup did not acknowledge the end of the log");
+                        }
+                    }
+                }
+            }
+            Inputs::Replay(r) => {
+                let d = digest.unwrap_or(replay::Digest([0; 32]));
+                if let Err(e) = r.end(position, status, d) {
+                    self.end_of_log(e.into())?;
+                }
+            }
+        }
+        let commit_latency = match &self.role {
+            Role::Primary { gate, .. } => gate.latency_stats(),
+            _ => None,
+        };
+        Ok(Outcome { status, digest, exits: self.exits, commit_latency })
+    }
+}
+
+// TSC_HZ is 1 GHz, which is what lets TSC values be virtual nanoseconds.
+const _: () = assert!(TSC_HZ == 1_000_000_000);

@@ -1,0 +1,146 @@
+//! The VM's state as a snapshot: taking it at a guest-caused exit (for a
+//! snapshot file, or the last round of a live state transfer) and restoring
+//! it into a freshly built VM of the same image and configuration.
+
+use crate::clock::HostClock;
+use crate::digest;
+use crate::error::RunError;
+use crate::ft::Role;
+use crate::inputs::Inputs;
+use crate::run::Vmm;
+use crate::snapshot::{self, MachineState, SnapshotError, StateItem, StateReader, StateWriter};
+use std::io::{Read, Write};
+
+fn snapshot_io(what: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
+    move |err| RunError::Io { what, err }
+}
+
+impl Vmm {
+    /// The `Begin` item describing this VM at its current exit.
+    pub(crate) fn state_begin(&self) -> StateItem {
+        StateItem::Begin {
+            image_hash: self.header.image_hash,
+            config: self.header.config.clone(),
+            mem_size: self.machine.mem_size,
+            exits: self.exits,
+        }
+    }
+
+    /// Everything of the VM's state but memory, at this exit (it completes
+    /// the exit just answered first, so the registers are final).
+    pub(crate) fn machine_state(&mut self) -> Result<MachineState, RunError> {
+        let disk_generation = match &self.role {
+            Role::Primary { generation, .. } => *generation,
+            Role::Backup { expected_generation, .. } => *expected_generation,
+            Role::Solo => self.header.disk_generation,
+        };
+        Ok(MachineState {
+            vcpu: self.machine.save_vcpu()?,
+            devices: self.devices.state(),
+            clock: self.clock.clone(),
+            exits: self.exits,
+            injected_at: self.injected_at,
+            wall_clock_base_ns: self.wall_clock_base_ns,
+            disk_generation,
+        })
+    }
+
+    /// The state digest now.
+    pub(crate) fn digest_now(&self) -> Result<replay::Digest, RunError> {
+        digest::state_digest(&self.machine, &self.devices.state(), &self.clock, self.exits)
+    }
+
+    /// Writes a whole snapshot of the VM at this exit to `out`.
+    pub fn save_snapshot(&mut self, out: impl Write) -> Result<(), RunError> {
+        let io = snapshot_io("writing the snapshot");
+        let mut w = StateWriter::new(out).map_err(snapshot_io("writing the snapshot"))?;
+        w.item(&self.state_begin()).map_err(snapshot_io("writing the snapshot"))?;
+        let machine = self.machine_state()?;
+        snapshot::memory_items(&self.machine.mem, self.machine.mem_size, None, |item| w.item(&item)).map_err(io)?;
+        w.item(&StateItem::Machine(Box::new(machine))).map_err(snapshot_io("writing the snapshot"))?;
+        let digest = self.digest_now()?;
+        w.item(&StateItem::End { digest }).map_err(snapshot_io("writing the snapshot"))?;
+        w.into_inner().flush().map_err(snapshot_io("writing the snapshot"))
+    }
+
+    /// Restores a snapshot stream (whose `Begin` the caller has read and
+    /// checked with [`check_begin`]) into this VM, built from the same image
+    /// and configuration and not yet run; checks the restored state against
+    /// the snapshot's digest.
+    pub fn restore_snapshot(&mut self, reader: &mut StateReader<impl Read>) -> Result<(), SnapshotError> {
+        let mut machine = None;
+        loop {
+            let item = reader.next_item()?.ok_or(SnapshotError::Truncated)?;
+            match item {
+                StateItem::Pages { .. } | StateItem::Zeros { .. } => {
+                    snapshot::apply_memory(&self.machine.mem, self.machine.mem_size, &item)?
+                }
+                StateItem::Machine(m) => machine = Some(m),
+                StateItem::End { digest } => {
+                    let m = machine.ok_or_else(|| SnapshotError::Corrupt("no machine state before End".into()))?;
+                    self.apply_machine_state(*m)?;
+                    let ours = self.digest_now().map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+                    if ours != digest {
+                        return Err(SnapshotError::Corrupt(format!(
+                            "the restored VM's state digest {ours} is not the snapshot's {digest}"
+                        )));
+                    }
+                    return Ok(());
+                }
+                StateItem::Begin { .. } => return Err(SnapshotError::Corrupt("a second Begin".into())),
+            }
+        }
+    }
+
+    fn apply_machine_state(&mut self, m: MachineState) -> Result<(), SnapshotError> {
+        let bad = |e: String| SnapshotError::Corrupt(e);
+        self.devices.restore(m.devices).map_err(bad)?;
+        self.machine.restore_vcpu(&m.vcpu).map_err(|e| bad(e.to_string()))?;
+        self.clock = m.clock;
+        self.exits = m.exits;
+        self.injected_at = m.injected_at;
+        self.wall_clock_base_ns = m.wall_clock_base_ns;
+        self.header.wall_clock_base_ns = m.wall_clock_base_ns;
+        // Live inputs read the host clock from here on, where the snapshot's
+        // virtual time was.
+        if let Inputs::Live(live) = &mut self.inputs {
+            live.host = HostClock::resume_at(self.clock.now_ns());
+        }
+        Ok(())
+    }
+
+    /// After exit `exit` has been handled: save a snapshot if one was asked
+    /// for at this exit.
+    pub(super) fn maybe_save_snapshot(&mut self, exit: u64) -> Result<(), RunError> {
+        let Some((at, path)) = self.save_at.take_if(|(at, _)| *at == exit) else { return Ok(()) };
+        let file =
+            std::fs::File::create(&path).map_err(|err| RunError::Io { what: "creating the snapshot file", err })?;
+        self.save_snapshot(std::io::BufWriter::new(file))?;
+        eprintln!("ftvmm: saved a snapshot at exit {at} to {}", path.display());
+        Ok(())
+    }
+}
+
+/// Checks a snapshot's `Begin` against this VM (image, configuration,
+/// memory size); returns the exit it was taken at.
+pub fn check_begin(item: Option<StateItem>, header: &replay::Header, mem_size: u64) -> Result<u64, SnapshotError> {
+    match item {
+        Some(StateItem::Begin { image_hash, config, mem_size: m, exits }) => {
+            if image_hash != header.image_hash {
+                return Err(SnapshotError::Mismatch(format!(
+                    "the snapshot is of another guest image (image hash {image_hash}, this image {})",
+                    header.image_hash
+                )));
+            }
+            if config != header.config || m != mem_size {
+                return Err(SnapshotError::Mismatch(format!(
+                    "the snapshot is of another VM configuration ({config}; this VM: {})",
+                    header.config
+                )));
+            }
+            Ok(exits)
+        }
+        Some(_) => Err(SnapshotError::Corrupt("the snapshot does not begin with Begin".into())),
+        None => Err(SnapshotError::Truncated),
+    }
+}
