@@ -7,6 +7,7 @@
 //! not carry memory values across one.
 
 use core::arch::asm;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 /// Vector of PIC line 0 after [`pic_init`]; line n is `PIC_VECTOR_BASE + n`.
 pub const PIC_VECTOR_BASE: u8 = 32;
@@ -37,14 +38,35 @@ pub fn inl(port: u16) -> u32 {
 
 /// Initialises both PICs: vectors 32..48, slave on IR2, every line masked.
 pub fn pic_init() {
+    pic_init_with_icw4(0x01);
+    AUTO_EOI.store(false, Ordering::Relaxed);
+}
+
+/// Like [`pic_init`], but in auto-EOI mode: the PICs end each interrupt
+/// themselves when the CPU takes it, so the handler dispatch sends no EOI
+/// (one port exit less per interrupt). A line's handler can then be
+/// entered again, at one of its own exits, by that same line.
+pub fn pic_init_auto_eoi() {
+    pic_init_with_icw4(0x03);
+    AUTO_EOI.store(true, Ordering::Relaxed);
+}
+
+static AUTO_EOI: AtomicBool = AtomicBool::new(false);
+
+/// Whether the PICs run in auto-EOI mode ([`pic_init_auto_eoi`]).
+pub fn pic_auto_eoi() -> bool {
+    AUTO_EOI.load(Ordering::Relaxed)
+}
+
+fn pic_init_with_icw4(icw4: u8) {
     outb(0x20, 0x11);
     outb(0xa0, 0x11);
     outb(0x21, PIC_VECTOR_BASE);
     outb(0xa1, PIC_VECTOR_BASE + 8);
     outb(0x21, 0x04);
     outb(0xa1, 0x02);
-    outb(0x21, 0x01);
-    outb(0xa1, 0x01);
+    outb(0x21, icw4);
+    outb(0xa1, icw4);
     outb(0x21, 0xff);
     outb(0xa1, 0xff);
 }

@@ -282,7 +282,9 @@ extern "C" fn guest_rt_interrupt(vector: u64, error: u64, frame: &InterruptFrame
         let handler: IrqHandler = unsafe { core::mem::transmute::<usize, IrqHandler>(handler) };
         handler(irq);
     }
-    hw::pic_eoi(irq);
+    if !hw::pic_auto_eoi() {
+        hw::pic_eoi(irq);
+    }
 }
 
 #[panic_handler]

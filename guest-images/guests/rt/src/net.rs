@@ -18,7 +18,7 @@
 
 use crate::hw;
 use crate::virtio_net::{self, Nic, RxFrame, MAX_FRAME};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::{Duration, Instant};
@@ -39,11 +39,15 @@ pub struct NetDevice {
     /// is dropped, and TCP retransmits it).
     scratch: [u8; MAX_FRAME],
     dropped: u64,
+    runts: u64,
 }
+
+/// An Ethernet header: anything shorter is no frame.
+const MIN_FRAME: usize = 14;
 
 impl NetDevice {
     pub fn new(nic: Nic) -> Self {
-        NetDevice { nic, scratch: [0; MAX_FRAME], dropped: 0 }
+        NetDevice { nic, scratch: [0; MAX_FRAME], dropped: 0, runts: 0 }
     }
 
     pub fn nic(&mut self) -> &mut Nic {
@@ -53,6 +57,11 @@ impl NetDevice {
     /// Frames dropped because the transmit ring was full.
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+
+    /// Received buffers that held no frame (the device could not use them).
+    pub fn runts(&self) -> u64 {
+        self.runts
     }
 }
 
@@ -78,7 +87,15 @@ impl phy::Device for NetDevice {
         if !self.nic.rx.pending() || !self.nic.tx.reserve() {
             return None;
         }
-        let frame = self.nic.rx.take()?;
+        let frame = loop {
+            let frame = self.nic.rx.take()?;
+            // The device completes a buffer it could not use with length 0.
+            if frame.len() >= MIN_FRAME {
+                break frame;
+            }
+            self.runts += 1;
+            self.nic.rx.repost(frame);
+        };
         let rx = NetRxToken { rx: &mut self.nic.rx, frame: Some(frame) };
         let tx = NetTxToken { tx: &mut self.nic.tx, scratch: &mut self.scratch, dropped: &mut self.dropped };
         Some((rx, tx))
@@ -193,9 +210,19 @@ fn parse_decimal(text: &[u8]) -> Option<u32> {
 
 /// Whether PIT channel 0 has a one-shot pending (cleared when it fires).
 static TIMER_ARMED: AtomicBool = AtomicBool::new(false);
+/// One-shots that have fired.
+static TIMER_SHOTS: AtomicU64 = AtomicU64::new(0);
 
 fn on_timer(_irq: u8) {
     TIMER_ARMED.store(false, Ordering::Release);
+    TIMER_SHOTS.fetch_add(1, Ordering::AcqRel);
+}
+
+/// A snapshot of what can wake the stack besides received frames (which
+/// are in memory): how often the timer has fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wakeups {
+    timer_shots: u64,
 }
 
 /// What a server's service step reports to [`Stack::run`].
@@ -253,19 +280,30 @@ impl Stack {
         result
     }
 
-    /// Waits for an interrupt unless there is work already: an interrupt
-    /// came since the caller snapshotted `irqs_seen` ([`crate::irq_count`],
-    /// taken before it last polled), a frame is waiting, or smoltcp wants a
-    /// poll now. Arms the PIT for smoltcp's next deadline first.
-    pub fn idle(&mut self, now: Instant, sockets: &SocketSet<'_>, irqs_seen: u64) {
+    /// A snapshot of the stack's wake-up sources, to take before a round
+    /// of polling and pass to [`Self::idle`] after it.
+    pub fn wakeups(&self) -> Wakeups {
+        Wakeups { timer_shots: TIMER_SHOTS.load(Ordering::Acquire) }
+    }
+
+    /// Waits for an interrupt unless there is work already: a frame is
+    /// waiting, the timer fired since `seen` was taken (before the caller
+    /// last polled), or smoltcp wants a poll now. Arms the PIT for
+    /// smoltcp's next deadline first.
+    ///
+    /// Only the network and the timer count as work: an interrupt for
+    /// something else (the NIC completing transmits, say) does not keep
+    /// the guest from idling.
+    pub fn idle(&mut self, now: Instant, sockets: &SocketSet<'_>, seen: Wakeups) {
         match self.iface.poll_delay(now, sockets) {
             Some(Duration::ZERO) => return,
             Some(delay) => self.arm_timer(now, delay),
             None => {}
         }
-        // The PIT writes were exits: check again after them. After this
-        // check the only exit is the idle port write itself.
-        if crate::irq_count() != irqs_seen || self.device.nic().rx.pending() {
+        // The PIT writes were exits, where frames and the timer may have
+        // come: check after them. After this check the only exit is the
+        // idle port write itself, which wakes on any later interrupt.
+        if self.wakeups() != seen || self.device.nic().rx.pending() {
             return;
         }
         crate::wait_for_interrupt();
@@ -295,7 +333,7 @@ impl Stack {
         mut service: impl FnMut(&mut SocketSet<'_>, Instant) -> Service,
     ) -> u8 {
         loop {
-            let irqs_seen = crate::irq_count();
+            let seen = self.wakeups();
             let now = now();
             self.poll(now, sockets);
             loop {
@@ -307,7 +345,7 @@ impl Stack {
                     Service::Exit(status) => return status,
                 }
             }
-            self.idle(now, sockets, irqs_seen);
+            self.idle(now, sockets, seen);
         }
     }
 }

@@ -105,6 +105,18 @@ pub struct RxFrame {
     len: usize,
 }
 
+impl RxFrame {
+    /// Length of the Ethernet frame (0 for a buffer the device completed
+    /// without a frame in it).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Finds the network card and brings it up: queues set up, receive ring
 /// filled, interrupt installed (call after `hw::pic_init`).
 pub fn init() -> Result<Nic, Error> {
