@@ -221,6 +221,9 @@ fn serve<D: BlockDev>(sockets: &mut SocketSet<'_>, engine: &mut Engine<'_, D>, s
             let _ = socket.listen(PORT);
             continue;
         }
+        if matches!(socket.state(), tcp::State::Listen | tcp::State::SynReceived) {
+            continue;
+        }
         if conn.closing {
             // Whatever else the client sends is dropped.
             let _ = socket.recv(|bytes| (bytes.len(), ()));
@@ -248,7 +251,10 @@ fn serve<D: BlockDev>(sockets: &mut SocketSet<'_>, engine: &mut Engine<'_, D>, s
         }
         // The client half-closed and everything it sent is answered (or
         // can never be completed): close our half too.
-        if !socket.may_recv() && !socket.can_recv() && (conn.len == 0 || conn.last == Status::NeedInput) {
+        if socket.state() == tcp::State::CloseWait
+            && !socket.can_recv()
+            && (conn.len == 0 || conn.last == Status::NeedInput)
+        {
             conn.closing = true;
             socket.close();
         }
