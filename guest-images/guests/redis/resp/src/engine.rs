@@ -25,7 +25,43 @@ pub trait Sink {
     fn put(&mut self, data: &[u8]);
 }
 
-/// An unbounded sink (tests, fuzzing).
+/// A sink over a caller's buffer (a fuzzer's, or a test's).
+pub struct BufSink<'b> {
+    buf: &'b mut [u8],
+    len: usize,
+}
+
+impl<'b> BufSink<'b> {
+    pub fn new(buf: &'b mut [u8]) -> Self {
+        BufSink { buf, len: 0 }
+    }
+
+    /// What was put so far.
+    pub fn data(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// Forgets what was put (as if it had been sent).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+impl Sink for BufSink<'_> {
+    fn room(&self) -> usize {
+        self.buf.len() - self.len
+    }
+    fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+    fn put(&mut self, data: &[u8]) {
+        let n = data.len().min(self.room());
+        self.buf[self.len..self.len + n].copy_from_slice(&data[..n]);
+        self.len += n;
+    }
+}
+
+/// An unbounded sink (tests).
 #[cfg(test)]
 impl Sink for Vec<u8> {
     fn room(&self) -> usize {

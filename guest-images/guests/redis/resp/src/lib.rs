@@ -15,7 +15,10 @@
 //! build from invalidating the guest one.)
 //!
 //! The entry point for a fuzzer is [`Engine::feed`]: any bytes in, replies
-//! out, never a panic.
+//! out (into a [`Sink`], e.g. a [`BufSink`] over a fixed buffer), never a
+//! panic; [`parse::parse`] alone for the parser. A store for it:
+//! `Store::new(&mut entries, &mut index)` over `[Entry::ZERO; N]` and
+//! `[0u32; M]` (M a power of two, at least 2N).
 #![cfg_attr(not(test), no_std)]
 
 pub mod engine;
@@ -23,7 +26,7 @@ pub mod log;
 pub mod parse;
 pub mod store;
 
-pub use engine::{Engine, Fed, Sink, Status};
+pub use engine::{BufSink, Engine, Fed, Sink, Status};
 pub use log::{BlockDev, Journal, Loaded, LogError, NoDisk};
 pub use store::{Entry, Store, StoreError, MAX_KEY, MAX_VALUE};
 
