@@ -22,17 +22,16 @@
 #![no_std]
 #![no_main]
 
-use guest_rt::net::smoltcp::iface::{SocketHandle, SocketSet, SocketStorage};
-use guest_rt::net::smoltcp::socket::tcp;
+use guest_rt::net::smoltcp::iface::{SocketSet, SocketStorage};
 use guest_rt::net::{IpConfig, IpConfigError, MacDisplay, Service, Stack};
 use guest_rt::virtio_blk::{self, Disk};
 use guest_rt::virtio_net;
 use guest_rt::{hw, println, Static};
-use resp::{BlockDev, Engine, Entry, Journal, Sink, Status, Store};
+use redis::{listening_socket, serve, Conn, Round, PORT};
+use resp::{BlockDev, Engine, Entry, Journal, Store};
 
 guest_rt::entry!(main);
 
-const PORT: u16 = 6379;
 /// Connections served at once (redis-benchmark opens 50 by default).
 const CONNS: usize = 64;
 /// Each socket's receive and transmit buffers.
@@ -84,37 +83,6 @@ impl BlockDev for DiskDev {
     fn flush(&mut self) -> bool {
         self.0.flush()
     }
-}
-
-/// A socket's transmit buffer as the engine's output.
-struct SocketSink<'s, 'a>(&'s mut tcp::Socket<'a>);
-
-impl Sink for SocketSink<'_, '_> {
-    fn room(&self) -> usize {
-        if self.0.may_send() {
-            self.0.send_capacity() - self.0.send_queue()
-        } else {
-            0
-        }
-    }
-    fn capacity(&self) -> usize {
-        self.0.send_capacity()
-    }
-    fn put(&mut self, data: &[u8]) {
-        // The engine never puts more than `room`, so this takes it all.
-        let _ = self.0.send_slice(data);
-    }
-}
-
-/// One connection slot.
-struct Conn {
-    handle: SocketHandle,
-    input: &'static mut [u8; INPUT],
-    len: usize,
-    /// Closing: the last reply is queued, further input is ignored.
-    closing: bool,
-    /// What the last feed stopped at.
-    last: Status,
 }
 
 fn main() -> u8 {
@@ -174,18 +142,9 @@ fn main() -> u8 {
     };
     let mut sockets = SocketSet::new(&mut storage[..]);
     let mut conns = memory.socket_rx.iter_mut().zip(memory.socket_tx.iter_mut()).zip(memory.inputs.iter_mut()).map(
-        |((rx, tx), input)| {
-            let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(&mut rx[..]), tcp::SocketBuffer::new(&mut tx[..]));
-            // Replies go out at once, not held back for earlier ones' ACKs.
-            socket.set_nagle_enabled(false);
-            let _ = socket.listen(PORT);
-            Conn { handle: sockets.add(socket), input, len: 0, closing: false, last: Status::NeedInput }
-        },
+        |((rx, tx), input)| Conn::new(sockets.add(listening_socket(&mut rx[..], &mut tx[..], PORT)), &mut input[..]),
     );
-    let mut slots: [Option<Conn>; CONNS] = [const { None }; CONNS];
-    for slot in slots.iter_mut() {
-        *slot = conns.next();
-    }
+    let mut slots: [Conn; CONNS] = core::array::from_fn(|_| conns.next().expect("one socket per slot"));
 
     match disk_note {
         (true, keys, records, sectors) => println!(
@@ -205,69 +164,12 @@ fn main() -> u8 {
         ),
     }
 
-    stack.run(&mut sockets, |sockets, _now| serve(sockets, &mut engine, &mut slots))
-}
-
-/// One round over every connection: listen again where one closed, take
-/// in what arrived, answer it, then commit the round's writes.
-fn serve<D: BlockDev>(sockets: &mut SocketSet<'_>, engine: &mut Engine<'_, D>, slots: &mut [Option<Conn>]) -> Service {
-    let mut busy = false;
-    for conn in slots.iter_mut().flatten() {
-        let socket = sockets.get_mut::<tcp::Socket>(conn.handle);
-        if !socket.is_open() {
-            conn.len = 0;
-            conn.closing = false;
-            conn.last = Status::NeedInput;
-            let _ = socket.listen(PORT);
-            continue;
+    stack.run(&mut sockets, |sockets, _now| match serve(sockets, &mut engine, &mut slots, PORT) {
+        Round::Busy => Service::Busy,
+        Round::Idle => Service::Idle,
+        Round::DiskFailed => {
+            println!("redis: the disk failed; stopping without sending replies for writes that may not be durable");
+            Service::Exit(3)
         }
-        if matches!(socket.state(), tcp::State::Listen | tcp::State::SynReceived) {
-            continue;
-        }
-        if conn.closing {
-            // Whatever else the client sends is dropped.
-            let _ = socket.recv(|bytes| (bytes.len(), ()));
-            continue;
-        }
-        if conn.len < INPUT && socket.can_recv() {
-            if let Ok(n) = socket.recv_slice(&mut conn.input[conn.len..]) {
-                conn.len += n;
-                busy |= n > 0;
-            }
-        }
-        if conn.len > 0 {
-            let fed = engine.feed(&conn.input[..conn.len], &mut SocketSink(socket));
-            if fed.consumed > 0 {
-                conn.input.copy_within(fed.consumed..conn.len, 0);
-                conn.len -= fed.consumed;
-                busy = true;
-            }
-            conn.last = fed.status;
-            if fed.status == Status::Close {
-                conn.closing = true;
-                socket.close();
-                continue;
-            }
-        }
-        // The client half-closed and everything it sent is answered (or
-        // can never be completed): close our half too.
-        if socket.state() == tcp::State::CloseWait
-            && !socket.can_recv()
-            && (conn.len == 0 || conn.last == Status::NeedInput)
-        {
-            conn.closing = true;
-            socket.close();
-        }
-    }
-    // Before any reply of this round can leave (at the next poll), its
-    // writes are on the disk.
-    if !engine.commit() {
-        println!("redis: the disk failed; stopping without sending replies for writes that may not be durable");
-        return Service::Exit(3);
-    }
-    if busy {
-        Service::Busy
-    } else {
-        Service::Idle
-    }
+    })
 }
