@@ -88,7 +88,7 @@ impl VirtioSlot {
     pub fn is_plausible(&self) -> bool {
         const HOLE: core::ops::Range<u64> = 0xc000_0000..0x1_0000_0000;
         HOLE.contains(&self.mmio_base)
-            && self.mmio_base % 0x1000 == 0
+            && self.mmio_base.is_multiple_of(0x1000)
             && (0x200..=0x1000_0000).contains(&self.mmio_size)
             && self.mmio_base + self.mmio_size <= HOLE.end
             && (1..=64).contains(&self.device_id)
@@ -313,6 +313,8 @@ impl<T> Static<T> {
     }
 
     /// The contents, the first time only; None afterwards.
+    // A `&mut` from a `&` is sound here: the flag hands it out once.
+    #[allow(clippy::mut_from_ref)]
     pub fn take(&'static self) -> Option<&'static mut T> {
         if self.taken.swap(true, Ordering::AcqRel) {
             return None;

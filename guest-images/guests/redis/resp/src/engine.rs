@@ -356,7 +356,7 @@ impl<'a, D: BlockDev> Engine<'a, D> {
             b"config" => (2, usize::MAX),
             _ => (1, usize::MAX),
         };
-        if argc < arity_range.0 || argc > arity_range.1 || (name == b"mset" && argc % 2 == 0) {
+        if argc < arity_range.0 || argc > arity_range.1 || (name == b"mset" && argc.is_multiple_of(2)) {
             // SET with options has the right arity for Redis; say why it fails.
             if name == b"set" && argc > 3 {
                 error(out, "ERR syntax error: SET options (EX, PX, NX, XX, GET, ...) are not supported");

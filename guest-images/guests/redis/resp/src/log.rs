@@ -218,7 +218,7 @@ impl<'a, D: BlockDev> Journal<'a, D> {
     /// [`SECTOR`], at least [`MIN_BUFFER`]) is the replay's read window, then
     /// the batch buffer. Fails only if the disk cannot be read.
     pub fn open(mut dev: D, buf: &'a mut [u8], store: &mut Store) -> Result<(Journal<'a, D>, Loaded), LogError> {
-        assert!(buf.len() >= MIN_BUFFER && buf.len() % SECTOR == 0, "journal buffer too small");
+        assert!(buf.len() >= MIN_BUFFER && buf.len().is_multiple_of(SECTOR), "journal buffer too small");
         let disk_bytes = dev.sectors() * SECTOR as u64;
         let window_sectors = (buf.len() / SECTOR) as u64;
         let (mut win_start, mut win_len) = (0u64, 0usize);
