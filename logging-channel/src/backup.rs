@@ -1,8 +1,8 @@
 //! The backup's end: connecting to the primary, receiving and acknowledging
-//! its records, handing them to the replayer.
+//! its state and records, handing them to the VMM and the replayer.
 
-use crate::wire::{self, Message};
-use crate::{lock, new_runtime, ChannelConfig, ChannelError};
+use crate::wire::{self, Message, Watched};
+use crate::{lock, new_runtime, ChannelConfig, ChannelError, LogStart};
 use replay::{Header, LogError, Record, RecordSource};
 use std::collections::VecDeque;
 use std::io;
@@ -21,12 +21,28 @@ use tracing::{info, warn};
 /// listening.
 const CONNECT_RETRY: Duration = Duration::from_millis(50);
 
+/// What the backup learns about its primary at connect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrimaryInfo {
+    /// The log's header: authoritative (the backup must use its
+    /// `wall_clock_base_ns` and `disk_generation`).
+    pub header: Header,
+    /// Whether the backup boots from its image ([`LogStart::Boot`]) or first
+    /// restores a state ([`LogStart::State`], read with
+    /// [`BackupLink::next_state_chunk`]).
+    pub start: LogStart,
+}
+
 struct Shared {
     state: Mutex<State>,
-    /// Signalled when records arrive or the primary is lost.
+    /// Signalled when records or state arrive or the primary is lost.
     arrived: Condvar,
     /// Ends the network thread (the link was dropped).
     stop: Notify,
+    /// State bytes the VMM has consumed, in total: the writer acknowledges
+    /// them, the reader waits on them for room.
+    consumed: watch::Sender<u64>,
+    start: LogStart,
 }
 
 struct State {
@@ -37,10 +53,23 @@ struct State {
     /// The primary's latest output-release position.
     released: u64,
     lost: Option<String>,
+    /// Received state pieces not yet handed out, and their bytes.
+    state: VecDeque<Vec<u8>>,
+    state_queued: u64,
+    /// State bytes handed out, in total.
+    state_consumed: u64,
+    /// The state's exit, once its end arrived.
+    state_end: Option<u64>,
+    /// `next_state_chunk` has reported the end: records may be read.
+    state_done: bool,
+    /// Most state bytes ever queued at once (tests).
+    #[cfg(test)]
+    peak_state_queued: u64,
 }
 
-/// The backup's link to its primary: a [`RecordSource`] of the primary's
-/// records. A background thread receives and acknowledges them.
+/// The backup's link to its primary: the state stream of a joining backup,
+/// then a [`RecordSource`] of the primary's records. A background thread
+/// receives and acknowledges them.
 pub struct BackupLink {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -50,38 +79,53 @@ impl BackupLink {
     /// Connects to the primary at `addr`, retrying every 50 ms while nothing
     /// listens there (the backup may start first) until `connect_timeout`
     /// elapses, and does the handshake: the primary's header must match
-    /// `ours` (image and configuration). Returns the link and the primary's
-    /// header, whose `wall_clock_base_ns` the backup must use. Must not be
+    /// `ours` (image and configuration). Returns the link and what the
+    /// primary said: its header, whose `wall_clock_base_ns` the backup must
+    /// use, and whether a state transfer precedes the log. Must not be
     /// called from within an async runtime (it runs its own).
     pub fn connect(
         addr: &str,
         ours: &Header,
         config: &ChannelConfig,
         connect_timeout: Duration,
-    ) -> Result<(BackupLink, Header), ChannelError> {
+    ) -> Result<(BackupLink, PrimaryInfo), ChannelError> {
         let runtime = new_runtime()?;
-        let (stream, peer, header) = runtime.block_on(async {
+        let (stream, peer, info) = runtime.block_on(async {
             let deadline = Instant::now() + connect_timeout;
             let (mut stream, peer) = connect_retrying(addr, deadline).await?;
             // A primary that is still starting up may have bound its
             // listener without accepting yet: its preamble may come as late
             // as the connect deadline.
             let limit = config.handshake_timeout().max(deadline.saturating_duration_since(Instant::now()));
-            let header = match tokio::time::timeout(limit, handshake(&mut stream, ours)).await {
-                Ok(header) => header?,
+            let info = match tokio::time::timeout(limit, handshake(&mut stream, ours)).await {
+                Ok(info) => info?,
                 Err(_) => {
                     return Err(ChannelError::Timeout(format!(
                         "the primary at {peer} sent no handshake within {limit:?}"
                     )))
                 }
             };
-            Ok((stream, peer, header))
+            Ok((stream, peer, info))
         })?;
-        info!(%peer, "connected to the primary");
+        info!(%peer, start = ?info.start, "connected to the primary");
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { queue: VecDeque::new(), watermark: 0, released: 0, lost: None }),
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                watermark: 0,
+                released: 0,
+                lost: None,
+                state: VecDeque::new(),
+                state_queued: 0,
+                state_consumed: 0,
+                state_end: None,
+                state_done: false,
+                #[cfg(test)]
+                peak_state_queued: 0,
+            }),
             arrived: Condvar::new(),
             stop: Notify::new(),
+            consumed: watch::Sender::new(0),
+            start: info.start,
         });
         let for_thread = shared.clone();
         let config = config.clone();
@@ -89,7 +133,69 @@ impl BackupLink {
             .name("ftvmm-lc-backup".into())
             .spawn(move || runtime.block_on(run(stream, peer, for_thread, config)))
             .map_err(|e| ChannelError::io("starting the network thread", e))?;
-        Ok((BackupLink { shared, thread: Some(thread) }, header))
+        Ok((BackupLink { shared, thread: Some(thread) }, info))
+    }
+
+    /// The next piece of the primary's state stream, blocking until it
+    /// arrives; `Ok(None)` once the stream is complete (and on every call
+    /// after), when the records may be read. The pieces' concatenation is
+    /// the byte stream the primary sent, in order; their boundaries are the
+    /// channel's (at most [`crate::STATE_FRAME`] bytes each), not the
+    /// primary's chunks. Each piece is acknowledged to the primary as it is
+    /// handed out: the primary's window bounds what waits here, and this
+    /// side stops reading while it holds [`ChannelConfig::state_window`]
+    /// bytes.
+    ///
+    /// Fails with [`ChannelError::Lost`] when the primary is lost before the
+    /// end of the stream (pieces still queued are useless then), and with
+    /// [`ChannelError::Misuse`] on a link whose log starts at boot.
+    pub fn next_state_chunk(&mut self) -> Result<Option<Vec<u8>>, ChannelError> {
+        if self.shared.start != LogStart::State {
+            return Err(ChannelError::Misuse("the primary sends no state: its log starts at the guest's boot".into()));
+        }
+        let mut st = lock(&self.shared.state);
+        loop {
+            if st.state_end.is_none() {
+                if let Some(why) = &st.lost {
+                    return Err(ChannelError::Lost(format!("the state transfer was cut short: {why}")));
+                }
+            }
+            if let Some(piece) = st.state.pop_front() {
+                st.state_queued -= piece.len() as u64;
+                st.state_consumed += piece.len() as u64;
+                let consumed = st.state_consumed;
+                drop(st);
+                self.shared.consumed.send_replace(consumed);
+                return Ok(Some(piece));
+            }
+            if st.state_end.is_some() {
+                st.state_done = true;
+                return Ok(None);
+            }
+            st = self.shared.arrived.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// The guest exit the primary's state was taken at, once the end of the
+    /// state stream has arrived: the records that follow are after it.
+    pub fn state_exit(&self) -> Option<u64> {
+        lock(&self.shared.state).state_end
+    }
+
+    /// The most state bytes ever queued here at once.
+    #[cfg(test)]
+    pub(crate) fn peak_state_queued(&self) -> u64 {
+        lock(&self.shared.state).peak_state_queued
+    }
+
+    /// Records must wait until the state has been read.
+    fn check_state_done(&self, st: &State) -> Result<(), LogError> {
+        if self.shared.start == LogStart::State && !st.state_done {
+            return Err(LogError::Io(io::Error::other(
+                "the primary's state comes before its records: read it to the end with next_state_chunk first",
+            )));
+        }
+        Ok(())
     }
 
     /// The latest output-release position the primary reported: outputs at
@@ -117,9 +223,11 @@ impl RecordSource for BackupLink {
     /// Hands out received records in order, blocking until one arrives.
     /// Returns `Ok(None)` once the primary is lost (heartbeat timeout, EOF,
     /// error, or the primary said Done) and every record received before
-    /// was handed out.
+    /// was handed out. An error on a joining link whose state has not been
+    /// read to the end.
     fn next_record(&mut self) -> Result<Option<Record>, LogError> {
         let mut st = lock(&self.shared.state);
+        self.check_state_done(&st)?;
         loop {
             if let Some(record) = st.queue.pop_front() {
                 return Ok(Some(record));
@@ -135,6 +243,7 @@ impl RecordSource for BackupLink {
     /// primary's latest watermark has reached `exit`.
     fn passed(&mut self, exit: u64) -> Result<bool, LogError> {
         let st = lock(&self.shared.state);
+        self.check_state_done(&st)?;
         Ok(st.queue.is_empty() && st.watermark >= exit)
     }
 }
@@ -172,14 +281,14 @@ fn retryable(e: &io::Error) -> bool {
 
 /// The backup's half of the handshake: preamble out, the primary's
 /// preamble and Hello in, Welcome or Reject out.
-async fn handshake(stream: &mut TcpStream, ours: &Header) -> Result<Header, ChannelError> {
+async fn handshake(stream: &mut TcpStream, ours: &Header) -> Result<PrimaryInfo, ChannelError> {
     stream.set_nodelay(true).map_err(|e| ChannelError::io("setting TCP_NODELAY", e))?;
     stream.write_all(&wire::preamble()).await.map_err(|e| ChannelError::io("sending the handshake", e))?;
     wire::read_preamble(stream).await?;
     // No BufReader: it could swallow the first batch, which the streaming
     // phase's reader must see.
-    let header = match wire::read_frame(stream, &mut Vec::new()).await? {
-        Message::Hello { header } => header,
+    let (header, start) = match wire::read_frame(stream, &mut Vec::new()).await? {
+        Message::Hello { header, start } => (header, start),
         other => return Err(ChannelError::Protocol(format!("expected Hello, got {}", other.kind()))),
     };
     // The primary's header is the log's: it is authoritative.
@@ -192,7 +301,7 @@ async fn handshake(stream: &mut TcpStream, ours: &Header) -> Result<Header, Chan
         return Err(ChannelError::Mismatch(reason));
     }
     wire::write_message(stream, &Message::Welcome, "sending Welcome").await?;
-    Ok(header)
+    Ok(PrimaryInfo { header, start })
 }
 
 /// The network thread's body: runs until the primary is lost or the link
@@ -201,8 +310,8 @@ async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, config: C
     let (rd, wr) = stream.into_split();
     let (acks, to_ack) = watch::channel(None);
     let outcome = tokio::select! {
-        r = read_batches(rd, &shared, &config, acks) => r,
-        r = write_acks(wr, &config, to_ack) => r,
+        r = read_frames(rd, &shared, &config, acks) => r,
+        r = write_acks(wr, &shared, &config, to_ack) => r,
         _ = shared.stop.notified() => Ok("the link was closed".to_string()),
     };
     let reason = match outcome {
@@ -222,29 +331,91 @@ async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, config: C
     shared.arrived.notify_all();
 }
 
-/// Receives batches and queues their records; returns why the primary
-/// ended when it said Done.
-async fn read_batches(
+/// Receives the state and the batches and queues them; returns why the
+/// primary ended when it said Done.
+async fn read_frames(
     rd: OwnedReadHalf,
     shared: &Shared,
     config: &ChannelConfig,
     acks: watch::Sender<Option<(u64, u64)>>,
 ) -> Result<String, ChannelError> {
-    let mut rd = BufReader::new(rd);
+    let mut rd = BufReader::new(Watched::new(rd, config.heartbeat_timeout, "the primary"));
     let mut buf = Vec::new();
-    let limit = config.heartbeat_timeout;
     let mut expected = 1u64;
+    let mut consumed = shared.consumed.subscribe();
+    // A joining backup receives the state first.
+    let mut state_open = shared.start == LogStart::State;
+    let mut state_received = 0u64;
     loop {
-        let msg = match tokio::time::timeout(limit, wire::read_frame(&mut rd, &mut buf)).await {
-            Ok(msg) => msg?,
-            Err(_) => {
-                return Err(ChannelError::Timeout(format!(
-                    "no traffic from the primary for {limit:?} (heartbeat timeout)"
-                )))
+        if state_open {
+            // Holding a window's worth: read no more until the VMM takes
+            // some. The primary cannot be heard meanwhile, so its silence
+            // is not held against it.
+            let mut paused = false;
+            loop {
+                consumed.borrow_and_update();
+                if lock(&shared.state).state_queued < config.state_window.max(1) {
+                    break;
+                }
+                paused = true;
+                if consumed.changed().await.is_err() {
+                    // The sender lives in `shared`: cannot happen.
+                    std::future::pending::<()>().await;
+                }
             }
-        };
-        match msg {
+            if paused {
+                rd.get_mut().touch();
+            }
+        }
+        match wire::read_frame(&mut rd, &mut buf).await? {
+            Message::State { offset, data } => {
+                if !state_open {
+                    return Err(ChannelError::Protocol(match shared.start {
+                        LogStart::Boot => "state bytes arrived, but the log starts at the guest's boot".into(),
+                        LogStart::State => "state bytes arrived after the end of the state".into(),
+                    }));
+                }
+                if offset != state_received {
+                    return Err(ChannelError::Protocol(format!(
+                        "state bytes for offset {offset} arrived where offset {state_received} was due"
+                    )));
+                }
+                let piece = data.0.into_owned();
+                if piece.is_empty() {
+                    continue;
+                }
+                state_received += piece.len() as u64;
+                {
+                    let mut st = lock(&shared.state);
+                    st.state_queued += piece.len() as u64;
+                    st.state.push_back(piece);
+                    #[cfg(test)]
+                    {
+                        st.peak_state_queued = st.peak_state_queued.max(st.state_queued);
+                    }
+                }
+                shared.arrived.notify_all();
+            }
+            Message::StateEnd { exit, len } => {
+                if !state_open {
+                    return Err(ChannelError::Protocol("an end of the state arrived, but no state was due".into()));
+                }
+                if len != state_received {
+                    return Err(ChannelError::Protocol(format!(
+                        "the state ended at {len} bytes, but {state_received} arrived"
+                    )));
+                }
+                state_open = false;
+                lock(&shared.state).state_end = Some(exit);
+                shared.arrived.notify_all();
+                info!(exit, len, "state received");
+            }
             Message::Batch { seq, watermark, released, records } => {
+                if state_open {
+                    return Err(ChannelError::Protocol(
+                        "a batch of records arrived before the end of the state".into(),
+                    ));
+                }
                 if seq != expected {
                     return Err(ChannelError::Protocol(format!("batch {seq} arrived where batch {expected} was due")));
                 }
@@ -269,14 +440,17 @@ async fn read_batches(
 
 /// Sends the latest ack whenever there is a new one (acks that pile up
 /// while a write is in flight collapse into the newest, which covers them),
-/// and a heartbeat when nothing else went out for a while.
+/// the VMM's consumption of the state likewise, and a heartbeat when
+/// nothing else went out for a while.
 async fn write_acks(
     mut wr: OwnedWriteHalf,
+    shared: &Shared,
     config: &ChannelConfig,
     mut to_ack: watch::Receiver<Option<(u64, u64)>>,
 ) -> Result<String, ChannelError> {
     let mut ticker = tokio::time::interval(config.heartbeat_interval());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut consumed = shared.consumed.subscribe();
     let mut wrote = false;
     loop {
         tokio::select! {
@@ -291,6 +465,15 @@ async fn write_acks(
                         .await?;
                     wrote = true;
                 }
+            }
+            changed = consumed.changed() => {
+                if changed.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                let consumed = *consumed.borrow_and_update();
+                wire::write_message(&mut wr, &Message::StateAck { consumed }, "acknowledging state to the primary")
+                    .await?;
+                wrote = true;
             }
             _ = ticker.tick() => {
                 if !wrote {

@@ -7,7 +7,14 @@
 //!
 //! - the handshake ([`PrimaryListener::accept`], [`BackupLink::connect`]):
 //!   magic and protocol version, then the primary's [`replay::Header`], which
-//!   the backup checks against its own guest image and configuration;
+//!   the backup checks against its own guest image and configuration, and
+//!   how the log starts ([`LogStart`]): at the guest's boot, or — for a
+//!   backup joining a VM that is already running
+//!   ([`PrimaryListener::accept_joining`]) — after a state transfer;
+//! - the state transfer ([`PrimaryLink::send_state`],
+//!   [`PrimaryLink::end_state`], [`BackupLink::next_state_chunk`]): an
+//!   opaque, ordered byte stream (the VMM's snapshot), flow-controlled by
+//!   the backup's consumption of it, before the first record;
 //! - streaming: the primary's [`PrimaryLink`] is a [`replay::RecordSink`] whose
 //!   `passed` watermarks turn into batches; the backup's [`BackupLink`] is a
 //!   [`replay::RecordSource`] that hands the records out in order;
@@ -15,23 +22,37 @@
 //!   the VMM uses to release held outputs (the output rule), and the released
 //!   position the primary reports back ([`BackupLink::released`]) so a backup
 //!   that takes over knows which outputs it must emit again;
-//! - flow control ([`PrimaryLink::throttle`]) and failure detection: both
-//!   sides heartbeat, and a peer that closes, errs, misbehaves or goes silent
-//!   for [`ChannelConfig::heartbeat_timeout`] is declared lost.
+//! - flow control ([`PrimaryLink::throttle`], bounded in exits and in bytes)
+//!   and failure detection: both sides heartbeat, and a peer that closes,
+//!   errs, misbehaves or sends nothing at all for
+//!   [`ChannelConfig::heartbeat_timeout`] is declared lost.
 //!
-//! # Wire format
+//! # Wire format (protocol version 2)
 //!
 //! ```text
 //! each side, at connect: magic "FTVMMLCH" | protocol version: u32 LE
 //! then frames:           payload length: u32 LE (at most 64 MiB) | payload: bincode (varint) of a Message
-//! primary → backup: Hello{header}, then Batch{seq, watermark, released, records}*, Heartbeat, Done
-//! backup → primary: Welcome | Reject{reason}, then Ack{seq, watermark}*, Heartbeat
+//! primary → backup: Hello{header, start}
+//!                   [start = State: State{offset, data}* StateEnd{exit, len}]
+//!                   then Batch{seq, watermark, released, records}*, Done; Heartbeat at any time
+//! backup → primary: Welcome | Reject{reason}
+//!                   then Ack{seq, watermark}*, StateAck{consumed}* (while a state is sent); Heartbeat at any time
 //! ```
 //!
-//! The socket I/O of a link runs on a background thread with a
-//! single-threaded tokio runtime, so the VMM's vCPU thread never blocks on the
-//! network: it only hands buffers over under a short lock.
-
+//! - `State{offset, data}`: the next piece of the state stream; `offset` is
+//!   the number of state bytes sent before it. At most [`STATE_FRAME`]
+//!   bytes of data per frame, so that no frame holds the link up for long.
+//! - `StateEnd{exit, len}`: the stream is complete, `len` bytes in all; it is
+//!   the VM's state at guest exit `exit`, and the batches that follow carry
+//!   the records of the exits after it.
+//! - `StateAck{consumed}`: the backup's VMM has taken `consumed` state bytes
+//!   in all. The primary keeps at most [`ChannelConfig::state_window`] bytes
+//!   sent and not consumed.
+//! - A peer is alive while bytes arrive from it: a large frame arriving
+//!   slowly counts, silence for the heartbeat timeout does not.
+//!
+//! Version 1 had `Hello{header}` only and no state messages.
+//!
 mod backup;
 mod primary;
 mod wire;
@@ -39,18 +60,34 @@ mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use backup::BackupLink;
-pub use primary::{PrimaryLink, PrimaryListener};
+pub use backup::{BackupLink, PrimaryInfo};
+pub use primary::{PrimaryLink, PrimaryListener, StateSender};
 
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// Version of the protocol spoken here; a peer speaking another is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// First bytes each side sends on a logging-channel connection.
 pub const MAGIC: &[u8; 8] = b"FTVMMLCH";
 /// Largest frame payload sent or accepted: bounds what a corrupt length can
 /// make us allocate.
 pub const MAX_FRAME: u32 = 64 << 20;
+/// Most state bytes in one frame: at 100 Mbit/s a frame takes 21 ms.
+pub const STATE_FRAME: usize = 256 << 10;
+
+/// How the log a backup receives starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogStart {
+    /// At the guest's boot: the backup boots from its own image and replays
+    /// from exit 0. A primary that boots with its backup
+    /// ([`PrimaryListener::accept`]).
+    Boot,
+    /// After a state transfer: the backup restores the state it reads with
+    /// [`BackupLink::next_state_chunk`], then replays from the exit after the
+    /// state's. A backup joining a running VM ([`PrimaryListener::accept_joining`]).
+    State,
+}
 
 /// Timing and flow-control settings of a link.
 #[derive(Clone, Debug)]
@@ -60,11 +97,23 @@ pub struct ChannelConfig {
     /// The primary throttles ([`PrimaryLink::throttle`] blocks) while it is
     /// more than this many exits ahead of the backup's acknowledged watermark.
     pub max_lag_exits: u64,
+    /// ... or while the records queued to send or sent and not yet
+    /// acknowledged take more than this many bytes.
+    pub max_lag_bytes: u64,
+    /// [`PrimaryLink::send_state`] blocks while more than this many state
+    /// bytes are handed to it and not yet consumed by the backup's VMM; the
+    /// backup stops reading while it holds this many unconsumed.
+    pub state_window: u64,
 }
 
 impl Default for ChannelConfig {
     fn default() -> Self {
-        ChannelConfig { heartbeat_timeout: Duration::from_millis(200), max_lag_exits: 50_000 }
+        ChannelConfig {
+            heartbeat_timeout: Duration::from_millis(200),
+            max_lag_exits: 50_000,
+            max_lag_bytes: 64 << 20,
+            state_window: 8 << 20,
+        }
     }
 }
 
@@ -117,6 +166,13 @@ pub enum ChannelError {
     /// The peer sent a message that makes no sense at this point.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The peer was lost (the reason says why) while we needed it.
+    #[error("{0}")]
+    Lost(String),
+    /// The VMM called something that does not apply to this link (a state
+    /// on a link whose log starts at boot, a state after its end...).
+    #[error("logging channel misused: {0}")]
+    Misuse(String),
 }
 
 impl ChannelError {

@@ -1,11 +1,11 @@
 //! The primary's end: accepting a backup, streaming records to it, tracking
 //! its acknowledgements.
 
-use crate::wire::{self, Message};
-use crate::{lock, new_runtime, ChannelConfig, ChannelError};
-use replay::{Header, Record, RecordSink};
+use crate::wire::{self, Bytes, Message, Watched};
+use crate::{lock, new_runtime, ChannelConfig, ChannelError, LogStart, STATE_FRAME};
+use replay::{Entry, Event, Header, Record, RecordSink};
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
@@ -25,6 +25,21 @@ use tracing::{info, warn};
 /// for ordinary records and bounds how long one write holds up acks of the
 /// rest.
 const MAX_BATCH_RECORDS: usize = 16 * 1024;
+/// Most record bytes (by [`weight`]) in one batch, unless a single record
+/// is larger: a frame takes 84 ms at 100 Mbit/s.
+const MAX_BATCH_BYTES: u64 = 1 << 20;
+
+/// What a queued record costs in memory: the record and the bytes it owns.
+/// Every variant is listed, so that a new kind of input carrying data
+/// cannot be left out of the byte bound by accident.
+fn weight(record: &Record) -> u64 {
+    let owned = match &record.entry {
+        Entry::Event(Event::SerialRx { bytes }) => bytes.len(),
+        Entry::Event(Event::DiskRead { data }) => data.len(),
+        Entry::Event(Event::Interrupt { .. } | Event::TimeRead { .. }) | Entry::Exit(_) | Entry::End { .. } => 0,
+    };
+    (std::mem::size_of::<Record>() + owned) as u64
+}
 
 /// Where the primary waits for its backup.
 pub struct PrimaryListener {
@@ -48,23 +63,42 @@ impl PrimaryListener {
         self.addr
     }
 
-    /// Blocks until a backup has connected and completed the handshake.
-    /// Peers that fail the handshake (garbage, wrong version, rejection,
-    /// silence) are reported with `tracing::warn` and the wait goes on.
-    /// Handshakes run concurrently, so a silent peer does not hold up a good
-    /// backup that connects after it. Must not be called from within an
-    /// async runtime (it runs its own).
+    /// Blocks until a backup has connected and completed the handshake, for
+    /// a primary that boots with its backup: the log starts at the guest's
+    /// boot ([`LogStart::Boot`]). Peers that fail the handshake (garbage,
+    /// wrong version, rejection, silence) are reported with `tracing::warn`
+    /// and the wait goes on. Handshakes run concurrently, so a silent peer
+    /// does not hold up a good backup that connects after it. Must not be
+    /// called from within an async runtime (it runs its own).
+    ///
+    /// A listener serves any number of backups one after the other: accept
+    /// one, lose it, accept the next (from any thread: the listener is
+    /// `Send` and `Sync`). Connections that arrive while nobody accepts wait
+    /// in the socket's backlog until the next call.
     pub fn accept(&self, header: &Header, config: &ChannelConfig) -> Result<PrimaryLink, ChannelError> {
+        self.accept_as(header, config, LogStart::Boot)
+    }
+
+    /// Like [`accept`](Self::accept), for a VM that is already running: the
+    /// backup is told that a state transfer precedes the log
+    /// ([`LogStart::State`]). Send the state with
+    /// [`PrimaryLink::send_state`] and [`PrimaryLink::end_state`]; records go
+    /// out after it.
+    pub fn accept_joining(&self, header: &Header, config: &ChannelConfig) -> Result<PrimaryLink, ChannelError> {
+        self.accept_as(header, config, LogStart::State)
+    }
+
+    fn accept_as(&self, header: &Header, config: &ChannelConfig, start: LogStart) -> Result<PrimaryLink, ChannelError> {
         let runtime = new_runtime()?;
         let listener =
             self.listener.try_clone().map_err(|e| ChannelError::io("duplicating the listening socket", e))?;
         let (stream, peer) = runtime.block_on(async {
             let listener = tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| ChannelError::io("registering the listening socket", e))?;
-            accept_loop(&listener, header, config).await
+            accept_loop(&listener, header, config, start).await
         })?;
-        info!(%peer, "backup connected");
-        PrimaryLink::start(runtime, stream, peer, config.clone())
+        info!(%peer, ?start, "backup connected");
+        PrimaryLink::start(runtime, stream, peer, config.clone(), start)
     }
 }
 
@@ -72,6 +106,7 @@ async fn accept_loop(
     listener: &tokio::net::TcpListener,
     header: &Header,
     config: &ChannelConfig,
+    start: LogStart,
 ) -> Result<(TcpStream, SocketAddr), ChannelError> {
     let header = Arc::new(header.clone());
     let limit = config.handshake_timeout();
@@ -82,7 +117,7 @@ async fn accept_loop(
                 Ok((stream, peer)) => {
                     let header = header.clone();
                     handshakes.spawn(async move {
-                        let outcome = match tokio::time::timeout(limit, handshake(stream, &header)).await {
+                        let outcome = match tokio::time::timeout(limit, handshake(stream, &header, start)).await {
                             Ok(outcome) => outcome,
                             Err(_) => Err(ChannelError::Timeout(format!("no handshake within {limit:?}"))),
                         };
@@ -113,10 +148,10 @@ fn transient_accept_error(e: &io::Error) -> bool {
 
 /// The primary's half of the handshake: preamble and Hello out, the
 /// backup's preamble and verdict in.
-async fn handshake(mut stream: TcpStream, header: &Header) -> Result<TcpStream, ChannelError> {
+async fn handshake(mut stream: TcpStream, header: &Header, start: LogStart) -> Result<TcpStream, ChannelError> {
     stream.set_nodelay(true).map_err(|e| ChannelError::io("setting TCP_NODELAY", e))?;
     let mut hello = wire::preamble().to_vec();
-    hello.extend(wire::encode(&Message::Hello { header: header.clone() })?);
+    hello.extend(wire::encode(&Message::Hello { header: header.clone(), start })?);
     stream.write_all(&hello).await.map_err(|e| ChannelError::io("sending the handshake", e))?;
     wire::read_preamble(&mut stream).await?;
     // No BufReader: it could swallow the backup's first heartbeat, which
@@ -131,7 +166,8 @@ async fn handshake(mut stream: TcpStream, header: &Header) -> Result<TcpStream, 
 /// What the vCPU thread, the network thread and waiters share.
 struct Shared {
     state: Mutex<State>,
-    /// Signalled when `acked`, `records_acked` or `lost` change (throttle, finish).
+    /// Signalled when `acked`, `records_acked`, `bytes_acked`,
+    /// `state.consumed` or `lost` change (throttle, finish, send_state).
     changed: Condvar,
     /// Wakes the writer: records, watermark, released or closing changed.
     wake: Notify,
@@ -141,6 +177,10 @@ struct Shared {
     lost: AtomicBool,
     config: ChannelConfig,
     peer: SocketAddr,
+    start: LogStart,
+    /// Held by `send_state` for a whole chunk, so that chunks sent from
+    /// several threads at once do not interleave.
+    sending: Mutex<()>,
 }
 
 type AckCallback = Arc<dyn Fn(u64) + Send + Sync>;
@@ -150,16 +190,48 @@ struct State {
     pending: Vec<Record>,
     /// Records handed over so far, in total.
     queued: u64,
+    /// Their bytes (by [`weight`]), in total.
+    queued_bytes: u64,
     watermark: u64,
     released: u64,
     /// Highest watermark the backup acknowledged.
     acked: u64,
     /// Records the backup acknowledged, in total.
     records_acked: u64,
+    /// Their bytes, in total.
+    bytes_acked: u64,
+    /// Most record bytes ever queued or in flight at once (tests).
+    #[cfg(test)]
+    peak_unacked_bytes: u64,
     lost: Option<String>,
     /// `finish` wants a Done sent once everything is out.
     closing: bool,
     on_ack: Option<AckCallback>,
+    state: StateOut,
+}
+
+/// The state stream of a joining link, on its way out.
+#[derive(Default)]
+struct StateOut {
+    /// Pieces (at most [`STATE_FRAME`] bytes each) handed over by
+    /// `send_state`, not yet taken by the writer.
+    pieces: VecDeque<Vec<u8>>,
+    /// State bytes handed over, in total.
+    handed: u64,
+    /// State bytes the backup's VMM has consumed, in total.
+    consumed: u64,
+    /// Set by `end_state`: the exit the state was taken at.
+    end: Option<u64>,
+    /// Most state bytes ever handed over and not consumed at once (tests).
+    #[cfg(test)]
+    peak_unconsumed: u64,
+}
+
+impl State {
+    /// Record bytes queued here or in flight, not yet acknowledged.
+    fn unacked_bytes(&self) -> u64 {
+        self.queued_bytes.saturating_sub(self.bytes_acked)
+    }
 }
 
 /// The primary's link to its backup. Used from the primary's vCPU thread;
@@ -172,6 +244,8 @@ pub struct PrimaryLink {
     /// Records appended since the last flush/passed: a plain vector, as
     /// `append` runs at every guest exit.
     buffer: Vec<Record>,
+    /// Their bytes, by [`weight`].
+    buffer_bytes: u64,
     /// Highest watermark handed to the network thread.
     handed_watermark: u64,
     /// Records or a watermark were thrown away because the backup was
@@ -186,18 +260,24 @@ impl PrimaryLink {
         stream: TcpStream,
         peer: SocketAddr,
         config: ChannelConfig,
+        start: LogStart,
     ) -> Result<PrimaryLink, ChannelError> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 pending: Vec::new(),
                 queued: 0,
+                queued_bytes: 0,
                 watermark: 0,
                 released: 0,
                 acked: 0,
                 records_acked: 0,
+                bytes_acked: 0,
+                #[cfg(test)]
+                peak_unacked_bytes: 0,
                 lost: None,
                 closing: false,
                 on_ack: None,
+                state: StateOut::default(),
             }),
             changed: Condvar::new(),
             wake: Notify::new(),
@@ -205,13 +285,61 @@ impl PrimaryLink {
             lost: AtomicBool::new(false),
             config,
             peer,
+            start,
+            sending: Mutex::new(()),
         });
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ftvmm-lc-primary".into())
             .spawn(move || runtime.block_on(run(stream, for_thread)))
             .map_err(|e| ChannelError::io("starting the network thread", e))?;
-        Ok(PrimaryLink { shared, buffer: Vec::new(), handed_watermark: 0, discarded: false, thread: Some(thread) })
+        Ok(PrimaryLink {
+            shared,
+            buffer: Vec::new(),
+            buffer_bytes: 0,
+            handed_watermark: 0,
+            discarded: false,
+            thread: Some(thread),
+        })
+    }
+
+    /// How this link's log starts: [`LogStart::State`] for a link from
+    /// [`PrimaryListener::accept_joining`].
+    pub fn log_start(&self) -> LogStart {
+        self.shared.start
+    }
+
+    /// Sends the next part of the state stream (a joining link only). The
+    /// stream is opaque and ordered: the backup's VMM reads the same bytes in
+    /// the same order, though cut into other pieces. Callable from any
+    /// thread (see also [`state_sender`](Self::state_sender)); calls from
+    /// several threads at once are sent in some order, each chunk whole.
+    ///
+    /// Blocks while more than [`ChannelConfig::state_window`] state bytes
+    /// are sent and not yet consumed by the backup's VMM. Fails with
+    /// [`ChannelError::Lost`] once the backup is lost (also while blocked),
+    /// and with [`ChannelError::Misuse`] on a link whose log starts at boot
+    /// or after [`end_state`](Self::end_state).
+    pub fn send_state(&self, chunk: Vec<u8>) -> Result<(), ChannelError> {
+        send_state(&self.shared, chunk)
+    }
+
+    /// The state stream is complete: it is the VM's state at guest exit
+    /// `exit`, and the log goes on with the records of the exits after it.
+    /// Waits for a chunk another thread is sending to be handed over, not
+    /// for the backup. Records appended before this call wait
+    /// until the state is out; a record at an exit up to `exit` is a misuse
+    /// that loses the backup (the state already covers it). Until this call,
+    /// [`throttle`](Self::throttle) bounds the records by bytes only; after
+    /// it, the lag in exits counts from `exit`.
+    pub fn end_state(&self, exit: u64) -> Result<(), ChannelError> {
+        end_state(&self.shared, exit)
+    }
+
+    /// A handle for sending the state from another thread while this link
+    /// stays with the vCPU thread.
+    pub fn state_sender(&self) -> StateSender {
+        StateSender { shared: self.shared.clone() }
     }
 
     /// Outputs at positions <= `exit` have been released to the outside
@@ -259,13 +387,46 @@ impl PrimaryLink {
     }
 
     /// Blocks while `exit` is more than `max_lag_exits` ahead of the
-    /// acknowledged watermark; returns at once when the backup is lost.
+    /// acknowledged watermark, or while the records handed over and not
+    /// yet acknowledged take more than `max_lag_bytes`; returns at once when
+    /// the backup is lost. On a joining link the lag in exits counts from the
+    /// state's exit, and not at all before [`end_state`](Self::end_state).
     pub fn throttle(&self, exit: u64) {
-        let max_lag = self.shared.config.max_lag_exits;
+        let config = &self.shared.config;
         let mut st = lock(&self.shared.state);
-        while st.lost.is_none() && exit.saturating_sub(st.acked) > max_lag {
+        loop {
+            if st.lost.is_some() {
+                return;
+            }
+            let base = match self.shared.start {
+                LogStart::Boot => Some(0),
+                LogStart::State => st.state.end,
+            };
+            let behind_exits = base.is_some_and(|base| exit.saturating_sub(st.acked.max(base)) > config.max_lag_exits);
+            let behind_bytes = st.unacked_bytes() > config.max_lag_bytes;
+            if !behind_exits && !behind_bytes {
+                return;
+            }
             st = self.shared.changed.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
+    }
+
+    /// Record bytes handed over and not yet acknowledged.
+    #[cfg(test)]
+    pub(crate) fn unacked_bytes(&self) -> u64 {
+        lock(&self.shared.state).unacked_bytes()
+    }
+
+    /// The most record bytes ever handed over and not acknowledged at once.
+    #[cfg(test)]
+    pub(crate) fn peak_unacked_bytes(&self) -> u64 {
+        lock(&self.shared.state).peak_unacked_bytes
+    }
+
+    /// The most state bytes ever handed over and not consumed at once.
+    #[cfg(test)]
+    pub(crate) fn peak_unconsumed_state(&self) -> u64 {
+        lock(&self.shared.state).state.peak_unconsumed
     }
 
     /// Why the backup was lost (heartbeat timeout, connection closed,
@@ -277,14 +438,17 @@ impl PrimaryLink {
     /// The guest has ended: sends what is buffered (the caller has appended
     /// the End record and called `passed`), then waits until the backup
     /// acknowledged everything or `timeout` passes or the backup is lost;
-    /// then closes. Returns whether everything was acknowledged.
+    /// then closes. Returns whether everything was acknowledged (never, on a
+    /// joining link whose state was not ended).
     pub fn finish(mut self, timeout: Duration) -> bool {
         self.hand_over(None);
         let deadline = Instant::now() + timeout;
         let mut st = lock(&self.shared.state);
         let (records, watermark) = (st.queued, st.watermark);
-        // Records thrown away after a loss were never acknowledged.
-        let mut all_acked = !self.discarded;
+        // Records thrown away after a loss were never acknowledged; a
+        // backup with half a state has nothing to replay.
+        let state_complete = self.shared.start == LogStart::Boot || st.state.end.is_some();
+        let mut all_acked = !self.discarded && state_complete;
         while all_acked {
             // Checked before `lost`: a backup that acked everything and then
             // went away still got everything.
@@ -332,6 +496,11 @@ impl PrimaryLink {
                 return;
             }
             st.queued += self.buffer.len() as u64;
+            st.queued_bytes += std::mem::take(&mut self.buffer_bytes);
+            #[cfg(test)]
+            {
+                st.peak_unacked_bytes = st.peak_unacked_bytes.max(st.unacked_bytes());
+            }
             if st.pending.is_empty() {
                 // The common case: swap, so neither vector reallocates.
                 std::mem::swap(&mut st.pending, &mut self.buffer);
@@ -352,6 +521,7 @@ impl PrimaryLink {
             self.discarded = true;
         }
         self.buffer.clear();
+        self.buffer_bytes = 0;
     }
 
     fn join(&mut self) {
@@ -374,9 +544,113 @@ impl Drop for PrimaryLink {
     }
 }
 
+/// A handle on a joining [`PrimaryLink`]'s state stream, for a thread other
+/// than the one that holds the link: `Clone`, `Send` and `Sync`. Its calls
+/// fail with [`ChannelError::Lost`] once the link is lost or dropped.
+#[derive(Clone)]
+pub struct StateSender {
+    shared: Arc<Shared>,
+}
+
+impl StateSender {
+    /// [`PrimaryLink::send_state`].
+    pub fn send_state(&self, chunk: Vec<u8>) -> Result<(), ChannelError> {
+        send_state(&self.shared, chunk)
+    }
+
+    /// [`PrimaryLink::end_state`].
+    pub fn end_state(&self, exit: u64) -> Result<(), ChannelError> {
+        end_state(&self.shared, exit)
+    }
+
+    /// [`PrimaryLink::backup_lost`].
+    pub fn backup_lost(&self) -> Option<String> {
+        lock(&self.shared.state).lost.clone()
+    }
+}
+
+fn no_state() -> ChannelError {
+    ChannelError::Misuse(
+        "this link's log starts at the guest's boot: it carries no state (accept a joining backup with accept_joining)"
+            .into(),
+    )
+}
+
+fn cut_short(why: &str) -> ChannelError {
+    ChannelError::Lost(format!("the state transfer was cut short: {why}"))
+}
+
+fn send_state(shared: &Shared, chunk: Vec<u8>) -> Result<(), ChannelError> {
+    if shared.start != LogStart::State {
+        return Err(no_state());
+    }
+    // Pieces no larger than the window, so that the window holds exactly.
+    let piece = usize::try_from(shared.config.state_window).unwrap_or(usize::MAX).clamp(1, STATE_FRAME);
+    let _whole = lock(&shared.sending);
+    if chunk.len() <= piece {
+        return hand_piece(shared, chunk);
+    }
+    for part in chunk.chunks(piece) {
+        hand_piece(shared, part.to_vec())?;
+    }
+    Ok(())
+}
+
+/// Hands one piece to the writer once the window has room for it.
+fn hand_piece(shared: &Shared, piece: Vec<u8>) -> Result<(), ChannelError> {
+    let len = piece.len() as u64;
+    let mut st = lock(&shared.state);
+    loop {
+        if let Some(why) = &st.lost {
+            return Err(cut_short(why));
+        }
+        if st.state.end.is_some() {
+            return Err(ChannelError::Misuse("send_state after end_state".into()));
+        }
+        let unconsumed = st.state.handed - st.state.consumed;
+        if unconsumed == 0 || unconsumed + len <= shared.config.state_window {
+            break;
+        }
+        st = shared.changed.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    st.state.handed += len;
+    st.state.pieces.push_back(piece);
+    #[cfg(test)]
+    {
+        st.state.peak_unconsumed = st.state.peak_unconsumed.max(st.state.handed - st.state.consumed);
+    }
+    drop(st);
+    shared.wake.notify_one();
+    Ok(())
+}
+
+fn end_state(shared: &Shared, exit: u64) -> Result<(), ChannelError> {
+    if shared.start != LogStart::State {
+        return Err(no_state());
+    }
+    // After a chunk another thread is sending, never inside it.
+    let _after = lock(&shared.sending);
+    {
+        let mut st = lock(&shared.state);
+        if let Some(why) = &st.lost {
+            return Err(cut_short(why));
+        }
+        if let Some(earlier) = st.state.end {
+            return Err(ChannelError::Misuse(format!("end_state({exit}) after end_state({earlier})")));
+        }
+        st.state.end = Some(exit);
+    }
+    shared.wake.notify_one();
+    Ok(())
+}
+
 impl RecordSink for PrimaryLink {
     fn append(&mut self, record: &Record) -> io::Result<()> {
         if !self.shared.lost.load(Ordering::Relaxed) {
+            self.buffer_bytes += weight(record);
             self.buffer.push(record.clone());
         }
         Ok(())
@@ -393,18 +667,33 @@ impl RecordSink for PrimaryLink {
     }
 }
 
-/// Batches sent and not yet acknowledged, oldest first: (seq, watermark,
-/// records sent in total up to and including this batch).
-type InFlight = RefCell<VecDeque<(u64, u64, u64)>>;
+/// A batch sent and not yet acknowledged.
+struct Sent {
+    seq: u64,
+    watermark: u64,
+    /// Records sent in total, up to and including this batch.
+    records: u64,
+    /// Their bytes, by [`weight`].
+    bytes: u64,
+}
+
+/// What the network thread's reader and writer share (one task: no lock).
+#[derive(Default)]
+struct Local {
+    /// Batches sent and not yet acknowledged, oldest first.
+    in_flight: RefCell<VecDeque<Sent>>,
+    /// State bytes written to the socket (or being written), in total.
+    state_sent: Cell<u64>,
+}
 
 /// The network thread's body: runs until the backup is lost, the link is
 /// dropped, or `finish` had Done sent.
 async fn run(stream: TcpStream, shared: Arc<Shared>) {
     let (rd, wr) = stream.into_split();
-    let in_flight = InFlight::default();
+    let local = Local::default();
     let outcome = tokio::select! {
-        r = read_acks(rd, &shared, &in_flight) => r,
-        r = write_batches(wr, &shared, &in_flight) => r,
+        r = read_acks(rd, &shared, &local) => r,
+        r = write_batches(wr, &shared, &local) => r,
         _ = shared.stop.notified() => Ok(()),
     };
     match outcome {
@@ -427,6 +716,7 @@ fn lose(shared: &Shared, reason: String, call_back: bool) {
         }
         st.lost = Some(reason);
         st.pending = Vec::new();
+        st.state.pieces = VecDeque::new();
         shared.lost.store(true, Ordering::Relaxed);
         st.on_ack.clone()
     };
@@ -436,27 +726,20 @@ fn lose(shared: &Shared, reason: String, call_back: bool) {
     }
 }
 
-async fn read_acks(rd: OwnedReadHalf, shared: &Shared, in_flight: &InFlight) -> Result<(), ChannelError> {
-    let mut rd = BufReader::new(rd);
+async fn read_acks(rd: OwnedReadHalf, shared: &Shared, local: &Local) -> Result<(), ChannelError> {
+    let mut rd = BufReader::new(Watched::new(rd, shared.config.heartbeat_timeout, "the backup"));
     let mut buf = Vec::new();
-    let limit = shared.config.heartbeat_timeout;
     loop {
-        let msg = match tokio::time::timeout(limit, wire::read_frame(&mut rd, &mut buf)).await {
-            Ok(msg) => msg?,
-            Err(_) => {
-                return Err(ChannelError::Timeout(format!(
-                    "no traffic from the backup for {limit:?} (heartbeat timeout)"
-                )))
-            }
-        };
+        let msg = wire::read_frame(&mut rd, &mut buf).await?;
         match msg {
             Message::Heartbeat => {}
             Message::Ack { seq, watermark } => {
-                let records = acknowledge(in_flight, seq, watermark)?;
+                let (records, bytes) = acknowledge(&local.in_flight, seq, watermark)?;
                 let (acked, callback) = {
                     let mut st = lock(&shared.state);
                     st.acked = st.acked.max(watermark);
                     st.records_acked = st.records_acked.max(records);
+                    st.bytes_acked = st.bytes_acked.max(bytes);
                     (st.acked, st.on_ack.clone())
                 };
                 shared.changed.notify_all();
@@ -464,50 +747,116 @@ async fn read_acks(rd: OwnedReadHalf, shared: &Shared, in_flight: &InFlight) -> 
                     callback(acked);
                 }
             }
+            Message::StateAck { consumed } => {
+                if shared.start != LogStart::State {
+                    return Err(ChannelError::Protocol("a StateAck from the backup, but no state was sent".into()));
+                }
+                let sent = local.state_sent.get();
+                {
+                    let mut st = lock(&shared.state);
+                    if consumed > sent || consumed < st.state.consumed {
+                        return Err(ChannelError::Protocol(format!(
+                            "the backup acknowledged {consumed} state bytes, after {}, of {sent} sent",
+                            st.state.consumed
+                        )));
+                    }
+                    st.state.consumed = consumed;
+                }
+                shared.changed.notify_all();
+            }
             other => return Err(ChannelError::Protocol(format!("unexpected {} from the backup", other.kind()))),
         }
     }
 }
 
-/// Retires the batches an Ack covers; returns the records acknowledged in
-/// total. An Ack for a batch never sent (or with another watermark) is a
-/// protocol error: trusting it could release outputs the backup lacks.
-fn acknowledge(in_flight: &InFlight, seq: u64, watermark: u64) -> Result<u64, ChannelError> {
+/// Retires the batches an Ack covers; returns the records and their bytes
+/// acknowledged in total. An Ack for a batch never sent (or with another
+/// watermark) is a protocol error: trusting it could release outputs the
+/// backup lacks.
+fn acknowledge(in_flight: &RefCell<VecDeque<Sent>>, seq: u64, watermark: u64) -> Result<(u64, u64), ChannelError> {
     let mut in_flight = in_flight.borrow_mut();
-    while let Some(&(sent_seq, sent_watermark, records)) = in_flight.front() {
-        if sent_seq > seq {
+    while let Some(sent) = in_flight.pop_front() {
+        if sent.seq > seq {
+            in_flight.push_front(sent);
             break;
         }
-        in_flight.pop_front();
-        if sent_seq == seq {
-            if sent_watermark != watermark {
+        if sent.seq == seq {
+            if sent.watermark != watermark {
                 return Err(ChannelError::Protocol(format!(
-                    "the backup acknowledged batch {seq} with watermark {watermark}, but it was sent with {sent_watermark}"
+                    "the backup acknowledged batch {seq} with watermark {watermark}, but it was sent with {}",
+                    sent.watermark
                 )));
             }
-            return Ok(records);
+            return Ok((sent.records, sent.bytes));
         }
     }
     Err(ChannelError::Protocol(format!("the backup acknowledged batch {seq}, which is not awaiting an ack")))
 }
 
-async fn write_batches(mut wr: OwnedWriteHalf, shared: &Shared, in_flight: &InFlight) -> Result<(), ChannelError> {
+async fn write_batches(mut wr: OwnedWriteHalf, shared: &Shared, local: &Local) -> Result<(), ChannelError> {
     let mut ticker = tokio::time::interval(shared.config.heartbeat_interval());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut outgoing: VecDeque<Record> = VecDeque::new();
-    let (mut seq, mut sent_records, mut sent_watermark, mut sent_released) = (0u64, 0u64, 0u64, 0u64);
+    let (mut seq, mut sent_records, mut sent_bytes, mut sent_watermark, mut sent_released) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    // A joining link sends its state first; records wait behind it.
+    let mut state_open = shared.start == LogStart::State;
+    // Set once the state ended: the exit no record may be at or before.
+    let mut state_exit = None;
     let mut wrote = false;
     loop {
-        let (watermark, released, closing) = {
+        let (watermark, released, closing, piece, state_end) = {
             let mut st = lock(&shared.state);
             outgoing.extend(std::mem::take(&mut st.pending));
-            (st.watermark, st.released, st.closing)
+            let (piece, end) = if state_open { (st.state.pieces.pop_front(), st.state.end) } else { (None, None) };
+            (st.watermark, st.released, st.closing, piece, end)
         };
-        // Everything that accumulated while the previous write was in
-        // flight goes out now, in as few batches as the size limit allows:
-        // natural batching, no timer.
-        if !outgoing.is_empty() || watermark > sent_watermark || released > sent_released {
-            let mut n = outgoing.len().min(MAX_BATCH_RECORDS);
+        if state_open {
+            if let Some(piece) = piece {
+                let offset = local.state_sent.get();
+                let frame = wire::encode(&Message::State { offset, data: Bytes(Cow::Borrowed(&piece)) })?;
+                // Counted before the write: the backup may acknowledge the
+                // piece as soon as its last byte is out.
+                local.state_sent.set(offset + piece.len() as u64);
+                drop(piece);
+                wr.write_all(&frame).await.map_err(|e| ChannelError::io("sending the state to the backup", e))?;
+                wrote = true;
+                continue;
+            }
+            if let Some(exit) = state_end {
+                // `end_state` comes after every piece: all of them are out.
+                let len = local.state_sent.get();
+                wire::write_message(&mut wr, &Message::StateEnd { exit, len }, "sending the state's end to the backup")
+                    .await?;
+                info!(peer = %shared.peer, exit, len, "state sent");
+                state_open = false;
+                state_exit = Some(exit);
+                wrote = true;
+                continue;
+            }
+        } else if !outgoing.is_empty() || watermark > sent_watermark || released > sent_released {
+            if let (Some(exit), Some(first)) = (state_exit, outgoing.front()) {
+                if first.position.exit <= exit {
+                    return Err(ChannelError::Misuse(format!(
+                        "a record at exit {} follows the state taken at exit {exit}, which covers it",
+                        first.position.exit
+                    )));
+                }
+                state_exit = None;
+            }
+            // Everything that accumulated while the previous write was in
+            // flight goes out now, in as few batches as the size limits
+            // allow: natural batching, no timer.
+            let mut n = 0;
+            let mut bytes = 0;
+            for record in outgoing.iter().take(MAX_BATCH_RECORDS) {
+                let w = weight(record);
+                if n > 0 && bytes + w > MAX_BATCH_BYTES {
+                    break;
+                }
+                n += 1;
+                bytes += w;
+            }
             let (frame, batch_watermark) = loop {
                 // When records stay behind, the watermark may only claim the
                 // exits before the first of them.
@@ -525,15 +874,20 @@ async fn write_batches(mut wr: OwnedWriteHalf, shared: &Shared, in_flight: &InFl
                 };
                 match wire::encode(&msg) {
                     Ok(frame) => break (frame, batch_watermark),
-                    // Over the frame limit (huge serial input): split.
+                    // Over the frame limit (huge records): split.
                     Err(_) if n > 1 => n /= 2,
                     Err(e) => return Err(e),
                 }
             };
             seq += 1;
             sent_records += n as u64;
-            in_flight.borrow_mut().push_back((seq, batch_watermark, sent_records));
-            outgoing.drain(..n);
+            sent_bytes += outgoing.drain(..n).map(|r| weight(&r)).sum::<u64>();
+            local.in_flight.borrow_mut().push_back(Sent {
+                seq,
+                watermark: batch_watermark,
+                records: sent_records,
+                bytes: sent_bytes,
+            });
             wr.write_all(&frame).await.map_err(|e| ChannelError::io("sending to the backup", e))?;
             sent_watermark = batch_watermark;
             sent_released = released;

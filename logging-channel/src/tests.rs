@@ -51,8 +51,8 @@ fn pair(config: &ChannelConfig) -> (PrimaryLink, BackupLink) {
     let backup_config = config.clone();
     let backup = thread::spawn(move || BackupLink::connect(&addr, &header(), &backup_config, Duration::from_secs(2)));
     let primary = listener.accept(&header(), config).unwrap();
-    let (backup, their_header) = backup.join().unwrap().unwrap();
-    assert_eq!(their_header, header());
+    let (backup, info) = backup.join().unwrap().unwrap();
+    assert_eq!(info, PrimaryInfo { header: header(), start: LogStart::Boot });
     (primary, backup)
 }
 
@@ -104,13 +104,21 @@ fn primary_with_fake_backup(config: &ChannelConfig) -> (PrimaryLink, TcpStream) 
 
 /// Plays a primary by hand up to Welcome, then runs `then` on the socket.
 fn fake_primary(then: impl FnOnce(TcpStream) + Send + 'static) -> (String, thread::JoinHandle<()>) {
+    fake_primary_starting(LogStart::Boot, then)
+}
+
+/// [`fake_primary`], saying that the log starts with `start`.
+fn fake_primary_starting(
+    start: LogStart,
+    then: impl FnOnce(TcpStream) + Send + 'static,
+) -> (String, thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let t = thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut hello = wire::preamble().to_vec();
-        hello.extend(wire::encode(&Message::Hello { header: header() }).unwrap());
+        hello.extend(wire::encode(&Message::Hello { header: header(), start }).unwrap());
         s.write_all(&hello).unwrap();
         let mut pre = [0u8; 12];
         s.read_exact(&mut pre).unwrap();
@@ -165,8 +173,14 @@ fn bad_peer(addr: std::net::SocketAddr, bytes: &[u8]) {
 #[test]
 fn links_are_send() {
     fn send<T: Send>() {}
+    fn shared<T: Send + Sync + Clone>() {}
     send::<PrimaryLink>();
     send::<BackupLink>();
+    // The VMM accepts the next backup from a background thread, and sends
+    // the state from another while the vCPU thread holds the link.
+    send::<PrimaryListener>();
+    send::<std::sync::Arc<PrimaryListener>>();
+    shared::<StateSender>();
 }
 
 #[test]
@@ -443,12 +457,13 @@ fn connecting_to_a_garbage_server_fails_clearly() {
     assert_eq!(err.to_string(), "the peer is not an ftvmm logging channel (bad magic)");
     t.join().unwrap();
 
+    // An ftvmm of protocol version 1 (no state transfer).
     let mut wrong_version = MAGIC.to_vec();
-    wrong_version.extend(2u32.to_le_bytes());
+    wrong_version.extend(1u32.to_le_bytes());
     let (addr, t) = server(wrong_version);
     let err = BackupLink::connect(&addr, &header(), &fast(), Duration::from_secs(1)).err().unwrap();
-    assert!(matches!(err, ChannelError::Version { found: 2 }), "{err}");
-    assert!(err.to_string().contains("version 2"), "{err}");
+    assert!(matches!(err, ChannelError::Version { found: 1 }), "{err}");
+    assert!(err.to_string().contains("version 1; this ftvmm speaks version 2"), "{err}");
     t.join().unwrap();
 
     let mut truncated = wire::preamble().to_vec();
@@ -492,7 +507,7 @@ fn a_mismatched_backup_is_refused_and_accept_goes_on() {
     // Another boot time is fine: the primary's is authoritative.
     let ours = Header { wall_clock_base_ns: 99, ..header() };
     let (_backup, theirs) = BackupLink::connect(&addr, &ours, &fast(), Duration::from_secs(2)).unwrap();
-    assert_eq!(theirs.wall_clock_base_ns, header().wall_clock_base_ns);
+    assert_eq!(theirs.header.wall_clock_base_ns, header().wall_clock_base_ns);
     accepting.join().unwrap().unwrap();
     let log = capture.text();
     assert!(log.contains("the peer refused us: the log was recorded from another guest image"), "{log}");
@@ -501,7 +516,8 @@ fn a_mismatched_backup_is_refused_and_accept_goes_on() {
 #[test]
 fn throttle_blocks_until_acks_catch_up() {
     // A long heartbeat timeout: the hand-played backup does not heartbeat.
-    let config = ChannelConfig { heartbeat_timeout: Duration::from_secs(3), max_lag_exits: 10 };
+    let config =
+        ChannelConfig { heartbeat_timeout: Duration::from_secs(3), max_lag_exits: 10, ..ChannelConfig::default() };
     let (mut primary, mut fake) = primary_with_fake_backup(&config);
     for exit in 1..=100 {
         primary.append(&exit_record(exit)).unwrap();
@@ -599,4 +615,556 @@ fn connect_gives_up_when_nobody_listens() {
     assert!(matches!(err, ChannelError::Timeout(_)), "{err}");
     assert!(err.to_string().contains("nothing accepted the connection"), "{err}");
     assert!(start.elapsed() < Duration::from_millis(200) + MARGIN);
+}
+
+// ---- Joining a running VM: the state stream ----
+
+/// The state stream's byte at `offset`: a pattern in which a piece out of
+/// place, lost or repeated shows.
+fn state_byte(offset: u64) -> u8 {
+    (offset.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+}
+
+fn state_bytes(from: u64, len: usize) -> Vec<u8> {
+    (from..from + len as u64).map(state_byte).collect()
+}
+
+/// Reads the state stream to its end, checking it against the pattern
+/// (sleeping `pause` after each piece, a slow VMM); returns its length.
+fn read_state(backup: &mut BackupLink, pause: Duration) -> Result<u64, ChannelError> {
+    let mut offset = 0u64;
+    while let Some(piece) = backup.next_state_chunk()? {
+        assert!(!piece.is_empty() && piece.len() <= STATE_FRAME, "a piece of {} bytes", piece.len());
+        assert!(piece == state_bytes(offset, piece.len()), "wrong state bytes from offset {offset}");
+        offset += piece.len() as u64;
+        thread::sleep(pause);
+    }
+    Ok(offset)
+}
+
+/// A connected primary/backup pair for a running VM.
+fn joining_pair(config: &ChannelConfig) -> (PrimaryLink, BackupLink) {
+    let listener = PrimaryListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().to_string();
+    let backup_config = config.clone();
+    let backup = thread::spawn(move || BackupLink::connect(&addr, &header(), &backup_config, Duration::from_secs(2)));
+    let primary = listener.accept_joining(&header(), config).unwrap();
+    let (backup, info) = backup.join().unwrap().unwrap();
+    assert_eq!(info, PrimaryInfo { header: header(), start: LogStart::State });
+    assert_eq!(primary.log_start(), LogStart::State);
+    (primary, backup)
+}
+
+/// Plays a joining backup by hand up to Welcome.
+fn primary_with_fake_joining_backup(config: &ChannelConfig) -> (PrimaryLink, TcpStream) {
+    let listener = PrimaryListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    let fake = thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&wire::preamble()).unwrap();
+        let mut pre = [0u8; 12];
+        s.read_exact(&mut pre).unwrap();
+        assert!(matches!(read_raw_frame(&mut s), Message::Hello { start: LogStart::State, .. }));
+        write_raw(&mut s, &Message::Welcome);
+        s
+    });
+    let primary = listener.accept_joining(&header(), config).unwrap();
+    (primary, fake.join().unwrap())
+}
+
+/// The next frame that is not a heartbeat.
+fn read_raw_non_heartbeat(s: &mut TcpStream) -> Message<'static> {
+    loop {
+        match read_raw_frame(s) {
+            Message::Heartbeat => {}
+            other => return other,
+        }
+    }
+}
+
+/// Reads State frames from a raw socket until `upto` bytes arrived.
+fn read_raw_state(s: &mut TcpStream, mut offset: u64, upto: u64) {
+    while offset < upto {
+        match read_raw_non_heartbeat(s) {
+            Message::State { offset: got, data } => {
+                assert_eq!(got, offset);
+                assert!(data.0.len() <= STATE_FRAME);
+                assert!(data.0.as_ref() == state_bytes(offset, data.0.len()), "wrong state bytes at {offset}");
+                offset += data.0.len() as u64;
+            }
+            other => panic!("expected State, got {other:?}"),
+        }
+    }
+    assert_eq!(offset, upto, "a State frame went past {upto}");
+}
+
+fn disk_read_record(exit: u64, len: usize) -> Record {
+    Record {
+        position: Position { exit, rip: 0x1000 + exit },
+        entry: Entry::Event(Event::DiskRead { data: vec![0xd5; len] }),
+    }
+}
+
+#[test]
+fn a_state_stream_arrives_whole_and_in_order_then_the_records() {
+    // A short heartbeat timeout and a backup VMM that takes far longer than
+    // it to consume the state: heartbeats must keep both sides alive.
+    let config = ChannelConfig { state_window: 4 << 20, ..fast() };
+    let (mut primary, mut backup) = joining_pair(&config);
+    const MIB: usize = 1 << 20;
+    const TOTAL: u64 = 64 << 20;
+    const K: u64 = 1_000_000;
+    let start = Instant::now();
+    let consumer = thread::spawn(move || {
+        let len = read_state(&mut backup, Duration::from_millis(3)).unwrap();
+        (backup, len, Instant::now())
+    });
+    // Pre-copy from a background thread, as the VMM does.
+    let sender = primary.state_sender();
+    let sending = thread::spawn(move || {
+        for i in 0..TOTAL / MIB as u64 {
+            sender.send_state(state_bytes(i * MIB as u64, MIB)).unwrap();
+        }
+        sender.end_state(K).unwrap();
+    });
+    // Meanwhile the vCPU thread logs the exits after K: the records wait
+    // behind the state, and throttle does not hold the guest for them.
+    for exit in K + 1..=K + 100 {
+        primary.append(&exit_record(exit)).unwrap();
+        primary.append(&time_record(exit)).unwrap();
+        primary.passed(exit).unwrap();
+        primary.throttle(exit);
+    }
+    sending.join().unwrap();
+    let (mut backup, len, consumed_at) = consumer.join().unwrap();
+    assert_eq!(len, TOTAL);
+    assert!(consumed_at - start > config.heartbeat_timeout * 5, "the transfer was too quick to test heartbeats");
+    assert_eq!(backup.state_exit(), Some(K));
+    assert_eq!(backup.next_state_chunk().unwrap(), None, "the end is reported again");
+    for exit in K + 1..=K + 100 {
+        assert_eq!(backup.next_record().unwrap(), Some(exit_record(exit)));
+        assert_eq!(backup.next_record().unwrap(), Some(time_record(exit)));
+    }
+    assert!(wait_until(MARGIN, || primary.acked() == K + 100), "acked {}", primary.acked());
+    assert!(backup.passed(K + 100).unwrap());
+    assert!(primary.backup_lost().is_none(), "{:?}", primary.backup_lost());
+    assert!(backup.primary_lost().is_none(), "{:?}", backup.primary_lost());
+    // The window held on both sides.
+    assert!(primary.peak_unconsumed_state() <= config.state_window, "{}", primary.peak_unconsumed_state());
+    assert!(primary.peak_unconsumed_state() > config.state_window / 2, "{}", primary.peak_unconsumed_state());
+    assert!(backup.peak_state_queued() <= config.state_window, "{}", backup.peak_state_queued());
+}
+
+#[test]
+fn send_state_blocks_at_the_window_until_the_backup_consumes() {
+    // The hand-played backup does not heartbeat: a long timeout.
+    let config =
+        ChannelConfig { heartbeat_timeout: Duration::from_secs(3), state_window: 1 << 20, ..ChannelConfig::default() };
+    let (primary, mut fake) = primary_with_fake_joining_backup(&config);
+    let sender = primary.state_sender();
+    let (done, sent) = mpsc::channel();
+    // One chunk larger than the window: sent in pieces as room appears.
+    let sending = thread::spawn(move || {
+        done.send(sender.send_state(state_bytes(0, 3 << 20))).unwrap();
+    });
+    read_raw_state(&mut fake, 0, 1 << 20);
+    assert!(sent.recv_timeout(Duration::from_millis(300)).is_err(), "send_state did not block");
+    assert_eq!(primary.peak_unconsumed_state(), 1 << 20);
+    write_raw(&mut fake, &Message::StateAck { consumed: 1 << 20 });
+    read_raw_state(&mut fake, 1 << 20, 2 << 20);
+    write_raw(&mut fake, &Message::StateAck { consumed: 2 << 20 });
+    read_raw_state(&mut fake, 2 << 20, 3 << 20);
+    sent.recv_timeout(MARGIN).unwrap().unwrap();
+    sending.join().unwrap();
+    assert_eq!(primary.peak_unconsumed_state(), 1 << 20);
+    primary.end_state(9).unwrap();
+    assert!(matches!(read_raw_non_heartbeat(&mut fake), Message::StateEnd { exit: 9, len } if len == 3 << 20));
+    // Acknowledging bytes never sent is a protocol error.
+    write_raw(&mut fake, &Message::StateAck { consumed: 4 << 20 });
+    assert!(wait_until(MARGIN, || primary.backup_lost().is_some()));
+    let why = primary.backup_lost().unwrap();
+    assert!(why.contains("protocol error") && why.contains("acknowledged 4194304 state bytes"), "{why}");
+}
+
+#[test]
+fn a_backup_lost_mid_transfer_fails_send_state_and_the_next_backup_joins() {
+    let config = ChannelConfig { state_window: 1 << 20, ..fast() };
+    let listener = Arc::new(PrimaryListener::bind("127.0.0.1:0").unwrap());
+    let addr = listener.local_addr().to_string();
+    // The VMM accepts in the background while its guest runs.
+    let accept = |listener: &Arc<PrimaryListener>| {
+        let (listener, config) = (listener.clone(), config.clone());
+        thread::spawn(move || listener.accept_joining(&header(), &config))
+    };
+
+    let accepting = accept(&listener);
+    let (backup_config, backup_addr) = (config.clone(), addr.clone());
+    let (dropped_tx, dropped) = mpsc::channel();
+    let doomed = thread::spawn(move || {
+        let (mut backup, info) =
+            BackupLink::connect(&backup_addr, &header(), &backup_config, Duration::from_secs(2)).unwrap();
+        assert_eq!(info.start, LogStart::State);
+        for _ in 0..3 {
+            assert!(backup.next_state_chunk().unwrap().is_some());
+        }
+        drop(backup); // the backup dies mid-transfer
+        dropped_tx.send(Instant::now()).unwrap();
+    });
+    let primary = accepting.join().unwrap().unwrap();
+    let mut offset = 0u64;
+    let err = loop {
+        match primary.send_state(state_bytes(offset, 1 << 20)) {
+            Ok(()) => offset += 1 << 20,
+            Err(e) => break e,
+        }
+        assert!(offset < 64 << 20, "send_state went on after the backup died");
+    };
+    let failed_at = Instant::now();
+    doomed.join().unwrap();
+    let dropped_at = dropped.recv().unwrap();
+    assert!(failed_at.saturating_duration_since(dropped_at) < config.heartbeat_timeout + MARGIN);
+    assert!(matches!(err, ChannelError::Lost(_)), "{err}");
+    let why = err.to_string();
+    assert!(why.contains("cut short") && why.contains("lost the backup"), "{why}");
+    assert!(matches!(primary.end_state(5), Err(ChannelError::Lost(_))));
+    assert_eq!(primary.acked(), u64::MAX);
+    drop(primary);
+
+    // The same listener takes the next backup, which gets everything.
+    let accepting = accept(&listener);
+    let backup_config = config.clone();
+    let next = thread::spawn(move || {
+        let (mut backup, info) = BackupLink::connect(&addr, &header(), &backup_config, Duration::from_secs(2)).unwrap();
+        assert_eq!(info.start, LogStart::State);
+        let len = read_state(&mut backup, Duration::ZERO).unwrap();
+        (len, backup.next_record().unwrap(), backup.state_exit())
+    });
+    let mut primary = accepting.join().unwrap().unwrap();
+    for i in 0..8u64 {
+        primary.send_state(state_bytes(i << 20, 1 << 20)).unwrap();
+    }
+    primary.end_state(41).unwrap();
+    primary.append(&exit_record(42)).unwrap();
+    primary.passed(42).unwrap();
+    let (len, first, exit) = next.join().unwrap();
+    assert_eq!((len, first, exit), (8 << 20, Some(exit_record(42)), Some(41)));
+}
+
+#[test]
+fn a_primary_lost_mid_transfer_fails_next_state_chunk() {
+    let config = ChannelConfig { state_window: 1 << 20, ..fast() };
+    let (primary, mut backup) = joining_pair(&config);
+    primary.send_state(state_bytes(0, 512 << 10)).unwrap();
+    let mut got = 0;
+    while got < 512 << 10 {
+        got += backup.next_state_chunk().unwrap().unwrap().len();
+    }
+    let start = Instant::now();
+    drop(primary); // the primary dies mid-transfer
+    let err = backup.next_state_chunk().err().unwrap();
+    assert!(start.elapsed() < config.heartbeat_timeout + MARGIN);
+    assert!(matches!(err, ChannelError::Lost(_)), "{err}");
+    let why = err.to_string();
+    // Whichever half noticed first: the reader (closed) or the writer of
+    // the acks for what the VMM just consumed (broken pipe, reset).
+    assert!(why.contains("cut short") && why.contains("lost the primary"), "{why}");
+    // Still an error, and records cannot be read past a half state.
+    assert!(matches!(backup.next_state_chunk(), Err(ChannelError::Lost(_))));
+    let err = backup.next_record().err().unwrap();
+    assert!(err.to_string().contains("read it to the end with next_state_chunk"), "{err}");
+}
+
+#[test]
+fn a_primary_silent_mid_transfer_is_caught_by_the_heartbeat_timeout() {
+    let config = fast();
+    let (release, hold) = mpsc::channel::<()>();
+    let (addr, fake) = fake_primary_starting(LogStart::State, move |mut s| {
+        write_raw(&mut s, &Message::State { offset: 0, data: wire::Bytes(Cow::Owned(state_bytes(0, 1000))) });
+        let _ = hold.recv_timeout(Duration::from_secs(5));
+    });
+    let (mut backup, info) = BackupLink::connect(&addr, &header(), &config, Duration::from_secs(2)).unwrap();
+    assert_eq!(info.start, LogStart::State);
+    assert_eq!(backup.next_state_chunk().unwrap(), Some(state_bytes(0, 1000)));
+    let start = Instant::now();
+    let err = backup.next_state_chunk().err().unwrap();
+    assert!(start.elapsed() < config.heartbeat_timeout + MARGIN);
+    assert!(err.to_string().contains("no traffic from the primary"), "{err}");
+    release.send(()).unwrap();
+    fake.join().unwrap();
+}
+
+#[test]
+fn bad_state_frames_end_the_link_with_a_clear_error() {
+    let state =
+        |offset: u64, len: usize| Message::State { offset, data: wire::Bytes(Cow::Owned(state_bytes(offset, len))) };
+    let cases: Vec<(Vec<Vec<u8>>, &str)> = vec![
+        (vec![wire::encode(&state(5, 10)).unwrap()], "offset 5 arrived where offset 0 was due"),
+        (
+            vec![wire::encode(&state(0, 10)).unwrap(), wire::encode(&state(20, 10)).unwrap()],
+            "offset 20 arrived where offset 10 was due",
+        ),
+        (
+            vec![
+                wire::encode(&state(0, 10)).unwrap(),
+                wire::encode(&Message::Batch { seq: 1, watermark: 1, released: 0, records: Cow::Owned(vec![]) })
+                    .unwrap(),
+            ],
+            "before the end of the state",
+        ),
+        (
+            vec![wire::encode(&state(0, 10)).unwrap(), wire::encode(&Message::StateEnd { exit: 3, len: 999 }).unwrap()],
+            "the state ended at 999 bytes, but 10 arrived",
+        ),
+        (vec![wire::encode(&Message::StateAck { consumed: 0 }).unwrap()], "unexpected StateAck"),
+        // A State frame whose length claims more than arrives.
+        (vec![vec![100, 0, 0, 0, 7, 0, 1, 2]], "in the middle of a frame"),
+        // A State frame whose byte string claims more than the frame holds.
+        (vec![vec![4, 0, 0, 0, 7, 0, 100, 1]], "does not decode"),
+        (vec![vec![3, 0, 0, 0, 0xff, 0xff, 0xff]], "does not decode"),
+        (vec![u32::MAX.to_le_bytes().to_vec()], "frame of 4294967295 bytes"),
+    ];
+    for (frames, want) in cases {
+        let (addr, fake) = fake_primary_starting(LogStart::State, move |mut s| {
+            for frame in frames {
+                s.write_all(&frame).unwrap();
+            }
+            // Then close our side (a truncated frame ends there) and drain
+            // the backup's heartbeats until it hangs up: closing with
+            // unread bytes would be a reset, not an end.
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+        });
+        let (mut backup, _) = BackupLink::connect(&addr, &header(), &fast(), Duration::from_secs(2)).unwrap();
+        let err = loop {
+            match backup.next_state_chunk() {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the state ended; wanted {want:?}"),
+                Err(e) => break e,
+            }
+        };
+        let why = err.to_string();
+        assert!(why.contains("cut short") && why.contains(want), "wanted {want:?}: {why}");
+        fake.join().unwrap();
+    }
+}
+
+#[test]
+fn state_frames_to_a_booting_backup_are_a_protocol_error() {
+    let (addr, fake) = fake_primary(|mut s| {
+        write_raw(&mut s, &Message::State { offset: 0, data: wire::Bytes(Cow::Owned(vec![1, 2, 3])) });
+        thread::sleep(Duration::from_millis(300));
+    });
+    let (mut backup, info) = BackupLink::connect(&addr, &header(), &fast(), Duration::from_secs(2)).unwrap();
+    assert_eq!(info.start, LogStart::Boot);
+    assert_eq!(backup.next_record().unwrap(), None);
+    let why = backup.primary_lost().unwrap();
+    assert!(why.contains("protocol error") && why.contains("starts at the guest's boot"), "{why}");
+    fake.join().unwrap();
+}
+
+#[test]
+fn the_state_calls_are_refused_where_they_do_not_apply() {
+    // A booting pair has no state.
+    let (primary, mut backup) = pair(&steady());
+    assert_eq!(primary.log_start(), LogStart::Boot);
+    assert!(matches!(primary.send_state(vec![1]), Err(ChannelError::Misuse(_))));
+    assert!(matches!(primary.end_state(1), Err(ChannelError::Misuse(_))));
+    let err = backup.next_state_chunk().err().unwrap();
+    assert!(matches!(err, ChannelError::Misuse(_)) && err.to_string().contains("no state"), "{err}");
+    assert!(primary.backup_lost().is_none() && backup.primary_lost().is_none());
+
+    // A joining pair: records only after the state; nothing after its end.
+    let (mut primary, mut backup) = joining_pair(&steady());
+    let err = backup.next_record().err().unwrap();
+    assert!(err.to_string().contains("next_state_chunk"), "{err}");
+    assert!(backup.passed(1).is_err());
+    primary.send_state(vec![7; 10]).unwrap();
+    primary.send_state(Vec::new()).unwrap();
+    primary.end_state(100).unwrap();
+    assert!(matches!(primary.send_state(vec![1]), Err(ChannelError::Misuse(_))));
+    let err = primary.end_state(101).err().unwrap();
+    assert!(err.to_string().contains("end_state(101) after end_state(100)"), "{err}");
+    assert_eq!(backup.next_state_chunk().unwrap(), Some(vec![7; 10]));
+    assert_eq!(backup.next_state_chunk().unwrap(), None);
+    assert!(!backup.passed(100).unwrap());
+    // A record the state already covers is the VMM's bug: the link ends.
+    primary.append(&exit_record(100)).unwrap();
+    primary.passed(100).unwrap();
+    assert!(wait_until(MARGIN, || primary.backup_lost().is_some()));
+    let why = primary.backup_lost().unwrap();
+    assert!(why.contains("a record at exit 100 follows the state taken at exit 100"), "{why}");
+    assert_eq!(backup.next_record().unwrap(), None);
+}
+
+#[test]
+fn a_joining_link_throttles_by_exits_from_the_state_exit() {
+    let config =
+        ChannelConfig { heartbeat_timeout: Duration::from_secs(3), max_lag_exits: 10, ..ChannelConfig::default() };
+    let (mut primary, mut fake) = primary_with_fake_joining_backup(&config);
+    // Before the end of the state, the lag in exits is not counted.
+    primary.throttle(5_000_000);
+    primary.send_state(state_bytes(0, 100)).unwrap();
+    primary.end_state(1_000_000).unwrap();
+    for exit in 1_000_001..=1_000_020 {
+        primary.append(&exit_record(exit)).unwrap();
+        primary.passed(exit).unwrap();
+    }
+    primary.throttle(1_000_010); // 10 exits after the state: within the lag
+    let primary = Arc::new(primary);
+    let (done, throttled) = mpsc::channel();
+    let throttling = {
+        let primary = primary.clone();
+        thread::spawn(move || {
+            primary.throttle(1_000_020);
+            done.send(()).unwrap();
+        })
+    };
+    assert!(throttled.recv_timeout(Duration::from_millis(300)).is_err(), "throttle did not block");
+    read_raw_state(&mut fake, 0, 100);
+    assert!(matches!(read_raw_non_heartbeat(&mut fake), Message::StateEnd { exit: 1_000_000, len: 100 }));
+    let mut last = None;
+    while last.map(|(_, w)| w) != Some(1_000_020) {
+        if let Message::Batch { seq, watermark, records, .. } = read_raw_non_heartbeat(&mut fake) {
+            assert!(records.iter().all(|r| r.position.exit > 1_000_000));
+            last = Some((seq, watermark));
+        }
+    }
+    let (seq, watermark) = last.unwrap();
+    write_raw(&mut fake, &Message::Ack { seq, watermark });
+    throttled.recv_timeout(MARGIN).unwrap();
+    throttling.join().unwrap();
+    assert_eq!(primary.acked(), 1_000_020);
+}
+
+#[test]
+fn throttle_bounds_the_bytes_queued_for_a_stalled_backup() {
+    // A backup that stops dead: reads nothing, sends nothing.
+    let config = ChannelConfig {
+        heartbeat_timeout: Duration::from_secs(1),
+        max_lag_bytes: 1 << 20,
+        max_lag_exits: u64::MAX,
+        ..ChannelConfig::default()
+    };
+    let (mut primary, stalled) = primary_with_fake_backup(&config);
+    let start = Instant::now();
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let vcpu = {
+        let progress = progress.clone();
+        thread::spawn(move || {
+            let mut exit = 0;
+            while primary.backup_lost().is_none() {
+                exit += 1;
+                primary.append(&exit_record(exit)).unwrap();
+                primary.append(&disk_read_record(exit, 64 << 10)).unwrap();
+                primary.passed(exit).unwrap();
+                progress.store(exit, std::sync::atomic::Ordering::Relaxed);
+                primary.throttle(exit);
+                assert!(exit < 1000, "throttle never blocked");
+            }
+            primary
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    let blocked_at = progress.load(std::sync::atomic::Ordering::Relaxed);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(progress.load(std::sync::atomic::Ordering::Relaxed), blocked_at, "throttle did not block");
+    // 1 MiB of 64 KiB disk reads, and the exit that went over.
+    assert!((16..=18).contains(&blocked_at), "{blocked_at} exits before throttling");
+    // Once the backup is declared lost, throttle returns.
+    let primary = vcpu.join().unwrap();
+    assert!(start.elapsed() < config.heartbeat_timeout + MARGIN, "{:?}", start.elapsed());
+    let why = primary.backup_lost().unwrap();
+    assert!(why.contains("no traffic from the backup"), "{why}");
+    let one_exit = (2 * std::mem::size_of::<Record>() + (64 << 10)) as u64;
+    assert!(primary.peak_unacked_bytes() <= config.max_lag_bytes + one_exit, "{}", primary.peak_unacked_bytes());
+    assert!(primary.peak_unacked_bytes() > config.max_lag_bytes);
+    drop(stalled);
+}
+
+#[test]
+fn acks_release_the_byte_bound() {
+    let config = ChannelConfig { max_lag_bytes: 256 << 10, max_lag_exits: u64::MAX, ..steady() };
+    let (mut primary, mut backup) = pair(&config);
+    let consumer = thread::spawn(move || {
+        for exit in 1..=200 {
+            assert_eq!(backup.next_record().unwrap(), Some(disk_read_record(exit, 64 << 10)));
+        }
+        backup
+    });
+    for exit in 1..=200 {
+        primary.append(&disk_read_record(exit, 64 << 10)).unwrap();
+        primary.passed(exit).unwrap();
+        primary.throttle(exit);
+        assert!(primary.unacked_bytes() <= config.max_lag_bytes + (64 << 10) + 64);
+    }
+    let _backup = consumer.join().unwrap();
+    assert!(wait_until(MARGIN, || primary.unacked_bytes() == 0), "{}", primary.unacked_bytes());
+    assert!(primary.peak_unacked_bytes() <= config.max_lag_bytes + (64 << 10) + 64);
+    assert!(primary.backup_lost().is_none());
+}
+
+#[test]
+fn chunks_sent_from_several_threads_do_not_interleave() {
+    let config = ChannelConfig { state_window: 1 << 20, ..steady() };
+    let (primary, mut backup) = joining_pair(&config);
+    const CHUNK: usize = 3 << 20; // 12 pieces each
+    let senders: Vec<_> = (1..=3u8)
+        .map(|tag| {
+            let sender = primary.state_sender();
+            thread::spawn(move || {
+                for _ in 0..4 {
+                    sender.send_state(vec![tag; CHUNK]).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut stream = Vec::new();
+    while stream.len() < 12 * CHUNK {
+        stream.extend(backup.next_state_chunk().unwrap().unwrap());
+    }
+    senders.into_iter().for_each(|s| s.join().unwrap());
+    primary.end_state(1).unwrap();
+    assert_eq!(backup.next_state_chunk().unwrap(), None);
+    let mut count = [0; 4];
+    for chunk in stream.chunks(CHUNK) {
+        assert!(chunk.iter().all(|&b| b == chunk[0]), "two chunks interleaved");
+        count[chunk[0] as usize] += 1;
+    }
+    assert_eq!(count, [0, 4, 4, 4]);
+}
+
+#[test]
+fn a_backup_holding_its_window_stops_reading_and_both_stay_alive() {
+    // The backup's window is smaller than the primary's: it stops reading
+    // while it holds 1 MiB, and its VMM then pauses for several heartbeat
+    // timeouts. Neither side may declare the other lost meanwhile.
+    let primary_config = ChannelConfig { state_window: 16 << 20, ..fast() };
+    let backup_config = ChannelConfig { state_window: 1 << 20, ..fast() };
+    let listener = PrimaryListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().to_string();
+    let connecting =
+        thread::spawn(move || BackupLink::connect(&addr, &header(), &backup_config, Duration::from_secs(2)));
+    let primary = listener.accept_joining(&header(), &primary_config).unwrap();
+    let (mut backup, _) = connecting.join().unwrap().unwrap();
+    let sender = primary.state_sender();
+    let sending = thread::spawn(move || {
+        sender.send_state(state_bytes(0, 16 << 20)).unwrap();
+        sender.end_state(3).unwrap();
+    });
+    let first = backup.next_state_chunk().unwrap().unwrap();
+    assert_eq!(first, state_bytes(0, first.len()));
+    thread::sleep(primary_config.heartbeat_timeout * 5);
+    assert!(backup.primary_lost().is_none(), "{:?}", backup.primary_lost());
+    assert!(primary.backup_lost().is_none(), "{:?}", primary.backup_lost());
+    let mut offset = first.len() as u64;
+    while let Some(piece) = backup.next_state_chunk().unwrap() {
+        assert!(piece == state_bytes(offset, piece.len()), "wrong state bytes from offset {offset}");
+        offset += piece.len() as u64;
+    }
+    sending.join().unwrap();
+    assert_eq!(offset, 16 << 20);
+    assert!(backup.peak_state_queued() <= (1 << 20) + STATE_FRAME as u64, "{}", backup.peak_state_queued());
+    assert!(backup.primary_lost().is_none() && primary.backup_lost().is_none());
 }

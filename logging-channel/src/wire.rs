@@ -1,11 +1,17 @@
 //! Framing and messages: what goes over the socket, and nothing about when.
 
-use crate::{ChannelError, MAGIC, MAX_FRAME, PROTOCOL_VERSION};
+use crate::{ChannelError, LogStart, MAGIC, MAX_FRAME, PROTOCOL_VERSION};
 use bincode::Options;
 use replay::{Header, Record};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// The same options style as the log file format (replay/src/format.rs),
 /// limited so a hostile payload cannot make bincode allocate without bound.
@@ -13,13 +19,14 @@ fn codec() -> impl Options {
     bincode::DefaultOptions::new().with_varint_encoding().with_limit(u64::from(MAX_FRAME))
 }
 
-/// One frame's payload. `records` is a `Cow` so the primary can encode a
-/// slice of its outgoing queue without moving or cloning it; decoding always
-/// yields an owned vector.
+/// One frame's payload. `records` and `data` borrow so the primary can
+/// encode from its outgoing queues without moving or cloning them; decoding
+/// always yields owned data.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Message<'a> {
-    /// Primary → backup, first frame: what the log is recorded from.
-    Hello { header: Header },
+    /// Primary → backup, first frame: what the log is recorded from, and
+    /// whether a state transfer precedes the records.
+    Hello { header: Header, start: LogStart },
     /// Backup → primary: the header matches, streaming may start.
     Welcome,
     /// Backup → primary: the header does not match; the connection ends.
@@ -35,6 +42,49 @@ pub(crate) enum Message<'a> {
     Heartbeat,
     /// Primary → backup: the guest ended and everything was acknowledged.
     Done,
+    /// Primary → backup: the state stream's bytes from `offset` on.
+    State { offset: u64, data: Bytes<'a> },
+    /// Primary → backup: the state stream is complete (`len` bytes); it is
+    /// the VM's at exit `exit`, and the records that follow are after it.
+    StateEnd { exit: u64, len: u64 },
+    /// Backup → primary: the VMM has consumed `consumed` state bytes in all.
+    StateAck { consumed: u64 },
+}
+
+/// A byte string that bincode encodes as its length and the bytes
+/// themselves, in one copy each way (a plain `[u8]` goes element by element
+/// through serde). The layout is the same as a `Vec<u8>`'s.
+pub(crate) struct Bytes<'a>(pub(crate) Cow<'a, [u8]>);
+
+impl std::fmt::Debug for Bytes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
+impl Serialize for Bytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes<'_> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        deserializer.deserialize_byte_buf(Visitor).map(|v| Bytes(Cow::Owned(v)))
+    }
 }
 
 impl Message<'_> {
@@ -48,6 +98,9 @@ impl Message<'_> {
             Message::Ack { .. } => "Ack",
             Message::Heartbeat => "Heartbeat",
             Message::Done => "Done",
+            Message::State { .. } => "State",
+            Message::StateEnd { .. } => "StateEnd",
+            Message::StateAck { .. } => "StateAck",
         }
     }
 }
@@ -75,12 +128,89 @@ pub(crate) fn encode(msg: &Message<'_>) -> Result<Vec<u8>, ChannelError> {
     Ok(frame)
 }
 
+/// A reader that fails once the peer has sent nothing for `limit` while we
+/// wanted to read: the heartbeat timeout. It counts bytes, not frames, so a
+/// large frame arriving slowly over a slow link is traffic too.
+pub(crate) struct Watched<R> {
+    inner: R,
+    limit: Duration,
+    /// "the backup" or "the primary", for the error message.
+    peer: &'static str,
+    last_traffic: Instant,
+    /// Fires at or before `last_traffic + limit`; pushed back lazily.
+    alarm: Pin<Box<Sleep>>,
+}
+
+impl<R> Watched<R> {
+    pub(crate) fn new(inner: R, limit: Duration, peer: &'static str) -> Self {
+        let now = Instant::now();
+        Watched { inner, limit, peer, last_traffic: now, alarm: Box::pin(tokio::time::sleep_until(now + limit)) }
+    }
+
+    /// Restarts the silence clock: for a reader that chose not to read for a
+    /// while (the peer's silence then was our doing).
+    pub(crate) fn touch(&mut self) {
+        self.last_traffic = Instant::now();
+    }
+}
+
+/// The error a [`Watched`] reader fails with; `read_full` and `read_frame`
+/// turn it into [`ChannelError::Timeout`].
+#[derive(Debug)]
+struct Silence(String);
+
+impl std::fmt::Display for Silence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Silence {}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Watched<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.last_traffic = Instant::now();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => loop {
+                // Nothing to read: is the silence too long already?
+                if this.alarm.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let due = this.last_traffic + this.limit;
+                if Instant::now() >= due {
+                    let why = format!("no traffic from {} for {:?} (heartbeat timeout)", this.peer, this.limit);
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, Silence(why))));
+                }
+                // Traffic came since the alarm was set: set it again, and
+                // poll it so that it wakes us.
+                this.alarm.as_mut().reset(due);
+            },
+        }
+    }
+}
+
+/// A read error; a [`Watched`] reader's silence is a timeout.
+fn read_error(what: String, e: io::Error) -> ChannelError {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<Silence>()) {
+        Some(Silence(why)) => ChannelError::Timeout(why.clone()),
+        None => ChannelError::io(what, e),
+    }
+}
+
 /// Fills `buf` from `r`; tells a connection closed before the first byte
 /// (`Closed`) from one closed inside `what` (`Truncated`).
 async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8], what: &'static str) -> Result<(), ChannelError> {
     let mut filled = 0;
     while filled < buf.len() {
-        let n = r.read(&mut buf[filled..]).await.map_err(|e| ChannelError::io(format!("reading {what}"), e))?;
+        let n = r.read(&mut buf[filled..]).await.map_err(|e| read_error(format!("reading {what}"), e))?;
         if n == 0 {
             return Err(if filled == 0 { ChannelError::Closed } else { ChannelError::Truncated(what) });
         }
@@ -119,7 +249,7 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     buf.clear();
     // Through `take` the buffer grows as bytes actually arrive, instead of
     // trusting the peer's length for one big allocation up front.
-    (&mut *r).take(u64::from(len)).read_to_end(buf).await.map_err(|e| ChannelError::io("reading a frame", e))?;
+    (&mut *r).take(u64::from(len)).read_to_end(buf).await.map_err(|e| read_error("reading a frame".into(), e))?;
     if buf.len() < len as usize {
         return Err(ChannelError::Truncated("a frame"));
     }

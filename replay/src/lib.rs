@@ -108,6 +108,9 @@ pub enum Event {
     SerialRx { bytes: Vec<u8> },
     /// The disk answered a read with `data` (a replay never reads the disk).
     DiskRead { data: Vec<u8> },
+    /// An Ethernet frame from the NIC's host side, delivered into the
+    /// guest's receive ring at this position (a replay reads no TAP).
+    NetRx { frame: Vec<u8> },
 }
 
 impl fmt::Display for Event {
@@ -117,6 +120,7 @@ impl fmt::Display for Event {
             Event::TimeRead { source, ns } => write!(f, "time read {source:?} = {ns} ns"),
             Event::SerialRx { bytes } => write!(f, "{} serial byte(s) received", bytes.len()),
             Event::DiskRead { data } => write!(f, "a disk read of {} bytes", data.len()),
+            Event::NetRx { frame } => write!(f, "a received frame of {} bytes", frame.len()),
         }
     }
 }

@@ -1,16 +1,29 @@
-//! The blocking client: one connection to ftdisk, re-established whenever it
-//! fails.
+//! The blocking clients: [`DiskClient`] for a disk server, [`Arbiter`] for
+//! go-live arbitration on either kind of server. Each keeps one connection
+//! to ftdisk, re-established whenever it fails, and one session
+//! ([`crate::session`]): a random session id chosen when the client is
+//! created and kept across reconnections, and a sequence number per
+//! request, which a retry repeats, so the server executes a retried request
+//! at most once and never after a newer one.
+//!
+//! Bounds: a client has one request outstanding at a time and one
+//! connection (a failed one is dropped before the next is made); its
+//! response buffer grows to at most [`crate::MAX_FRAME`]. A server that is
+//! slow or absent costs a call at most its retry time
+//! ([`DiskClient::set_retry_for`]): every read and write on the socket
+//! waits only until the call's deadline.
 
 use crate::owner;
 use crate::proto::{self, DiskError, Op, Reply, Request, Response, WireError};
-use crate::MAX_IO;
+use crate::timed::Timed;
+use crate::{MAX_IO, SECTOR_SIZE};
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 use tracing::{debug, info};
 
-/// How long [`DiskClient`] keeps retrying a request across connection
-/// failures unless told otherwise ([`DiskClient::set_retry_for`]).
+/// How long a client keeps retrying a request across connection failures
+/// unless told otherwise ([`DiskClient::set_retry_for`]).
 pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(10);
 
 /// Pause between connection attempts that keep failing.
@@ -32,43 +45,77 @@ pub enum ClientError {
     /// `addr` is not `host:port`.
     #[error("invalid disk server address {addr}: {why}")]
     BadAddress { addr: String, why: String },
+    /// [`DiskClient::connect`] reached an arbiter-only server, which has no
+    /// disk ([`Arbiter::connect`] is the way to use one).
+    #[error("the ftdisk server at {addr} is arbiter-only: it serves an arbitration record but no disk")]
+    NoDisk { addr: String },
 }
 
 /// The outcome of a test-and-set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TasOutcome {
-    /// The caller owns the disk: its writes and flushes must carry
-    /// `generation`.
+    /// The caller owns the record: on a disk server its writes and flushes
+    /// must carry `generation`.
     Won { generation: u64 },
     /// Someone else got there first: this is the record as it stands.
     Lost { generation: u64, owner: String },
 }
 
-/// A connection to an ftdisk server, for one VMM.
+/// What an ftdisk server serves, as its `Info` reply says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerKind {
+    /// A disk image of `size` bytes (a positive multiple of
+    /// [`SECTOR_SIZE`]), and the arbitration record beside it.
+    Disk { size: u64 },
+    /// Only an arbitration record (`ftdisk --arbiter-only`).
+    ArbiterOnly,
+}
+
+/// A connection to an ftdisk disk server, for one VMM.
 ///
 /// Every method blocks until the server answers. When the connection fails
 /// (the server restarted, a reset, a timeout) the client reconnects and
-/// sends the request again, for up to [`DiskClient::retry_for`] per call:
-/// reads, writes and flushes are idempotent, so a request the server
-/// executed but whose answer was lost does no harm when repeated; a
-/// test-and-set is checked against the record first (see
-/// [`DiskClient::test_and_set`]).
+/// sends the request again, with the same session and sequence number, for
+/// up to [`DiskClient::retry_for`] per call: the server answers a request
+/// it already executed from memory instead of executing it again, and an
+/// old copy of the request still queued in the server never executes after
+/// the retry or anything newer. (Across a restart of the server a retry may
+/// execute again: reads, writes and flushes are idempotent, and a
+/// test-and-set recognises its own win; see [`DiskClient::test_and_set`].)
 #[derive(Debug)]
 pub struct DiskClient {
+    link: Link,
+    size: u64,
+}
+
+/// Go-live arbitration on an ftdisk server of either kind: an arbiter-only
+/// one (`ftdisk --arbiter-only`), or a disk server's record (the same
+/// record that fences that disk's writes). It retries across connection
+/// failures like [`DiskClient`].
+#[derive(Debug)]
+pub struct Arbiter {
+    link: Link,
+    kind: ServerKind,
+}
+
+/// One session on one server: the connection, the session id and the
+/// request numbering.
+#[derive(Debug)]
+struct Link {
     addr: String,
     /// None after a failure, until the next request reconnects.
     conn: Option<BufReader<TcpStream>>,
     connect_timeout: Duration,
     retry_for: Duration,
-    size: u64,
-    next_id: u64,
+    session: u64,
+    next_seq: u64,
     /// Reused for every response.
     buf: Vec<u8>,
 }
 
 /// The outcome of one attempt at a request.
 enum Failure {
-    /// The connection failed: worth another try on a new one.
+    /// The connection failed, or the server was busy: worth another try.
     Retry(String),
     /// Another try would fail the same way.
     Fatal(ClientError),
@@ -84,45 +131,41 @@ struct Retry {
 impl DiskClient {
     /// Connects to the ftdisk server at `addr` (`host:port`) and learns the
     /// disk's size. A server that is not listening yet is waited for, up to
-    /// `timeout`; `timeout` also bounds each later connection attempt.
+    /// `timeout`; `timeout` also bounds each later connection attempt. An
+    /// arbiter-only server is refused with [`ClientError::NoDisk`].
     pub fn connect(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
-        let mut client = DiskClient {
-            addr: addr.to_string(),
-            conn: None,
-            connect_timeout: timeout,
-            retry_for: DEFAULT_RETRY_FOR,
-            size: 0,
-            next_id: 1,
-            buf: Vec::new(),
-        };
-        let deadline = Instant::now() + timeout;
-        client.size = match client.call_until(Op::Info, deadline)? {
-            Reply::Info { size } => size,
-            other => return Err(client.unexpected("Info", &other)),
-        };
-        Ok(client)
+        let (link, kind) = Link::open(addr, timeout)?;
+        match kind {
+            ServerKind::Disk { size } => Ok(DiskClient { link, size }),
+            ServerKind::ArbiterOnly => Err(ClientError::NoDisk { addr: addr.to_string() }),
+        }
     }
 
     /// The server's address, as given to [`DiskClient::connect`].
     pub fn addr(&self) -> &str {
-        &self.addr
+        &self.link.addr
     }
 
-    /// The disk's size in bytes, a multiple of [`crate::SECTOR_SIZE`].
+    /// The disk's size in bytes, a multiple of [`SECTOR_SIZE`].
     pub fn size(&self) -> u64 {
         self.size
     }
 
+    /// This client's session id (for logs).
+    pub fn session(&self) -> u64 {
+        self.link.session
+    }
+
     /// How long one call keeps retrying across connection failures.
     pub fn retry_for(&self) -> Duration {
-        self.retry_for
+        self.link.retry_for
     }
 
     /// Sets how long one call keeps retrying across connection failures
     /// before it fails with [`ClientError::Unreachable`]; it also bounds how
     /// long one call waits for an answer.
     pub fn set_retry_for(&mut self, retry_for: Duration) {
-        self.retry_for = retry_for;
+        self.link.retry_for = retry_for;
     }
 
     /// Reads `len` bytes at `offset`, in requests of at most [`MAX_IO`] bytes.
@@ -135,12 +178,12 @@ impl DiskClient {
             let chunk = (len - out.len()).min(MAX_IO as usize);
             let at = offset + out.len() as u64;
             let op = Op::Read { offset: at, len: chunk as u32 };
-            match self.call(op)? {
+            match self.link.call(op)? {
                 Reply::Data(data) if data.len() == chunk => out.extend_from_slice(&data),
                 Reply::Data(data) => {
-                    return Err(self.protocol(format!("asked for {chunk} bytes, got {}", data.len())));
+                    return Err(self.link.protocol(format!("asked for {chunk} bytes, got {}", data.len())));
                 }
-                other => return Err(self.unexpected("Data", &other)),
+                other => return Err(self.link.unexpected("Data", &other)),
             }
         }
         Ok(out)
@@ -161,9 +204,9 @@ impl DiskClient {
         loop {
             let chunk = &data[done..data.len().min(done + MAX_IO as usize)];
             let op = Op::Write { offset: offset + done as u64, data: chunk.to_vec(), generation };
-            match self.call(op)? {
+            match self.link.call(op)? {
                 Reply::Done => {}
-                other => return Err(self.unexpected("Done", &other)),
+                other => return Err(self.link.unexpected("Done", &other)),
             }
             done += chunk.len();
             if done >= data.len() {
@@ -175,9 +218,9 @@ impl DiskClient {
     /// Makes every write acknowledged so far durable, as the owner at
     /// `generation`.
     pub fn flush(&mut self, generation: u64) -> Result<(), ClientError> {
-        match self.call(Op::Flush { generation })? {
+        match self.link.call(Op::Flush { generation })? {
             Reply::Done => Ok(()),
-            other => Err(self.unexpected("Done", &other)),
+            other => Err(self.link.unexpected("Done", &other)),
         }
     }
 
@@ -187,40 +230,133 @@ impl DiskClient {
     /// to this VMM (e.g. `role@host`), non-empty, at most
     /// [`crate::MAX_OWNER_LEN`] bytes and without control characters.
     ///
-    /// If the connection fails after the request went out, the request may
-    /// or may not have been executed: after reconnecting the client reads
-    /// the record, and reports Won if it shows `owner` at
-    /// `expected_generation + 1`; otherwise it sends the test-and-set again.
+    /// If the connection fails after the request went out, the client sends
+    /// it again (same session, same sequence number): a server that executed
+    /// it answers from memory. A server that forgot it (it restarted, say)
+    /// executes it again, which then loses against our own first win: an
+    /// answer `Lost` that shows `owner` at `expected_generation + 1` after
+    /// such a retry is reported as Won.
     pub fn test_and_set(&mut self, expected_generation: u64, owner: &str) -> Result<TasOutcome, ClientError> {
+        self.link.test_and_set(expected_generation, owner)
+    }
+
+    /// The arbitration record: the owner generation and the owner's name
+    /// (empty while the generation is 0).
+    pub fn owner(&mut self) -> Result<(u64, String), ClientError> {
+        self.link.owner()
+    }
+
+    /// The arbitration record's owner generation (0 until the first
+    /// test-and-set won).
+    pub fn generation(&mut self) -> Result<u64, ClientError> {
+        self.link.owner().map(|(generation, _)| generation)
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> Result<(), ClientError> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(ClientError::Disk(DiskError::OutOfRange { offset, len: len as u64, size: self.size })),
+        }
+    }
+}
+
+impl Arbiter {
+    /// Connects to the ftdisk server at `addr` (`host:port`), arbiter-only
+    /// or disk server. A server that is not listening yet is waited for, up
+    /// to `timeout`; `timeout` also bounds each later connection attempt.
+    pub fn connect(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
+        let (link, kind) = Link::open(addr, timeout)?;
+        Ok(Arbiter { link, kind })
+    }
+
+    /// The server's address, as given to [`Arbiter::connect`].
+    pub fn addr(&self) -> &str {
+        &self.link.addr
+    }
+
+    /// What the server serves (as it said when this client connected).
+    pub fn kind(&self) -> ServerKind {
+        self.kind
+    }
+
+    /// This client's session id (for logs).
+    pub fn session(&self) -> u64 {
+        self.link.session
+    }
+
+    /// How long one call keeps retrying across connection failures.
+    pub fn retry_for(&self) -> Duration {
+        self.link.retry_for
+    }
+
+    /// Sets how long one call keeps retrying across connection failures
+    /// before it fails with [`ClientError::Unreachable`].
+    pub fn set_retry_for(&mut self, retry_for: Duration) {
+        self.link.retry_for = retry_for;
+    }
+
+    /// The arbitration record: the owner generation and the owner's name
+    /// (empty while the generation is 0).
+    pub fn owner(&mut self) -> Result<(u64, String), ClientError> {
+        self.link.owner()
+    }
+
+    /// The arbitration record's owner generation (0 until the first
+    /// test-and-set won).
+    pub fn generation(&mut self) -> Result<u64, ClientError> {
+        self.link.owner().map(|(generation, _)| generation)
+    }
+
+    /// The go-live test-and-set, exactly as [`DiskClient::test_and_set`].
+    pub fn test_and_set(&mut self, expected_generation: u64, owner: &str) -> Result<TasOutcome, ClientError> {
+        self.link.test_and_set(expected_generation, owner)
+    }
+}
+
+impl Link {
+    /// A new session on the server at `addr`, and what the server serves.
+    fn open(addr: &str, timeout: Duration) -> Result<(Link, ServerKind), ClientError> {
+        let mut link = Link {
+            addr: addr.to_string(),
+            conn: None,
+            connect_timeout: timeout,
+            retry_for: DEFAULT_RETRY_FOR,
+            session: rand::random(),
+            next_seq: 1,
+            buf: Vec::new(),
+        };
+        let deadline = Instant::now() + timeout;
+        let kind = match link.call_until(Op::Info, deadline)? {
+            Reply::Info { size: 0, arbiter_only: true } => ServerKind::ArbiterOnly,
+            Reply::Info { size, arbiter_only: false } if size > 0 && size % SECTOR_SIZE == 0 => {
+                ServerKind::Disk { size }
+            }
+            Reply::Info { size, arbiter_only } => {
+                return Err(link.protocol(format!("its Info makes no sense (size {size}, arbiter-only {arbiter_only})")))
+            }
+            other => return Err(link.unexpected("Info", &other)),
+        };
+        debug!(addr, session = format_args!("{:016x}", link.session), ?kind, "opened a session");
+        Ok((link, kind))
+    }
+
+    fn test_and_set(&mut self, expected_generation: u64, owner: &str) -> Result<TasOutcome, ClientError> {
         // Checked here too, so an invalid name fails before any retrying.
         owner::check_owner(owner).map_err(DiskError::Invalid)?;
-        let tas = Op::TestAndSet { expected_generation, owner: owner.to_string() };
+        let request = self.request(Op::TestAndSet { expected_generation, owner: owner.to_string() })?;
         let mut retry = Retry::until(Instant::now() + self.retry_for);
+        // Whether an earlier attempt may have been executed.
         let mut uncertain = false;
         loop {
-            if uncertain {
-                let query = self.request(Op::Owner)?;
-                match self.attempt(&query, retry.deadline) {
-                    Ok(Reply::Owner { generation, owner: holder }) => {
-                        if Some(generation) == expected_generation.checked_add(1) && holder == owner {
-                            info!(generation, "test-and-set won (its answer was lost with the connection)");
-                            return Ok(TasOutcome::Won { generation });
-                        }
-                        // Not ours: send the test-and-set (again); if it ran
-                        // before, it now answers Lost with the record.
-                    }
-                    Ok(other) => return Err(self.unexpected("Owner", &other)),
-                    Err(Failure::Fatal(e)) => return Err(e),
-                    Err(Failure::Retry(why)) => {
-                        self.wait_to_retry(&mut retry, why)?;
-                        continue;
-                    }
-                }
-            }
-            let request = self.request(tas.clone())?;
             match self.attempt(&request, retry.deadline) {
                 Ok(Reply::Won { generation }) => return Ok(TasOutcome::Won { generation }),
-                Ok(Reply::Lost { generation, owner }) => return Ok(TasOutcome::Lost { generation, owner }),
+                Ok(Reply::Lost { generation, owner: holder }) => {
+                    if uncertain && Some(generation) == expected_generation.checked_add(1) && holder == owner {
+                        info!(generation, "test-and-set won (its answer was lost with the connection)");
+                        return Ok(TasOutcome::Won { generation });
+                    }
+                    return Ok(TasOutcome::Lost { generation, owner: holder });
+                }
                 Ok(other) => return Err(self.unexpected("Won or Lost", &other)),
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Retry(why)) => {
@@ -231,9 +367,7 @@ impl DiskClient {
         }
     }
 
-    /// The arbitration record: the owner generation and the owner's name
-    /// (empty while the generation is 0).
-    pub fn owner(&mut self) -> Result<(u64, String), ClientError> {
+    fn owner(&mut self) -> Result<(u64, String), ClientError> {
         match self.call(Op::Owner)? {
             Reply::Owner { generation, owner } => Ok((generation, owner)),
             other => Err(self.unexpected("Owner", &other)),
@@ -246,11 +380,12 @@ impl DiskClient {
     }
 
     fn call_until(&mut self, op: Op, deadline: Instant) -> Result<Reply, ClientError> {
-        // Encoded once: a retry sends the same bytes, id included.
-        let frame = self.request(op)?;
+        // Encoded once: a retry sends the same bytes, sequence number
+        // included.
+        let request = self.request(op)?;
         let mut retry = Retry::until(deadline);
         loop {
-            match self.attempt(&frame, deadline) {
+            match self.attempt(&request, deadline) {
                 Ok(reply) => return Ok(reply),
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Retry(why)) => self.wait_to_retry(&mut retry, why)?,
@@ -258,50 +393,51 @@ impl DiskClient {
         }
     }
 
-    /// Encodes `op` as the next request.
+    /// Encodes `op` as the session's next request.
     fn request(&mut self, op: Op) -> Result<(u64, Vec<u8>), ClientError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let frame = proto::encode(&Request { id, op }).map_err(|e| self.protocol(e.to_string()))?;
-        Ok((id, frame))
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let frame =
+            proto::encode(&Request { session: self.session, seq, op }).map_err(|e| self.protocol(e.to_string()))?;
+        Ok((seq, frame))
     }
 
     /// One try: (re)connect if needed, send, wait for the answer until
-    /// `deadline`. The connection is dropped on any failure.
-    fn attempt(&mut self, (id, frame): &(u64, Vec<u8>), deadline: Instant) -> Result<Reply, Failure> {
-        let result = self.exchange(*id, frame, deadline);
+    /// `deadline`. The connection is dropped on any failure of its own.
+    fn attempt(&mut self, (seq, frame): &(u64, Vec<u8>), deadline: Instant) -> Result<Reply, Failure> {
+        let result = self.exchange(*seq, frame, deadline);
         if result.is_err() {
             self.conn = None;
         }
         match result? {
             Ok(reply) => Ok(reply),
+            // Nothing was executed; the connection is fine.
+            Err(DiskError::Busy(why)) => Err(Failure::Retry(format!("the server is busy: {why}"))),
             Err(e) => Err(Failure::Fatal(ClientError::Disk(e))),
         }
     }
 
-    fn exchange(&mut self, id: u64, frame: &[u8], deadline: Instant) -> Result<Result<Reply, DiskError>, Failure> {
-        let remaining = remaining(deadline)?;
+    fn exchange(&mut self, seq: u64, frame: &[u8], deadline: Instant) -> Result<Result<Reply, DiskError>, Failure> {
+        remaining(deadline)?;
         let conn = match self.conn.take() {
             Some(conn) => conn,
             None => self.establish(deadline)?,
         };
         let conn = self.conn.insert(conn);
-        let stream = conn.get_ref();
         // The answer must come by the deadline; waiting longer would only
         // end in Unreachable anyway.
-        let socket = |e: std::io::Error| Failure::Retry(format!("setting a socket timeout: {e}"));
-        stream.set_read_timeout(Some(remaining)).map_err(socket)?;
-        stream.set_write_timeout(Some(remaining)).map_err(socket)?;
-        let mut out = stream;
-        out.write_all(frame).map_err(|e| Failure::Retry(format!("sending a request: {e}")))?;
+        Timed::until(conn.get_ref(), deadline)
+            .write_all(frame)
+            .map_err(|e| Failure::Retry(format!("sending a request: {e}")))?;
         let addr = &self.addr;
         let wire = |e: WireError| wire_failure(addr, e);
-        proto::read_frame(conn, &mut self.buf).map_err(wire)?;
+        let mut input = Deadlined { conn, deadline };
+        proto::read_frame(&mut input, &mut self.buf).map_err(wire)?;
         let response: Response = proto::decode(&self.buf).map_err(wire)?;
-        if response.id != id {
+        if response.seq != seq {
             return Err(Failure::Fatal(ClientError::Protocol {
                 addr: self.addr.clone(),
-                why: format!("got the answer to request {} instead of {id}", response.id),
+                why: format!("got the answer to request {} instead of {seq}", response.seq),
             }));
         }
         Ok(response.result)
@@ -329,16 +465,12 @@ impl DiskClient {
     }
 
     fn handshake(&self, stream: TcpStream, limit: Duration) -> Result<BufReader<TcpStream>, Failure> {
-        let setup = |e: std::io::Error| Failure::Retry(format!("setting up the connection: {e}"));
-        stream.set_nodelay(true).map_err(setup)?;
-        stream.set_read_timeout(Some(limit)).map_err(setup)?;
-        stream.set_write_timeout(Some(limit)).map_err(setup)?;
-        let mut out = &stream;
-        out.write_all(&proto::preamble()).map_err(|e| Failure::Retry(format!("sending the preamble: {e}")))?;
-        let mut conn = BufReader::new(stream);
-        proto::read_preamble(&mut conn).map_err(|e| wire_failure(&self.addr, e))?;
+        stream.set_nodelay(true).map_err(|e| Failure::Retry(format!("setting up the connection: {e}")))?;
+        let mut timed = Timed::new(&stream, limit);
+        timed.write_all(&proto::preamble()).map_err(|e| Failure::Retry(format!("sending the preamble: {e}")))?;
+        proto::read_preamble(&mut timed).map_err(|e| wire_failure(&self.addr, e))?;
         debug!(addr = %self.addr, "connected to the disk server");
-        Ok(conn)
+        Ok(BufReader::new(stream))
     }
 
     /// Records a failed attempt; pauses before the next unless it is the
@@ -358,19 +490,29 @@ impl DiskClient {
         Ok(())
     }
 
-    fn check_range(&self, offset: u64, len: usize) -> Result<(), ClientError> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(ClientError::Disk(DiskError::OutOfRange { offset, len: len as u64, size: self.size })),
-        }
-    }
-
     fn protocol(&self, why: String) -> ClientError {
         ClientError::Protocol { addr: self.addr.clone(), why }
     }
 
     fn unexpected(&self, wanted: &str, got: &Reply) -> ClientError {
         self.protocol(format!("expected a {wanted} reply, got {}", got.kind()))
+    }
+}
+
+/// The buffered connection, read with a deadline on every system call.
+struct Deadlined<'a> {
+    conn: &'a mut BufReader<TcpStream>,
+    deadline: Instant,
+}
+
+impl std::io::Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the deadline passed"));
+        }
+        self.conn.get_ref().set_read_timeout(Some(left))?;
+        self.conn.read(buf)
     }
 }
 

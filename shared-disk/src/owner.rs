@@ -1,4 +1,6 @@
-//! The go-live arbitration record and its sidecar file `IMAGE.owner`.
+//! The go-live arbitration record and its file: `IMAGE.owner` beside a
+//! served image, or the `--state` file of an arbiter-only server (the same
+//! format, the same guarantees).
 //!
 //! The file is three text lines, so an operator can read it:
 //!
@@ -10,7 +12,9 @@
 //!
 //! It is replaced atomically (temp file, fsync, rename, fsync of the
 //! directory): after a crash it holds either the old or the new record,
-//! never a mix.
+//! never a mix. A server holds a lock on `RECORD.lock` (an empty file
+//! beside the record, left in place) while it serves the record, so two
+//! servers cannot arbitrate on one record.
 
 use crate::MAX_OWNER_LEN;
 use std::ffi::OsString;
@@ -34,6 +38,15 @@ pub(crate) struct OwnerRecord {
 pub(crate) fn sidecar_path(image: &Path) -> PathBuf {
     let mut name = OsString::from(image.as_os_str());
     name.push(".owner");
+    PathBuf::from(name)
+}
+
+/// `RECORD.lock`, the file a server locks while it serves the record at
+/// `record` (the record itself is replaced by rename, so it cannot carry
+/// the lock).
+pub(crate) fn lock_path(record: &Path) -> PathBuf {
+    let mut name = OsString::from(record.as_os_str());
+    name.push(".lock");
     PathBuf::from(name)
 }
 
@@ -69,7 +82,13 @@ pub(crate) fn load_or_create(path: &Path) -> Result<OwnerRecord, String> {
     }
 }
 
-fn parse(bytes: &[u8]) -> Result<OwnerRecord, String> {
+/// The record as the file holds it.
+pub(crate) fn render(record: &OwnerRecord) -> String {
+    format!("{HEADER}\ngeneration {}\nowner {}\n", record.generation, record.owner)
+}
+
+/// Decodes a record file's bytes.
+pub(crate) fn parse(bytes: &[u8]) -> Result<OwnerRecord, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "not an ftdisk owner record (not UTF-8)".to_string())?;
     let body = text.strip_suffix('\n').ok_or("the owner record is truncated (no final newline)")?;
     let lines: Vec<&str> = body.split('\n').collect();
@@ -99,7 +118,7 @@ pub(crate) fn persist(path: &Path, record: &OwnerRecord) -> io::Result<()> {
     let mut tmp_name = OsString::from(path.as_os_str());
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
-    let text = format!("{HEADER}\ngeneration {}\nowner {}\n", record.generation, record.owner);
+    let text = render(record);
     {
         let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
         file.write_all(text.as_bytes())?;

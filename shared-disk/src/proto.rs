@@ -1,5 +1,9 @@
-//! The messages of the ftdisk protocol and their framing: what goes over the
-//! socket, and nothing about when.
+//! The messages of the ftdisk protocol (version [`crate::PROTOCOL_VERSION`])
+//! and their framing: what goes over the socket, and nothing about when.
+//! The crate doc has the protocol as a whole; [`crate::session`] what the
+//! session and sequence number of a [`Request`] mean. Decoding never trusts
+//! a length from the peer: a frame is at most [`crate::MAX_FRAME`] bytes,
+//! read as it arrives, and bincode is limited to the same.
 
 use crate::{MAGIC, MAX_FRAME, PROTOCOL_VERSION};
 use bincode::Options;
@@ -9,9 +13,13 @@ use std::io::{self, Read};
 /// One request from a client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
-    /// Echoed in the response, so a client can tell it got the answer to
-    /// the request it sent.
-    pub id: u64,
+    /// The client's session: a random number the client chose when it was
+    /// created, the same on every connection it makes.
+    pub session: u64,
+    /// The request's sequence number in its session: larger than that of
+    /// every earlier request of the session; a retry repeats it. Echoed in
+    /// the response.
+    pub seq: u64,
     /// What to do.
     pub op: Op,
 }
@@ -37,7 +45,7 @@ pub enum Op {
     TestAndSet { expected_generation: u64, owner: String },
     /// The arbitration record.
     Owner,
-    /// The disk's geometry.
+    /// What the server serves: the disk's size, or that it is arbiter-only.
     Info,
 }
 
@@ -58,8 +66,8 @@ impl Op {
 /// The server's answer to one [`Request`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
-    /// The request's id.
-    pub id: u64,
+    /// The request's sequence number.
+    pub seq: u64,
     /// What came of it.
     pub result: Result<Reply, DiskError>,
 }
@@ -78,8 +86,11 @@ pub enum Reply {
     Lost { generation: u64, owner: String },
     /// The arbitration record: `owner` is empty while `generation` is 0.
     Owner { generation: u64, owner: String },
-    /// The disk's size in bytes, a multiple of [`crate::SECTOR_SIZE`].
-    Info { size: u64 },
+    /// What the server serves. A disk server: `size` is the disk's size in
+    /// bytes, a positive multiple of [`crate::SECTOR_SIZE`], and
+    /// `arbiter_only` is false. An arbiter-only server (no image, only the
+    /// arbitration record): `size` is 0 and `arbiter_only` true.
+    Info { size: u64, arbiter_only: bool },
 }
 
 impl Reply {
@@ -116,6 +127,19 @@ pub enum DiskError {
     /// The server's own file I/O failed.
     #[error("the disk server's I/O failed: {0}")]
     Io(String),
+    /// A read, write or flush sent to an arbiter-only server, which serves
+    /// no disk image.
+    #[error("this ftdisk server is arbiter-only: it has no disk image to read, write or flush")]
+    NoImage,
+    /// The request is older than one its session already had executed, and
+    /// its answer is no longer remembered: it was not executed (an old
+    /// request never executes after a newer one of its session).
+    #[error("request {seq} of this session was not executed: the session has moved on to request {applied}")]
+    Stale { seq: u64, applied: u64 },
+    /// The server cannot take the request now (e.g. it tracks too many
+    /// sessions); trying again later may work. Nothing was executed.
+    #[error("the disk server is busy: {0}")]
+    Busy(String),
 }
 
 /// Encodes `Vec<u8>` as bincode bytes: the same bytes on the wire as serde's

@@ -1,8 +1,28 @@
 //! The storage server: one thread accepting connections, one thread per
-//! connection answering its requests in order against the image file.
+//! connection answering its requests in order, against the image file and
+//! the arbitration record (or, arbiter-only, against the record alone).
+//!
+//! Every request goes through its client's session ([`crate::session`]):
+//! requests of one session are executed one at a time, each at most once,
+//! never an older after a newer.
+//!
+//! Bounds, per connection: one request is read and answered at a time, and
+//! the next is not read until the answer has been handed to the kernel, so
+//! a client that sends but never reads costs one answer (at most
+//! [`crate::MAX_FRAME`]) plus the kernel's socket buffers, and is dropped when that
+//! answer has not gone out within [`FRAME_TIMEOUT`]; the frame buffer grows
+//! to at most [`crate::MAX_FRAME`] and is shrunk back to [`RETAINED_BUFFER`] after a
+//! larger request. A frame must arrive whole within [`FRAME_TIMEOUT`] of its
+//! first byte, a new peer must send its preamble within
+//! [`HANDSHAKE_TIMEOUT`], and a connection idle for [`IDLE_TIMEOUT`] is
+//! closed. Server-wide: at most [`MAX_CONNECTIONS`] connections (so
+//! threads), and at most [`crate::session::MAX_SESSIONS`] sessions of
+//! [`crate::session::REPLY_CACHE`] remembered answers each.
 
 use crate::owner::{self, OwnerRecord};
 use crate::proto::{self, DiskError, Op, Reply, Request, Response, WireError};
+use crate::session::{Disposition, Sessions, Slot, MAX_SESSIONS};
+use crate::timed::Timed;
 use crate::{MAX_IO, SECTOR_SIZE};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -10,24 +30,34 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
 /// How long a new peer has to send its preamble.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a peer has to send the rest of a frame once it started one, and
-/// to take a response off our hands.
-const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// to take an answer off our hands (the whole of it, not per byte).
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection without requests for this long is closed, so that clients
 /// on hosts that died do not hold a thread forever. Harmless to a live
 /// client: [`crate::DiskClient`] reconnects on its next request.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Connections beyond this many are closed at once: bounds the threads a
 /// misbehaving client can make us start.
-const MAX_CONNECTIONS: usize = 256;
+pub const MAX_CONNECTIONS: usize = 256;
+/// A connection's frame buffer is shrunk back to this after a larger
+/// request, so idle connections do not each keep [`crate::MAX_FRAME`] bytes.
+pub const RETAINED_BUFFER: usize = 64 << 10;
+/// The size of a connection's input buffer (requests smaller than this
+/// are read in one system call).
+const INPUT_BUFFER: usize = 8 << 10;
+
+// An open connection keeps at most one session in use; with more sessions
+// than connections, a new session always finds one to evict.
+const _: () = assert!(MAX_SESSIONS > MAX_CONNECTIONS);
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +76,12 @@ pub enum ServerError {
     /// Two servers on one image would each arbitrate on their own.
     #[error("the image {0} is already being served (it is locked)")]
     Busy(PathBuf),
-    /// `IMAGE.owner` cannot be read, parsed or created.
+    /// Two servers on one arbitration record would each arbitrate on their
+    /// own.
+    #[error("the arbitration record {0} is already being served (its lock file {0}.lock is locked)")]
+    RecordBusy(PathBuf),
+    /// The arbitration record (`IMAGE.owner`, or the state file of an
+    /// arbiter-only server) cannot be read, parsed, created or locked.
     #[error("the owner record: {0}")]
     OwnerRecord(String),
     /// A socket operation failed; `what` says which.
@@ -58,24 +93,75 @@ pub enum ServerError {
     },
 }
 
-/// The image and its arbitration record.
-struct Disk {
+/// Counts of what a server did, since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Requests executed (new ones, and reads repeated by a retry).
+    pub executed: u64,
+    /// Writes that went into the image.
+    pub writes_applied: u64,
+    /// Retries answered with the outcome remembered from the first time,
+    /// without executing them again.
+    pub answered_from_memory: u64,
+    /// Requests not executed because their session had moved past them (or
+    /// that contradicted what the session remembered).
+    pub refused_stale: u64,
+    /// Sessions kept now.
+    pub sessions: usize,
+    /// Sessions forgotten because the table was full.
+    pub sessions_evicted: u64,
+    /// Connection threads that panicked: a bug (each ends only its own
+    /// connection). Tests check it stays 0.
+    pub connection_panics: u64,
+}
+
+/// The timeouts of a server's connections.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timeouts {
+    pub(crate) handshake: Duration,
+    pub(crate) frame: Duration,
+    pub(crate) idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { handshake: HANDSHAKE_TIMEOUT, frame: FRAME_TIMEOUT, idle: IDLE_TIMEOUT }
+    }
+}
+
+/// The image.
+struct Image {
     file: File,
     size: u64,
-    owner_path: PathBuf,
+}
+
+/// What a server serves: the image (none when arbiter-only) and the
+/// arbitration record.
+struct Store {
+    image: Option<Image>,
+    record_path: PathBuf,
     /// Writes and flushes hold it shared from their fencing check to the
     /// end of their pwrite, a test-and-set holds it exclusively from its
     /// check to the end of persisting: so no write checked against an old
     /// generation can land after a newer generation was handed out.
     record: RwLock<OwnerRecord>,
+    /// `RECORD.lock`, locked while the server runs.
+    _record_lock: File,
 }
 
 struct Shared {
-    disk: Disk,
+    store: Store,
+    sessions: Sessions,
+    timeouts: Timeouts,
     stopping: AtomicBool,
     /// Connections by number, until the accept thread reaps them after
     /// they end.
     conns: Mutex<HashMap<u64, Conn>>,
+    executed: AtomicU64,
+    writes_applied: AtomicU64,
+    remembered: AtomicU64,
+    refused: AtomicU64,
+    panics: AtomicU64,
 }
 
 struct Conn {
@@ -101,17 +187,52 @@ pub fn serve(image: &Path, listener: TcpListener) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// Serves only the arbitration record kept in `state` on `listener` until
+/// the process ends: [`Server::start_arbiter`] then [`Server::wait`].
+pub fn serve_arbiter(state: &Path, listener: TcpListener) -> Result<(), ServerError> {
+    Server::start_arbiter(state, listener)?.wait();
+    Ok(())
+}
+
 impl Server {
     /// Opens and locks `image` (which must exist, with a size that is a
     /// positive multiple of [`SECTOR_SIZE`]), loads or creates its owner
-    /// record `IMAGE.owner`, and starts serving on `listener` in background
-    /// threads.
+    /// record `IMAGE.owner` (and locks it through `IMAGE.owner.lock`), and
+    /// starts serving on `listener` in background threads.
     pub fn start(image: &Path, listener: TcpListener) -> Result<Server, ServerError> {
-        let disk = open_disk(image)?;
+        Self::launch(open_disk(image)?, listener, Timeouts::default())
+    }
+
+    /// An arbiter-only server: no image, only the arbitration record, kept
+    /// in the file `state` exactly as `IMAGE.owner` is for a disk (created,
+    /// at generation 0, if missing; locked through `STATE.lock`). Reads,
+    /// writes and flushes are answered with [`DiskError::NoImage`].
+    pub fn start_arbiter(state: &Path, listener: TcpListener) -> Result<Server, ServerError> {
+        Self::launch(open_record(state, None)?, listener, Timeouts::default())
+    }
+
+    /// [`Server::start`] with other timeouts (for tests).
+    #[cfg(test)]
+    pub(crate) fn start_with(image: &Path, listener: TcpListener, timeouts: Timeouts) -> Result<Server, ServerError> {
+        Self::launch(open_disk(image)?, listener, timeouts)
+    }
+
+    fn launch(store: Store, listener: TcpListener, timeouts: Timeouts) -> Result<Server, ServerError> {
         let addr = listener
             .local_addr()
             .map_err(|e| ServerError::Io { what: "reading the listen address".into(), source: e })?;
-        let shared = Arc::new(Shared { disk, stopping: AtomicBool::new(false), conns: Mutex::new(HashMap::new()) });
+        let shared = Arc::new(Shared {
+            store,
+            sessions: Sessions::new(),
+            timeouts,
+            stopping: AtomicBool::new(false),
+            conns: Mutex::new(HashMap::new()),
+            executed: AtomicU64::new(0),
+            writes_applied: AtomicU64::new(0),
+            remembered: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+        });
         let for_thread = shared.clone();
         let accept = std::thread::Builder::new()
             .name("ftdisk-accept".into())
@@ -125,9 +246,41 @@ impl Server {
         self.addr
     }
 
-    /// The disk's size in bytes.
+    /// The disk's size in bytes; 0 for an arbiter-only server.
     pub fn size(&self) -> u64 {
-        self.shared.disk.size
+        self.shared.store.image.as_ref().map_or(0, |image| image.size)
+    }
+
+    /// True for a server started with [`Server::start_arbiter`].
+    pub fn is_arbiter_only(&self) -> bool {
+        self.shared.store.image.is_none()
+    }
+
+    /// What the server did so far.
+    pub fn stats(&self) -> ServerStats {
+        let s = &self.shared;
+        let (sessions, sessions_evicted) = s.sessions.counts();
+        ServerStats {
+            executed: s.executed.load(Ordering::Relaxed),
+            writes_applied: s.writes_applied.load(Ordering::Relaxed),
+            answered_from_memory: s.remembered.load(Ordering::Relaxed),
+            refused_stale: s.refused.load(Ordering::Relaxed),
+            sessions,
+            sessions_evicted,
+            connection_panics: s.panics.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Connections being served now.
+    pub fn connections(&self) -> usize {
+        lock(&self.shared.conns).values().filter(|conn| !conn.thread.is_finished()).count()
+    }
+
+    /// Holds the arbitration record's lock, as a slow test-and-set would:
+    /// writes, flushes and test-and-sets wait until the guard is dropped.
+    #[cfg(test)]
+    pub(crate) fn stall(&self) -> std::sync::RwLockWriteGuard<'_, OwnerRecord> {
+        self.shared.store.record.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Blocks while the server runs (forever, unless its accept thread dies).
@@ -184,7 +337,7 @@ impl Drop for Server {
     }
 }
 
-fn open_disk(image: &Path) -> Result<Disk, ServerError> {
+fn open_disk(image: &Path) -> Result<Store, ServerError> {
     let open_err = |source| ServerError::OpenImage { path: image.to_path_buf(), source };
     let file = OpenOptions::new().read(true).write(true).open(image).map_err(open_err)?;
     let meta = file.metadata().map_err(open_err)?;
@@ -200,13 +353,35 @@ fn open_disk(image: &Path) -> Result<Disk, ServerError> {
         Err(TryLockError::WouldBlock) => return Err(ServerError::Busy(image.to_path_buf())),
         Err(TryLockError::Error(e)) => return Err(open_err(e)),
     }
-    let owner_path = owner::sidecar_path(image);
-    let record = owner::load_or_create(&owner_path).map_err(ServerError::OwnerRecord)?;
+    let store = open_record(&owner::sidecar_path(image), Some(Image { file, size }))?;
+    info!(image = %image.display(), size, "opened the image");
+    Ok(store)
+}
+
+/// Locks the record at `path` (through `PATH.lock`) and loads it, creating
+/// it if missing.
+fn open_record(path: &Path, image: Option<Image>) -> Result<Store, ServerError> {
+    let lock_path = owner::lock_path(path);
+    let record_lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| ServerError::OwnerRecord(format!("opening the lock file {}: {e}", lock_path.display())))?;
+    match record_lock.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Err(ServerError::RecordBusy(path.to_path_buf())),
+        Err(TryLockError::Error(e)) => {
+            return Err(ServerError::OwnerRecord(format!("locking {}: {e}", lock_path.display())))
+        }
+    }
+    let record = owner::load_or_create(path).map_err(ServerError::OwnerRecord)?;
     info!(
-        image = %image.display(), size, generation = record.generation, owner = %record.owner,
-        "opened the image"
+        record = %path.display(), generation = record.generation, owner = %record.owner,
+        arbiter_only = image.is_none(), "loaded the arbitration record"
     );
-    Ok(Disk { file, size, owner_path, record: RwLock::new(record) })
+    Ok(Store { image, record_path: path.to_path_buf(), record: RwLock::new(record), _record_lock: record_lock })
 }
 
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
@@ -251,7 +426,8 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         next_id += 1;
         let for_thread = shared.clone();
         let spawned = std::thread::Builder::new().name(format!("ftdisk-conn-{id}")).spawn(move || {
-            serve_connection(&for_thread.disk, stream, peer);
+            let _count = CountPanic(&for_thread.panics);
+            serve_connection(&for_thread, stream, peer);
             if let Some(conn) = lock(&for_thread.conns).get_mut(&id) {
                 conn.stream = None;
             }
@@ -265,11 +441,23 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// Counts the connection threads that panicked (a bug; it ends only that
+/// connection).
+struct CountPanic<'a>(&'a AtomicU64);
+
+impl Drop for CountPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Serves one connection until it closes or misbehaves; logs one line on
 /// the way out.
-fn serve_connection(disk: &Disk, stream: TcpStream, peer: SocketAddr) {
+fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
     debug!(%peer, "connected");
-    match converse(disk, &stream) {
+    match converse(shared, &stream) {
         Ok(()) => debug!(%peer, "disconnected"),
         Err(e) if e.is_timeout() => info!(%peer, "dropping the connection: timed out ({e})"),
         Err(WireError::Io { source, .. }) if source.kind() == std::io::ErrorKind::ConnectionReset => {
@@ -279,60 +467,104 @@ fn serve_connection(disk: &Disk, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
-fn converse(disk: &Disk, stream: &TcpStream) -> Result<(), WireError> {
-    let sock = |what: &'static str| move |e| WireError::io(what, e);
-    stream.set_nodelay(true).map_err(sock("setting TCP_NODELAY"))?;
-    stream.set_write_timeout(Some(FRAME_TIMEOUT)).map_err(sock("setting a write timeout"))?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(sock("setting a read timeout"))?;
-    let mut out = stream;
-    out.write_all(&proto::preamble()).map_err(sock("sending the preamble"))?;
-    let mut input = BufReader::new(stream);
+fn converse(shared: &Shared, stream: &TcpStream) -> Result<(), WireError> {
+    let timeouts = shared.timeouts;
+    stream.set_nodelay(true).map_err(|e| WireError::io("setting TCP_NODELAY", e))?;
+    let mut out = Timed::new(stream, timeouts.handshake);
+    out.write_all(&proto::preamble()).map_err(|e| WireError::io("sending the preamble", e))?;
+    let mut input = BufReader::with_capacity(INPUT_BUFFER, Timed::new(stream, timeouts.handshake));
     proto::read_preamble(&mut input)?;
     let mut buf = Vec::new();
+    // The session of the last request: kept in use (not evictable) while
+    // this connection is open.
+    let mut session: Option<Arc<Slot>> = None;
     loop {
         // Idle between requests, but once a frame has begun the rest must
         // follow promptly.
-        stream.set_read_timeout(Some(IDLE_TIMEOUT)).map_err(sock("setting a read timeout"))?;
+        input.get_mut().set_within(timeouts.idle);
         match input.fill_buf() {
             Ok([]) => return Ok(()),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(WireError::io("waiting for a request", e)),
         }
-        stream.set_read_timeout(Some(FRAME_TIMEOUT)).map_err(sock("setting a read timeout"))?;
+        input.get_mut().set_within(timeouts.frame);
         proto::read_frame(&mut input, &mut buf)?;
         let request: Request = proto::decode(&buf)?;
-        let kind = request.op.kind();
-        let result = disk.handle(request.op);
-        if let Err(e) = &result {
-            debug!("{kind} refused: {e}");
+        if buf.capacity() > RETAINED_BUFFER {
+            buf = Vec::with_capacity(RETAINED_BUFFER);
         }
-        let frame = proto::encode(&Response { id: request.id, result })?;
-        out.write_all(&frame).map_err(sock("sending a response"))?;
+        let seq = request.seq;
+        let result = shared.handle(request, &mut session);
+        let frame = proto::encode(&Response { seq, result })?;
+        // Not reading the next request until this answer is out bounds what
+        // a client that does not read can make us hold.
+        out.set_within(timeouts.frame);
+        out.write_all(&frame).map_err(|e| WireError::io("sending a response", e))?;
     }
 }
 
-impl Disk {
-    fn handle(&self, op: Op) -> Result<Reply, DiskError> {
+impl Shared {
+    /// Handles one request in its session (see [`crate::session`]).
+    fn handle(&self, request: Request, session: &mut Option<Arc<Slot>>) -> Result<Reply, DiskError> {
+        let Request { session: id, seq, op } = request;
+        let slot = match session {
+            Some(slot) if slot.id() == id => {
+                self.sessions.touch(slot);
+                slot.clone()
+            }
+            _ => {
+                let slot = self.sessions.slot(id)?;
+                *session = Some(slot.clone());
+                slot
+            }
+        };
+        let kind = op.kind();
+        let (result, disposition) = slot.handle(seq, op, |op| self.store.execute(op, &self.writes_applied));
+        match disposition {
+            Disposition::Executed | Disposition::ReadAgain => {
+                self.executed.fetch_add(1, Ordering::Relaxed);
+            }
+            Disposition::Remembered => {
+                self.remembered.fetch_add(1, Ordering::Relaxed);
+                debug!(session = format_args!("{id:016x}"), seq, "{kind} retried: answered from memory");
+            }
+            Disposition::Refused => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Err(e) = &result {
+            debug!(session = format_args!("{id:016x}"), seq, "{kind} refused: {e}");
+        }
+        result
+    }
+}
+
+impl Store {
+    fn execute(&self, op: Op, writes_applied: &AtomicU64) -> Result<Reply, DiskError> {
         match op {
             Op::Read { offset, len } => {
-                self.check_io(offset, u64::from(len))?;
+                let image = self.image()?;
+                image.check_io(offset, u64::from(len))?;
                 let mut data = vec![0u8; len as usize];
-                self.file.read_exact_at(&mut data, offset).map_err(|e| io_error("reading the image", e))?;
+                image.file.read_exact_at(&mut data, offset).map_err(|e| io_error("reading the image", e))?;
                 Ok(Reply::Data(data))
             }
             Op::Write { offset, data, generation } => {
-                self.check_io(offset, data.len() as u64)?;
+                let image = self.image()?;
+                image.check_io(offset, data.len() as u64)?;
                 let record = self.record.read().unwrap_or_else(PoisonError::into_inner);
                 check_generation(generation, &record)?;
-                self.file.write_all_at(&data, offset).map_err(|e| io_error("writing the image", e))?;
+                image.file.write_all_at(&data, offset).map_err(|e| io_error("writing the image", e))?;
+                writes_applied.fetch_add(1, Ordering::Relaxed);
                 Ok(Reply::Done)
             }
             Op::Flush { generation } => {
+                let image = self.image()?;
                 // The check is all fencing needs: flushing what an
                 // acknowledged write already put in the file harms no one.
                 check_generation(generation, &self.record.read().unwrap_or_else(PoisonError::into_inner))?;
-                self.file.sync_data().map_err(|e| io_error("flushing the image", e))?;
+                image.file.sync_data().map_err(|e| io_error("flushing the image", e))?;
                 Ok(Reply::Done)
             }
             Op::TestAndSet { expected_generation, owner } => self.test_and_set(expected_generation, owner),
@@ -340,8 +572,15 @@ impl Disk {
                 let record = self.record.read().unwrap_or_else(PoisonError::into_inner);
                 Ok(Reply::Owner { generation: record.generation, owner: record.owner.clone() })
             }
-            Op::Info => Ok(Reply::Info { size: self.size }),
+            Op::Info => Ok(match &self.image {
+                Some(image) => Reply::Info { size: image.size, arbiter_only: false },
+                None => Reply::Info { size: 0, arbiter_only: true },
+            }),
         }
+    }
+
+    fn image(&self) -> Result<&Image, DiskError> {
+        self.image.as_ref().ok_or(DiskError::NoImage)
     }
 
     fn test_and_set(&self, expected: u64, owner: String) -> Result<Reply, DiskError> {
@@ -354,12 +593,14 @@ impl Disk {
         let next = OwnerRecord { generation, owner };
         // Persisted before it takes effect: a win that a restart could
         // forget would let two VMMs believe they own the disk.
-        owner::persist(&self.owner_path, &next).map_err(|e| io_error("persisting the owner record", e))?;
-        info!(generation, owner = %next.owner, "test-and-set won: the disk has a new owner");
+        owner::persist(&self.record_path, &next).map_err(|e| io_error("persisting the owner record", e))?;
+        info!(generation, owner = %next.owner, "test-and-set won: the record has a new owner");
         *record = next;
         Ok(Reply::Won { generation })
     }
+}
 
+impl Image {
     /// A transfer must fit in one request and in the disk.
     fn check_io(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         if len > u64::from(MAX_IO) {

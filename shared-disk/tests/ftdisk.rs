@@ -1,6 +1,6 @@
 //! The `ftdisk` binary, run as a child process.
 
-use shared_disk::{DiskClient, TasOutcome};
+use shared_disk::{Arbiter, ClientError, DiskClient, ServerKind, TasOutcome};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -48,7 +48,12 @@ fn ftdisk() -> Command {
 
 /// Starts ftdisk on a free port and waits for its "serving" line.
 fn spawn(image: &Path) -> (Ftdisk, String) {
-    let mut child = ftdisk().arg("--image").arg(image).args(["--listen", "127.0.0.1:0"]).spawn().unwrap();
+    spawn_with(&["--image".as_ref(), image.as_os_str()], "127.0.0.1:0")
+}
+
+/// Starts ftdisk with `args` on `listen` and waits for its "serving" line.
+fn spawn_with(args: &[&std::ffi::OsStr], listen: &str) -> (Ftdisk, String) {
+    let mut child = ftdisk().args(args).args(["--listen", listen]).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let (lines, rx) = mpsc::channel();
     // Keeps draining stderr, so the server never blocks on a full pipe.
@@ -129,4 +134,67 @@ fn serves_a_qemu_img_image() {
     let on_disk = std::fs::read(&image).unwrap();
     assert_eq!(on_disk.len(), 64 << 20);
     assert!(on_disk[(64 << 20) - 512..].iter().all(|b| *b == 0x5a));
+}
+
+#[test]
+fn serves_an_arbiter_only_record_that_survives_a_restart() {
+    let dir = TempDir::new("arbiter");
+    let state = dir.0.join("pair.state");
+    let args = ["--arbiter-only".as_ref(), "--state".as_ref(), state.as_os_str()];
+    let (server, line) = spawn_with(&args, "127.0.0.1:0");
+    assert_eq!(
+        line,
+        format!("ftdisk: serving the arbitration record {} (arbiter only) on {}", state.display(), server.addr)
+    );
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "ftdisk-owner 1\ngeneration 0\nowner \n");
+    let mut a = Arbiter::connect(&server.addr, TIMEOUT).unwrap();
+    assert_eq!(a.kind(), ServerKind::ArbiterOnly);
+    assert_eq!(a.generation().unwrap(), 0);
+    assert_eq!(a.test_and_set(0, "primary@a").unwrap(), TasOutcome::Won { generation: 1 });
+    let err = DiskClient::connect(&server.addr, TIMEOUT).unwrap_err();
+    assert!(matches!(err, ClientError::NoDisk { .. }), "{err}");
+
+    // Killed (no clean shutdown) and restarted on the same port.
+    let addr = server.addr.clone();
+    drop(server);
+    let (_server, _) = spawn_with(&args, &addr);
+    assert_eq!(a.owner().unwrap(), (1, "primary@a".to_string()));
+    assert_eq!(a.test_and_set(0, "backup@b").unwrap(), TasOutcome::Lost { generation: 1, owner: "primary@a".into() });
+}
+
+#[test]
+fn exactly_one_mode_is_a_usage_error_otherwise() {
+    let dir = TempDir::new("modes");
+    let image = dir.0.join("disk.img");
+    std::fs::write(&image, vec![0u8; 4096]).unwrap();
+    let state = dir.0.join("state");
+    let (image, state) = (image.to_str().unwrap(), state.to_str().unwrap());
+    let listen = ["--listen", "127.0.0.1:0"];
+    let cases: Vec<Vec<&str>> = vec![
+        vec![],
+        vec!["--image", image, "--arbiter-only", "--state", state],
+        vec!["--arbiter-only"],
+        vec!["--state", state],
+        vec!["--image", image, "--state", state],
+    ];
+    for args in cases {
+        let out = ftdisk().args(&args).args(listen).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    }
+    assert!(!dir.0.join("state").exists(), "a usage error created the state file");
+    // A state file that cannot be made is a one-line error.
+    let error = fails(&["--arbiter-only", "--state", "/nonexistent-dir/state", "--listen", "127.0.0.1:0"]);
+    assert!(error.contains("/nonexistent-dir/state"), "{error}");
+}
+
+#[test]
+fn help_documents_both_modes() {
+    let out = ftdisk().arg("--help").stdout(Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in ["--image", "--arbiter-only", "--state", "--listen", "IMAGE.owner", "Exit status"] {
+        assert!(help.contains(word), "--help does not mention {word}:\n{help}");
+    }
 }

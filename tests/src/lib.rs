@@ -45,8 +45,15 @@ pub fn ftdisk_bin() -> PathBuf {
 /// A running `ftdisk` serving `image` on `addr` (port 0: any), and the
 /// address it serves on.
 pub fn spawn_ftdisk(image: &str, addr: &str) -> (Child, String) {
+    spawn_ftdisk_with(&["--image", image], addr)
+}
+
+/// A running `ftdisk` with `args` (`--image PATH`, or `--arbiter-only
+/// --state PATH`) on `addr`, and the address it serves on.
+pub fn spawn_ftdisk_with(args: &[&str], addr: &str) -> (Child, String) {
     let mut child = Command::new(ftdisk_bin())
-        .args(["--image", image, "--listen", addr])
+        .args(args)
+        .args(["--listen", addr])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

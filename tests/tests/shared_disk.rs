@@ -2,7 +2,7 @@
 //! logging channel is cut (split brain), and a storage server restarting
 //! under load.
 
-use ftvmm_tests::{qemu_img, spawn_ftdisk, Proc, Scratch};
+use ftvmm_tests::{qemu_img, spawn_ftdisk, spawn_ftdisk_with, Proc, Scratch};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,8 +56,11 @@ impl Proxy {
     }
 }
 
-fn split_brain_trial(disk: &str, trial: u32) {
-    let common = ["--guest", "ticker", "--cmdline", "hz=50", "--disk", disk, "--heartbeat-ms", "100"];
+/// `arbitration`: the flags that give the pair its go-live arbitration;
+/// `won`: what the winner says.
+fn split_brain_trial(arbitration: &[&str], won: &str, trial: u32) {
+    let mut common = vec!["--guest", "ticker", "--cmdline", "hz=50", "--heartbeat-ms", "100"];
+    common.extend_from_slice(arbitration);
     let mut pargs = vec!["--primary", "--listen", "127.0.0.1:0"];
     pargs.extend_from_slice(&common);
     let mut p = Proc::spawn(&pargs);
@@ -85,11 +88,11 @@ fn split_brain_trial(disk: &str, trial: u32) {
     let context = || format!("trial {trial}\nprimary: {:?}\nbackup: {:?}", p.stderr(), b.stderr());
     match (p_status, b_status) {
         (Some(Some(5)), None) => {
-            b.wait_line("won the shared disk", Duration::from_secs(2));
+            b.wait_line(won, Duration::from_secs(2));
             b.wait_line("going live", Duration::from_secs(2));
         }
         (None, Some(Some(5))) => {
-            p.wait_line("won the shared disk", Duration::from_secs(2));
+            p.wait_line(won, Duration::from_secs(2));
             p.wait_line("running alone", Duration::from_secs(2));
         }
         other => panic!("not exactly one survivor: {other:?}\n{}", context()),
@@ -121,9 +124,34 @@ fn a_cut_logging_channel_leaves_exactly_one_side_live() {
     let (mut ftdisk, addr) = spawn_ftdisk(&image, "127.0.0.1:0");
     let disk = format!("ftdisk:{addr}");
     for trial in 0..50 {
-        split_brain_trial(&disk, trial);
+        split_brain_trial(&["--disk", &disk], "won the shared disk", trial);
     }
     let _ = ftdisk.kill();
+}
+
+#[test]
+fn a_cut_logging_channel_leaves_exactly_one_side_live_with_an_arbiter_and_no_disk() {
+    let dir = Scratch::new("split-brain-arbiter");
+    let (mut arbiter, addr) = spawn_ftdisk_with(&["--arbiter-only", "--state", &dir.path("record")], "127.0.0.1:0");
+    let arbiter_flag = format!("ftdisk:{addr}");
+    for trial in 0..50 {
+        split_brain_trial(&["--arbiter", &arbiter_flag], "won the arbiter", trial);
+    }
+    let _ = arbiter.kill();
+}
+
+#[test]
+fn a_pair_without_arbitration_is_warned_and_the_arbiter_flag_is_checked() {
+    let (p, b) = start_pair(&["--guest", "ticker", "--cmdline", "hz=50 ticks=20"]);
+    for side in [&p, &b] {
+        side.wait_line("no go-live arbitration", START);
+    }
+    drop((p, b));
+    let r = ftvmm_tests::run(&["--guest", "hello", "--arbiter", "10.0.0.1:1"], START);
+    r.assert_error(2, "want ftdisk:ADDR");
+    let r =
+        ftvmm_tests::run(&["--guest", "hello", "--arbiter", "ftdisk:1.2.3.4:1", "--disk", "ftdisk:1.2.3.4:2"], START);
+    r.assert_error(2, "already arbitrates");
 }
 
 #[test]

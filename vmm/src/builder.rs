@@ -6,6 +6,7 @@
 //! The log or the peer is opened before KVM is touched, so that a bad log or
 //! an unreachable peer is reported as such.
 
+use crate::arbiter::{Arbitration, RemoteArbiter};
 use crate::boot::{self, VirtioEntry};
 use crate::clock::{wall_clock_ns, HostClock};
 use crate::config::{DiskSpec, ImageSource, Mode, VmConfig};
@@ -13,10 +14,11 @@ use crate::console::Endpoint;
 use crate::devices::Devices;
 use crate::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
 use crate::error::{usage, Error, RunError};
-use crate::ft::{owner_name, Direct, Held, LogSink, LogSource, OutputGate, Role, SerialOutput, Suppressed};
+use crate::ft::{owner_name, Direct, Held, LogSink, LogSource, OutputGate, Outputs, Role, Suppressed};
 use crate::inputs::{Inputs, LiveInputs};
-use crate::run::{check_begin, Vmm};
+use crate::run::{check_begin, restore_state, Vmm};
 use crate::snapshot::{SnapshotError, StateReader};
+use crate::tap::{format_mac, HostNic};
 use crate::{loader, rdtsc, vm};
 use logging_channel::{BackupLink, ChannelConfig, PrimaryListener};
 use replay::{Header, LogReader, LogWriter, Recorder, Replayer};
@@ -53,14 +55,14 @@ fn open_disk(spec: &DiskSpec) -> Result<DiskPort, Error> {
     Ok(DiskPort::new(backend))
 }
 
-/// Takes ownership of a shared disk at boot; returns the generation (0 when
-/// the disk cannot arbitrate).
-fn claim_at_boot(disk: &DiskPort, role: &str) -> Result<u64, Error> {
-    let fail = |e: std::io::Error| usage(format!("--disk: claiming the shared disk: {e}"));
-    let Some(current) = disk.generation().map_err(fail)? else { return Ok(0) };
-    match disk.claim(current, &owner_name(role)).map_err(fail)? {
+/// Takes the arbitration record at boot (fencing off any earlier owner);
+/// returns the generation (0 when there is nothing to arbitrate on).
+fn claim_at_boot(arbitration: Arbitration<'_>, role: &str) -> Result<u64, Error> {
+    let fail = |e: std::io::Error| usage(format!("claiming the go-live arbitration record: {e}"));
+    let Some(current) = arbitration.generation().map_err(fail)? else { return Ok(0) };
+    match arbitration.claim(current, &owner_name(role)).map_err(fail)? {
         Some(Claim::Won { generation }) => Ok(generation),
-        Some(Claim::Lost { owner, .. }) => Err(usage(format!("--disk: {owner} took the shared disk while we started"))),
+        Some(Claim::Lost { owner, .. }) => Err(usage(format!("{owner} took the arbitration record while we started"))),
         None => Ok(0),
     }
 }
@@ -70,6 +72,10 @@ fn header(image: &[u8], config: &VmConfig, disk: Option<&DiskPort>) -> Header {
     let mut vm = format!("mem_mib={} cmdline={:?}", config.mem_mib, config.cmdline);
     if let Some(d) = disk {
         vm.push_str(&format!(" disk_bytes={}", d.size()));
+    }
+    if let Some(net) = &config.net {
+        // Both sides of a pair give the VM the same MAC.
+        vm.push_str(&format!(" net_mac={}", format_mac(&net.mac)));
     }
     Header {
         image_hash: replay::Digest(*blake3::hash(image).as_bytes()),
@@ -94,7 +100,7 @@ fn start_serial(
 /// Where a VM's inputs come from and its outputs go, for its mode.
 struct Wiring {
     inputs: Inputs,
-    output: Box<dyn SerialOutput>,
+    output: Box<dyn Outputs>,
     role: Role,
 }
 
@@ -105,6 +111,7 @@ fn wire(
     endpoint: Endpoint,
     disk: Option<&mut DiskPort>,
     restored_at: Option<u64>,
+    nic: Option<HostNic>,
 ) -> Result<Wiring, Error> {
     let channel = ChannelConfig { heartbeat_timeout: config.heartbeat, ..Default::default() };
     let wiring = match &config.mode {
@@ -135,7 +142,8 @@ fn wire(
             header.wall_clock_base_ns = logged.wall_clock_base_ns;
             Wiring {
                 inputs: Inputs::Replay(replayer),
-                output: Box::new(Direct(endpoint.start_output_only())),
+                // A replay sends no frame.
+                output: Box::new(Direct { port: endpoint.start_output_only(), net: None }),
                 role: Role::Solo,
             }
         }
@@ -148,6 +156,10 @@ fn wire(
                 // Checked now, used when the backup goes live.
                 File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?;
             }
+            if let Some(nic) = &nic {
+                // Frames come from the log: what arrives on our TAP is drained.
+                nic.rx.set_discard(true);
+            }
             Wiring {
                 inputs: Inputs::Replay(Replayer::new(LogSource::Backup(link))),
                 output: Box::new(Suppressed::default()),
@@ -155,6 +167,7 @@ fn wire(
                     endpoint: Some(endpoint),
                     serial_input: config.serial_input.clone(),
                     expected_generation: primary.disk_generation,
+                    nic,
                 },
             }
         }
@@ -169,7 +182,7 @@ fn wire(
             eprintln!("ftvmm: primary: backup attached; booting");
             let (input, port) = start_serial(endpoint, config.serial_input.as_deref())?;
             let disk_delivered = disk.as_ref().map_or_else(Default::default, |d| d.delivered());
-            let gate = OutputGate::new(port.sender(), disk.map(|d| d.releaser()));
+            let gate = OutputGate::new(port.sender(), disk.map(|d| d.releaser()), nic.as_ref().map(|n| n.tx.clone()));
             let acks = gate.clone();
             // Losing the backup is not an ack: the run loop releases held
             // output once it has won the disk (or has no disk to arbitrate on).
@@ -179,7 +192,10 @@ fn wire(
                 }
             }));
             let recorder = Recorder::new(LogSink::Primary(link));
-            let live = LiveInputs::new(HostClock::start(), Some(input), Some(recorder), None);
+            let mut live = LiveInputs::new(HostClock::start(), Some(input), Some(recorder), None);
+            if let Some(nic) = &nic {
+                live.attach_nic(nic.rx.clone(), &nic.waker);
+            }
             let role = Role::Primary {
                 gate: gate.clone(),
                 delivered: port.delivered(),
@@ -207,8 +223,12 @@ fn wire(
                 None => None,
             };
             let (input, port) = start_serial(endpoint, config.serial_input.as_deref())?;
-            let live = LiveInputs::new(HostClock::start(), Some(input), recorder, config.perturb_seed);
-            Wiring { inputs: Inputs::Live(Box::new(live)), output: Box::new(Direct(port)), role: Role::Solo }
+            let mut live = LiveInputs::new(HostClock::start(), Some(input), recorder, config.perturb_seed);
+            if let Some(nic) = &nic {
+                live.attach_nic(nic.rx.clone(), &nic.waker);
+            }
+            let output = Direct { port, net: nic.as_ref().map(|n| n.tx.clone()) };
+            Wiring { inputs: Inputs::Live(Box::new(live)), output: Box::new(output), role: Role::Solo }
         }
     };
     Ok(wiring)
@@ -225,13 +245,22 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
     if let Some(addr) = endpoint.local_addr() {
         eprintln!("ftvmm: serial console on {addr}");
     }
-    // A VM that starts live owns the shared disk: claim it (fencing off any
-    // earlier owner). A replay never writes; a backup claims it when it goes live.
+    let arbiter = match &config.arbiter {
+        Some(addr) => Some(RemoteArbiter::connect(addr).map_err(|e| usage(format!("--arbiter ftdisk:{addr}: {e}")))?),
+        None => None,
+    };
+    let arbitration = match (&arbiter, &disk) {
+        (Some(a), _) => Arbitration::Remote(a),
+        (None, Some(d)) if matches!(config.disk, Some(DiskSpec::Ftdisk(_))) => Arbitration::Disk(d),
+        _ => Arbitration::None,
+    };
+    let unarbitrated = matches!(arbitration, Arbitration::None);
+    // A VM that starts live owns the arbitration record: claim it (fencing
+    // off any earlier owner of a shared disk). A replay never writes; a
+    // backup claims it when it goes live.
     if config.starts_live() {
-        if let Some(d) = &disk {
-            let role = if matches!(config.mode, Mode::Primary { .. }) { "primary" } else { "vmm" };
-            header.disk_generation = claim_at_boot(d, role)?;
-        }
+        let role = if matches!(config.mode, Mode::Primary { .. }) { "primary" } else { "vmm" };
+        header.disk_generation = claim_at_boot(arbitration, role)?;
     }
     // A snapshot to start from: checked against this VM before anything runs.
     let mut snapshot = match &config.restore {
@@ -245,22 +274,47 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         None => None,
     };
     let restored_at = snapshot.as_ref().map(|(_, exit)| *exit);
-    let Wiring { inputs, output, role } = wire(config, &mut header, endpoint, disk.as_mut(), restored_at)?;
+    // The NIC's TAP (a replay takes frames only from the log: it opens none).
+    let nic = match (&config.net, &config.mode) {
+        (Some(spec), Mode::Solo { .. } | Mode::Primary { .. } | Mode::Backup { .. }) => {
+            Some(HostNic::open(spec).map_err(|e| usage(format!("--net {spec}: {e}")))?)
+        }
+        _ => None,
+    };
+    let Wiring { inputs, output, role } = wire(config, &mut header, endpoint, disk.as_mut(), restored_at, nic)?;
+    if unarbitrated && matches!(config.mode, Mode::Primary { .. } | Mode::Backup { .. }) {
+        eprintln!(
+            "ftvmm: warning: no go-live arbitration (neither --disk ftdisk:ADDR nor --arbiter ftdisk:ADDR): \
+             a partition between primary and backup can leave two live copies"
+        );
+    }
 
     let machine = vm::Machine::new(mem_size).map_err(RunError::from)?;
     let loaded = loader::load(&machine.mem, mem_size, &image).map_err(|e| usage(format!("guest image {name}: {e}")))?;
     let rdtsc_sites = rdtsc::rewrite(&machine.mem, &loaded.code_segments)
         .map_err(|e| usage(format!("guest image {name}: rewriting RDTSC: {e}")))?;
-    let devices = Devices::new(mem_size, disk.as_ref().map(|d| d.size()));
+    let devices = Devices::new(mem_size, disk.as_ref().map(|d| d.size()), config.net.as_ref().map(|n| n.mac));
     let virtio: Vec<VirtioEntry> =
         devices.virtio_table().into_iter().map(|(slot, device_id)| VirtioEntry { slot, device_id }).collect();
     boot::write_boot_structures(&machine.mem, mem_size, config.cmdline.as_bytes(), &virtio)
         .map_err(|e| usage(format!("writing boot structures: {e}")))?;
     machine.set_boot_state(loaded.entry).map_err(RunError::from)?;
 
+    let mut machine = machine;
+    let mut devices = devices;
+    // The second entry point: a VM built from a snapshot instead of its image.
+    let restored = match (snapshot.as_mut(), &config.restore) {
+        (Some((reader, _)), Some(path)) => Some(
+            restore_state(&mut machine, &mut devices, reader)
+                .map_err(|e| usage(format!("--restore {}: {e}", path.display())))?,
+        ),
+        _ => None,
+    };
     let mut vmm = Vmm::new(machine, devices, inputs, output, role, disk, rdtsc_sites, header, config.wants_digest());
-    if let (Some((reader, exit)), Some(path)) = (snapshot.as_mut(), &config.restore) {
-        vmm.restore_snapshot(reader).map_err(|e| usage(format!("--restore {}: {e}", path.display())))?;
+    vmm.arbiter = arbiter;
+    if let (Some(restored), Some(path)) = (restored, &config.restore) {
+        let exit = restored.exits;
+        vmm.adopt(restored).map_err(|e| usage(format!("--restore {}: {e}", path.display())))?;
         eprintln!("ftvmm: restored the snapshot {} (exit {exit})", path.display());
     }
     if let Some((exit, path)) = &config.save_snapshot {

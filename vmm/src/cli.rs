@@ -4,6 +4,7 @@
 use crate::config::{DiskSpec, ImageSource, Mode, VmConfig};
 use crate::console::SerialSpec;
 use crate::layout::{CMDLINE_MAX, MAX_MEM_BYTES};
+use crate::tap::NetSpec;
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -95,6 +96,21 @@ pub struct Cli {
     #[arg(long, value_name = "PATH|ftdisk:ADDR")]
     pub disk: Option<PathBuf>,
 
+    /// Give the guest a virtio-net NIC on the EXISTING TAP device IFNAME
+    /// (made with `ip tuntap add dev IFNAME mode tap` and bridged onto the
+    /// LAN), with MAC address MAC (default 52:54:00:12:34:56). A primary and
+    /// its backup give the VM the same MAC, each on a TAP of its own host;
+    /// a pair with a NIC needs go-live arbitration (--disk ftdisk: or
+    /// --arbiter).
+    #[arg(long, value_name = "tap:IFNAME[,mac=MAC]")]
+    pub net: Option<NetSpec>,
+
+    /// Arbitrate going live on the `ftdisk` at ADDR (`ftdisk --arbiter-only`
+    /// serves just that), for a pair without a shared disk on ftdisk: a
+    /// partition then never leaves two live copies.
+    #[arg(long, value_name = "ftdisk:ADDR")]
+    pub arbiter: Option<String>,
+
     /// At exit, print the output-commit latency (how long outputs were held
     /// for the backup's acknowledgement) on stderr: `ftvmm: stats: ...`.
     #[arg(long)]
@@ -161,7 +177,27 @@ impl Cli {
                 None => DiskSpec::File(path),
             }
         });
+        let arbiter = match self.arbiter {
+            Some(spec) => match spec.strip_prefix("ftdisk:") {
+                Some(addr) if !addr.is_empty() => Some(addr.to_string()),
+                _ => return Err(format!("--arbiter {spec:?}: want ftdisk:ADDR")),
+            },
+            None => None,
+        };
+        let arbitrated = arbiter.is_some() || matches!(disk, Some(DiskSpec::Ftdisk(_)));
+        if self.net.is_some() && (self.primary || self.backup) && !arbitrated {
+            return Err("--net with --primary/--backup needs go-live arbitration (--disk ftdisk:ADDR or --arbiter \
+                        ftdisk:ADDR): two live copies of one MAC and IP would be split brain on the wire"
+                .into());
+        }
+        if arbiter.is_some() && matches!(disk, Some(DiskSpec::Ftdisk(_))) {
+            return Err(
+                "--arbiter: the shared disk on ftdisk already arbitrates (and fences); give one or the other".into()
+            );
+        }
         Ok(Command::Run(Box::new(VmConfig {
+            arbiter,
+            net: self.net,
             mem_mib: self.mem_mib,
             cmdline: self.cmdline,
             serial: self.serial,

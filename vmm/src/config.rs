@@ -3,6 +3,7 @@
 //! parses and validates into it; nothing here knows about flags.
 
 use crate::console::SerialSpec;
+use crate::tap::NetSpec;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -61,6 +62,11 @@ pub struct VmConfig {
     /// Serial input from this file instead of the endpoint.
     pub serial_input: Option<PathBuf>,
     pub disk: Option<DiskSpec>,
+    /// The NIC: an existing TAP device and the VM's MAC.
+    pub net: Option<NetSpec>,
+    /// An arbiter-only `ftdisk` for go-live arbitration (a pair without a
+    /// shared disk on ftdisk).
+    pub arbiter: Option<String>,
     pub mode: Mode,
     /// The peer on the logging channel is lost after this long without
     /// traffic from it.
@@ -89,6 +95,8 @@ impl VmConfig {
             serial: SerialSpec::Stdio,
             serial_input: None,
             disk: None,
+            net: None,
+            arbiter: None,
             mode: Mode::Solo { record: None },
             heartbeat: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(30),

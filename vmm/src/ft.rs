@@ -10,6 +10,7 @@
 
 use crate::console::{Backlog, Endpoint, OutputPort, PortSender};
 use crate::disk::{DiskOp, DiskPort, DiskSender};
+use crate::tap::{HostNic, TapTx};
 use logging_channel::{BackupLink, PrimaryLink};
 use replay::{LogError, LogReader, LogWriter, Position, Record, RecordSink, RecordSource};
 use std::collections::VecDeque;
@@ -44,6 +45,8 @@ pub enum Role {
         serial_input: Option<std::path::PathBuf>,
         /// The primary's generation of the shared disk, to claim it from.
         expected_generation: u64,
+        /// The NIC's host side, its TAP drained until the backup goes live.
+        nic: Option<HostNic>,
     },
 }
 
@@ -101,10 +104,12 @@ impl RecordSource for LogSource {
     }
 }
 
-/// Where the guest's outputs go — serial bytes and disk writes —, each with
-/// the position at which the guest produced it.
-pub trait SerialOutput {
+/// Where the guest's outputs go — serial bytes, disk writes, transmitted
+/// frames —, each with the position at which the guest produced it.
+pub trait Outputs {
     fn output(&mut self, position: Position, bytes: Vec<u8>);
+    /// An Ethernet frame the guest transmitted.
+    fn frame(&mut self, position: Position, frame: Vec<u8>);
     /// A disk write or flush. Returns false when the caller should apply it
     /// at once (no output rule applies); true when it was taken over.
     fn disk(&mut self, _position: Position, _op: &DiskOp) -> bool {
@@ -112,8 +117,15 @@ pub trait SerialOutput {
     }
     /// The backup goes live: re-emit what the primary may not have released
     /// (everything produced after `released`) — serial output to `port`,
-    /// disk writes re-issued on `disk` —, then pass output through.
-    fn go_live(&mut self, _released: u64, _port: OutputPort, _disk: Option<&DiskPort>) -> std::io::Result<()> {
+    /// disk writes re-issued on `disk`, frames sent on `net` —, then pass
+    /// output through.
+    fn go_live(
+        &mut self,
+        _released: u64,
+        _port: OutputPort,
+        _disk: Option<&DiskPort>,
+        _net: Option<TapTx>,
+    ) -> std::io::Result<()> {
         Ok(())
     }
     /// The primary reported outputs up to `released` as released.
@@ -122,15 +134,31 @@ pub trait SerialOutput {
     fn close(self: Box<Self>);
 }
 
-/// Output released at once.
-pub struct Direct(pub OutputPort);
+/// Output released at once (a replay has no `net`: it sends no frame).
+pub struct Direct {
+    pub port: OutputPort,
+    pub net: Option<TapTx>,
+}
 
-impl SerialOutput for Direct {
+impl Outputs for Direct {
     fn output(&mut self, position: Position, bytes: Vec<u8>) {
-        self.0.sender().send(position.exit, bytes);
+        self.port.sender().send(position.exit, bytes);
+    }
+    fn frame(&mut self, _position: Position, frame: Vec<u8>) {
+        send_frame(self.net.as_ref(), &frame);
     }
     fn close(self: Box<Self>) {
-        self.0.close();
+        self.port.close();
+    }
+}
+
+/// Sends a frame on the TAP. A NIC drops what it cannot send (a full queue
+/// or a down link are counted by the TAP); TCP retransmits.
+fn send_frame(net: Option<&TapTx>, frame: &[u8]) {
+    if let Some(tx) = net {
+        if let Err(e) = tx.write(frame) {
+            tracing::debug!("sending a frame: {e}");
+        }
     }
 }
 
@@ -139,6 +167,7 @@ impl SerialOutput for Direct {
 pub enum Item {
     Serial(Vec<u8>),
     Disk(DiskOp),
+    Frame(Vec<u8>),
 }
 
 /// The primary's output rule: outputs wait for the backup's acknowledgement.
@@ -146,6 +175,7 @@ pub struct OutputGate {
     inner: Mutex<GateState>,
     port: PortSender,
     disk: Option<DiskSender>,
+    net: Option<TapTx>,
 }
 
 struct GateState {
@@ -159,9 +189,9 @@ struct GateState {
 }
 
 impl OutputGate {
-    pub fn new(port: PortSender, disk: Option<DiskSender>) -> Arc<Self> {
+    pub fn new(port: PortSender, disk: Option<DiskSender>, net: Option<TapTx>) -> Arc<Self> {
         let state = GateState { held: VecDeque::new(), acked: 0, handed: (0, 0), held_us: LatencyHistogram::new() };
-        Arc::new(OutputGate { inner: Mutex::new(state), port, disk })
+        Arc::new(OutputGate { inner: Mutex::new(state), port, disk, net })
     }
 
     fn hand(&self, s: &mut GateState, exit: u64, item: Item) {
@@ -176,7 +206,14 @@ impl OutputGate {
                     d.send(exit, op);
                 }
             }
+            // Written at once: a frame is delivered when it is handed.
+            Item::Frame(frame) => send_frame(self.net.as_ref(), &frame),
         }
+    }
+
+    /// The guest transmitted `frame` at exit `exit`.
+    pub fn frame(&self, exit: u64, frame: Vec<u8>) {
+        self.push(exit, Item::Frame(frame));
     }
 
     /// The guest issued a disk write or flush at exit `exit`.
@@ -291,7 +328,7 @@ pub struct Held {
     pub port: OutputPort,
 }
 
-impl SerialOutput for Held {
+impl Outputs for Held {
     fn output(&mut self, position: Position, bytes: Vec<u8>) {
         self.gate.output(position.exit, bytes);
     }
@@ -299,12 +336,18 @@ impl SerialOutput for Held {
         self.gate.disk(position.exit, op.clone());
         true
     }
+    fn frame(&mut self, position: Position, frame: Vec<u8>) {
+        self.gate.frame(position.exit, frame);
+    }
     fn close(self: Box<Self>) {
         let Held { gate, port } = *self;
         drop(gate);
         port.close();
     }
 }
+
+/// Frames a backup keeps while it replays (1,024 full-size frames are 1.5 MiB).
+pub const MAX_SUPPRESSED_FRAMES: usize = 1024;
 
 /// The backup's outputs while it replays.
 #[derive(Default)]
@@ -316,18 +359,35 @@ pub struct Suppressed {
     /// primary applies them as soon as they are acknowledged, so this holds
     /// what is in flight between the two).
     disk: VecDeque<(u64, DiskOp)>,
+    /// Frames, the newest [`MAX_SUPPRESSED_FRAMES`] (a NIC would have
+    /// dropped older ones: TCP retransmits what is lost at the switch).
+    frames: VecDeque<(u64, Vec<u8>)>,
     live: Option<OutputPort>,
+    net: Option<TapTx>,
     /// Outputs the primary reported released (not to be re-emitted).
     released: u64,
 }
 
-impl SerialOutput for Suppressed {
+impl Outputs for Suppressed {
     fn prune(&mut self, released: u64) {
         self.released = self.released.max(released);
         self.serial.forget_up_to(self.released);
         while self.disk.front().is_some_and(|(exit, _)| *exit <= self.released) {
             self.disk.pop_front();
         }
+        while self.frames.front().is_some_and(|(exit, _)| *exit <= self.released) {
+            self.frames.pop_front();
+        }
+    }
+
+    fn frame(&mut self, position: Position, frame: Vec<u8>) {
+        if self.live.is_some() {
+            return send_frame(self.net.as_ref(), &frame);
+        }
+        if self.frames.len() == MAX_SUPPRESSED_FRAMES {
+            self.frames.pop_front();
+        }
+        self.frames.push_back((position.exit, frame));
     }
 
     fn output(&mut self, position: Position, bytes: Vec<u8>) {
@@ -345,13 +405,24 @@ impl SerialOutput for Suppressed {
         self.disk.push_back((position.exit, op.clone()));
         true
     }
-    fn go_live(&mut self, released: u64, port: OutputPort, disk: Option<&DiskPort>) -> std::io::Result<()> {
+    fn go_live(
+        &mut self,
+        released: u64,
+        port: OutputPort,
+        disk: Option<&DiskPort>,
+        net: Option<TapTx>,
+    ) -> std::io::Result<()> {
         self.prune(released);
         let sender = port.sender();
         self.live = Some(port);
         for (exit, bytes) in self.serial.drain() {
             sender.send(exit, bytes);
         }
+        // The guest's TCP and the client's absorb the duplicates.
+        for (_, frame) in self.frames.drain(..) {
+            send_frame(net.as_ref(), &frame);
+        }
+        self.net = net;
         // Writes are idempotent: re-issuing one the primary completed is harmless.
         for (_, op) in self.disk.drain(..) {
             if let Some(d) = disk {
@@ -390,7 +461,7 @@ mod tests {
     fn the_gate_releases_output_in_order_once_acked() {
         let out = Shared::default();
         let port = OutputPort::to_writer(Box::new(out.clone()));
-        let gate = OutputGate::new(port.sender(), None);
+        let gate = OutputGate::new(port.sender(), None, None);
         gate.output(3, b"a".to_vec());
         gate.output(5, b"b".to_vec());
         gate.output(9, b"c".to_vec());
@@ -413,12 +484,12 @@ mod tests {
     #[test]
     fn suppressed_output_goes_live_with_what_the_primary_did_not_release() {
         let out = Shared::default();
-        let mut s: Box<dyn SerialOutput> = Box::new(Suppressed::default());
+        let mut s: Box<dyn Outputs> = Box::new(Suppressed::default());
         for exit in 1..=4 {
             s.output(pos(exit), vec![b'0' + exit as u8]);
         }
         s.prune(2);
-        s.go_live(1, OutputPort::to_writer(Box::new(out.clone())), None).unwrap();
+        s.go_live(1, OutputPort::to_writer(Box::new(out.clone())), None, None).unwrap();
         s.output(pos(5), b"5".to_vec());
         s.close();
         assert_eq!(&*out.0.lock().unwrap(), b"345");
@@ -461,7 +532,7 @@ mod tests {
         }
         assert_eq!(t.serial.exits().count(), 1);
         let out = Shared::default();
-        t.go_live(0, OutputPort::to_writer(Box::new(out.clone())), None).unwrap();
+        t.go_live(0, OutputPort::to_writer(Box::new(out.clone())), None, None).unwrap();
         Box::new(t).close();
         assert_eq!(&*out.0.lock().unwrap(), b"tick 1\n");
     }

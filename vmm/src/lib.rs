@@ -20,9 +20,10 @@
 //!   outside world;
 //! - [`inputs`] are the external inputs, live or from a log; [`ft`] the FT
 //!   role, the log's sinks and sources and the output regimes (the output
-//!   rule); [`digest`] the state digest; [`snapshot`] the state snapshot
+//!   rule); [`arbiter`] go-live arbitration; [`digest`] the state digest; [`snapshot`] the state snapshot
 //!   format (files and live state transfer); [`error`] what ends a run.
 
+pub mod arbiter;
 pub mod boot;
 pub mod builder;
 pub mod cli;
@@ -41,4 +42,5 @@ pub mod loader;
 pub mod rdtsc;
 pub mod run;
 pub mod snapshot;
+pub mod tap;
 pub mod vm;

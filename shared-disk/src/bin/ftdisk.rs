@@ -1,21 +1,42 @@
 //! The `ftdisk` binary: serves a raw disk image, and its go-live
-//! arbitration record, to ftvmm primaries and backups over TCP.
+//! arbitration record, to ftvmm primaries and backups over TCP; or, with
+//! `--arbiter-only`, the arbitration record alone.
 
-use clap::Parser;
+use clap::{ArgGroup, Parser};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Serves a raw disk image shared by an ftvmm primary and backup, with
-/// test-and-set go-live arbitration and write fencing. The arbitration record
-/// is kept in IMAGE.owner.
+/// test-and-set go-live arbitration and write fencing; the arbitration
+/// record is kept in IMAGE.owner. With --arbiter-only it serves no image,
+/// only an arbitration record kept in the --state file, for a pair that
+/// arbitrates its go-live decision here (ftvmm --arbiter ftdisk:ADDR).
+///
+/// Exactly one of --image and --arbiter-only is required. Exit status: 2
+/// for a usage error or when the server cannot start (one line on stderr:
+/// `ftdisk: error: ...`).
 #[derive(Parser, Debug)]
 #[command(name = "ftdisk", version)]
+#[command(group(ArgGroup::new("mode").required(true).args(["image", "arbiter_only"])))]
 struct Cli {
     /// The raw image file to serve (e.g. made by `qemu-img create -f raw`);
-    /// its size must be a multiple of 512.
+    /// its size must be a multiple of 512. Its arbitration record is
+    /// IMAGE.owner (created if missing).
     #[arg(long, value_name = "PATH")]
-    image: PathBuf,
+    image: Option<PathBuf>,
+    /// Serve no image, only the arbitration record kept in --state:
+    /// test-and-set and reading the record; reads, writes and flushes are
+    /// refused with an error reply.
+    #[arg(long, requires = "state")]
+    arbiter_only: bool,
+    /// With --arbiter-only: the file holding the arbitration record
+    /// (created, at generation 0, if missing; written durably before each
+    /// win is acknowledged, so it survives restarts). Its directory must be
+    /// writable: the record is replaced by rename, and PATH.lock keeps a
+    /// second server off it.
+    #[arg(long, value_name = "PATH", requires = "arbiter_only", conflicts_with = "image")]
+    state: Option<PathBuf>,
     /// Address to listen on, e.g. 0.0.0.0:7400 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     listen: String,
@@ -48,8 +69,24 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> Result<(), String> {
     let listener = TcpListener::bind(&cli.listen).map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
-    let server = shared_disk::Server::start(&cli.image, listener).map_err(|e| e.to_string())?;
-    eprintln!("ftdisk: serving {} ({} bytes) on {}", cli.image.display(), server.size(), server.local_addr());
+    let server = match (&cli.image, &cli.state) {
+        (Some(image), None) => {
+            let server = shared_disk::Server::start(image, listener).map_err(|e| e.to_string())?;
+            eprintln!("ftdisk: serving {} ({} bytes) on {}", image.display(), server.size(), server.local_addr());
+            server
+        }
+        (None, Some(state)) if cli.arbiter_only => {
+            let server = shared_disk::Server::start_arbiter(state, listener).map_err(|e| e.to_string())?;
+            eprintln!(
+                "ftdisk: serving the arbitration record {} (arbiter only) on {}",
+                state.display(),
+                server.local_addr()
+            );
+            server
+        }
+        // clap enforces one mode and --state only with --arbiter-only.
+        _ => return Err("give either --image PATH or --arbiter-only --state PATH".into()),
+    };
     server.wait();
     Err("the accept thread ended".into())
 }

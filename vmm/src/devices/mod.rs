@@ -20,6 +20,7 @@ use replay::TimeSource;
 use serde::{Deserialize, Serialize};
 use virtio::block::{Block, BlockState};
 use virtio::mmio::{MmioEvent, MmioState, MmioTransport, MmioWindow};
+use virtio::net::{Net, NetState};
 
 /// What a port write asks of the run loop beyond device state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,18 +35,21 @@ pub enum PortAction {
 /// A device in a virtio-mmio slot.
 pub enum VirtioSlot {
     Block(MmioTransport<Block>),
+    Net(MmioTransport<Net>),
 }
 
 impl VirtioSlot {
     fn window(&mut self) -> &mut dyn MmioWindow {
         match self {
             VirtioSlot::Block(t) => t,
+            VirtioSlot::Net(t) => t,
         }
     }
 
     fn window_ref(&self) -> &dyn MmioWindow {
         match self {
             VirtioSlot::Block(t) => t,
+            VirtioSlot::Net(t) => t,
         }
     }
 
@@ -53,6 +57,7 @@ impl VirtioSlot {
     pub fn device_id(&self) -> u32 {
         match self {
             VirtioSlot::Block(t) => virtio::VirtioDevice::device_id(&t.device),
+            VirtioSlot::Net(t) => virtio::VirtioDevice::device_id(&t.device),
         }
     }
 }
@@ -61,6 +66,7 @@ impl VirtioSlot {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum VirtioSlotState {
     Block(MmioState<BlockState>),
+    Net(MmioState<NetState>),
 }
 
 /// All devices on the buses.
@@ -98,13 +104,17 @@ pub enum MmioAction {
 }
 
 impl Devices {
-    /// The devices of a VM with `mem_size` bytes, and a disk of `disk_size`
-    /// bytes if it has one.
-    pub fn new(mem_size: u64, disk_size: Option<u64>) -> Self {
+    /// The devices of a VM with `mem_size` bytes, a disk of `disk_size`
+    /// bytes if it has one and a NIC with MAC `net_mac` if it has one (in
+    /// that slot order).
+    pub fn new(mem_size: u64, disk_size: Option<u64>, net_mac: Option<[u8; 6]>) -> Self {
         let (uart, uart_irq, tx) = serial::com1();
         let mut virtio = Vec::new();
         if let Some(size) = disk_size {
             virtio.push(VirtioSlot::Block(MmioTransport::new(Block::new(size))));
+        }
+        if let Some(mac) = net_mac {
+            virtio.push(VirtioSlot::Net(MmioTransport::new(Net::new(mac))));
         }
         Devices {
             uart,
@@ -120,6 +130,14 @@ impl Devices {
     /// The virtio devices for the boot info's table: (slot, device id).
     pub fn virtio_table(&self) -> Vec<(usize, u32)> {
         self.virtio.iter().enumerate().map(|(slot, d)| (slot, d.device_id())).collect()
+    }
+
+    /// The NIC and its slot, if the VM has one.
+    pub fn nic(&mut self) -> Option<(usize, &mut MmioTransport<Net>)> {
+        self.virtio.iter_mut().enumerate().find_map(|(slot, d)| match d {
+            VirtioSlot::Net(t) => Some((slot, t)),
+            _ => None,
+        })
     }
 
     /// An MMIO read of `data.len()` bytes at `addr`.
@@ -233,6 +251,7 @@ impl Devices {
                 .iter()
                 .map(|d| match d {
                     VirtioSlot::Block(t) => VirtioSlotState::Block(t.state()),
+                    VirtioSlot::Net(t) => VirtioSlotState::Net(t.state()),
                 })
                 .collect(),
         }
@@ -247,6 +266,8 @@ impl Devices {
         for (device, saved) in self.virtio.iter_mut().zip(state.virtio) {
             match (device, saved) {
                 (VirtioSlot::Block(t), VirtioSlotState::Block(s)) => t.restore(s)?,
+                (VirtioSlot::Net(t), VirtioSlotState::Net(s)) => t.restore(s)?,
+                _ => return Err("saved virtio devices are of other kinds than this VM's".into()),
             }
         }
         let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
@@ -289,7 +310,7 @@ mod tests {
 
     #[test]
     fn device_state_round_trips_through_a_snapshot() {
-        let mut a = Devices::new(64 << 20, Some(1 << 20));
+        let mut a = Devices::new(64 << 20, Some(1 << 20), None);
         let mut no_clock = |_| 0u64;
         // Program the PIC, the PIT, the UART and the disk's transport a little.
         a.port_write(0x20, &[0x11], &mut no_clock);
@@ -300,14 +321,14 @@ mod tests {
         a.serial_receive(b"hi");
         a.mmio_write(layout::VIRTIO_MMIO_BASE + virtio::mmio::reg::STATUS, &3u32.to_le_bytes());
         let saved = bincode::serialize(&a.state()).unwrap();
-        let mut b = Devices::new(64 << 20, Some(1 << 20));
+        let mut b = Devices::new(64 << 20, Some(1 << 20), None);
         b.restore(bincode::deserialize(&saved).unwrap()).unwrap();
         assert_eq!(bincode::serialize(&b.state()).unwrap(), saved);
         let mut status = [0u8; 4];
         b.mmio_read(layout::VIRTIO_MMIO_BASE + virtio::mmio::reg::STATUS, &mut status);
         assert_eq!(u32::from_le_bytes(status), 3);
 
-        let mut diskless = Devices::new(64 << 20, None);
+        let mut diskless = Devices::new(64 << 20, None, None);
         assert!(diskless.restore(bincode::deserialize(&saved).unwrap()).is_err(), "a disk's state needs a disk");
     }
 }

@@ -3,9 +3,12 @@
 //! the logged events of this position in their logged order; then the
 //! interrupt decision.
 
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::Net;
 use crate::error::{log_write_error, RunError};
 use crate::inputs::{Inputs, Woken};
 use crate::run::Vmm;
+use crate::vm::GuestMem;
 use replay::{Event, Position, TimeSource};
 use std::time::{Duration, Instant};
 
@@ -71,7 +74,8 @@ impl Vmm {
     }
 
     /// Takes what the host has for the guest now: serial bytes the UART has
-    /// room for, and the timer if it is due.
+    /// room for, frames the NIC has receive buffers for, and the timer if it
+    /// is due.
     fn poll_host(&mut self) -> Result<(), RunError> {
         let Inputs::Live(live) = &mut self.inputs else {
             return Ok(());
@@ -79,6 +83,19 @@ impl Vmm {
         if let Some(bytes) = live.take_serial(self.devices.serial_rx_room()) {
             live.record(Event::SerialRx { bytes: bytes.clone() }).map_err(log_write_error)?;
             self.devices.serial_receive(&bytes);
+        }
+        // Frames: DMA into the guest's receive ring at this position.
+        let mem = &self.machine.mem;
+        if let Some((slot, nic)) = self.devices.nic() {
+            let mut raise = false;
+            while rx_ready(nic, mem) {
+                let Some(frame) = live.take_frame() else { break };
+                raise |= nic.with_device(mem, |net, queues| net.deliver(queues, mem, &frame));
+                live.record(Event::NetRx { frame }).map_err(log_write_error)?;
+            }
+            if raise {
+                self.devices.virtio_interrupt(slot);
+            }
         }
         if let Some(deadline) = self.devices.pit.next_irq0_deadline() {
             let now = live.host.elapsed_ns().saturating_sub(live.timer_jitter_ns());
@@ -111,7 +128,14 @@ impl Vmm {
             let soon = Instant::now() + Duration::from_millis(20);
             deadline = Some(deadline.map_or(soon, |d| d.min(soon)));
         }
-        match live.wait(deadline) {
+        let frames_deliverable = match self.devices.nic() {
+            Some((_, nic)) => rx_ready(nic, &self.machine.mem),
+            None => false,
+        };
+        let Inputs::Live(live) = &mut self.inputs else {
+            return Ok(());
+        };
+        match live.wait(deadline, frames_deliverable) {
             Woken::Input | Woken::Deadline => Ok(()),
             Woken::Nothing => Err(RunError::Guest {
                 what: "idle with no interrupt source left (no timer armed, serial input closed)".into(),
@@ -142,6 +166,25 @@ impl Vmm {
                 Event::TimeRead { source, .. } => {
                     return Err(self.diverged(format_args!("a time read by {source:?}"), "no device reading time"));
                 }
+                Event::NetRx { frame } => {
+                    let mem = &self.machine.mem;
+                    let mut raise = None;
+                    if let Some((slot, nic)) = self.devices.nic() {
+                        if rx_ready(nic, mem) {
+                            raise = Some((slot, nic.with_device(mem, |net, queues| net.deliver(queues, mem, &frame))));
+                        }
+                    }
+                    if let Some((slot, true)) = raise {
+                        self.devices.virtio_interrupt(slot);
+                    }
+                    let delivered = raise.is_some();
+                    if !delivered {
+                        return Err(self.diverged(
+                            format_args!("a received frame of {} bytes", frame.len()),
+                            "no NIC receive buffer for it",
+                        ));
+                    }
+                }
                 Event::DiskRead { data } => {
                     return Err(self.diverged(format_args!("a disk read of {} bytes", data.len()), "no disk request"));
                 }
@@ -170,4 +213,14 @@ impl Vmm {
         }
         Ok(injected)
     }
+}
+
+/// Whether the guest has posted a receive buffer the NIC can fill now.
+fn rx_ready(nic: &mut MmioTransport<Net>, mem: &GuestMem) -> bool {
+    let mut ready = false;
+    nic.with_device(mem, |net, queues| {
+        ready = net.rx_ready(queues, mem);
+        Ok(false)
+    });
+    ready
 }

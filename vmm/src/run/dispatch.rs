@@ -6,10 +6,11 @@
 
 use crate::clock::VirtualClock;
 use crate::devices::virtio::block::DiskIo;
+use crate::devices::virtio::net::NetIo;
 use crate::devices::{MmioAction, PortAction, VirtioSlot};
 use crate::disk::{DiskOp, DiskPort};
 use crate::error::{log_write_error, RunError};
-use crate::ft::SerialOutput;
+use crate::ft::Outputs;
 use crate::inputs::Inputs;
 use crate::layout;
 use crate::run::exit::GuestExit;
@@ -110,6 +111,15 @@ impl Vmm {
                 }
                 raise
             }
+            Some(VirtioSlot::Net(nic)) => {
+                // Transmitted frames are outputs of this position.
+                let mut sent = SentFrames(Vec::new());
+                let raise = nic.notify(queue, &machine.mem, &mut sent);
+                for frame in sent.0 {
+                    output.frame(position, frame);
+                }
+                raise
+            }
             None => false,
         };
         if raise {
@@ -150,6 +160,15 @@ impl Vmm {
     }
 }
 
+/// The frames the guest transmitted at the current exit.
+struct SentFrames(Vec<Vec<u8>>);
+
+impl NetIo for SentFrames {
+    fn transmit(&mut self, frame: Vec<u8>) {
+        self.0.push(frame);
+    }
+}
+
 /// The disk I/O of the current exit. Reads: from the disk (with writes not
 /// yet applied laid over) and logged, or, on a replay, from the log. Writes
 /// and flushes: outputs — held for the backup's ack on a primary, kept by a
@@ -158,7 +177,7 @@ impl Vmm {
 struct DiskInputs<'a> {
     inputs: &'a mut Inputs,
     port: Option<&'a DiskPort>,
-    output: &'a mut dyn SerialOutput,
+    output: &'a mut dyn Outputs,
     position: Position,
     failed: Option<RunError>,
 }

@@ -2,6 +2,7 @@
 //! output; noticing a lost backup; go-live arbitration on the shared disk;
 //! and a backup going live where its primary's log ends.
 
+use crate::arbiter::Arbitration;
 use crate::clock::HostClock;
 use crate::disk::Claim;
 use crate::error::{log_write_error, RunError};
@@ -101,19 +102,23 @@ impl Vmm {
         Ok(())
     }
 
-    /// Go-live arbitration: the test-and-set on the shared disk from
-    /// generation `expected`. Returns the new generation (None: the disk
-    /// cannot arbitrate, or there is none, and each side goes live on its own
+    /// Go-live arbitration: the test-and-set on the arbiter or the shared
+    /// disk from generation `expected`. Returns the new generation (None:
+    /// nothing to arbitrate on, and each side goes live on its own
     /// detection). Losing halts this VMM; unreachable storage is retried for
     /// as long as it takes, without going live.
     pub(super) fn arbitrate(&mut self, role: &str, expected: u64) -> Result<Option<u64>, RunError> {
-        let Some(disk) = &self.disk else { return Ok(None) };
+        let arbitration = self.arbitration();
+        let record = match arbitration {
+            Arbitration::Remote(_) => "the arbiter",
+            _ => "the shared disk",
+        };
         let owner = owner_name(role);
         loop {
-            match disk.claim(expected, &owner) {
+            match arbitration.claim(expected, &owner) {
                 Ok(None) => return Ok(None),
                 Ok(Some(Claim::Won { generation })) => {
-                    eprintln!("ftvmm: {role}: won the shared disk (generation {generation})");
+                    eprintln!("ftvmm: {role}: won {record} (generation {generation})");
                     return Ok(Some(generation));
                 }
                 Ok(Some(Claim::Lost { generation, owner })) => {
@@ -122,9 +127,7 @@ impl Vmm {
                     )));
                 }
                 Err(e) => {
-                    eprintln!(
-                        "ftvmm: {role}: cannot reach the shared disk to arbitrate ({e}); not going live, retrying"
-                    );
+                    eprintln!("ftvmm: {role}: cannot reach {record} to arbitrate ({e}); not going live, retrying");
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }
@@ -137,7 +140,7 @@ impl Vmm {
     /// from exactly here. For anything else it is the end of the run.
     pub(super) fn end_of_log(&mut self, err: RunError) -> Result<(), RunError> {
         let RunError::EndOfLog { .. } = err else { return Err(err) };
-        let Role::Backup { endpoint, serial_input, expected_generation } = &mut self.role else { return Err(err) };
+        let Role::Backup { endpoint, serial_input, expected_generation, nic } = &mut self.role else { return Err(err) };
         let Some(endpoint) = endpoint.take() else { return Err(err) };
         let expected = *expected_generation;
         let Inputs::Replay(r) = &mut self.inputs else { return Err(err) };
@@ -146,17 +149,28 @@ impl Vmm {
             LogSource::File(_) => (0, "log ended".into()),
         };
         let serial_input = serial_input.take();
+        let nic = nic.take();
         eprintln!("ftvmm: backup: primary lost ({why}) at exit {}", self.exits);
         self.arbitrate("backup", expected)?;
         eprintln!("ftvmm: backup: going live at exit {}", self.exits);
         let (input, port) = endpoint
             .start_with_input(serial_input.as_deref())
             .map_err(|err| RunError::Io { what: "opening --serial-input", err })?;
+        if let Some(nic) = &nic {
+            // The LAN's bridges learn where the VM's MAC now is, before the
+            // re-emitted frames and the guest's retransmissions go out.
+            nic.announce();
+        }
         self.output
-            .go_live(released, port, self.disk.as_ref())
+            .go_live(released, port, self.disk.as_ref(), nic.as_ref().map(|n| n.tx.clone()))
             .map_err(|err| RunError::Io { what: "re-issuing the primary's disk writes", err })?;
         let host = HostClock::resume_at(self.clock.now_ns());
-        self.inputs = Inputs::Live(Box::new(LiveInputs::new(host, Some(input), None, None)));
+        let mut live = LiveInputs::new(host, Some(input), None, None);
+        if let Some(nic) = &nic {
+            live.attach_nic(nic.rx.clone(), &nic.waker);
+            nic.rx.set_discard(false);
+        }
+        self.inputs = Inputs::Live(Box::new(live));
         self.role = Role::Solo;
         Ok(())
     }

@@ -20,14 +20,15 @@ mod exit;
 mod failover;
 mod state;
 
-pub use state::check_begin;
+pub use state::{check_begin, restore_state, Restored};
 
+use crate::arbiter::{Arbitration, RemoteArbiter};
 use crate::clock::{VirtualClock, TSC_HZ};
 use crate::devices::{Devices, PortAction};
 use crate::digest;
 use crate::disk::DiskPort;
 use crate::error::{log_write_error, RunError};
-use crate::ft::{LogSink, Role, SerialOutput};
+use crate::ft::{LogSink, Outputs, Role};
 use crate::inputs::Inputs;
 use crate::vm::Machine;
 use replay::{Divergence, ExitKind, Header, Position};
@@ -49,7 +50,7 @@ pub struct Vmm {
     pub devices: Devices,
     pub clock: VirtualClock,
     pub inputs: Inputs,
-    output: Box<dyn SerialOutput>,
+    output: Box<dyn Outputs>,
     role: Role,
     /// The disk's storage, if the VM has a disk.
     disk: Option<DiskPort>,
@@ -65,6 +66,8 @@ pub struct Vmm {
     exits: u64,
     /// Compute the final state digest (for `--digest`, recording and replay).
     want_digest: bool,
+    /// The arbiter-only ftdisk go-live arbitration happens on (`--arbiter`).
+    pub arbiter: Option<RemoteArbiter>,
     /// Save a snapshot at this exit, to this file (`--save-snapshot`).
     save_at: Option<(u64, std::path::PathBuf)>,
 }
@@ -75,7 +78,7 @@ impl Vmm {
         machine: Machine,
         devices: Devices,
         inputs: Inputs,
-        output: Box<dyn SerialOutput>,
+        output: Box<dyn Outputs>,
         role: Role,
         disk: Option<DiskPort>,
         rdtsc_sites: HashSet<u64>,
@@ -98,6 +101,17 @@ impl Vmm {
             exits: 0,
             want_digest,
             save_at: None,
+            arbiter: None,
+        }
+    }
+
+    /// Where going live is arbitrated: the arbiter, else a shared disk on
+    /// ftdisk (a local disk file answers that it cannot arbitrate).
+    pub(crate) fn arbitration(&self) -> Arbitration<'_> {
+        match (&self.arbiter, &self.disk) {
+            (Some(a), _) => Arbitration::Remote(a),
+            (None, Some(d)) => Arbitration::Disk(d),
+            (None, None) => Arbitration::None,
         }
     }
 

@@ -2,13 +2,15 @@
 //! snapshot file, or the last round of a live state transfer) and restoring
 //! it into a freshly built VM of the same image and configuration.
 
-use crate::clock::HostClock;
+use crate::clock::{HostClock, VirtualClock};
+use crate::devices::Devices;
 use crate::digest;
 use crate::error::RunError;
 use crate::ft::Role;
 use crate::inputs::Inputs;
 use crate::run::Vmm;
 use crate::snapshot::{self, MachineState, SnapshotError, StateItem, StateReader, StateWriter};
+use crate::vm::Machine;
 use std::io::{Read, Write};
 
 fn snapshot_io(what: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
@@ -63,48 +65,31 @@ impl Vmm {
         w.into_inner().flush().map_err(snapshot_io("writing the snapshot"))
     }
 
-    /// Restores a snapshot stream (whose `Begin` the caller has read and
-    /// checked with [`check_begin`]) into this VM, built from the same image
-    /// and configuration and not yet run; checks the restored state against
-    /// the snapshot's digest.
-    pub fn restore_snapshot(&mut self, reader: &mut StateReader<impl Read>) -> Result<(), SnapshotError> {
-        let mut machine = None;
-        loop {
-            let item = reader.next_item()?.ok_or(SnapshotError::Truncated)?;
-            match item {
-                StateItem::Pages { .. } | StateItem::Zeros { .. } => {
-                    snapshot::apply_memory(&self.machine.mem, self.machine.mem_size, &item)?
-                }
-                StateItem::Machine(m) => machine = Some(m),
-                StateItem::End { digest } => {
-                    let m = machine.ok_or_else(|| SnapshotError::Corrupt("no machine state before End".into()))?;
-                    self.apply_machine_state(*m)?;
-                    let ours = self.digest_now().map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
-                    if ours != digest {
-                        return Err(SnapshotError::Corrupt(format!(
-                            "the restored VM's state digest {ours} is not the snapshot's {digest}"
-                        )));
-                    }
-                    return Ok(());
-                }
-                StateItem::Begin { .. } => return Err(SnapshotError::Corrupt("a second Begin".into())),
-            }
+    /// Takes on the position, clock and bookkeeping of a state restored into
+    /// its machine and devices ([`restore_state`]), and checks the whole
+    /// against the snapshot's digest.
+    pub fn adopt(&mut self, restored: Restored) -> Result<(), SnapshotError> {
+        self.clock = restored.clock;
+        self.exits = restored.exits;
+        self.injected_at = restored.injected_at;
+        self.wall_clock_base_ns = restored.wall_clock_base_ns;
+        self.header.wall_clock_base_ns = restored.wall_clock_base_ns;
+        match &mut self.role {
+            Role::Backup { expected_generation, .. } => *expected_generation = restored.disk_generation,
+            Role::Primary { generation, .. } => *generation = restored.disk_generation,
+            Role::Solo => {}
         }
-    }
-
-    fn apply_machine_state(&mut self, m: MachineState) -> Result<(), SnapshotError> {
-        let bad = |e: String| SnapshotError::Corrupt(e);
-        self.devices.restore(m.devices).map_err(bad)?;
-        self.machine.restore_vcpu(&m.vcpu).map_err(|e| bad(e.to_string()))?;
-        self.clock = m.clock;
-        self.exits = m.exits;
-        self.injected_at = m.injected_at;
-        self.wall_clock_base_ns = m.wall_clock_base_ns;
-        self.header.wall_clock_base_ns = m.wall_clock_base_ns;
         // Live inputs read the host clock from here on, where the snapshot's
         // virtual time was.
         if let Inputs::Live(live) = &mut self.inputs {
             live.host = HostClock::resume_at(self.clock.now_ns());
+        }
+        let ours = self.digest_now().map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+        if ours != restored.digest {
+            return Err(SnapshotError::Corrupt(format!(
+                "the restored VM's state digest {ours} is not the snapshot's {}",
+                restored.digest
+            )));
         }
         Ok(())
     }
@@ -142,5 +127,50 @@ pub fn check_begin(item: Option<StateItem>, header: &replay::Header, mem_size: u
         }
         Some(_) => Err(SnapshotError::Corrupt("the snapshot does not begin with Begin".into())),
         None => Err(SnapshotError::Truncated),
+    }
+}
+
+/// What [`restore_state`] restored beyond the machine and the devices.
+pub struct Restored {
+    pub clock: VirtualClock,
+    pub exits: u64,
+    pub injected_at: u64,
+    pub wall_clock_base_ns: u64,
+    pub disk_generation: u64,
+    /// The state digest the VM must now have.
+    pub digest: replay::Digest,
+}
+
+/// Restores the rest of a snapshot stream (its `Begin` read and checked
+/// with [`check_begin`]) into a machine and devices built from the same
+/// image and configuration that have not run.
+pub fn restore_state(
+    machine: &mut Machine,
+    devices: &mut Devices,
+    reader: &mut StateReader<impl Read>,
+) -> Result<Restored, SnapshotError> {
+    let mut saved = None;
+    loop {
+        let item = reader.next_item()?.ok_or(SnapshotError::Truncated)?;
+        match item {
+            StateItem::Pages { .. } | StateItem::Zeros { .. } => {
+                snapshot::apply_memory(&machine.mem, machine.mem_size, &item)?
+            }
+            StateItem::Machine(m) => saved = Some(m),
+            StateItem::End { digest } => {
+                let m = saved.ok_or_else(|| SnapshotError::Corrupt("no machine state before End".into()))?;
+                devices.restore(m.devices).map_err(SnapshotError::Corrupt)?;
+                machine.restore_vcpu(&m.vcpu).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+                return Ok(Restored {
+                    clock: m.clock,
+                    exits: m.exits,
+                    injected_at: m.injected_at,
+                    wall_clock_base_ns: m.wall_clock_base_ns,
+                    disk_generation: m.disk_generation,
+                    digest,
+                });
+            }
+            StateItem::Begin { .. } => return Err(SnapshotError::Corrupt("a second Begin".into())),
+        }
     }
 }

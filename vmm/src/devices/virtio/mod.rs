@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use crate::vm::GuestMem;
 use serde::de::DeserializeOwned;

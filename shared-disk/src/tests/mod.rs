@@ -1,8 +1,16 @@
 //! Tests over real TCP on 127.0.0.1, with images in temporary directories.
-//! Raw `std::net` sockets stand in for broken or hostile peers.
+//! Raw `std::net` sockets stand in for broken or hostile peers, and a proxy
+//! ([`proxy`]) for a network that breaks connections mid-request.
+
+mod arbiter;
+mod bounds;
+mod props;
+mod proxy;
+mod sessions;
 
 use crate::proto::{self, DiskError, Op, Reply, Request, Response};
 use crate::*;
+use proxy::{Fate, Proxy};
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -288,12 +296,19 @@ fn raw_connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
-fn send(s: &mut TcpStream, id: u64, op: Op) -> Response {
-    s.write_all(&proto::encode(&Request { id, op }).unwrap()).unwrap();
+/// The session of the raw connections of tests.
+const RAW_SESSION: u64 = 0x5e55_10e0;
+
+fn send(s: &mut TcpStream, seq: u64, op: Op) -> Response {
+    send_in(s, RAW_SESSION, seq, op)
+}
+
+fn send_in(s: &mut TcpStream, session: u64, seq: u64, op: Op) -> Response {
+    s.write_all(&proto::encode(&Request { session, seq, op }).unwrap()).unwrap();
     let mut buf = Vec::new();
     proto::read_frame(s, &mut buf).unwrap();
     let response: Response = proto::decode(&buf).unwrap();
-    assert_eq!(response.id, id);
+    assert_eq!(response.seq, seq);
     response
 }
 
@@ -335,15 +350,23 @@ fn hostile_peers_are_dropped_and_change_nothing() {
     let addr = server.local_addr();
     let mut good = client(&server);
 
-    let mut wrong_version = proto::preamble();
-    wrong_version[8..].copy_from_slice(&2u32.to_le_bytes());
-    let valid = proto::encode(&Request { id: 1, op: Op::Info }).unwrap();
-    let write =
-        proto::encode(&Request { id: 1, op: Op::Write { offset: 0, data: vec![0xee; 512], generation: 0 } }).unwrap();
+    let version = |v: u32| {
+        let mut preamble = proto::preamble();
+        preamble[8..].copy_from_slice(&v.to_le_bytes());
+        preamble.to_vec()
+    };
+    let valid = proto::encode(&Request { session: 1, seq: 1, op: Op::Info }).unwrap();
+    let write = proto::encode(&Request {
+        session: 1,
+        seq: 1,
+        op: Op::Write { offset: 0, data: vec![0xee; 512], generation: 0 },
+    })
+    .unwrap();
     let cases: Vec<(&str, Vec<u8>, bool)> = vec![
         ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), false),
         ("wrong magic", b"FTDISK02\x01\0\0\0".to_vec(), false),
-        ("wrong version", wrong_version.to_vec(), false),
+        ("version 1", version(1), false),
+        ("a newer version", version(PROTOCOL_VERSION + 1), false),
         ("short preamble", b"FTDI".to_vec(), true),
         ("oversize length", with_preamble(&(MAX_FRAME + 1).to_le_bytes()), false),
         ("maximal length", with_preamble(&u32::MAX.to_le_bytes()), false),
@@ -351,11 +374,11 @@ fn hostile_peers_are_dropped_and_change_nothing() {
         ("truncated frame", with_preamble(&[&100u32.to_le_bytes()[..], &[1; 10]].concat()), true),
         ("truncated write", with_preamble(&write[..write.len() - 1]), true),
         ("undecodable payload", with_preamble(&frame(&[0xff; 8])), false),
-        ("unknown op", with_preamble(&frame(&[1, 42])), false),
+        ("unknown op", with_preamble(&frame(&[1, 1, 42])), false),
         ("empty payload", with_preamble(&frame(&[])), false),
         ("trailing bytes", with_preamble(&frame(&[&valid[4..], &[0][..]].concat())), false),
         // A write whose data length claims more than the frame holds.
-        ("lying length", with_preamble(&frame(&[1, 1, 0, 0xfc, 0xff, 0xff, 0xff, 0x0f])), false),
+        ("lying length", with_preamble(&frame(&[1, 1, 1, 0, 0xfc, 0xff, 0xff, 0xff, 0x0f])), false),
     ];
     for (name, bytes, then_close) in &cases {
         let got = hostile(addr, bytes, *then_close);
@@ -385,11 +408,11 @@ fn hostile_peers_are_dropped_and_change_nothing() {
             DiskError::TooLarge { len: u64::from(MAX_IO) + 1, max: MAX_IO.into() },
         ),
     ];
-    for (id, (op, want)) in refused.into_iter().enumerate() {
+    for (i, (op, want)) in refused.into_iter().enumerate() {
         let kind = op.kind();
-        assert_eq!(send(&mut raw, id as u64, op).result, Err(want), "{kind}");
+        assert_eq!(send(&mut raw, i as u64 + 1, op).result, Err(want), "{kind}");
     }
-    assert_eq!(send(&mut raw, 99, Op::Info).result, Ok(Reply::Info { size }));
+    assert_eq!(send(&mut raw, 99, Op::Info).result, Ok(Reply::Info { size, arbiter_only: false }));
 
     assert_eq!(good.owner().unwrap(), (0, String::new()));
     good.write(512, &block(5), 0).unwrap();
@@ -473,46 +496,19 @@ fn a_client_refuses_a_server_that_is_not_ftdisk() {
     fake.join().unwrap();
 }
 
-/// Forwards connections to `target`. On the first connection it forwards
-/// the server's first `lose_frame - 1` response frames, then closes both
-/// sides instead of forwarding the next one: the request was executed, but
-/// its answer is lost.
-fn lossy_proxy(target: SocketAddr, lose_frame: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for (n, client) in listener.incoming().enumerate() {
-            let Ok(client) = client else { return };
-            let Ok(server) = TcpStream::connect(target) else { return };
-            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            thread::spawn(move || {
-                let _ = std::io::copy(&mut c_in, &mut s_out);
-                let _ = s_out.shutdown(Shutdown::Write);
-            });
-            let (mut s_in, mut c_out) = (server, client);
-            thread::spawn(move || {
-                if n > 0 {
-                    let _ = std::io::copy(&mut s_in, &mut c_out);
-                    let _ = c_out.shutdown(Shutdown::Write);
-                    return;
-                }
-                let mut preamble = [0u8; 12];
-                s_in.read_exact(&mut preamble).unwrap();
-                c_out.write_all(&preamble).unwrap();
-                for i in 1.. {
-                    let mut buf = Vec::new();
-                    proto::read_frame(&mut s_in, &mut buf).unwrap();
-                    if i == lose_frame {
-                        let _ = c_out.shutdown(Shutdown::Both);
-                        let _ = s_in.shutdown(Shutdown::Both);
-                        return;
-                    }
-                    c_out.write_all(&frame(&buf)).unwrap();
-                }
-            });
+/// Forwards connections to `target`, and loses the answer to the
+/// `lose_frame`th request (counting from 1, over all connections): the
+/// request was executed, but its answer is lost with the connection.
+fn lossy_proxy(target: SocketAddr, lose_frame: usize) -> Proxy {
+    let mut n = 0;
+    Proxy::start(target, move |_| {
+        n += 1;
+        if n == lose_frame {
+            Fate::LoseAnswer
+        } else {
+            Fate::Pass
         }
-    });
-    addr
+    })
 }
 
 #[test]
@@ -522,7 +518,7 @@ fn a_test_and_set_whose_answer_was_lost_still_wins_once() {
     let server = start(&image);
     // Frame 1 answers Info (in connect), frame 2 the test-and-set.
     let proxy = lossy_proxy(server.local_addr(), 2);
-    let mut c = DiskClient::connect(&proxy.to_string(), TIMEOUT).unwrap();
+    let mut c = DiskClient::connect(&proxy.addr().to_string(), TIMEOUT).unwrap();
     assert_eq!(c.test_and_set(0, "backup@b").unwrap(), TasOutcome::Won { generation: 1 });
     // Won once: a blind retry would have reported Lost, or won twice.
     assert_eq!(c.owner().unwrap(), (1, "backup@b".to_string()));
@@ -535,7 +531,7 @@ fn a_lost_answer_to_someone_elses_win_is_not_taken_for_ours() {
     let image = dir.image(64 << 10);
     let server = start(&image);
     let proxy = lossy_proxy(server.local_addr(), 2);
-    let mut c = DiskClient::connect(&proxy.to_string(), TIMEOUT).unwrap();
+    let mut c = DiskClient::connect(&proxy.addr().to_string(), TIMEOUT).unwrap();
     // Our test-and-set from generation 0 loses and its answer is lost; the
     // record then shows generation 1, expected + 1, but not our name.
     assert_eq!(client(&server).test_and_set(0, "primary@a").unwrap(), TasOutcome::Won { generation: 1 });
@@ -560,5 +556,6 @@ fn errors_display_on_one_line() {
 fn a_client_can_move_to_the_vcpu_thread() {
     fn send<T: Send>() {}
     send::<DiskClient>();
+    send::<Arbiter>();
     send::<Server>();
 }
