@@ -79,6 +79,8 @@ pub enum Round {
     Idle,
     /// The disk failed: stop without letting this round's replies out.
     DiskFailed,
+    /// A client asked for SHUTDOWN; the round's writes are committed.
+    Shutdown,
 }
 
 /// One round over every connection: listen again where one closed, take
@@ -92,6 +94,7 @@ pub fn serve<D: BlockDev>(
     port: u16,
 ) -> Round {
     let mut busy = false;
+    let mut shutdown = false;
     for conn in conns.iter_mut() {
         let socket = sockets.get_mut::<tcp::Socket>(conn.handle);
         if !socket.is_open() {
@@ -123,10 +126,14 @@ pub fn serve<D: BlockDev>(
                 busy = true;
             }
             conn.last = fed.status;
-            if fed.status == Status::Close {
-                conn.closing = true;
-                socket.close();
-                continue;
+            match fed.status {
+                Status::Close => {
+                    conn.closing = true;
+                    socket.close();
+                    continue;
+                }
+                Status::Shutdown => shutdown = true,
+                Status::NeedInput | Status::NeedRoom => {}
             }
         }
         // The client half-closed and everything it sent is answered (or
@@ -141,6 +148,9 @@ pub fn serve<D: BlockDev>(
     }
     if !engine.commit() {
         return Round::DiskFailed;
+    }
+    if shutdown {
+        return Round::Shutdown;
     }
     if busy {
         Round::Busy

@@ -3,9 +3,10 @@
 //!
 //! Command line: `ip=A.B.C.D/N` (required) and `gw=A.B.C.D` (optional).
 //! Commands: PING ECHO SET GET DEL EXISTS INCR INCRBY DECR DECRBY MSET MGET
-//! DBSIZE FLUSHALL, plus harmless answers to what clients send at start
-//! (COMMAND, CONFIG GET, INFO, HELLO, CLIENT, SELECT 0); see the `resp`
-//! crate, which holds the parser, the store and the engine.
+//! DBSIZE FLUSHALL, SHUTDOWN (the VM exits with status 0), plus harmless
+//! answers to what clients send at start (COMMAND, CONFIG GET, INFO, HELLO,
+//! CLIENT, SELECT 0); see the `resp` crate, which holds the parser, the
+//! store and the engine.
 //!
 //! Up to [`CONNS`] connections at once, each a listening socket that listens
 //! again once its connection has closed. Each round of the main loop reads
@@ -172,6 +173,10 @@ fn main() -> u8 {
     stack.run(&mut sockets, |sockets, _now| match serve(sockets, &mut engine, &mut slots, PORT) {
         Round::Busy => Service::Busy,
         Round::Idle => Service::Idle,
+        Round::Shutdown => {
+            println!("redis: shutting down ({} commands served)", engine.commands());
+            Service::Exit(0)
+        }
         Round::DiskFailed => {
             println!("redis: the disk failed; stopping without sending replies for writes that may not be durable");
             Service::Exit(3)

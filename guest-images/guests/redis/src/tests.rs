@@ -132,6 +132,7 @@ impl<D: BlockDev> Lab<D> {
                 }
                 Round::Idle => break,
                 Round::DiskFailed => panic!("disk failed"),
+                Round::Shutdown => panic!("shutdown"),
             }
         }
         self.rounds += 1;

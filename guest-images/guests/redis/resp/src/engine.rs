@@ -86,6 +86,8 @@ pub enum Status {
     /// Close the connection once the output is sent (QUIT, or a protocol
     /// error whose reply is the last output).
     Close,
+    /// SHUTDOWN: stop the server (once the round's writes are committed).
+    Shutdown,
 }
 
 /// What [`Engine::feed`] did.
@@ -105,6 +107,7 @@ enum Exec {
     Done,
     NoRoom,
     Close,
+    Shutdown,
 }
 
 /// The server's state: the store, the journal, and per-request scratch.
@@ -293,6 +296,10 @@ impl<'a, D: BlockDev> Engine<'a, D> {
                             self.commands += 1;
                             return Fed { consumed: pos + len, status: Status::Close };
                         }
+                        Exec::Shutdown => {
+                            self.commands += 1;
+                            return Fed { consumed: pos + len, status: Status::Shutdown };
+                        }
                     }
                 }
             }
@@ -407,6 +414,8 @@ impl<'a, D: BlockDev> Engine<'a, D> {
             b"select" if args[1] == b"0" => simple(out, "OK"),
             b"select" => error(out, "ERR DB index is out of range"),
             b"reset" => simple(out, "RESET"),
+            // Real Redis sends no reply when it shuts down.
+            b"shutdown" => return Exec::Shutdown,
             b"quit" => {
                 simple(out, "OK");
                 return Exec::Close;

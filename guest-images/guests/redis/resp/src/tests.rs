@@ -254,6 +254,8 @@ fn unknown_and_startup_commands() {
     assert!(replies(&mut e, &cmd(&[b"INFO"])).contains("redis_version:"));
     let (out, fed) = feed(&mut e, &[cmd(&[b"QUIT"]), cmd(&[b"PING"])].concat());
     assert_eq!((out.as_str(), fed.status, fed.consumed), ("+OK\r\n", Status::Close, 14));
+    let (out, fed) = feed(&mut e, &[cmd(&[b"PING"]), cmd(&[b"SHUTDOWN"]), cmd(&[b"PING"])].concat());
+    assert_eq!((out.as_str(), fed.status, fed.consumed), ("+PONG\r\n", Status::Shutdown, 32));
 }
 
 #[test]
