@@ -5,7 +5,8 @@
 
 pub mod lab;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -404,4 +405,72 @@ impl Proc {
             }
         }
     }
+}
+
+/// Reads `tick N H` lines from a console, checking the hash chain.
+pub struct TickReader {
+    pub lines: Vec<(u64, String)>,
+}
+
+impl TickReader {
+    pub fn read_from(&mut self, stream: TcpStream, until: impl Fn(&[(u64, String)]) -> bool) {
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            if let Some(rest) = line.strip_prefix("tick ") {
+                let mut parts = rest.split(' ');
+                let n: u64 = parts.next().unwrap().parse().unwrap();
+                self.lines.push((n, parts.next().unwrap_or_default().to_string()));
+                if until(&self.lines) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+pub fn connect_retry(addr: &str) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot connect to {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// The client's view across `switches` failovers: every tick, in order,
+/// possibly some repeated at each switch, never one missing.
+pub fn check_continuity_across(switches: usize, lines: &[(u64, String)]) -> Result<(), String> {
+    let mut expected_next = lines.first().map(|l| l.0).ok_or("no ticks")?;
+    let mut seen: std::collections::HashMap<u64, String> = Default::default();
+    let mut rewinds = 0;
+    for (n, hash) in lines {
+        if let Some(h) = seen.get(n) {
+            if h != hash {
+                return Err(format!("tick {n} seen twice with different hashes"));
+            }
+        }
+        if *n == expected_next {
+            expected_next += 1;
+        } else if *n < expected_next {
+            // A duplicate: allowed only as a rewind at the switch, which
+            // then replays consecutive ticks.
+            if !seen.contains_key(&(n.wrapping_sub(1))) && *n != lines[0].0 {
+                return Err(format!("duplicate tick {n} without its predecessor"));
+            }
+            rewinds += 1;
+            expected_next = n + 1;
+        } else {
+            return Err(format!("tick {n} follows tick {} : ticks missing", expected_next - 1));
+        }
+        seen.insert(*n, hash.clone());
+    }
+    if rewinds > switches {
+        return Err(format!("{rewinds} rewinds: reordering, not {switches} failover boundaries"));
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Primary and backup: lockstep, the output rule, failover, a lost backup,
 //! bad peers on the logging channel.
 
-use ftvmm_tests::{Hosts, Proc, TIMEOUT};
+use ftvmm_tests::{check_continuity_across, connect_retry, Hosts, Proc, TickReader, TIMEOUT};
 use rand::{Rng, SeedableRng};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -84,82 +84,14 @@ fn either_side_may_start_first() {
     assert_eq!(digest_of(&p), digest_of(&b));
 }
 
-/// Reads `tick N H` lines from a console, checking the hash chain.
-struct TickReader {
-    lines: Vec<(u64, String)>,
-}
-
-impl TickReader {
-    fn read_from(&mut self, stream: TcpStream, until: impl Fn(&[(u64, String)]) -> bool) {
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { return };
-            if let Some(rest) = line.strip_prefix("tick ") {
-                let mut parts = rest.split(' ');
-                let n: u64 = parts.next().unwrap().parse().unwrap();
-                self.lines.push((n, parts.next().unwrap_or_default().to_string()));
-                if until(&self.lines) {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-fn connect_retry(addr: &str) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match TcpStream::connect(addr) {
-            Ok(s) => return s,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "cannot connect to {addr}: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-/// The client's view across a failover: every tick, in order, possibly
-/// some repeated at the switch, never one missing.
-fn check_continuity(lines: &[(u64, String)]) -> Result<(), String> {
-    let mut expected_next = lines.first().map(|l| l.0).ok_or("no ticks")?;
-    let mut seen: std::collections::HashMap<u64, String> = Default::default();
-    let mut rewinds = 0;
-    for (n, hash) in lines {
-        if let Some(h) = seen.get(n) {
-            if h != hash {
-                return Err(format!("tick {n} seen twice with different hashes"));
-            }
-        }
-        if *n == expected_next {
-            expected_next += 1;
-        } else if *n < expected_next {
-            // A duplicate: allowed only as a rewind at the switch, which
-            // then replays consecutive ticks.
-            if !seen.contains_key(&(n.wrapping_sub(1))) && *n != lines[0].0 {
-                return Err(format!("duplicate tick {n} without its predecessor"));
-            }
-            rewinds += 1;
-            expected_next = n + 1;
-        } else {
-            return Err(format!("tick {n} follows tick {} : ticks missing", expected_next - 1));
-        }
-        seen.insert(*n, hash.clone());
-    }
-    if rewinds > 1 {
-        return Err(format!("{rewinds} rewinds: reordering, not a single failover boundary"));
-    }
-    Ok(())
-}
-
 #[test]
 fn continuity_checker_catches_gaps_and_reordering() {
     let l = |v: &[u64]| v.iter().map(|n| (*n, format!("h{n}"))).collect::<Vec<_>>();
-    assert!(check_continuity(&l(&[1, 2, 3, 4])).is_ok());
-    assert!(check_continuity(&l(&[1, 2, 3, 2, 3, 4])).is_ok());
-    assert!(check_continuity(&l(&[1, 2, 4])).is_err());
-    assert!(check_continuity(&l(&[1, 3, 2])).is_err());
-    assert!(check_continuity(&l(&[1, 2, 3, 2, 3, 2, 3])).is_err());
+    assert!(check_continuity_across(1, &l(&[1, 2, 3, 4])).is_ok());
+    assert!(check_continuity_across(1, &l(&[1, 2, 3, 2, 3, 4])).is_ok());
+    assert!(check_continuity_across(1, &l(&[1, 2, 4])).is_err());
+    assert!(check_continuity_across(1, &l(&[1, 3, 2])).is_err());
+    assert!(check_continuity_across(1, &l(&[1, 2, 3, 2, 3, 2, 3])).is_err());
 }
 
 fn failover_trial(rng: &mut impl Rng, trial: u32, hosts: Option<&Hosts>) {
@@ -193,7 +125,7 @@ fn failover_trial(rng: &mut impl Rng, trial: u32, hosts: Option<&Hosts>) {
     b.wait_line("going live", Duration::from_secs(5));
     let stream = connect_retry(&b_console);
     reader.read_from(stream, |lines| lines.last().is_some_and(|l| l.0 >= killed_at + 20));
-    if let Err(e) = check_continuity(&reader.lines) {
+    if let Err(e) = check_continuity_across(1, &reader.lines) {
         panic!("trial {trial}: {e}; ticks seen: {:?}", reader.lines.iter().map(|l| l.0).collect::<Vec<_>>());
     }
     b.kill();

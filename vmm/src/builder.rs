@@ -16,14 +16,14 @@ use crate::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
 use crate::error::{usage, Error, RunError};
 use crate::ft::{owner_name, Direct, Held, LogSink, LogSource, OutputGate, Outputs, Role, Suppressed};
 use crate::inputs::{Inputs, LiveInputs};
-use crate::run::{check_begin, restore_state, Vmm};
+use crate::run::{check_begin, restore_state, Joiner, StateIn, Vmm};
 use crate::snapshot::{SnapshotError, StateReader};
 use crate::tap::{format_mac, HostNic};
 use crate::{loader, rdtsc, vm};
-use logging_channel::{BackupLink, ChannelConfig, PrimaryListener};
+use logging_channel::{BackupLink, ChannelConfig, LogStart, PrimaryListener};
 use replay::{Header, LogReader, LogWriter, Recorder, Replayer};
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufRead, BufReader, BufWriter};
 use std::path::Path;
 use std::sync::mpsc::Receiver;
 
@@ -102,6 +102,8 @@ struct Wiring {
     inputs: Inputs,
     output: Box<dyn Outputs>,
     role: Role,
+    /// A backup joining a running VM: its state comes over the channel.
+    joining: bool,
 }
 
 /// Opens the log or reaches the peer, and wires inputs and outputs.
@@ -145,13 +147,27 @@ fn wire(
                 // A replay sends no frame.
                 output: Box::new(Direct { port: endpoint.start_output_only(), net: None }),
                 role: Role::Solo,
+                joining: false,
             }
         }
-        Mode::Backup { connect } => {
+        Mode::Backup { connect, listen } => {
+            // Bound now, so that a bad address is reported before anything runs.
+            let listener = match listen {
+                Some(addr) => Some(
+                    PrimaryListener::bind(addr)
+                        .map_err(|e| usage(format!("backup: logging channel on {addr}: {e}")))?,
+                ),
+                None => None,
+            };
             let (link, primary) = BackupLink::connect(connect, header, &channel, config.connect_timeout)
                 .map_err(|e| usage(format!("backup: logging channel to {connect}: {e}")))?;
-            header.wall_clock_base_ns = primary.wall_clock_base_ns;
-            eprintln!("ftvmm: backup: attached to the primary at {connect}; replaying in lockstep");
+            header.wall_clock_base_ns = primary.header.wall_clock_base_ns;
+            let joining = primary.start == LogStart::State;
+            if joining {
+                eprintln!("ftvmm: backup: joining the running VM at {connect}: receiving its state");
+            } else {
+                eprintln!("ftvmm: backup: attached to the primary at {connect}; replaying in lockstep");
+            }
             if let Some(path) = &config.serial_input {
                 // Checked now, used when the backup goes live.
                 File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?;
@@ -166,33 +182,39 @@ fn wire(
                 role: Role::Backup {
                     endpoint: Some(endpoint),
                     serial_input: config.serial_input.clone(),
-                    expected_generation: primary.disk_generation,
+                    expected_generation: primary.header.disk_generation,
                     nic,
+                    listener,
                 },
+                joining,
             }
         }
-        Mode::Primary { listen } => {
+        Mode::Primary { listen, wait } => {
             header.wall_clock_base_ns = wall_clock_ns();
             let listener = PrimaryListener::bind(listen)
                 .map_err(|e| usage(format!("primary: logging channel on {listen}: {e}")))?;
-            eprintln!("ftvmm: primary: waiting for a backup on {}", listener.local_addr());
-            let link = listener
-                .accept(header, &channel)
-                .map_err(|e| usage(format!("primary: logging channel on {listen}: {e}")))?;
-            eprintln!("ftvmm: primary: backup attached; booting");
+            let link = if *wait {
+                eprintln!("ftvmm: primary: waiting for a backup on {}", listener.local_addr());
+                let link = listener
+                    .accept(header, &channel)
+                    .map_err(|e| usage(format!("primary: logging channel on {listen}: {e}")))?;
+                eprintln!("ftvmm: primary: backup attached; booting");
+                Some(link)
+            } else {
+                eprintln!("ftvmm: primary: booting without a backup; backups may join on {}", listener.local_addr());
+                None
+            };
             let (input, port) = start_serial(endpoint, config.serial_input.as_deref())?;
             let disk_delivered = disk.as_ref().map_or_else(Default::default, |d| d.delivered());
             let gate = OutputGate::new(port.sender(), disk.map(|d| d.releaser()), nic.as_ref().map(|n| n.tx.clone()));
-            let acks = gate.clone();
-            // Losing the backup is not an ack: the run loop releases held
-            // output once it has won the disk (or has no disk to arbitrate on).
-            link.on_ack(Box::new(move |watermark| {
-                if watermark != u64::MAX {
-                    acks.acked(watermark)
-                }
-            }));
-            let recorder = Recorder::new(LogSink::Primary(link));
-            let mut live = LiveInputs::new(HostClock::start(), Some(input), Some(recorder), None);
+            match &link {
+                Some(link) => link.on_ack(OutputGate::ack_callback(&gate)),
+                // Unprotected until a backup joins: nothing is held.
+                None => gate.acked(u64::MAX),
+            }
+            let joiner = Joiner::start(listener, header.clone(), channel.clone(), link.is_none());
+            let recorder = link.map(|link| Recorder::new(LogSink::Primary(link)));
+            let mut live = LiveInputs::new(HostClock::start(), Some(input), recorder, None);
             if let Some(nic) = &nic {
                 live.attach_nic(nic.rx.clone(), &nic.waker);
             }
@@ -203,8 +225,9 @@ fn wire(
                 finish_timeout: channel.heartbeat_timeout * 5,
                 generation: header.disk_generation,
                 shipped: (0, std::time::Instant::now()),
+                joiner: Some(joiner),
             };
-            Wiring { inputs: Inputs::Live(Box::new(live)), output: Box::new(Held { gate, port }), role }
+            Wiring { inputs: Inputs::Live(Box::new(live)), output: Box::new(Held { gate, port }), role, joining: false }
         }
         Mode::Solo { record } => {
             header.wall_clock_base_ns = wall_clock_ns();
@@ -228,7 +251,7 @@ fn wire(
                 live.attach_nic(nic.rx.clone(), &nic.waker);
             }
             let output = Direct { port, net: nic.as_ref().map(|n| n.tx.clone()) };
-            Wiring { inputs: Inputs::Live(Box::new(live)), output: Box::new(output), role: Role::Solo }
+            Wiring { inputs: Inputs::Live(Box::new(live)), output: Box::new(output), role: Role::Solo, joining: false }
         }
     };
     Ok(wiring)
@@ -281,7 +304,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         }
         _ => None,
     };
-    let Wiring { inputs, output, role } = wire(config, &mut header, endpoint, disk.as_mut(), restored_at, nic)?;
+    let Wiring { mut inputs, output, role, joining } =
+        wire(config, &mut header, endpoint, disk.as_mut(), restored_at, nic)?;
     if unarbitrated && matches!(config.mode, Mode::Primary { .. } | Mode::Backup { .. }) {
         eprintln!(
             "ftvmm: warning: no go-live arbitration (neither --disk ftdisk:ADDR nor --arbiter ftdisk:ADDR): \
@@ -302,20 +326,30 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
 
     let mut machine = machine;
     let mut devices = devices;
-    // The second entry point: a VM built from a snapshot instead of its image.
-    let restored = match (snapshot.as_mut(), &config.restore) {
-        (Some((reader, _)), Some(path)) => Some(
-            restore_state(&mut machine, &mut devices, reader)
-                .map_err(|e| usage(format!("--restore {}: {e}", path.display())))?,
-        ),
-        _ => None,
+    // The second entry point: a VM built from a snapshot instead of its
+    // image — a file, or a running primary's state sent to a joining backup.
+    let (restored, from) = match (snapshot.as_mut(), &config.restore) {
+        (Some((reader, _)), Some(path)) => {
+            let from = format!("--restore {}", path.display());
+            let restored =
+                restore_state(&mut machine, &mut devices, reader).map_err(|e| usage(format!("{from}: {e}")))?;
+            (Some(restored), from)
+        }
+        _ if joining => {
+            let from = "backup: joining the running VM".to_string();
+            let restored = receive_state(&mut inputs, &header, mem_size, &mut machine, &mut devices)
+                .map_err(|e| usage(format!("{from}: {e}")))?;
+            (Some(restored), from)
+        }
+        _ => (None, String::new()),
     };
     let mut vmm = Vmm::new(machine, devices, inputs, output, role, disk, rdtsc_sites, header, config.wants_digest());
     vmm.arbiter = arbiter;
-    if let (Some(restored), Some(path)) = (restored, &config.restore) {
+    vmm.channel = ChannelConfig { heartbeat_timeout: config.heartbeat, ..Default::default() };
+    if let Some(restored) = restored {
         let exit = restored.exits;
-        vmm.adopt(restored).map_err(|e| usage(format!("--restore {}: {e}", path.display())))?;
-        eprintln!("ftvmm: restored the snapshot {} (exit {exit})", path.display());
+        vmm.adopt(restored).map_err(|e| usage(format!("{from}: {e}")))?;
+        eprintln!("ftvmm: {from}: restored at exit {exit}");
     }
     if let Some((exit, path)) = &config.save_snapshot {
         vmm.save_snapshot_at(*exit, path.clone());
@@ -327,4 +361,30 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
 /// it replays only from that snapshot.
 fn restored_config(config: &str, exit: u64) -> String {
     format!("{config} restored_at_exit={exit}")
+}
+
+/// A joining backup: the running primary's state, from the logging channel.
+fn receive_state(
+    inputs: &mut Inputs,
+    header: &Header,
+    mem_size: u64,
+    machine: &mut vm::Machine,
+    devices: &mut Devices,
+) -> Result<crate::run::Restored, SnapshotError> {
+    let Inputs::Replay(replayer) = inputs else {
+        return Err(SnapshotError::Corrupt("not a backup".into()));
+    };
+    let LogSource::Backup(link) = replayer.source_mut() else {
+        return Err(SnapshotError::Corrupt("not a backup".into()));
+    };
+    let mut reader = StateReader::new(BufReader::with_capacity(1 << 20, StateIn::new(link)))?;
+    check_begin(reader.next_item()?, header, mem_size)?;
+    let restored = restore_state(machine, devices, &mut reader)?;
+    // The channel's end of the state, after the stream's End item.
+    let mut rest = reader.into_inner();
+    if rest.fill_buf()?.is_empty() && rest.into_inner().finish()? {
+        Ok(restored)
+    } else {
+        Err(SnapshotError::Corrupt("data after the state's End item".into()))
+    }
 }

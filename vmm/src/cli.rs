@@ -79,9 +79,16 @@ pub struct Cli {
     #[arg(long, requires = "connect", conflicts_with_all = ["record", "replay"])]
     pub backup: bool,
 
-    /// The primary's logging-channel address (host:port) to listen on.
-    #[arg(long, value_name = "ADDR", requires = "primary")]
+    /// The logging-channel address (host:port) to listen on: a primary's,
+    /// for its backup and for the backups that join it later (whenever it
+    /// has none); a backup's, for backups of its own once it has gone live.
+    #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
+
+    /// With --primary: boot at once without waiting for a backup; the VM
+    /// runs unprotected until one joins (by live state transfer).
+    #[arg(long, requires = "primary")]
+    pub no_wait: bool,
 
     /// The primary's logging-channel address (host:port) to connect to.
     #[arg(long, value_name = "ADDR", requires = "backup")]
@@ -161,10 +168,13 @@ impl Cli {
             // clap requires one of --guest, --kernel, --list-guests.
             (None, None) => return Err("--guest or --kernel is required".into()),
         };
+        if self.listen.is_some() && !self.primary && !self.backup {
+            return Err("--listen is for --primary or --backup".into());
+        }
         let mode = if self.primary {
-            Mode::Primary { listen: self.listen.unwrap_or_default() }
+            Mode::Primary { listen: self.listen.unwrap_or_default(), wait: !self.no_wait }
         } else if self.backup {
-            Mode::Backup { connect: self.connect.unwrap_or_default() }
+            Mode::Backup { connect: self.connect.unwrap_or_default(), listen: self.listen }
         } else if let Some(log) = self.replay {
             Mode::Replay { log }
         } else {

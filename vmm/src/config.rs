@@ -43,10 +43,13 @@ pub enum Mode {
     Solo { record: Option<PathBuf> },
     /// Replay the log file: every input comes from it.
     Replay { log: PathBuf },
-    /// The primary of a pair: wait for a backup on `listen`, then boot.
-    Primary { listen: String },
-    /// The backup of a pair: replay the primary at `connect` in lockstep.
-    Backup { connect: String },
+    /// The primary of a pair: wait for a backup on `listen`, then boot (or,
+    /// without `wait`, boot at once); later backups may join on `listen`
+    /// whenever it has none.
+    Primary { listen: String, wait: bool },
+    /// The backup of a pair: replay the primary at `connect` in lockstep;
+    /// once live, accept backups of its own on `listen`.
+    Backup { connect: String, listen: Option<String> },
 }
 
 /// Everything a VM is built from.

@@ -10,8 +10,9 @@
 
 use crate::console::{Backlog, Endpoint, OutputPort, PortSender};
 use crate::disk::{DiskOp, DiskPort, DiskSender};
+use crate::run::Joiner;
 use crate::tap::{HostNic, TapTx};
-use logging_channel::{BackupLink, PrimaryLink};
+use logging_channel::{BackupLink, PrimaryLink, PrimaryListener};
 use replay::{LogError, LogReader, LogWriter, Position, Record, RecordSink, RecordSource};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -36,6 +37,8 @@ pub enum Role {
         generation: u64,
         /// When the watermark was last shipped: (exit, time).
         shipped: (u64, Instant),
+        /// Accepts a new backup whenever the VM has none (re-protection).
+        joiner: Option<Joiner>,
     },
     /// The backup: replays the primary's log; when it ends (the primary is
     /// gone) it goes live and serves `endpoint`, with serial input from
@@ -47,6 +50,8 @@ pub enum Role {
         expected_generation: u64,
         /// The NIC's host side, its TAP drained until the backup goes live.
         nic: Option<HostNic>,
+        /// Once live, accept backups of its own here (`--listen`).
+        listener: Option<PrimaryListener>,
     },
 }
 
@@ -130,6 +135,10 @@ pub trait Outputs {
     }
     /// The primary reported outputs up to `released` as released.
     fn prune(&mut self, _released: u64) {}
+    /// After [`Outputs::go_live`]: the serial port the outputs now go to.
+    fn into_port(self: Box<Self>) -> Option<OutputPort> {
+        None
+    }
     /// Waits until everything released so far has been written out.
     fn close(self: Box<Self>);
 }
@@ -272,6 +281,25 @@ impl OutputGate {
                 self.hand(&mut s, exit, item);
             }
         }
+    }
+
+    /// A new backup protects the VM from exit `exit` on (it joined there):
+    /// outputs of later exits wait for its acknowledgements.
+    pub fn protect_after(&self, exit: u64) {
+        let mut s = self.state();
+        s.acked = exit;
+    }
+
+    /// What the logging channel calls with each acknowledged watermark.
+    /// Losing the backup (u64::MAX) is not an ack: the run loop releases
+    /// held output once it has won the arbitration.
+    pub fn ack_callback(gate: &Arc<OutputGate>) -> Box<dyn Fn(u64) + Send + Sync> {
+        let gate = gate.clone();
+        Box::new(move |watermark| {
+            if watermark != u64::MAX {
+                gate.acked(watermark)
+            }
+        })
     }
 
     /// Outputs still waiting for an acknowledgement.
@@ -430,6 +458,9 @@ impl Outputs for Suppressed {
             }
         }
         Ok(())
+    }
+    fn into_port(self: Box<Self>) -> Option<OutputPort> {
+        self.live
     }
     fn close(self: Box<Self>) {
         if let Some(port) = self.live {

@@ -15,6 +15,13 @@
 //!
 //! kvstore: set and get throughput and latency through the guest's TCP
 //! console, alone and with a backup attached, the disk on ftdisk.
+//!
+//! Re-protection: a backup joining a running primary by live state
+//! transfer, for idle and busy 64 MiB and 512 MiB guests: the time to join,
+//! the bytes sent and their ratio to guest memory, the pre-copy rounds and
+//! the final pause during which the guest did not run.
+//!
+//! `--only SECTION` (record-replay, ft, kvstore, join) runs one section.
 
 use ftvmm_tests::{ftvmm, qemu_img, require_kvm, spawn_ftdisk, wait, Proc, Scratch};
 use replay::{Entry, LogReader, RecordSource};
@@ -268,20 +275,92 @@ fn kvstore_bench(n: usize) {
     println!();
 }
 
+/// The figures of the "backup joined" line a primary prints.
+struct Join {
+    rounds: f64,
+    mib: f64,
+    join_ms: f64,
+    pause_ms: f64,
+}
+
+fn parse_join(line: &str) -> Option<Join> {
+    let num = |after: &str| -> Option<f64> {
+        let rest = &line[line.find(after)? + after.len()..];
+        rest.trim_start().split(|c: char| !(c.is_ascii_digit() || c == '.')).next()?.parse().ok()
+    };
+    let rounds: f64 = line.split(": ").nth(3)?.split(' ').next()?.parse().ok()?;
+    Some(Join { rounds, mib: num("round(s), ")?, join_ms: num("MiB sent in")?, pause_ms: num("final pause")? })
+}
+
+/// A backup joining a running primary: (idle or busy) guest of `mem_mib`.
+fn join_once(guest: &[&str], mem_mib: u64) -> Join {
+    let mem = mem_mib.to_string();
+    let mut common = vec!["--mem-mib", mem.as_str()];
+    common.extend_from_slice(guest);
+    let mut pargs = vec!["--primary", "--no-wait", "--listen", "127.0.0.1:0"];
+    pargs.extend_from_slice(&common);
+    let p = Proc::spawn(&pargs);
+    let addr = p.wait_addr("backups may join on", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut bargs = vec!["--backup", "--connect", addr.as_str()];
+    bargs.extend_from_slice(&common);
+    let b = Proc::spawn(&bargs);
+    let line = p.wait_line("backup joined at exit", Duration::from_secs(120));
+    drop(b);
+    drop(p);
+    parse_join(&line).unwrap_or_else(|| panic!("cannot read {line:?}"))
+}
+
+fn reprotection(runs: usize) {
+    println!("### Re-protection: a backup joins a running primary (loopback; median of {runs} runs)\n");
+    println!("| guest | memory | join ms | MiB sent | sent/memory | rounds | final pause ms |");
+    println!("|---|---|---|---|---|---|---|");
+    let idle: &[&str] = &["--guest", "ticker", "--cmdline", "hz=20"];
+    let busy: &[&str] = &["--guest", "compute", "--cmdline", "rounds=100000000 kib=32768"];
+    for (name, guest) in [("idle (ticker hz=20)", idle), ("busy (compute, 32 MiB working set)", busy)] {
+        for mem in [64u64, 512] {
+            let joins: Vec<Join> = (0..runs).map(|_| join_once(guest, mem)).collect();
+            let m = |f: fn(&Join) -> f64| median(joins.iter().map(f).collect());
+            let mib = m(|j| j.mib);
+            println!(
+                "| {name} | {mem} MiB | {:.0} | {:.1} | {:.3} | {:.0} | {:.1} |",
+                m(|j| j.join_ms),
+                mib,
+                mib / mem as f64,
+                m(|j| j.rounds),
+                m(|j| j.pause_ms)
+            );
+        }
+    }
+    println!();
+}
+
 fn main() {
     require_kvm();
     let mut runs = 5;
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
             ("--runs", Some(n)) => runs = n.parse().unwrap_or(5).max(1),
+            ("--only", Some(s)) if ["record-replay", "ft", "kvstore", "join"].contains(&s.as_str()) => only = Some(s),
             _ => {
-                eprintln!("usage: ftbench [--runs N]");
+                eprintln!("usage: ftbench [--runs N] [--only record-replay|ft|kvstore|join]");
                 std::process::exit(2);
             }
         }
     }
-    record_replay(runs);
-    fault_tolerance(runs);
-    kvstore_bench(500);
+    let wanted = |s: &str| only.as_deref().is_none_or(|o| o == s);
+    if wanted("record-replay") {
+        record_replay(runs);
+    }
+    if wanted("ft") {
+        fault_tolerance(runs);
+    }
+    if wanted("kvstore") {
+        kvstore_bench(500);
+    }
+    if wanted("join") {
+        reprotection(runs);
+    }
 }

@@ -69,6 +69,12 @@ impl Vmm {
             if !idle {
                 return Ok(false);
             }
+            if self.tend_protection(false)? {
+                // A joining backup's state is ready for its final round,
+                // which needs an exit boundary: let the idle guest resume
+                // without an interrupt (a spurious wake-up; it idles again).
+                return Ok(false);
+            }
             self.wait_for_host_input(position)?;
         }
     }
@@ -112,8 +118,9 @@ impl Vmm {
         if let Some(why) = self.newly_lost_backup() {
             return self.backup_lost(position, &why);
         }
-        // Keep an eye on the backup while the guest idles.
-        let watch_backup = self.primary_link().is_some();
+        // Keep an eye on the backup (or a joining one) while the guest idles.
+        let watch_backup =
+            self.primary_link().is_some() || matches!(self.role, crate::ft::Role::Primary { joiner: Some(_), .. });
         let Inputs::Live(live) = &mut self.inputs else {
             return Ok(());
         };

@@ -6,8 +6,9 @@ use crate::arbiter::Arbitration;
 use crate::clock::HostClock;
 use crate::disk::Claim;
 use crate::error::{log_write_error, RunError};
-use crate::ft::{owner_name, LogSink, LogSource, Role};
+use crate::ft::{owner_name, Held, LogSink, LogSource, OutputGate, Role, Suppressed};
 use crate::inputs::{Inputs, LiveInputs};
+use crate::run::Joiner;
 use crate::run::Vmm;
 use replay::Position;
 use std::sync::atomic::Ordering;
@@ -27,6 +28,8 @@ impl Vmm {
         if let Some(why) = self.disk.as_ref().and_then(|d| d.failure()) {
             return Err(RunError::Halted(format!("writing the shared disk failed ({why}); halting")));
         }
+        // No backup: take one that joins, or finish its state transfer.
+        self.tend_protection(true)?;
         match &mut self.inputs {
             Inputs::Live(live) => {
                 let Some(recorder) = &mut live.recorder else { return Ok(()) };
@@ -99,7 +102,7 @@ impl Vmm {
         }
         eprintln!("ftvmm: primary: running alone");
         gate.acked(u64::MAX);
-        Ok(())
+        self.unprotected()
     }
 
     /// Go-live arbitration: the test-and-set on the arbiter or the shared
@@ -140,7 +143,9 @@ impl Vmm {
     /// from exactly here. For anything else it is the end of the run.
     pub(super) fn end_of_log(&mut self, err: RunError) -> Result<(), RunError> {
         let RunError::EndOfLog { .. } = err else { return Err(err) };
-        let Role::Backup { endpoint, serial_input, expected_generation, nic } = &mut self.role else { return Err(err) };
+        let Role::Backup { endpoint, serial_input, expected_generation, nic, listener } = &mut self.role else {
+            return Err(err);
+        };
         let Some(endpoint) = endpoint.take() else { return Err(err) };
         let expected = *expected_generation;
         let Inputs::Replay(r) = &mut self.inputs else { return Err(err) };
@@ -150,8 +155,10 @@ impl Vmm {
         };
         let serial_input = serial_input.take();
         let nic = nic.take();
+        let listener = listener.take();
         eprintln!("ftvmm: backup: primary lost ({why}) at exit {}", self.exits);
-        self.arbitrate("backup", expected)?;
+        let generation = self.arbitrate("backup", expected)?.unwrap_or(expected);
+        self.header.disk_generation = generation;
         eprintln!("ftvmm: backup: going live at exit {}", self.exits);
         let (input, port) = endpoint
             .start_with_input(serial_input.as_deref())
@@ -172,6 +179,40 @@ impl Vmm {
         }
         self.inputs = Inputs::Live(Box::new(live));
         self.role = Role::Solo;
+        if let Some(listener) = listener {
+            self.become_primary(listener, generation, nic.as_ref().map(|n| n.tx.clone()))?;
+        }
+        Ok(())
+    }
+
+    /// A backup that went live with `--listen`: it is now a primary without
+    /// a backup, accepting one on `listener` (outputs pass through its gate
+    /// until one has joined).
+    fn become_primary(
+        &mut self,
+        listener: logging_channel::PrimaryListener,
+        generation: u64,
+        net: Option<crate::tap::TapTx>,
+    ) -> Result<(), RunError> {
+        let live_outputs = std::mem::replace(&mut self.output, Box::new(Suppressed::default()));
+        let Some(port) = live_outputs.into_port() else {
+            return Err(RunError::Io { what: "becoming a primary", err: std::io::Error::other("no serial port") });
+        };
+        let disk_delivered = self.disk.as_ref().map_or_else(Default::default, |d| d.delivered());
+        let gate = OutputGate::new(port.sender(), self.disk.as_mut().map(|d| d.releaser()), net);
+        gate.acked(u64::MAX);
+        eprintln!("ftvmm: live: accepting a backup on {}", listener.local_addr());
+        let joiner = Joiner::start(listener, self.header.clone(), self.channel.clone(), true);
+        self.role = Role::Primary {
+            gate: gate.clone(),
+            delivered: port.delivered(),
+            disk_delivered,
+            finish_timeout: self.channel.heartbeat_timeout * 5,
+            generation,
+            shipped: (self.exits, Instant::now()),
+            joiner: Some(joiner),
+        };
+        self.output = Box::new(Held { gate, port });
         Ok(())
     }
 }

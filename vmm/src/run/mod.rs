@@ -18,7 +18,10 @@ mod delivery;
 mod dispatch;
 mod exit;
 mod failover;
+mod join;
 mod state;
+
+pub use join::{Joiner, StateIn};
 
 pub use state::{check_begin, restore_state, Restored};
 
@@ -66,6 +69,10 @@ pub struct Vmm {
     exits: u64,
     /// Compute the final state digest (for `--digest`, recording and replay).
     want_digest: bool,
+    /// The logging channel's settings, for backups that join later.
+    pub channel: logging_channel::ChannelConfig,
+    /// A state transfer to a joining backup, under way.
+    transfer: Option<join::Transfer>,
     /// The arbiter-only ftdisk go-live arbitration happens on (`--arbiter`).
     pub arbiter: Option<RemoteArbiter>,
     /// Save a snapshot at this exit, to this file (`--save-snapshot`).
@@ -102,6 +109,8 @@ impl Vmm {
             want_digest,
             save_at: None,
             arbiter: None,
+            transfer: None,
+            channel: Default::default(),
         }
     }
 

@@ -1,0 +1,324 @@
+//! Re-protection: a new backup joins the running VM by live state transfer
+//! (pre-copy), so the VM survives failure after failure.
+//!
+//! 1. A background thread accepts a joining backup whenever the VM has
+//!    none ([`Joiner`]).
+//! 2. The guest keeps running while a sender thread streams all of memory,
+//!    then, round after round, the pages dirtied meanwhile (KVM's dirty log
+//!    and the VMM's own writes), until few remain or [`MAX_ROUNDS`] is
+//!    reached.
+//! 3. At the next guest-caused exit the vCPU thread stops the guest, sends
+//!    the last dirty pages, the vCPU and device state and the digest, and
+//!    from that exit on the log streams as usual: outputs after it wait for
+//!    the new backup's acknowledgement.
+//!
+//! A backup that fails mid-transfer leaves the VM running alone, accepting
+//! the next one.
+
+use crate::error::{log_write_error, RunError};
+use crate::ft::{LogSink, OutputGate, Role};
+use crate::inputs::Inputs;
+use crate::run::Vmm;
+use crate::snapshot::{self, StateItem, StateWriter};
+use crate::vm::{take_dirty_pages, GuestMem, PAGE_SIZE};
+use kvm_ioctls::VmFd;
+use logging_channel::{ChannelConfig, PrimaryLink, PrimaryListener, StateSender};
+use replay::{Header, Recorder};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// Pre-copy rounds after the first full copy, at most...
+pub const MAX_ROUNDS: u32 = 8;
+/// ...and it stops early once a round finds no more dirty pages than this
+/// (the final pause then copies about as many).
+pub const FINAL_PAGES: u64 = 256;
+/// Bytes of state buffered before they go to the channel.
+const CHUNK: usize = 1 << 20;
+
+/// Accepts joining backups on a background thread, one when asked.
+pub struct Joiner {
+    incoming: Receiver<PrimaryLink>,
+    want: Sender<()>,
+    pub addr: std::net::SocketAddr,
+}
+
+impl Joiner {
+    /// Starts accepting on `listener`; a backup is accepted each time
+    /// [`Joiner::want_one`] asks (the first one at once if `now`).
+    pub fn start(listener: PrimaryListener, header: Header, config: ChannelConfig, now: bool) -> Joiner {
+        let (links, incoming) = mpsc::channel();
+        let (want, wanted) = mpsc::channel::<()>();
+        let addr = listener.local_addr();
+        std::thread::spawn(move || {
+            while wanted.recv().is_ok() {
+                loop {
+                    match listener.accept_joining(&header, &config) {
+                        Ok(link) => {
+                            if links.send(link).is_err() {
+                                return;
+                            }
+                            break;
+                        }
+                        // A stranger or a mismatched backup: keep waiting.
+                        Err(e) => eprintln!("ftvmm: primary: refused a joining backup: {e}"),
+                    }
+                }
+            }
+        });
+        let joiner = Joiner { incoming, want, addr };
+        if now {
+            joiner.want_one();
+        }
+        joiner
+    }
+
+    /// Accept the next joining backup.
+    pub fn want_one(&self) {
+        let _ = self.want.send(());
+    }
+
+    fn joined(&self) -> Option<PrimaryLink> {
+        self.incoming.try_recv().ok()
+    }
+}
+
+/// A state transfer under way.
+pub struct Transfer {
+    link: PrimaryLink,
+    precopy: Option<JoinHandle<Result<Precopy, String>>>,
+    done: Arc<AtomicBool>,
+    started: Instant,
+}
+
+/// What the pre-copy thread hands back for the final round.
+struct Precopy {
+    writer: StateWriter<StateOut>,
+    rounds: u32,
+}
+
+/// Buffers the state stream and sends it in chunks of [`CHUNK`] bytes.
+struct StateOut {
+    sender: StateSender,
+    buf: Vec<u8>,
+    sent: u64,
+}
+
+impl Write for StateOut {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.sent += chunk.len() as u64;
+        self.sender.send_state(chunk).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+fn count_pages(dirty: &[u64]) -> u64 {
+    dirty.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// The pre-copy: every page, then rounds of dirty pages, while the guest runs.
+fn precopy(
+    vm: Arc<VmFd>,
+    mem: GuestMem,
+    mem_size: u64,
+    begin: StateItem,
+    sender: StateSender,
+    done: Arc<AtomicBool>,
+) -> Result<Precopy, String> {
+    let result = (|| {
+        let out = StateOut { sender, buf: Vec::with_capacity(CHUNK), sent: 0 };
+        let mut w = StateWriter::new(out).map_err(|e| e.to_string())?;
+        w.item(&begin).map_err(|e| e.to_string())?;
+        snapshot::memory_items(&mem, mem_size, None, |i| w.item(&i)).map_err(|e| e.to_string())?;
+        let mut rounds = 0;
+        while rounds < MAX_ROUNDS {
+            let dirty = take_dirty_pages(&vm, &mem, mem_size).map_err(|e| e.to_string())?;
+            rounds += 1;
+            let n = count_pages(&dirty);
+            snapshot::memory_items(&mem, mem_size, Some(&dirty), |i| w.item(&i)).map_err(|e| e.to_string())?;
+            if n <= FINAL_PAGES {
+                break;
+            }
+        }
+        Ok(Precopy { writer: w, rounds })
+    })();
+    done.store(true, Ordering::Release);
+    result
+}
+
+impl Vmm {
+    /// For a primary without a backup: start a transfer to a backup that
+    /// joined, and, `at_boundary` (the current exit fully handled), finish
+    /// one whose pre-copy is done. Returns whether a finish waits for a
+    /// boundary.
+    pub(super) fn tend_protection(&mut self, at_boundary: bool) -> Result<bool, RunError> {
+        if !matches!(self.role, Role::Primary { joiner: Some(_), .. }) || self.primary_link().is_some() {
+            return Ok(false);
+        }
+        if let Some(t) = &self.transfer {
+            let done = t.done.load(Ordering::Acquire);
+            if done && at_boundary {
+                self.finish_transfer()?;
+                return Ok(false);
+            }
+            return Ok(done);
+        }
+        let Role::Primary { joiner: Some(joiner), .. } = &self.role else { return Ok(false) };
+        let Some(link) = joiner.joined() else { return Ok(false) };
+        eprintln!("ftvmm: primary: a backup joins at exit {}; copying the VM's state", self.exits);
+        self.machine.set_dirty_logging(true)?;
+        let done = Arc::new(AtomicBool::new(false));
+        let (vm, mem, size, begin, sender, flag) = (
+            self.machine.vm.clone(),
+            self.machine.mem.clone(),
+            self.machine.mem_size,
+            self.state_begin(),
+            link.state_sender(),
+            done.clone(),
+        );
+        let precopy = std::thread::spawn(move || precopy(vm, mem, size, begin, sender, flag));
+        self.transfer = Some(Transfer { link, precopy: Some(precopy), done, started: Instant::now() });
+        Ok(false)
+    }
+
+    /// The final round, with the guest stopped at this exit; from here on
+    /// the new backup protects the VM.
+    fn finish_transfer(&mut self) -> Result<(), RunError> {
+        let Some(mut t) = self.transfer.take() else { return Ok(()) };
+        let pre = t.precopy.take().map(|h| h.join().unwrap_or_else(|_| Err("the pre-copy thread panicked".into())));
+        let paused = Instant::now();
+        let result = match pre {
+            Some(Ok(pre)) => self.final_round(pre, &t),
+            Some(Err(e)) => Err(e),
+            None => Err("no pre-copy".into()),
+        };
+        self.machine.set_dirty_logging(false)?;
+        let (rounds, sent) = match result {
+            Ok(done) => done,
+            Err(why) => {
+                eprintln!(
+                    "ftvmm: primary: the joining backup was lost during the state transfer ({why}); running alone"
+                );
+                if let Role::Primary { joiner: Some(j), .. } = &self.role {
+                    j.want_one();
+                }
+                return Ok(());
+            }
+        };
+        let pause = paused.elapsed();
+        let exit = self.exits;
+        let Role::Primary { gate, shipped, .. } = &mut self.role else { return Ok(()) };
+        // Outputs of later exits wait for the new backup's acks.
+        gate.protect_after(exit);
+        *shipped = (exit, Instant::now());
+        t.link.on_ack(OutputGate::ack_callback(gate));
+        if let Inputs::Live(live) = &mut self.inputs {
+            live.recorder = Some(Recorder::new(LogSink::Primary(t.link)));
+        }
+        self.backup_loss_reported = false;
+        eprintln!(
+            "ftvmm: primary: backup joined at exit {exit}: {rounds} pre-copy round(s), {:.1} MiB sent in {:.0} ms, \
+             final pause {:.1} ms; protected",
+            sent as f64 / (1 << 20) as f64,
+            t.started.elapsed().as_secs_f64() * 1e3,
+            pause.as_secs_f64() * 1e3
+        );
+        Ok(())
+    }
+
+    /// Sends the last dirty pages, the machine state and the digest; ends the
+    /// state. Returns (rounds, bytes sent).
+    fn final_round(&mut self, pre: Precopy, t: &Transfer) -> Result<(u32, u64), String> {
+        let Precopy { mut writer, rounds } = pre;
+        // Completing the exit may write memory (string I/O): before the last dirty log.
+        let machine = self.machine_state().map_err(|e| e.to_string())?;
+        let m = &self.machine;
+        let dirty = take_dirty_pages(&m.vm, &m.mem, m.mem_size).map_err(|e| e.to_string())?;
+        snapshot::memory_items(&m.mem, m.mem_size, Some(&dirty), |i| writer.item(&i)).map_err(|e| e.to_string())?;
+        writer.item(&StateItem::Machine(Box::new(machine))).map_err(|e| e.to_string())?;
+        let digest = self.digest_now(false).map_err(|e| e.to_string())?;
+        writer.item(&StateItem::End { digest, memory: false }).map_err(|e| e.to_string())?;
+        let mut out = writer.into_inner();
+        out.flush().map_err(|e| e.to_string())?;
+        t.link.end_state(self.exits).map_err(|e| e.to_string())?;
+        Ok((rounds, out.sent))
+    }
+
+    /// The primary lost its backup and won the arbitration: stop recording
+    /// to the dead link, and accept the next backup.
+    pub(super) fn unprotected(&mut self) -> Result<(), RunError> {
+        if let Inputs::Live(live) = &mut self.inputs {
+            if let Some(mut r) = live.recorder.take() {
+                r.flush().map_err(log_write_error).ok();
+            }
+        }
+        if let Role::Primary { joiner: Some(j), .. } = &self.role {
+            eprintln!("ftvmm: primary: accepting a new backup on {}", j.addr);
+            j.want_one();
+        }
+        Ok(())
+    }
+}
+
+/// Reads a state stream from the logging channel (a joining backup).
+pub struct StateIn<'a> {
+    pub link: &'a mut logging_channel::BackupLink,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl<'a> StateIn<'a> {
+    pub fn new(link: &'a mut logging_channel::BackupLink) -> Self {
+        StateIn { link, buf: Vec::new(), at: 0 }
+    }
+}
+
+impl StateIn<'_> {
+    /// Reads the channel's end of the state; false if data comes first.
+    pub fn finish(&mut self) -> std::io::Result<bool> {
+        if self.at < self.buf.len() {
+            return Ok(false);
+        }
+        match self.link.next_state_chunk() {
+            Ok(None) => Ok(true),
+            Ok(Some(chunk)) => Ok(chunk.is_empty() && self.finish()?),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        }
+    }
+}
+
+impl std::io::Read for StateIn<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.buf.len() {
+            match self.link.next_state_chunk() {
+                Ok(Some(chunk)) => {
+                    self.buf = chunk;
+                    self.at = 0;
+                }
+                Ok(None) => return Ok(0),
+                Err(e) => return Err(std::io::Error::other(e.to_string())),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+// A page is what the dirty log and the state stream count in.
+const _: () = assert!(PAGE_SIZE == 4096);
