@@ -10,7 +10,15 @@
 # on.
 #
 # Modes:
-#   kvstore (default)  the client streams `set`s to the guest's serial console
+#   net (default)      the `redis` guest with a NIC of its own: the VM is
+#                      10.77.0.10, bridged onto the LAN from the primary's and
+#                      the backup's hosts (a TAP on each, the same MAC). The
+#                      client runs stock redis-cli and redis-benchmark against
+#                      it, then ftclient holds ONE TCP connection that INCRs
+#                      and SETs while the primary host dies: the same
+#                      connection carries on, and every acknowledged SET
+#                      reads back.
+#   kvstore            the client streams `set`s to the guest's serial console
 #                      and afterwards reads back every one that was
 #                      acknowledged: none may be lost.
 #   ticker             the client reads ticks: none may be missing, a few
@@ -19,14 +27,14 @@
 #                      a new backup joins the live side by live state
 #                      transfer, and the next kill fails over to it.
 #
-# Needs root (namespaces), /dev/kvm, iproute2 and qemu-img (installed from
-# the distribution where missing).
-# Usage: scripts/demo.sh [kvstore|ticker|reprotect] [seconds-before-kill]
+# Needs root (namespaces), /dev/kvm, iproute2, qemu-img and (net) redis-tools
+# (installed from the distribution where missing).
+# Usage: scripts/demo.sh [net|kvstore|ticker|reprotect] [seconds-before-kill]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODE=${1:-kvstore}
+MODE=${1:-net}
 KILL_AFTER=${2:-3}
-case "$MODE" in kvstore|ticker|reprotect) ;; *) echo "demo: mode must be kvstore, ticker or reprotect" >&2; exit 2;; esac
+case "$MODE" in net|kvstore|ticker|reprotect) ;; *) echo "demo: mode must be net, kvstore, ticker or reprotect" >&2; exit 2;; esac
 S=10.77.0.4
 
 if [ "$(id -u)" != 0 ]; then echo "demo: needs root (network namespaces)" >&2; exit 1; fi
@@ -34,6 +42,7 @@ if [ ! -e /dev/kvm ]; then echo "demo: /dev/kvm is missing" >&2; exit 1; fi
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
+if [ "$MODE" = net ]; then command -v redis-benchmark >/dev/null || need+=(redis-tools); fi
 if [ ${#need[@]} -gt 0 ]; then
     echo "demo: installing ${need[*]}" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
@@ -69,6 +78,32 @@ qemu-img create -q -f raw "$WORK/shared.img" 16M
 in_host storage "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 2>"$WORK/storage.err" &
 sleep 0.3
 DISK=(--disk ftdisk:$S:7100)
+
+if [ "$MODE" = net ]; then
+    VM=10.77.0.10 P=10.77.0.1 B=10.77.0.2
+    # Each VM host bridges a TAP onto the LAN; the VM has the same MAC on both.
+    "$BIN/ftlab" tap ftdemo primary fttap
+    "$BIN/ftlab" tap ftdemo backup fttap
+    VMARGS=(--guest redis --cmdline "ip=$VM/24" --net tap:fttap,mac=52:54:00:77:00:10 "${DISK[@]}")
+    echo "== the VM $VM runs on the primary host, its backup on the backup host; the disk (and the arbitration record) on the storage host"
+    in_host backup "$BIN/ftvmm" --backup "${VMARGS[@]}" --connect $P:7000 2>"$WORK/backup.err" &
+    in_host primary "$BIN/ftvmm" --primary "${VMARGS[@]}" --listen $P:7000 2>"$WORK/primary.err" &
+    for i in $(seq 100); do in_host client redis-cli -h $VM ping >/dev/null 2>&1 && break; sleep 0.1; done
+    echo "== stock clients on the client host: redis-cli and redis-benchmark against $VM"
+    in_host client redis-cli -h $VM set greeting "hello from a fault-tolerant VM" | sed 's/^/   /'
+    in_host client redis-cli -h $VM get greeting | sed 's/^/   /'
+    in_host client redis-benchmark -h $VM -t set,get,incr -n 2000 -c 8 -P 4 -q | tr '\r' '\n' | grep -v 'rps=' | sed 's/^/   /'
+    echo "== ftclient: one TCP connection, INCR and SET every 20 ms, while the primary host dies"
+    in_host client "$BIN/ftclient" --redis $(( (KILL_AFTER + 3) * 40 )) $VM:6379 &
+    CLIENT=$!
+    sleep "$KILL_AFTER"
+    kill_host primary
+    wait $CLIENT && status=0 || status=$?
+    echo "== after the failover, stock redis-cli still reaches $VM:"
+    in_host client redis-cli -h $VM get greeting | sed 's/^/   /'
+    show primary backup storage
+    exit $status
+fi
 
 if [ "$MODE" = reprotect ]; then
     # Each VM host listens for a backup of its own once it is live.
