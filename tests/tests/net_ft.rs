@@ -109,19 +109,7 @@ impl NetPair {
     }
 
     fn redis(&self) -> RespConn {
-        let addr = format!("{}:6379", self.vm);
-        let deadline = Instant::now() + START;
-        loop {
-            match RespConn::connect(&addr, Duration::from_secs(20)) {
-                Ok(mut c) => {
-                    if matches!(c.cmd(&["PING"]), Ok(Reply::Simple(s)) if s == "PONG") {
-                        return c;
-                    }
-                }
-                Err(e) => assert!(Instant::now() < deadline, "cannot reach redis at {addr}: {e}"),
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        redis_client(&self.vm)
     }
 
     /// Frames the backup's VMM has written to its TAP (the TAP's receive
@@ -241,4 +229,100 @@ fn the_backup_sends_nothing_on_its_tap_while_it_replays() {
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(pair.backup_tap_frames(), 0, "the backup wrote frames to its TAP while replaying");
+}
+
+/// Re-protection with the network: the same client TCP connection survives
+/// three failovers in a row, a new backup joining the live side after each.
+#[test]
+fn one_client_connection_survives_three_failovers_in_a_row() {
+    let _serial = one_at_a_time();
+    ftvmm_tests::require_kvm();
+    let net = "10.88.0";
+    let hosts = [("h1", 1u8), ("h2", 2), ("h3", 5), ("h4", 6), ("s", 4)];
+    let lab = Lab::create(&lab_name("nr"), net, &hosts, std::process::id()).expect("root for labs");
+    for (h, _) in &hosts[..4] {
+        lab.add_tap(h, "fttap").unwrap();
+    }
+    let dir = Scratch::new("netchain");
+    let sns = lab.host("s").unwrap().ns.clone();
+    let state = dir.path("record");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &sns])
+        .arg(ftvmm_tests::ftdisk_bin())
+        .args(["--arbiter-only", "--state", &state, "--listen", &format!("{net}.4:7100")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ftdisk");
+    let _arbiter = ArbiterProc(child);
+    std::thread::sleep(Duration::from_millis(300));
+    let (vm, arb) = (format!("{net}.10"), format!("ftdisk:{net}.4:7100"));
+    let cmdline = format!("ip={vm}/24");
+    let common =
+        ["--guest", "redis", "--cmdline", &cmdline, "--net", "tap:fttap", "--arbiter", &arb, "--heartbeat-ms", "100"];
+    let addr = |i: usize| format!("{net}.{}:7000", hosts[i].1);
+    let ns = |i: usize| lab.host(hosts[i].0).unwrap().ns.clone();
+    let spawn = |i: usize, args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend_from_slice(&common);
+        Proc::spawn_in(Some(&ns(i)), &all)
+    };
+    let listen0 = addr(0);
+    let mut live = spawn(0, &["--primary", "--listen", &listen0]);
+    live.wait_line("waiting for a backup", START);
+    let (c1, l1) = (addr(0), addr(1));
+    let mut backup = Some(spawn(1, &["--backup", "--connect", &c1, "--listen", &l1]));
+    live.wait_line("backup attached", START);
+    let mut conn = redis_client(&vm);
+    let mut last = 0;
+    let mut acked = Vec::new();
+    let mut graveyard = Vec::new();
+    for side in 0..4 {
+        for j in 0..40 {
+            let n = match conn.cmd(&["INCR", "counter"]) {
+                Ok(Reply::Int(n)) => n,
+                other => panic!("side {side}: INCR {other:?}\nlive: {:?}", live.stderr()),
+            };
+            assert_eq!(n, last + 1, "side {side}: INCR values not consecutive");
+            last = n;
+            let (k, v) = (format!("k{side}x{j}"), format!("v{side}x{j}"));
+            assert_eq!(conn.cmd(&["SET", &k, &v]).unwrap(), Reply::Simple("OK".into()));
+            acked.push((k, v));
+        }
+        if side == 3 {
+            break;
+        }
+        // The live side's host dies; its backup goes live; a new backup
+        // joins it (but after the third death).
+        let pid = live.child.id().to_string();
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        let _ = lab.cut(hosts[side].0);
+        let next = backup.take().expect("a backup");
+        next.wait_line("going live", Duration::from_secs(10));
+        graveyard.push(std::mem::replace(&mut live, next));
+        if side + 2 < 4 {
+            let (connect, listen) = (addr(side + 1), addr(side + 2));
+            backup = Some(spawn(side + 2, &["--backup", "--connect", &connect, "--listen", &listen]));
+            live.wait_line("backup joined at exit", Duration::from_secs(60));
+        }
+    }
+    for (k, v) in &acked {
+        assert_eq!(conn.cmd(&["GET", k]).unwrap(), Reply::Bulk(Some(v.clone().into_bytes())), "{k}");
+    }
+}
+
+/// A client connection to the redis guest at `vm`, once it answers PING.
+fn redis_client(vm: &str) -> RespConn {
+    let addr = format!("{vm}:6379");
+    let deadline = Instant::now() + START;
+    loop {
+        match RespConn::connect(&addr, Duration::from_secs(20)) {
+            Ok(mut c) => {
+                if matches!(c.cmd(&["PING"]), Ok(Reply::Simple(s)) if s == "PONG") {
+                    return c;
+                }
+            }
+            Err(e) => assert!(Instant::now() < deadline, "cannot reach redis at {addr}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
