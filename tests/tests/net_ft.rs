@@ -295,7 +295,7 @@ fn one_client_connection_survives_three_failovers_in_a_row() {
         // joins it (but after the third death).
         let pid = live.child.id().to_string();
         let _ = Command::new("kill").args(["-KILL", &pid]).status();
-        let _ = lab.cut(hosts[side].0);
+        let _ = lab.cut(&lab.hosts[side].name);
         let next = backup.take().expect("a backup");
         next.wait_line("going live", Duration::from_secs(10));
         graveyard.push(std::mem::replace(&mut live, next));
