@@ -577,7 +577,7 @@ fn soak(minutes: u64, load: bool) {
         let mut ops = 0u64;
         while !kv_stop.load(std::sync::atomic::Ordering::Relaxed) {
             let key = ops % 500;
-            let op = if ops % 2 == 0 { format!("set k{key} v{ops}") } else { format!("get k{key}") };
+            let op = if ops.is_multiple_of(2) { format!("set k{key} v{ops}") } else { format!("get k{key}") };
             let (_, _) = kv_session(&mut conn, &[op]);
             ops += 1;
             std::thread::sleep(Duration::from_millis(10));
