@@ -138,7 +138,10 @@ impl BackupLink {
         let config = config.clone();
         let thread = std::thread::Builder::new()
             .name("ftvmm-lc-backup".into())
-            .spawn(move || runtime.block_on(run(stream, peer, for_thread, config)))
+            .spawn(move || {
+                crate::prioritize_network_thread();
+                runtime.block_on(run(stream, peer, for_thread, config))
+            })
             .map_err(|e| ChannelError::io("starting the network thread", e))?;
         Ok((BackupLink { shared, thread: Some(thread) }, info))
     }

@@ -640,6 +640,11 @@ fn soak(minutes: u64, load: bool) {
         .map(|(_, p)| p.stderr().iter().filter(|l| l.contains("going live") || l.contains("backup lost")).count())
         .sum();
     let alive = procs.iter().all(|(_, p)| p.stderr().iter().all(|l| !l.contains("error")));
+    for (name, p) in &procs {
+        for l in p.stderr().iter().filter(|l| l.contains("going live") || l.contains("lost") || l.contains("error")) {
+            println!("{name}: {l}");
+        }
+    }
     println!();
     if first.len() == last.len() && minutes > 1 {
         let growth: Vec<String> = first
