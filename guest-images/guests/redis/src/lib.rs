@@ -42,6 +42,12 @@ impl Sink for SocketSink<'_, '_> {
 pub fn listening_socket<'a>(rx: &'a mut [u8], tx: &'a mut [u8], port: u16) -> tcp::Socket<'a> {
     let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
     socket.set_nagle_enabled(false);
+    // A peer that goes silent — a half-open SYN, a client whose host died —
+    // gives its slot back: keep-alive probes an idle connection every 10 s,
+    // and 30 s without a packet from the peer aborts it (on the virtual
+    // clock: a replay times out at the same points).
+    socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(10)));
+    socket.set_timeout(Some(smoltcp::time::Duration::from_secs(30)));
     let _ = socket.listen(port);
     socket
 }
@@ -150,6 +156,11 @@ pub fn serve<D: BlockDev>(
         return Round::DiskFailed;
     }
     if shutdown {
+        // As Redis does: every connection is closed, so clients (redis-cli
+        // SHUTDOWN among them) see the end instead of waiting.
+        for conn in conns.iter() {
+            sockets.get_mut::<tcp::Socket>(conn.handle).abort();
+        }
         return Round::Shutdown;
     }
     if busy {

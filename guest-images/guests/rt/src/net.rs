@@ -342,7 +342,12 @@ impl Stack {
                         self.poll(now, sockets);
                     }
                     Service::Idle => break,
-                    Service::Exit(status) => return status,
+                    Service::Exit(status) => {
+                        // What the last round queued (replies, the FINs or
+                        // resets of connections it closed) goes out first.
+                        self.poll(now, sockets);
+                        return status;
+                    }
                 }
             }
             self.idle(now, sockets, seen);
