@@ -59,9 +59,13 @@ mod wire;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wire_props;
 
 pub use backup::{BackupLink, PrimaryInfo};
 pub use primary::{PrimaryLink, PrimaryListener, StateSender};
+#[doc(hidden)]
+pub use wire::fuzz_wire;
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

@@ -273,3 +273,41 @@ pub(crate) async fn write_message<W: AsyncWrite + Unpin>(
     let frame = encode(msg)?;
     w.write_all(&frame).await.map_err(|e| ChannelError::io(what, e))
 }
+
+/// Fuzzing entry point (`fuzz/fuzz_targets/channel_frames.rs`), not an API:
+/// the whole of `bytes` decoded as one frame's payload, then `bytes` read as
+/// a connection's stream (preamble, then frames until it ends or fails), as
+/// a backup or primary reads it. Every message that decodes must encode
+/// again, and what that encodes to must decode and encode to the same bytes.
+/// Returns the number of messages read from the stream.
+#[doc(hidden)]
+pub fn fuzz_wire(bytes: &[u8]) -> usize {
+    fn check(msg: &Message<'_>) {
+        let Ok(frame) = encode(msg) else { return };
+        let again = decode(&frame[4..]).unwrap_or_else(|e| panic!("a re-encoded {} does not decode: {e}", msg.kind()));
+        assert_eq!(encode(&again).ok().as_deref(), Some(&frame[..]), "a {} does not re-encode the same", msg.kind());
+    }
+    if let Ok(msg) = decode(bytes) {
+        check(&msg);
+    }
+    // Reading from a byte slice never waits: each future completes at its
+    // first poll.
+    fn now<T>(f: impl Future<Output = T>) -> T {
+        let mut f = std::pin::pin!(f);
+        match f.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop())) {
+            Poll::Ready(v) => v,
+            Poll::Pending => unreachable!("a read from a byte slice waited"),
+        }
+    }
+    let mut stream = bytes;
+    if now(read_preamble(&mut stream)).is_err() {
+        stream = bytes;
+    }
+    let mut buf = Vec::new();
+    let mut n = 0;
+    while let Ok(msg) = now(read_frame(&mut stream, &mut buf)) {
+        check(&msg);
+        n += 1;
+    }
+    n
+}

@@ -322,3 +322,40 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8], what: &'static str) -> Result<(
     }
     Ok(())
 }
+
+/// Fuzzing entry point (`fuzz/fuzz_targets/ftdisk_requests.rs`), not an
+/// API: the whole of `bytes` decoded as one frame's payload, as a
+/// [`Request`] (what the server decodes) and as a [`Response`] (what the
+/// client decodes); then `bytes` read as a server reads a connection
+/// (preamble, then request frames until it ends or fails). Every message
+/// that decodes must encode to a frame that reads back equal. Returns the
+/// number of requests read from the stream.
+#[doc(hidden)]
+pub fn fuzz_wire(bytes: &[u8]) -> usize {
+    fn check<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(value: &T) {
+        let Ok(frame) = encode(value) else { return };
+        let mut cursor = io::Cursor::new(&frame[..]);
+        let mut buf = Vec::new();
+        read_frame(&mut cursor, &mut buf).expect("a frame we encoded reads");
+        let again: T = decode(&buf).unwrap_or_else(|e| panic!("{value:?} re-encoded does not decode: {e}"));
+        assert_eq!(&again, value);
+    }
+    if let Ok(request) = decode::<Request>(bytes) {
+        check(&request);
+    }
+    if let Ok(response) = decode::<Response>(bytes) {
+        check(&response);
+    }
+    let mut stream = bytes;
+    if read_preamble(&mut stream).is_err() {
+        stream = bytes;
+    }
+    let mut buf = Vec::new();
+    let mut n = 0;
+    while read_frame(&mut stream, &mut buf).is_ok() {
+        let Ok(request) = decode::<Request>(&buf) else { break };
+        check(&request);
+        n += 1;
+    }
+    n
+}

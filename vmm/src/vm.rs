@@ -41,7 +41,6 @@ pub const FILTERED_MSRS: &[(u32, u32)] = &[
     (0xc000_0103, 1), // IA32_TSC_AUX (RDTSCP)
 ];
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error(

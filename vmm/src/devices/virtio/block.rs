@@ -12,9 +12,14 @@ use super::{VirtioDevice, DEVICE_ID_BLOCK, F_VERSION_1};
 use crate::vm::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 pub const SECTOR: u64 = 512;
+/// The most data one request may move (the sum of its data buffers' lengths).
+/// A larger request, or one with a data buffer outside guest memory, fails
+/// with IOERR before any disk I/O: the lengths are the guest's, and the VMM
+/// reads, allocates and logs (as one `DiskRead` event) a read's data whole.
+pub const MAX_REQUEST: u64 = 16 << 20;
 const QUEUE_SIZES: &[u16] = &[64];
 
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
@@ -134,7 +139,9 @@ impl Block {
         let data = &descs[1..descs.len() - 1];
         let total: u64 = data.iter().map(|d| u64::from(d.1)).sum();
         let offset = sector.saturating_mul(SECTOR);
-        let in_range = offset.checked_add(total).is_some_and(|end| end <= self.capacity);
+        let in_memory = data.iter().all(|&(addr, len, _)| mem.check_range(addr, len as usize));
+        let in_range =
+            total <= MAX_REQUEST && in_memory && offset.checked_add(total).is_some_and(|end| end <= self.capacity);
         let mut written = 0u32;
         let status = match kind {
             T_IN if in_range && data.iter().all(|d| d.2) => match io.read(offset, total as usize) {
