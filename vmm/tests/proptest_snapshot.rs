@@ -196,7 +196,7 @@ fn a_whole_stream_round_trips() {
         StateItem::Pages { first: 2, data: (0..PAGE_SIZE).map(|i| i as u8).collect() },
         StateItem::Zeros { first: 3, count: 5 },
         StateItem::Machine(Box::new(machine())),
-        StateItem::End { digest: Digest([6; 32]) },
+        StateItem::End { digest: Digest([6; 32]), memory: true },
     ];
     let bytes = write(&items);
     let (got, err) = read(&bytes);

@@ -70,6 +70,8 @@
 //! with status 1 if there was any violation.
 
 use clap::Parser;
+use ftvmm_tests::lab::Lab;
+use ftvmm_tests::resp::{Reply, RespConn};
 use ftvmm_tests::{ftdisk_bin, ftvmm_bin, require_kvm, Scratch};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -266,8 +268,9 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn new(target: &str) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a proxy");
+    /// A proxy to `target`, listening on `ip` (any port).
+    fn new(ip: &str, target: &str) -> Proxy {
+        let listener = TcpListener::bind(format!("{ip}:0")).expect("bind a proxy");
         let addr = listener.local_addr().expect("proxy address").to_string();
         let state = Arc::new(ProxyState {
             target: target.to_string(),
@@ -382,11 +385,11 @@ struct Ftdisk {
 }
 
 impl Ftdisk {
-    fn start(image: &str, t: &Transcript) -> Result<Ftdisk, String> {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    fn start(image: &str, ip: &str, t: &Transcript) -> Result<Ftdisk, String> {
+        let port = TcpListener::bind(format!("{ip}:0")).and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
         let mut d = Ftdisk {
             image: image.to_string(),
-            addr: format!("127.0.0.1:{port}"),
+            addr: format!("{ip}:{port}"),
             child: None,
             wins: Arc::default(),
             t: t.clone(),
@@ -457,6 +460,75 @@ impl Drop for Ftdisk {
 }
 
 // ---------------------------------------------------------------------------
+// The redis guest's network.
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum GuestKind {
+    Kvstore,
+    Redis,
+}
+
+/// VM hosts in the lab.
+const NET_HOSTS: u8 = 6;
+
+/// The redis guest's network, made once per run: a lab of hosts `v1` to
+/// `v6` (network namespaces), each with a TAP bridged onto the LAN; the
+/// client, the ftdisk and the proxies run in the root namespace, on the
+/// LAN's bridge.
+struct NetLab {
+    lab: Lab,
+    subnet: String,
+    next: AtomicU64,
+}
+
+impl NetLab {
+    fn create() -> Result<NetLab, String> {
+        let name = format!("fc{}", std::process::id() % 100_000);
+        let subnet = "10.91.0".to_string();
+        let hosts: Vec<(String, u8)> = (1..=NET_HOSTS).map(|i| (format!("v{i}"), i)).collect();
+        let refs: Vec<(&str, u8)> = hosts.iter().map(|(h, o)| (h.as_str(), *o)).collect();
+        let lab = Lab::create(&name, &subnet, &refs, std::process::id()).map_err(|e| e.to_string())?;
+        for (h, _) in &hosts {
+            lab.add_tap(h, "fttap").map_err(|e| e.to_string())?;
+        }
+        Ok(NetLab { lab, subnet, next: AtomicU64::new(0) })
+    }
+
+    fn bridge_ip(&self) -> String {
+        format!("{}.254", self.subnet)
+    }
+
+    fn vm_ip(&self) -> String {
+        format!("{}.10", self.subnet)
+    }
+
+    fn ip(&self, host: &str) -> String {
+        self.lab.host(host).map(|h| h.ip.clone()).unwrap_or_default()
+    }
+
+    fn ns(&self, host: &str) -> String {
+        self.lab.host(host).map(|h| h.ns.clone()).unwrap_or_default()
+    }
+
+    /// Forgets where the VM's MAC was (the LAN's bridge and each host's):
+    /// the next frames to it are flooded until a live VM answers.
+    fn flush_fdb(&self) {
+        let mut cmds = vec![format!("ip link set dev {}-br0 type bridge fdb_flush", self.lab.name)];
+        for h in &self.lab.hosts {
+            cmds.push(format!("ip -n {} link set dev br0 type bridge fdb_flush", h.ns));
+        }
+        let _ = Command::new("sh").args(["-c", &cmds.join("; ")]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+
+    /// Restores every host's link (a scenario may end with one cut).
+    fn restore_all(&self) {
+        for h in &self.lab.hosts {
+            let _ = self.lab.restore(&h.name);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The VMM processes.
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -491,11 +563,30 @@ struct Side {
     halted_why: Option<String>,
     /// Its `ftvmm: error:` line, if it printed one.
     error: Option<String>,
+    /// The lab host it runs on (the redis guest).
+    host: Option<String>,
 }
 
 impl Side {
-    fn spawn(name: &str, role: Role, args: &[String], storage: Arc<Proxy>, t: &Transcript) -> Result<Side, String> {
-        let mut child = Command::new(ftvmm_bin())
+    /// Spawns `ftvmm args`, inside lab host `host`'s network namespace if
+    /// given (`ip netns exec` execs ftvmm: the child is the VMM itself).
+    fn spawn(
+        name: &str,
+        role: Role,
+        args: &[String],
+        storage: Arc<Proxy>,
+        host: Option<(String, String)>,
+        t: &Transcript,
+    ) -> Result<Side, String> {
+        let mut cmd = match &host {
+            Some((_, ns)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str()]).arg(ftvmm_bin());
+                c
+            }
+            None => Command::new(ftvmm_bin()),
+        };
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -503,7 +594,8 @@ impl Side {
             .spawn()
             .map_err(|e| format!("spawn ftvmm: {e}"))?;
         let pid = child.id();
-        t.say(format!("harness: started {name} (pid {pid}): ftvmm {}", args.join(" ")));
+        let on = host.as_ref().map(|(h, _)| format!(" on host {h}")).unwrap_or_default();
+        t.say(format!("harness: started {name} (pid {pid}){on}: ftvmm {}", args.join(" ")));
         let err = child.stderr.take().expect("piped stderr");
         let events: Arc<Mutex<Vec<String>>> = Arc::default();
         let (ev, t2, n) = (events.clone(), t.clone(), name.to_string());
@@ -534,6 +626,7 @@ impl Side {
             digest: None,
             halted_why: None,
             error: None,
+            host: host.map(|(h, _)| h),
         })
     }
 
@@ -634,12 +727,13 @@ enum Msg {
     Abort,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
     Set { key: usize, ver: u64, rec: usize },
     Get { key: usize },
     Probe { id: u32 },
     GetProbe { id: u32 },
+    Incr,
     Quit,
 }
 
@@ -649,6 +743,7 @@ impl Op {
             Op::Set { key, ver, .. } => format!("set k{key} k{key}-v{ver}"),
             Op::Get { key } => format!("get k{key}"),
             Op::Probe { id } | Op::GetProbe { id } => format!("get p{id}"),
+            Op::Incr => "INCR counter".into(),
             Op::Quit => "quit".into(),
         }
     }
@@ -1085,60 +1180,73 @@ impl Kv {
         }
     }
 
-    /// The history checks: acknowledged writes visible, reads monotonic, no
-    /// phantom versions.
     fn check_history(&mut self) {
-        let mut acked_by_key: Vec<Vec<(u64, u64)>> = vec![Vec::new(); NKEYS];
-        let mut sent_by_key: Vec<Vec<(u64, u64)>> = vec![Vec::new(); NKEYS];
-        for s in &self.sets {
-            sent_by_key[s.key].push((s.seq, s.ver));
-            if s.acked {
-                acked_by_key[s.key].push((s.seq, s.ver));
-            }
-        }
-        let mut found = Vec::new();
-        let mut last_read: [Option<(u64, String, f64)>; NKEYS] = Default::default();
-        for g in &self.gets {
-            let must = acked_by_key[g.key].iter().filter(|(seq, _)| *seq < g.seq).map(|(_, v)| *v).max().unwrap_or(0);
-            if g.ver < must {
-                found.push((
-                    "lost-write",
-                    format!(
-                        "get k{} (at {:.3}, from {}) read version {} though version {must} was acknowledged before it was sent",
-                        g.key, g.at, g.side, g.ver
-                    ),
-                ));
-            }
-            let sent = sent_by_key[g.key].iter().filter(|(seq, _)| *seq < g.seq).map(|(_, v)| *v).max().unwrap_or(0);
-            if g.ver > sent {
-                found.push((
-                    "phantom-read",
-                    format!("get k{} (at {:.3}, from {}) read version {} never written", g.key, g.at, g.side, g.ver),
-                ));
-            }
-            if let Some((v, side, at)) = &last_read[g.key] {
-                if g.ver < *v {
-                    found.push((
-                        "read-backwards",
-                        format!(
-                            "get k{} read version {} (at {:.3}, from {}) after version {v} (at {at:.3}, from {side})",
-                            g.key, g.ver, g.at, g.side
-                        ),
-                    ));
-                }
-            }
-            if last_read[g.key].as_ref().is_none_or(|(v, _, _)| g.ver >= *v) {
-                last_read[g.key] = Some((g.ver, g.side.clone(), g.at));
-            }
-        }
+        let (found, bounds) = check_history(&self.sets, &self.gets, &self.sent_ver);
         for (kind, msg) in found {
             self.violation(kind, msg);
         }
-        for (key, (acked, sent)) in acked_by_key.iter().zip(self.sent_ver).enumerate() {
-            let acked = acked.iter().map(|(_, v)| *v).max().unwrap_or(0);
-            self.report.bounds.insert(format!("k{key}"), (acked, sent));
+        self.report.bounds = bounds;
+    }
+}
+
+/// The history checks: acknowledged writes visible, reads monotonic, no
+/// phantom versions. Returns the violations and, per key, the highest
+/// version acknowledged and the highest sent.
+#[allow(clippy::type_complexity)]
+fn check_history(
+    sets: &[SetRec],
+    gets: &[GetRec],
+    sent_ver: &[u64; NKEYS],
+) -> (Vec<(&'static str, String)>, BTreeMap<String, (u64, u64)>) {
+    let mut acked_by_key: Vec<Vec<(u64, u64)>> = vec![Vec::new(); NKEYS];
+    let mut sent_by_key: Vec<Vec<(u64, u64)>> = vec![Vec::new(); NKEYS];
+    for s in sets {
+        sent_by_key[s.key].push((s.seq, s.ver));
+        if s.acked {
+            acked_by_key[s.key].push((s.seq, s.ver));
         }
     }
+    let mut found = Vec::new();
+    let mut last_read: [Option<(u64, String, f64)>; NKEYS] = Default::default();
+    for g in gets {
+        let must = acked_by_key[g.key].iter().filter(|(seq, _)| *seq < g.seq).map(|(_, v)| *v).max().unwrap_or(0);
+        if g.ver < must {
+            found.push((
+                "lost-write",
+                format!(
+                    "get k{} (at {:.3}, from {}) read version {} though version {must} was acknowledged before it was sent",
+                    g.key, g.at, g.side, g.ver
+                ),
+            ));
+        }
+        let sent = sent_by_key[g.key].iter().filter(|(seq, _)| *seq < g.seq).map(|(_, v)| *v).max().unwrap_or(0);
+        if g.ver > sent {
+            found.push((
+                "phantom-read",
+                format!("get k{} (at {:.3}, from {}) read version {} never written", g.key, g.at, g.side, g.ver),
+            ));
+        }
+        if let Some((v, side, at)) = &last_read[g.key] {
+            if g.ver < *v {
+                found.push((
+                    "read-backwards",
+                    format!(
+                        "get k{} read version {} (at {:.3}, from {}) after version {v} (at {at:.3}, from {side})",
+                        g.key, g.ver, g.at, g.side
+                    ),
+                ));
+            }
+        }
+        if last_read[g.key].as_ref().is_none_or(|(v, _, _)| g.ver >= *v) {
+            last_read[g.key] = Some((g.ver, g.side.clone(), g.at));
+        }
+    }
+    let mut bounds = BTreeMap::new();
+    for (key, (acked, sent)) in acked_by_key.iter().zip(sent_ver).enumerate() {
+        let acked = acked.iter().map(|(_, v)| *v).max().unwrap_or(0);
+        bounds.insert(format!("k{key}"), (acked, *sent));
+    }
+    (found, bounds)
 }
 
 fn client_main(
@@ -1191,6 +1299,228 @@ fn client_main(
 }
 
 // ---------------------------------------------------------------------------
+// The redis client: ONE connection to the VM's address for the whole
+// scenario, through every failover (the VM's TCP state moves with it).
+
+struct RedisClient {
+    t: Transcript,
+    view: Arc<Mutex<ClientView>>,
+    rng: StdRng,
+    addr: Option<String>,
+    conn: Option<RespConn>,
+    connections: u32,
+    phase: Phase,
+    final_queue: VecDeque<Op>,
+    seq: u64,
+    sent_ver: [u64; NKEYS],
+    sets: Vec<SetRec>,
+    gets: Vec<GetRec>,
+    report: ClientReport,
+    /// The last INCR value, while the counter's history is known.
+    counter: Option<i64>,
+}
+
+impl RedisClient {
+    fn violation(&mut self, kind: &str, msg: String) {
+        self.t.say(format!("client: VIOLATION {kind}: {msg}"));
+        self.report.violations.push((kind.to_string(), msg));
+    }
+
+    /// Connects (and waits for PONG); false if the VM does not answer yet.
+    fn connect(&mut self) -> bool {
+        let Some(addr) = self.addr.clone() else { return false };
+        let Ok(mut c) = RespConn::connect(&addr, Duration::from_secs(20)) else { return false };
+        if !matches!(c.cmd(&["PING"]), Ok(Reply::Simple(s)) if s == "PONG") {
+            return false;
+        }
+        self.connections += 1;
+        self.t.say(format!("client: connected to {addr} (connection {})", self.connections));
+        self.conn = Some(c);
+        let mut v = lock(&self.view);
+        v.ready = true;
+        v.last_reply = Some(Instant::now());
+        true
+    }
+
+    fn next_op(&mut self) -> Option<Op> {
+        match self.phase {
+            Phase::Work => {
+                let key = self.rng.gen_range(0..NKEYS);
+                match self.rng.gen_range(0..10) {
+                    0..=3 => {
+                        self.sent_ver[key] += 1;
+                        let ver = self.sent_ver[key];
+                        self.sets.push(SetRec { key, ver, seq: self.seq + 1, acked: false });
+                        Some(Op::Set { key, ver, rec: self.sets.len() - 1 })
+                    }
+                    4..=7 => Some(Op::Get { key }),
+                    _ => Some(Op::Incr),
+                }
+            }
+            Phase::Final => self.final_queue.pop_front(),
+            Phase::Done => None,
+        }
+    }
+
+    fn run_op(&mut self, op: Op) {
+        self.seq += 1;
+        let seq = self.seq;
+        let Some(conn) = self.conn.as_mut() else { return };
+        let text = op.text();
+        let started = Instant::now();
+        let args: Vec<String> = match op {
+            Op::Set { key, ver, .. } => vec!["SET".into(), format!("k{key}"), format!("k{key}-v{ver}")],
+            Op::Get { key } => vec!["GET".into(), format!("k{key}")],
+            Op::Incr => vec!["INCR".into(), "counter".into()],
+            Op::Quit => vec!["SHUTDOWN".into()],
+            Op::Probe { .. } | Op::GetProbe { .. } => return,
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.t.op(format!("client> {text}"));
+        if op == Op::Quit {
+            // SHUTDOWN has no reply: the VM ends.
+            let sent = conn.send(&args);
+            self.t.say(format!("client: SHUTDOWN sent ({sent:?})"));
+            self.report.quit = sent.is_ok();
+            self.phase = Phase::Done;
+            return;
+        }
+        let reply = conn.cmd(&args);
+        let took = started.elapsed();
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                self.t.say(format!("client: {text}: {e} after {took:?}"));
+                self.violation(
+                    "connection-broke",
+                    format!("the client's connection to the VM failed at {text:?} after {took:?}: {e}"),
+                );
+                self.conn = None;
+                if op == Op::Incr {
+                    self.counter = None;
+                }
+                return;
+            }
+        };
+        self.t.op(format!("client< {}  ({} ms)", reply.text(), took.as_millis()));
+        if took > Duration::from_millis(300) {
+            self.t.say(format!("client: {text} answered after {took:?}"));
+        }
+        {
+            let mut v = lock(&self.view);
+            v.last_reply = Some(Instant::now());
+        }
+        let at = self.t.start.elapsed().as_secs_f64();
+        match (op, &reply) {
+            (Op::Set { rec, .. }, Reply::Simple(ok)) if ok == "OK" => {
+                self.sets[rec].acked = true;
+                self.report.acked += 1;
+                lock(&self.view).acked = self.report.acked;
+            }
+            (Op::Get { key }, Reply::Bulk(value)) => {
+                let ver = match value {
+                    None => Some(0),
+                    Some(b) => String::from_utf8_lossy(b)
+                        .strip_prefix(&format!("k{key}-v"))
+                        .and_then(|v| v.parse::<u64>().ok()),
+                };
+                match ver {
+                    Some(ver) => self.gets.push(GetRec { key, seq, ver, side: "the VM".into(), at }),
+                    None => self.violation("bad-reply", format!("GET k{key} answered {reply:?}")),
+                }
+                if self.phase == Phase::Final {
+                    self.report.final_values.insert(format!("k{key}"), reply_text(&reply));
+                }
+            }
+            (Op::Incr, Reply::Int(n)) => {
+                if let Some(last) = self.counter {
+                    if *n != last + 1 {
+                        self.violation("incr-not-consecutive", format!("INCR counter went from {last} to {n}"));
+                    }
+                }
+                self.counter = Some(*n);
+            }
+            _ => self.violation("bad-reply", format!("{text} answered {reply:?}")),
+        }
+    }
+
+    fn start_final(&mut self) {
+        self.t.say("client: final reads");
+        self.phase = Phase::Final;
+        self.final_queue = (0..NKEYS).map(|key| Op::Get { key }).collect();
+        self.final_queue.push_back(Op::Quit);
+    }
+}
+
+/// A GET's reply as the final reads and the disk check compare it.
+fn reply_text(r: &Reply) -> String {
+    match r {
+        Reply::Bulk(Some(b)) => format!("VALUE {}", String::from_utf8_lossy(b)),
+        Reply::Bulk(None) => "NOTFOUND".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn redis_client_main(rx: Receiver<Msg>, view: Arc<Mutex<ClientView>>, t: Transcript, seed: u64) -> ClientReport {
+    let mut c = RedisClient {
+        t,
+        view: view.clone(),
+        rng: StdRng::seed_from_u64(seed ^ 0x5eed_c11e),
+        addr: None,
+        conn: None,
+        connections: 0,
+        phase: Phase::Work,
+        final_queue: VecDeque::new(),
+        seq: 0,
+        sent_ver: [0; NKEYS],
+        sets: Vec::new(),
+        gets: Vec::new(),
+        report: ClientReport::default(),
+        counter: None,
+    };
+    'run: loop {
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                Msg::AddConn { addr, .. } => c.addr = Some(addr),
+                Msg::Final => c.start_final(),
+                Msg::Abort => break 'run,
+                _ => {}
+            }
+        }
+        if c.phase == Phase::Done {
+            break;
+        }
+        if c.conn.is_none() {
+            if !c.connect() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        let paused = {
+            let mut v = lock(&c.view);
+            v.idle = true;
+            v.paused
+        };
+        if paused {
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        }
+        lock(&c.view).idle = false;
+        if let Some(op) = c.next_op() {
+            c.run_op(op);
+        }
+        std::thread::sleep(THINK);
+    }
+    let (found, bounds) = check_history(&c.sets, &c.gets, &c.sent_ver);
+    for (kind, msg) in found {
+        c.violation(kind, msg);
+    }
+    c.report.bounds = bounds;
+    lock(&view).finished = true;
+    c.report
+}
+
+// ---------------------------------------------------------------------------
 // Faults.
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -1202,10 +1532,11 @@ enum Fault {
     CutLogging,
     RestartFtdisk,
     CutStorage,
+    CutLink,
 }
 
 impl Fault {
-    const ALL: [Fault; 7] = [
+    const ALL: [Fault; 8] = [
         Fault::KillPrimary,
         Fault::KillBackup,
         Fault::FreezePrimary,
@@ -1213,6 +1544,7 @@ impl Fault {
         Fault::CutLogging,
         Fault::RestartFtdisk,
         Fault::CutStorage,
+        Fault::CutLink,
     ];
 
     fn name(self) -> &'static str {
@@ -1224,6 +1556,7 @@ impl Fault {
             Fault::CutLogging => "cut-logging",
             Fault::RestartFtdisk => "restart-ftdisk",
             Fault::CutStorage => "cut-storage",
+            Fault::CutLink => "cut-link",
         }
     }
 
@@ -1275,6 +1608,8 @@ struct Scenario {
     outcome: Outcome,
     faults_running: Vec<(Fault, JoinHandle<()>)>,
     quiesce_joins: bool,
+    guest: GuestKind,
+    net: Option<Arc<NetLab>>,
     _dir: Scratch,
 }
 
@@ -1284,23 +1619,49 @@ impl Scenario {
         self.outcome.violations.push((kind.to_string(), msg));
     }
 
+    /// Where the harness's servers (ftdisk, proxies) listen.
+    fn bind_ip(&self) -> String {
+        self.net.as_ref().map_or_else(|| "127.0.0.1".to_string(), |n| n.bridge_ip())
+    }
+
+    /// A lab host with no running side (redis), round robin.
+    fn pick_host(&self) -> Result<Option<(String, String)>, String> {
+        let Some(net) = &self.net else { return Ok(None) };
+        for _ in 0..NET_HOSTS {
+            let i = net.next.fetch_add(1, Ordering::AcqRel) % u64::from(NET_HOSTS);
+            let h = format!("v{}", i + 1);
+            if !self.sides.iter().any(|s| s.running() && s.host.as_deref() == Some(h.as_str())) {
+                let _ = net.lab.restore(&h);
+                return Ok(Some((h.clone(), net.ns(&h))));
+            }
+        }
+        Err("no free lab host".into())
+    }
+
+    /// The `--listen` address of a side on `host`.
+    fn listen_arg(&self, host: &Option<(String, String)>) -> String {
+        match (&self.net, host) {
+            (Some(net), Some((h, _))) => format!("{}:0", net.ip(h)),
+            _ => "127.0.0.1:0".into(),
+        }
+    }
+
     fn common_args(&self, storage: &Proxy) -> Vec<String> {
-        [
-            "--guest",
-            "kvstore",
-            "--mem-mib",
-            MEM_MIB,
-            "--heartbeat-ms",
-            &self.hb.to_string(),
-            "--digest",
-            "--serial",
-            "tcp:127.0.0.1:0",
-            "--disk",
-            &format!("ftdisk:{}", storage.addr),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let hb = self.hb.to_string();
+        let disk = format!("ftdisk:{}", storage.addr);
+        let args: Vec<String> = match &self.net {
+            None => ["--guest", "kvstore", "--mem-mib", MEM_MIB, "--serial", "tcp:127.0.0.1:0"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            Some(net) => {
+                vec!["--guest".into(), "redis".into(), "--cmdline".into(), format!("ip={}/24", net.vm_ip())]
+                    .into_iter()
+                    .chain(["--net".to_string(), "tap:fttap".to_string()])
+                    .collect()
+            }
+        };
+        args.into_iter().chain(["--heartbeat-ms".into(), hb, "--digest".into(), "--disk".into(), disk]).collect()
     }
 
     fn side_name(&self) -> String {
@@ -1337,6 +1698,16 @@ impl Scenario {
     }
 
     fn register_console(&mut self, i: usize, initial: bool) -> Result<(), String> {
+        if let Some(net) = &self.net {
+            // The redis client talks to the VM's own address, whichever side is live.
+            if initial {
+                let s = &self.sides[i];
+                let addr = format!("{}:6379", net.vm_ip());
+                let msg = Msg::AddConn { side: i, name: s.name.clone(), pid: s.pid, addr, initial };
+                return self.client_tx.send(msg).map_err(|_| "the client is gone".to_string());
+            }
+            return Ok(());
+        }
         self.wait_side(i, START, "serving a console", |s| s.console.is_some())?;
         let s = &self.sides[i];
         let msg = Msg::AddConn {
@@ -1350,10 +1721,11 @@ impl Scenario {
     }
 
     fn start_pair(&mut self) -> Result<(), String> {
-        let storage = Arc::new(Proxy::new(&self.ftdisk_addr));
-        let mut args: Vec<String> = ["--primary", "--listen", "127.0.0.1:0"].iter().map(|s| s.to_string()).collect();
+        let storage = Arc::new(Proxy::new(&self.bind_ip(), &self.ftdisk_addr));
+        let host = self.pick_host()?;
+        let mut args: Vec<String> = vec!["--primary".into(), "--listen".into(), self.listen_arg(&host)];
         args.extend(self.common_args(&storage));
-        let mut a = Side::spawn(&self.side_name(), Role::Primary, &args, storage, &self.t)?;
+        let mut a = Side::spawn(&self.side_name(), Role::Primary, &args, storage, host, &self.t)?;
         a.gen = Some(1);
         self.sides.push(a);
         self.wait_side(0, START, "listening for a backup", |s| s.listen.is_some())?;
@@ -1368,14 +1740,13 @@ impl Scenario {
     /// returns its index.
     fn add_backup(&mut self, target: usize) -> Result<usize, String> {
         let listen = self.sides[target].listen.clone().ok_or("the target has no --listen address")?;
-        let log_proxy = Arc::new(Proxy::new(&listen));
-        let storage = Arc::new(Proxy::new(&self.ftdisk_addr));
-        let mut args: Vec<String> = ["--backup", "--connect", &log_proxy.addr, "--listen", "127.0.0.1:0"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let log_proxy = Arc::new(Proxy::new(&self.bind_ip(), &listen));
+        let storage = Arc::new(Proxy::new(&self.bind_ip(), &self.ftdisk_addr));
+        let host = self.pick_host()?;
+        let mut args: Vec<String> =
+            vec!["--backup".into(), "--connect".into(), log_proxy.addr.clone(), "--listen".into(), self.listen_arg(&host)];
         args.extend(self.common_args(&storage));
-        let mut b = Side::spawn(&self.side_name(), Role::Backup, &args, storage, &self.t)?;
+        let mut b = Side::spawn(&self.side_name(), Role::Backup, &args, storage, host, &self.t)?;
         b.target = Some(target);
         b.log_proxy = Some(log_proxy);
         self.sides.push(b);
@@ -1440,7 +1811,7 @@ impl Scenario {
                 });
                 let served = {
                     let v = lock(&self.view);
-                    v.current_pid == Some(self.sides[live].pid)
+                    (self.net.is_some() || v.current_pid == Some(self.sides[live].pid))
                         && !v.failing_over
                         && v.last_reply.is_some_and(|r| r.elapsed() < Duration::from_millis(500))
                 };
@@ -1508,8 +1879,12 @@ impl Scenario {
             .into_iter()
             .filter(|f| {
                 backup.is_some()
-                    || !matches!(f, Fault::KillPrimary | Fault::KillBackup | Fault::FreezeBackup | Fault::CutLogging)
+                    || !matches!(
+                        f,
+                        Fault::KillPrimary | Fault::KillBackup | Fault::FreezeBackup | Fault::CutLogging | Fault::CutLink
+                    )
             })
+            .filter(|f| *f != Fault::CutLink || self.net.is_some())
             .filter(|f| !overlapping || (!running.contains(f) && (f.is_storage() || storage_only)))
             .collect()
     }
@@ -1569,6 +1944,21 @@ impl Scenario {
                         Ok(()) => t.say("harness: ftdisk restarted"),
                         Err(e) => t.say(format!("harness: ftdisk restart failed: {e}")),
                     }
+                });
+                self.faults_running.push((fault, h));
+            }
+            Fault::CutLink => {
+                let b = backup.expect("a backup");
+                let i = if self.rng.gen_bool(0.6) { live } else { b };
+                let net = self.net.clone().expect("a lab");
+                let host = self.sides[i].host.clone().unwrap_or_default();
+                let d = around_heartbeat(&mut self.rng, hb, 1500);
+                t.say(format!("harness: FAULT {}: {}'s host {host} cut from the LAN for {d:?}", fault.name(), self.sides[i].name));
+                let _ = net.lab.cut(&host);
+                let h = std::thread::spawn(move || {
+                    std::thread::sleep(d);
+                    let _ = net.lab.restore(&host);
+                    t.say(format!("harness: host {host} back on the LAN"));
                 });
                 self.faults_running.push((fault, h));
             }
@@ -1667,6 +2057,69 @@ impl Scenario {
     }
 }
 
+/// Boots a fresh redis VM on the disk, on lab host `host`, and reads `keys`
+/// back over the network.
+fn read_redis_disk(
+    net: &NetLab,
+    host: &str,
+    ftdisk_addr: &str,
+    keys: &[String],
+    t: &Transcript,
+) -> Result<Vec<String>, String> {
+    let disk = format!("ftdisk:{ftdisk_addr}");
+    let cmdline = format!("ip={}/24", net.vm_ip());
+    let ns = net.ns(host);
+    let args = ["--guest", "redis", "--cmdline", &cmdline, "--net", "tap:fttap", "--disk", &disk];
+    t.say(format!("harness: a fresh VM on host {host} reads the disk: ftvmm {}", args.join(" ")));
+    let _ = net.lab.restore(host);
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(ftvmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let err = child.stderr.take();
+    let t2 = t.clone();
+    std::thread::spawn(move || {
+        if let Some(err) = err {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                t2.say(format!("fresh VM: {line}"));
+            }
+        }
+    });
+    let addr = format!("{}:6379", net.vm_ip());
+    let result = (|| {
+        let deadline = Instant::now() + START;
+        let mut conn = loop {
+            if let Ok(mut c) = RespConn::connect(&addr, Duration::from_secs(20)) {
+                if matches!(c.cmd(&["PING"]), Ok(Reply::Simple(p)) if p == "PONG") {
+                    break c;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the fresh VM at {addr} never answered"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut values = Vec::new();
+        for k in keys {
+            let r = conn.cmd(&["GET", k]).map_err(|e| format!("GET {k} from the fresh VM: {e}"))?;
+            values.push(reply_text(&r));
+        }
+        let _ = conn.send(&["SHUTDOWN"]);
+        Ok(values)
+    })();
+    let status = ftvmm_tests::wait_timeout(&mut child, Duration::from_secs(20));
+    let values = result?;
+    match status.and_then(|s| s.code()) {
+        Some(0) => Ok(values),
+        other => Err(format!("the fresh VM ended with {other:?}")),
+    }
+}
+
 /// An 8 MiB kvstore disk whose log already holds the probe keys: `pN` set
 /// to `pvN` for N below [`PROBES`] (kvstore's records: one 512-byte sector
 /// each, magic `KVS1`, the sector's index, op 1 = set, key and value
@@ -1752,19 +2205,29 @@ fn read_disk(ftdisk_addr: &str, keys: &[String], t: &Transcript) -> Result<Vec<S
     }
 }
 
-fn run_scenario(idx: u64, seed: u64, guest: &str, quiesce_joins: bool) -> (Outcome, Transcript) {
+fn run_scenario(idx: u64, seed: u64, net: Option<Arc<NetLab>>, quiesce_joins: bool) -> (Outcome, Transcript) {
     let t = Transcript::new();
-    t.say(format!("harness: scenario {idx}, seed {seed}, guest {guest}"));
+    let guest = if net.is_some() { GuestKind::Redis } else { GuestKind::Kvstore };
+    t.say(format!("harness: scenario {idx}, seed {seed}, guest {guest:?}"));
     let dir = Scratch::new("chaos");
     let image = dir.path("disk.img");
-    if let Err(e) = kvstore_image(&image) {
+    let made = match guest {
+        GuestKind::Kvstore => kvstore_image(&image),
+        GuestKind::Redis => std::fs::File::create(&image).and_then(|f| f.set_len(8 << 20)),
+    };
+    if let Some(net) = &net {
+        net.restore_all();
+        net.flush_fdb();
+    }
+    if let Err(e) = made {
         let outcome = Outcome {
             violations: vec![("harness".into(), format!("cannot write {image}: {e}"))],
             ..Default::default()
         };
         return (outcome, t);
     }
-    let ftdisk = match Ftdisk::start(&image, &t) {
+    let bind_ip = net.as_ref().map_or_else(|| "127.0.0.1".to_string(), |n| n.bridge_ip());
+    let ftdisk = match Ftdisk::start(&image, &bind_ip, &t) {
         Ok(d) => d,
         Err(e) => {
             let outcome = Outcome {
@@ -1782,7 +2245,10 @@ fn run_scenario(idx: u64, seed: u64, guest: &str, quiesce_joins: bool) -> (Outco
     let (client_tx, client_rx) = mpsc::channel();
     let client = {
         let (tx, view, t) = (client_tx.clone(), view.clone(), t.clone());
-        std::thread::spawn(move || client_main(client_rx, tx, view, t, seed))
+        match guest {
+            GuestKind::Kvstore => std::thread::spawn(move || client_main(client_rx, tx, view, t, seed)),
+            GuestKind::Redis => std::thread::spawn(move || redis_client_main(client_rx, view, t, seed)),
+        }
     };
     let mut sc = Scenario {
         seed,
@@ -1797,6 +2263,8 @@ fn run_scenario(idx: u64, seed: u64, guest: &str, quiesce_joins: bool) -> (Outco
         outcome: Outcome::default(),
         faults_running: Vec::new(),
         quiesce_joins,
+        guest,
+        net,
         _dir: dir,
     };
     let result = sc.run();
@@ -1901,12 +2369,26 @@ impl Scenario {
             }
             // The keys read at the end, and a sample of the untouched probe keys.
             let mut want_values = report.final_values.clone();
-            for _ in 0..24 {
+            for _ in 0..if self.guest == GuestKind::Kvstore { 24 } else { 0 } {
                 let id = self.rng.gen_range(0..PROBES);
                 want_values.insert(format!("p{id}"), format!("VALUE pv{id}"));
             }
             let keys: Vec<String> = want_values.keys().cloned().collect();
-            match read_disk(&self.ftdisk_addr, &keys, &self.t) {
+            let read = match &self.net {
+                None => read_disk(&self.ftdisk_addr, &keys, &self.t),
+                Some(net) => {
+                    // On the last live side's host: the LAN knows the VM's MAC there.
+                    let host = self
+                        .sides
+                        .iter()
+                        .rev()
+                        .find(|s| s.exit.and_then(|e| e.code()) == Some(0))
+                        .and_then(|s| s.host.clone())
+                        .unwrap_or_else(|| "v1".into());
+                    read_redis_disk(net, &host, &self.ftdisk_addr, &keys, &self.t)
+                }
+            };
+            match read {
                 Ok(values) => {
                     for (k, v) in keys.iter().zip(values) {
                         let want = &want_values[k];
@@ -1974,11 +2456,27 @@ impl Scenario {
 
 fn main() {
     let args = Args::parse();
-    if args.guest != "kvstore" {
-        eprintln!("ftchaos: --guest {}: only kvstore is supported", args.guest);
-        std::process::exit(2);
-    }
     require_kvm();
+    let net = match args.guest.as_str() {
+        "kvstore" => None,
+        "redis" => {
+            if !ftvmm_tests::lab::is_root() {
+                eprintln!("ftchaos: --guest redis needs root (network-namespace hosts with TAPs)");
+                std::process::exit(2);
+            }
+            match NetLab::create() {
+                Ok(n) => Some(Arc::new(n)),
+                Err(e) => {
+                    eprintln!("ftchaos: cannot make the lab: {e}");
+                    std::process::exit(2);
+                }
+            }
+        }
+        other => {
+            eprintln!("ftchaos: --guest {other}: want kvstore or redis");
+            std::process::exit(2);
+        }
+    };
     let _ = (ftvmm_bin(), ftdisk_bin());
     let base = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
     let dir = args.transcripts.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("ftchaos-{base}")));
@@ -1998,7 +2496,7 @@ fn main() {
         }
         let seed = base.wrapping_add(i);
         let s0 = Instant::now();
-        let (outcome, t) = run_scenario(i, seed, &args.guest, args.quiesce_joins);
+        let (outcome, t) = run_scenario(i, seed, net.clone(), args.quiesce_joins);
         ran += 1;
         acked += outcome.acked;
         switches += outcome.switches;
@@ -2054,5 +2552,6 @@ fn main() {
             format!(" ({}) in scenarios with seeds {bad:?}", kinds.join(", "))
         }
     );
+    drop(net);
     std::process::exit(i32::from(violations > 0));
 }
