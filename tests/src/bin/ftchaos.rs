@@ -1156,6 +1156,7 @@ impl Kv {
                 }
                 self.report.final_values.insert(format!("p{id}"), line.clone());
             }
+            Op::Incr => {}
             Op::Quit => {
                 if line == "BYE" {
                     self.report.quit = true;
@@ -1654,12 +1655,10 @@ impl Scenario {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
-            Some(net) => {
-                vec!["--guest".into(), "redis".into(), "--cmdline".into(), format!("ip={}/24", net.vm_ip())]
-                    .into_iter()
-                    .chain(["--net".to_string(), "tap:fttap".to_string()])
-                    .collect()
-            }
+            Some(net) => vec!["--guest".into(), "redis".into(), "--cmdline".into(), format!("ip={}/24", net.vm_ip())]
+                .into_iter()
+                .chain(["--net".to_string(), "tap:fttap".to_string()])
+                .collect(),
         };
         args.into_iter().chain(["--heartbeat-ms".into(), hb, "--digest".into(), "--disk".into(), disk]).collect()
     }
@@ -1743,8 +1742,13 @@ impl Scenario {
         let log_proxy = Arc::new(Proxy::new(&self.bind_ip(), &listen));
         let storage = Arc::new(Proxy::new(&self.bind_ip(), &self.ftdisk_addr));
         let host = self.pick_host()?;
-        let mut args: Vec<String> =
-            vec!["--backup".into(), "--connect".into(), log_proxy.addr.clone(), "--listen".into(), self.listen_arg(&host)];
+        let mut args: Vec<String> = vec![
+            "--backup".into(),
+            "--connect".into(),
+            log_proxy.addr.clone(),
+            "--listen".into(),
+            self.listen_arg(&host),
+        ];
         args.extend(self.common_args(&storage));
         let mut b = Side::spawn(&self.side_name(), Role::Backup, &args, storage, host, &self.t)?;
         b.target = Some(target);
@@ -1881,7 +1885,11 @@ impl Scenario {
                 backup.is_some()
                     || !matches!(
                         f,
-                        Fault::KillPrimary | Fault::KillBackup | Fault::FreezeBackup | Fault::CutLogging | Fault::CutLink
+                        Fault::KillPrimary
+                            | Fault::KillBackup
+                            | Fault::FreezeBackup
+                            | Fault::CutLogging
+                            | Fault::CutLink
                     )
             })
             .filter(|f| *f != Fault::CutLink || self.net.is_some())
@@ -1953,7 +1961,11 @@ impl Scenario {
                 let net = self.net.clone().expect("a lab");
                 let host = self.sides[i].host.clone().unwrap_or_default();
                 let d = around_heartbeat(&mut self.rng, hb, 1500);
-                t.say(format!("harness: FAULT {}: {}'s host {host} cut from the LAN for {d:?}", fault.name(), self.sides[i].name));
+                t.say(format!(
+                    "harness: FAULT {}: {}'s host {host} cut from the LAN for {d:?}",
+                    fault.name(),
+                    self.sides[i].name
+                ));
                 let _ = net.lab.cut(&host);
                 let h = std::thread::spawn(move || {
                     std::thread::sleep(d);
