@@ -1,32 +1,48 @@
 #!/usr/bin/env bash
-# ftvmm's failover demo on four "hosts": network namespaces ftdemo-primary
-# (10.77.0.1), ftdemo-backup (10.77.0.2), ftdemo-client (10.77.0.3) and
-# ftdemo-storage (10.77.0.4) on one bridge. The storage host serves the shared
-# disk (ftdisk); the primary and backup run a guest in lockstep; the client
-# talks to the guest's console on the primary. Then the primary host dies: its
-# VMM is SIGKILLed and its link cut. The backup wins the go-live test-and-set
-# on the shared disk, goes live, and the client, reconnecting to the backup's
-# console, carries on.
+# ftvmm's failover demos, on "hosts" that are network namespaces on one
+# bridge (made by ftlab): ftdemo-primary 10.77.0.1, ftdemo-backup 10.77.0.2,
+# ftdemo-client 10.77.0.3, ftdemo-storage 10.77.0.4, and for `reprotect` two
+# more VM hosts, ftdemo-third 10.77.0.5 and ftdemo-fourth 10.77.0.6. The
+# storage host serves the shared disk (ftdisk); the primary and the backup
+# run a guest in lockstep; the client talks to the guest. Then the primary
+# host dies: its VMM is SIGKILLed and its link cut. The backup wins the
+# go-live test-and-set on the shared disk, goes live, and the client carries
+# on.
 #
-# Guests: `kvstore` (default): the client streams `set`s and afterwards reads
-# back every one that was acknowledged — none may be lost. `ticker`: the
-# client reads ticks — none may be missing, a few repeat at the switch.
+# Modes:
+#   net (default)      the `redis` guest with a NIC of its own: the VM is
+#                      10.77.0.10, bridged onto the LAN from the primary's and
+#                      the backup's hosts (a TAP on each, the same MAC). The
+#                      client runs stock redis-cli and redis-benchmark against
+#                      it, then ftclient holds ONE TCP connection that INCRs
+#                      and SETs while the primary host dies: the same
+#                      connection carries on, and every acknowledged SET
+#                      reads back.
+#   kvstore            the client streams `set`s to the guest's serial console
+#                      and afterwards reads back every one that was
+#                      acknowledged: none may be lost.
+#   ticker             the client reads ticks: none may be missing, a few
+#                      repeat at the switch.
+#   reprotect          kvstore through three failovers in a row: after each,
+#                      a new backup joins the live side by live state
+#                      transfer, and the next kill fails over to it.
 #
-# Needs root (namespaces), /dev/kvm, iproute2 and qemu-img.
-# Usage: scripts/demo.sh [kvstore|ticker] [seconds-before-kill]
+# Needs root (namespaces), /dev/kvm, iproute2, qemu-img and (net) redis-tools
+# (installed from the distribution where missing).
+# Usage: scripts/demo.sh [net|kvstore|ticker|reprotect] [seconds-before-kill]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-GUEST=${1:-kvstore}
+MODE=${1:-net}
 KILL_AFTER=${2:-3}
-case "$GUEST" in kvstore|ticker) ;; *) echo "demo: guest must be kvstore or ticker" >&2; exit 2;; esac
-NS_P=ftdemo-primary NS_B=ftdemo-backup NS_C=ftdemo-client NS_S=ftdemo-storage
-P=10.77.0.1 B=10.77.0.2 S=10.77.0.4
+case "$MODE" in net|kvstore|ticker|reprotect) ;; *) echo "demo: mode must be net, kvstore, ticker or reprotect" >&2; exit 2;; esac
+S=10.77.0.4
 
 if [ "$(id -u)" != 0 ]; then echo "demo: needs root (network namespaces)" >&2; exit 1; fi
 if [ ! -e /dev/kvm ]; then echo "demo: /dev/kvm is missing" >&2; exit 1; fi
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
+if [ "$MODE" = net ]; then command -v redis-benchmark >/dev/null || need+=(redis-tools); fi
 if [ ${#need[@]} -gt 0 ]; then
     echo "demo: installing ${need[*]}" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
@@ -43,28 +59,95 @@ cleanup() {
 }
 trap cleanup EXIT
 # The lab's namespaces and bridge: whatever an earlier run left is removed first.
-"$BIN/ftlab" up ftdemo 10.77.0 primary=1 backup=2 client=3 storage=4 --owner $$ >/dev/null
+"$BIN/ftlab" up ftdemo 10.77.0 primary=1 backup=2 client=3 storage=4 third=5 fourth=6 --owner $$ >/dev/null
+in_host() { local h=$1; shift; ip netns exec "ftdemo-$h" "$@"; }
+kill_host() {
+    echo "== killing the $1 host: SIGKILL to its VMM, its link cut"
+    ip netns pids "ftdemo-$1" | xargs -r kill -9
+    "$BIN/ftlab" cut ftdemo "$1"
+}
+wait_for() { # FILE TEXT SECONDS
+    local i
+    for i in $(seq $(( $3 * 10 ))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+    echo "demo: no \"$2\" in $1 after $3 s" >&2; return 1
+}
+show() { for who in "$@"; do echo "== $who said:"; sed 's/^/   /' "$WORK/$who.err"; done; }
 
-echo "== four hosts: primary $P, backup $B, client 10.77.0.3, storage $S (namespaces on bridge ftdemo-br0)"
+echo "== hosts: primary 10.77.0.1, backup 10.77.0.2, client 10.77.0.3, storage $S (namespaces on bridge ftdemo-br0)"
 qemu-img create -q -f raw "$WORK/shared.img" 16M
-ip netns exec $NS_S "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 2>"$WORK/storage.err" &
+in_host storage "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 2>"$WORK/storage.err" &
 sleep 0.3
 DISK=(--disk ftdisk:$S:7100)
-ip netns exec $NS_B "$BIN/ftvmm" --backup --guest "$GUEST" "${DISK[@]}" --connect $P:7000 --serial tcp:$B:7001 2>"$WORK/backup.err" &
-ip netns exec $NS_P "$BIN/ftvmm" --primary --guest "$GUEST" "${DISK[@]}" --listen $P:7000 --serial tcp:$P:7001 2>"$WORK/primary.err" &
-if [ "$GUEST" = kvstore ]; then
-    ip netns exec $NS_C "$BIN/ftclient" --kv $(( (KILL_AFTER + 3) * 40 )) $P:7001 $B:7001 &
+
+if [ "$MODE" = net ]; then
+    VM=10.77.0.10 P=10.77.0.1 B=10.77.0.2
+    # Each VM host bridges a TAP onto the LAN; the VM has the same MAC on both.
+    "$BIN/ftlab" tap ftdemo primary fttap
+    "$BIN/ftlab" tap ftdemo backup fttap
+    VMARGS=(--guest redis --cmdline "ip=$VM/24" --net tap:fttap,mac=52:54:00:77:00:10 "${DISK[@]}")
+    echo "== the VM $VM runs on the primary host, its backup on the backup host; the disk (and the arbitration record) on the storage host"
+    in_host backup "$BIN/ftvmm" --backup "${VMARGS[@]}" --connect $P:7000 2>"$WORK/backup.err" &
+    in_host primary "$BIN/ftvmm" --primary "${VMARGS[@]}" --listen $P:7000 2>"$WORK/primary.err" &
+    for i in $(seq 100); do in_host client redis-cli -h $VM ping >/dev/null 2>&1 && break; sleep 0.1; done
+    echo "== stock clients on the client host: redis-cli and redis-benchmark against $VM"
+    in_host client redis-cli -h $VM set greeting "hello from a fault-tolerant VM" | sed 's/^/   /'
+    in_host client redis-cli -h $VM get greeting | sed 's/^/   /'
+    in_host client redis-benchmark -h $VM -t set,get,incr -n 2000 -c 8 -P 4 -q | tr '\r' '\n' | grep -v 'rps=' | sed 's/^/   /'
+    echo "== ftclient: one TCP connection, INCR and SET every 20 ms, while the primary host dies"
+    in_host client "$BIN/ftclient" --redis $(( (KILL_AFTER + 3) * 40 )) $VM:6379 &
+    CLIENT=$!
+    sleep "$KILL_AFTER"
+    kill_host primary
+    wait $CLIENT && status=0 || status=$?
+    echo "== after the failover, stock redis-cli still reaches $VM:"
+    in_host client redis-cli -h $VM get greeting | sed 's/^/   /'
+    show primary backup storage
+    exit $status
+fi
+
+if [ "$MODE" = reprotect ]; then
+    # Each VM host listens for a backup of its own once it is live.
+    hosts=(primary backup third fourth)
+    ips=(10.77.0.1 10.77.0.2 10.77.0.5 10.77.0.6)
+    in_host primary "$BIN/ftvmm" --primary --guest kvstore "${DISK[@]}" --listen ${ips[0]}:7000 \
+        --serial tcp:${ips[0]}:7001 2>"$WORK/primary.err" &
+    start_backup() { # INDEX: a backup of host INDEX-1
+        in_host "${hosts[$1]}" "$BIN/ftvmm" --backup --guest kvstore "${DISK[@]}" --connect "${ips[$1 - 1]}:7000" \
+            --listen "${ips[$1]}:7000" --serial "tcp:${ips[$1]}:7001" 2>"$WORK/${hosts[$1]}.err" &
+    }
+    start_backup 1
+    in_host client "$BIN/ftclient" --kv $(( (KILL_AFTER + 22) * 40 )) \
+        ${ips[0]}:7001 ${ips[1]}:7001 ${ips[2]}:7001 ${ips[3]}:7001 &
+    CLIENT=$!
+    for i in 1 2 3; do
+        # Long enough for the client to notice the last death (its reads
+        # time out after 5 s when a dead host's link is cut) and move on.
+        if [ $i = 1 ]; then sleep "$KILL_AFTER"; else sleep $(( KILL_AFTER > 7 ? KILL_AFTER : 7 )); fi
+        kill_host "${hosts[$i - 1]}"
+        wait_for "$WORK/${hosts[$i]}.err" "going live" 10
+        if [ $i -lt 3 ]; then
+            echo "== a new backup joins the live ${hosts[$i]} host by live state transfer"
+            start_backup $((i + 1))
+            wait_for "$WORK/${hosts[$i]}.err" "backup joined" 60
+            grep "backup joined" "$WORK/${hosts[$i]}.err" | sed 's/^/   /'
+        fi
+    done
+    wait $CLIENT && status=0 || status=$?
+    show primary backup third fourth storage
+    exit $status
+fi
+
+P=10.77.0.1 B=10.77.0.2
+in_host backup "$BIN/ftvmm" --backup --guest "$MODE" "${DISK[@]}" --connect $P:7000 --serial tcp:$B:7001 2>"$WORK/backup.err" &
+in_host primary "$BIN/ftvmm" --primary --guest "$MODE" "${DISK[@]}" --listen $P:7000 --serial tcp:$P:7001 2>"$WORK/primary.err" &
+if [ "$MODE" = kvstore ]; then
+    in_host client "$BIN/ftclient" --kv $(( (KILL_AFTER + 3) * 40 )) $P:7001 $B:7001 &
 else
-    ip netns exec $NS_C "$BIN/ftclient" --seconds $((KILL_AFTER + 6)) $P:7001 $B:7001 &
+    in_host client "$BIN/ftclient" --seconds $((KILL_AFTER + 6)) $P:7001 $B:7001 &
 fi
 CLIENT=$!
-
 sleep "$KILL_AFTER"
-echo "== killing the primary host: SIGKILL to its VMM, its link cut"
-ip netns pids $NS_P | xargs -r kill -9
-"$BIN/ftlab" cut ftdemo primary
+kill_host primary
 wait $CLIENT && status=0 || status=$?
-for who in primary backup storage; do
-    echo "== $who said:"; sed 's/^/   /' "$WORK/$who.err"
-done
+show primary backup storage
 exit $status

@@ -42,11 +42,17 @@ struct Shared {
     /// State bytes the VMM has consumed, in total: the writer acknowledges
     /// them, the reader waits on them for room.
     consumed: watch::Sender<u64>,
+    /// The VMM took a record off a full queue: reading may resume.
+    records_taken: tokio::sync::Notify,
     start: LogStart,
 }
 
+/// Received records a backup holds before it stops reading the channel.
+pub const MAX_QUEUED_RECORDS: usize = 1 << 17;
+
 struct State {
-    /// Received records not yet handed out.
+    /// Received records not yet handed out (at most [`MAX_QUEUED_RECORDS`]
+    /// and one batch).
     queue: VecDeque<Record>,
     /// The primary's latest watermark.
     watermark: u64,
@@ -125,13 +131,17 @@ impl BackupLink {
             arrived: Condvar::new(),
             stop: Notify::new(),
             consumed: watch::Sender::new(0),
+            records_taken: tokio::sync::Notify::new(),
             start: info.start,
         });
         let for_thread = shared.clone();
         let config = config.clone();
         let thread = std::thread::Builder::new()
             .name("ftvmm-lc-backup".into())
-            .spawn(move || runtime.block_on(run(stream, peer, for_thread, config)))
+            .spawn(move || {
+                crate::prioritize_network_thread();
+                runtime.block_on(run(stream, peer, for_thread, config))
+            })
             .map_err(|e| ChannelError::io("starting the network thread", e))?;
         Ok((BackupLink { shared, thread: Some(thread) }, info))
     }
@@ -188,6 +198,12 @@ impl BackupLink {
         lock(&self.shared.state).peak_state_queued
     }
 
+    /// Records received and not yet handed out.
+    #[cfg(test)]
+    pub(crate) fn queued_records(&self) -> usize {
+        lock(&self.shared.state).queue.len()
+    }
+
     /// Records must wait until the state has been read.
     fn check_state_done(&self, st: &State) -> Result<(), LogError> {
         if self.shared.start == LogStart::State && !st.state_done {
@@ -230,6 +246,9 @@ impl RecordSource for BackupLink {
         self.check_state_done(&st)?;
         loop {
             if let Some(record) = st.queue.pop_front() {
+                if st.queue.len() + 1 == MAX_QUEUED_RECORDS {
+                    self.shared.records_taken.notify_one();
+                }
                 return Ok(Some(record));
             }
             if st.lost.is_some() {
@@ -366,6 +385,18 @@ async fn read_frames(
             if paused {
                 rd.get_mut().touch();
             }
+        }
+        // The same for records: a backup whose replay falls behind stops
+        // reading (and so acknowledging) at a bound, and the primary's
+        // throttle then holds its guest back: the backup's lag, and its
+        // memory, stay bounded.
+        let mut paused = false;
+        while lock(&shared.state).queue.len() >= MAX_QUEUED_RECORDS {
+            paused = true;
+            shared.records_taken.notified().await;
+        }
+        if paused {
+            rd.get_mut().touch();
         }
         match wire::read_frame(&mut rd, &mut buf).await? {
             Message::State { offset, data } => {

@@ -292,7 +292,10 @@ impl PrimaryLink {
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ftvmm-lc-primary".into())
-            .spawn(move || runtime.block_on(run(stream, for_thread)))
+            .spawn(move || {
+                crate::prioritize_network_thread();
+                runtime.block_on(run(stream, for_thread))
+            })
             .map_err(|e| ChannelError::io("starting the network thread", e))?;
         Ok(PrimaryLink {
             shared,

@@ -1168,3 +1168,51 @@ fn a_backup_holding_its_window_stops_reading_and_both_stay_alive() {
     assert!(backup.peak_state_queued() <= (1 << 20) + STATE_FRAME as u64, "{}", backup.peak_state_queued());
     assert!(backup.primary_lost().is_none() && primary.backup_lost().is_none());
 }
+
+#[test]
+fn a_backup_whose_replay_lags_stops_reading_and_the_primary_throttles() {
+    let config = ChannelConfig { heartbeat_timeout: Duration::from_millis(500), ..ChannelConfig::default() };
+    let (primary, mut backup) = pair(&config);
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let vcpu = {
+        let (progress, stop) = (progress.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut primary = primary;
+            let mut exit = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && primary.backup_lost().is_none() {
+                exit += 1;
+                primary.append(&exit_record(exit)).unwrap();
+                primary.passed(exit).unwrap();
+                progress.store(exit, std::sync::atomic::Ordering::Relaxed);
+                primary.throttle(exit);
+            }
+            primary
+        })
+    };
+    // The backup's VMM takes nothing for a while: its queue stops growing at
+    // the bound, it stops acknowledging, and the primary's throttle holds
+    // its guest back.
+    thread::sleep(Duration::from_secs(2));
+    let (queued, at) = (backup.queued_records(), progress.load(std::sync::atomic::Ordering::Relaxed));
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(progress.load(std::sync::atomic::Ordering::Relaxed), at, "the primary ran on unthrottled");
+    assert!(
+        queued <= crate::backup::MAX_QUEUED_RECORDS + 16 * 1024,
+        "the backup holds {queued} records (bound {})",
+        crate::backup::MAX_QUEUED_RECORDS
+    );
+    assert!(backup.primary_lost().is_none(), "neither side is lost while the backup holds back");
+    // Once it replays, records flow again and the primary moves on.
+    for _ in 0..queued + 1000 {
+        backup.next_record().unwrap().unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(5), || progress.load(std::sync::atomic::Ordering::Relaxed) > at));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Keep taking records so that the primary's last throttle returns.
+    let drain = thread::spawn(move || while let Ok(Some(_)) = backup.next_record() {});
+    let primary = vcpu.join().unwrap();
+    assert!(primary.backup_lost().is_none(), "{:?}", primary.backup_lost());
+    drop(primary);
+    let _ = drain.join();
+}

@@ -4,6 +4,7 @@
 //! [`lab`] makes network-namespace hosts (also for the demo, via `ftlab`).
 
 pub mod lab;
+pub mod resp;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

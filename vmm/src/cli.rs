@@ -18,7 +18,7 @@ use std::time::Duration;
 /// Exit status: the guest's own status (what it wrote to port 0xf4); 2 for a
 /// VMM, guest or input error; 3 for a replay divergence; 4 when a replayed
 /// log ends before the guest does; 5 when this side lost the go-live
-/// arbitration on the shared disk and halted.
+/// arbitration (on the shared disk or the arbiter) and halted.
 #[derive(Debug, Parser)]
 #[command(name = "ftvmm", version, about, long_about)]
 pub struct Cli {
@@ -69,8 +69,9 @@ pub struct Cli {
     pub serial: SerialSpec,
 
     /// Run as the primary of a fault-tolerant pair: wait for a backup on
-    /// --listen, then boot, stream the log to it and release each output only
-    /// once the backup has acknowledged the log up to it.
+    /// --listen (unless --no-wait), then boot, stream the log to it and
+    /// release each output only once the backup has acknowledged the log up
+    /// to it. Whenever it has no backup, a new one may join on --listen.
     #[arg(long, requires = "listen", conflicts_with_all = ["backup", "record", "replay"])]
     pub primary: bool,
 

@@ -19,6 +19,9 @@ use std::time::Duration;
 
 /// Output kept for a TCP console with no client; beyond it the oldest goes.
 pub const MAX_BACKLOG: usize = 4 << 20;
+/// Exits whose output a [`Backlog`] tells apart (1 MiB of marks); beyond,
+/// neighbouring outputs share a mark.
+pub const MAX_MARKS: usize = 1 << 16;
 
 /// The `--serial` choice.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,7 +187,26 @@ impl Backlog {
         while self.bytes.len() > MAX_BACKLOG {
             dropped = self.pop_oldest().or(dropped);
         }
+        if self.marks.len() > MAX_MARKS {
+            self.coarsen();
+        }
         dropped
+    }
+
+    /// Merges each pair of neighbouring marks into one that carries the
+    /// later exit: a guest that writes a byte per exit would otherwise cost
+    /// a mark per byte. Coarser marks only keep output a little longer
+    /// (until its later exit is released): re-emitted at a switch, never
+    /// lost.
+    fn coarsen(&mut self) {
+        let old = std::mem::take(&mut self.marks);
+        let mut it = old.into_iter();
+        while let Some((exit_a, len_a)) = it.next() {
+            match it.next() {
+                Some((exit_b, len_b)) => self.marks.push_back((exit_b, len_a + len_b)),
+                None => self.marks.push_back((exit_a, len_a)),
+            }
+        }
     }
 
     fn pop_oldest(&mut self) -> Option<u64> {
@@ -517,6 +539,24 @@ mod tests {
         let started = std::time::Instant::now();
         port.close();
         assert!(started.elapsed() < Duration::from_secs(10), "the writer was stuck on the client");
+    }
+
+    #[test]
+    fn a_byte_per_exit_costs_a_bounded_number_of_marks() {
+        let mut b = Backlog::default();
+        for exit in 1..=300_000u64 {
+            b.push(exit, &[b'a' + (exit % 26) as u8]);
+        }
+        assert!(b.exits().count() <= MAX_MARKS, "{} marks", b.exits().count());
+        assert_eq!(b.len(), 300_000);
+        assert_eq!(b.exits().last(), Some(300_000), "the newest output keeps its exit");
+        // Forgetting up to an exit keeps everything after it (and perhaps a little before).
+        b.forget_up_to(200_000);
+        assert!(b.len() >= 100_000 && b.len() < 100_000 + 16, "{}", b.len());
+        let kept = b.len();
+        let drained: usize = b.drain().iter().map(|(_, bytes)| bytes.len()).sum();
+        assert_eq!(drained, kept, "drain hands out every byte kept");
+        assert!(b.is_empty());
     }
 
     #[test]

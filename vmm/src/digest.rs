@@ -19,9 +19,45 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RunError {
 /// Digest of a VM's state: its machine (memory and vCPU), its devices'
 /// state, its virtual clock and the guest-caused exits so far.
 pub fn state_digest(m: &Machine, devices: &DevicesState, clock: &VirtualClock, exits: u64) -> Result<Digest, RunError> {
-    let mut h = blake3::Hasher::new();
-    h.update(b"ftvmm state digest v1\0");
+    digest(m, devices, clock, exits, true)
+}
 
+/// The same without guest memory: what a live state transfer checks with
+/// the guest stopped (hashing all of memory would lengthen that pause; the
+/// memory copy is checked by construction, and runs by their final digest).
+pub fn machine_digest(
+    m: &Machine,
+    devices: &DevicesState,
+    clock: &VirtualClock,
+    exits: u64,
+) -> Result<Digest, RunError> {
+    digest(m, devices, clock, exits, false)
+}
+
+fn digest(
+    m: &Machine,
+    devices: &DevicesState,
+    clock: &VirtualClock,
+    exits: u64,
+    with_memory: bool,
+) -> Result<Digest, RunError> {
+    let mut h = blake3::Hasher::new();
+    h.update(if with_memory { b"ftvmm state digest v1\0" } else { b"ftvmm machine digest\0" });
+
+    if with_memory {
+        hash_memory(&mut h, m)?;
+    }
+    hash_cpu(&mut h, m)?;
+    let devices = bincode::serialize(devices)
+        .map_err(|e| RunError::Io { what: "serializing device state", err: std::io::Error::other(e.to_string()) })?;
+    h.update(&devices);
+    h.update(&clock.now_ns().to_le_bytes());
+    h.update(&clock.tsc().to_le_bytes());
+    h.update(&exits.to_le_bytes());
+    Ok(Digest(*h.finalize().as_bytes()))
+}
+
+fn hash_memory(h: &mut blake3::Hasher, m: &Machine) -> Result<(), RunError> {
     let host = m
         .mem
         .get_host_address(GuestAddress(0))
@@ -31,7 +67,10 @@ pub fn state_digest(m: &Machine, devices: &DevicesState, clock: &VirtualClock, e
     // while we read.
     let memory = unsafe { std::slice::from_raw_parts(host as *const u8, m.mem_size as usize) };
     h.update(memory);
+    Ok(())
+}
 
+fn hash_cpu(h: &mut blake3::Hasher, m: &Machine) -> Result<(), RunError> {
     let r = m.vcpu.get_regs().map_err(kvm("reading registers"))?;
     for v in [
         r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
@@ -74,12 +113,5 @@ pub fn state_digest(m: &Machine, devices: &DevicesState, clock: &VirtualClock, e
         h.update(&index.to_le_bytes());
         h.update(&value.to_le_bytes());
     }
-
-    let devices = bincode::serialize(devices)
-        .map_err(|e| RunError::Io { what: "serializing device state", err: std::io::Error::other(e.to_string()) })?;
-    h.update(&devices);
-    h.update(&clock.now_ns().to_le_bytes());
-    h.update(&clock.tsc().to_le_bytes());
-    h.update(&exits.to_le_bytes());
-    Ok(Digest(*h.finalize().as_bytes()))
+    Ok(())
 }

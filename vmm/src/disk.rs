@@ -144,6 +144,12 @@ pub enum DiskOp {
 
 /// Writes not yet applied: (exit, offset, data), in issue order.
 type Overlay = Arc<Mutex<VecDeque<(u64, u64, Arc<Vec<u8>>)>>>;
+
+/// Bytes of deferred writes (held for the backup, or released but not yet
+/// applied because the storage is slow or away) beyond which the guest's
+/// next disk write waits: memory stays bounded, and a primary whose storage
+/// lags throttles its guest's writes instead of queueing without end.
+pub const MAX_DEFERRED_BYTES: u64 = 64 << 20;
 /// Ops for the writer thread, each with its exit; None stops it.
 type OpSender = Sender<(u64, Option<DiskOp>)>;
 
@@ -158,6 +164,8 @@ pub struct DiskPort {
     writer: Option<(OpSender, JoinHandle<()>)>,
     delivered: Arc<AtomicU64>,
     failed: Arc<Mutex<Option<String>>>,
+    /// Bytes in the overlay.
+    deferred: Arc<AtomicU64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -174,6 +182,7 @@ impl DiskPort {
             writer: None,
             delivered: Arc::new(AtomicU64::new(0)),
             failed: Arc::default(),
+            deferred: Arc::default(),
         }
     }
 
@@ -219,8 +228,27 @@ impl DiskPort {
     /// output rule releases it): until then reads see it through the overlay.
     pub fn defer(&self, exit: u64, op: &DiskOp) {
         if let DiskOp::Write { offset, data } = op {
+            self.wait_for_room();
+            self.deferred.fetch_add(data.len() as u64, Ordering::AcqRel);
             lock(&self.overlay).push_back((exit, *offset, data.clone()));
         }
+    }
+
+    /// Waits while deferred writes exceed [`MAX_DEFERRED_BYTES`] (until the
+    /// writer has applied enough, or has failed, or no writer will ever
+    /// drain them: then the bound cannot be kept without losing writes).
+    fn wait_for_room(&self) {
+        while self.deferred.load(Ordering::Acquire) > MAX_DEFERRED_BYTES
+            && self.writer.is_some()
+            && self.failure().is_none()
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Bytes of writes deferred and not yet applied.
+    pub fn deferred_bytes(&self) -> u64 {
+        self.deferred.load(Ordering::Acquire)
     }
 
     /// A sender that applies released ops in order on a writer thread.
@@ -229,8 +257,13 @@ impl DiskPort {
             return DiskSender(tx.clone());
         }
         let (tx, rx) = mpsc::channel::<(u64, Option<DiskOp>)>();
-        let (backend, overlay, delivered, failed) =
-            (self.backend.clone(), self.overlay.clone(), self.delivered.clone(), self.failed.clone());
+        let (backend, overlay, delivered, failed, deferred) = (
+            self.backend.clone(),
+            self.overlay.clone(),
+            self.delivered.clone(),
+            self.failed.clone(),
+            self.deferred.clone(),
+        );
         let thread = std::thread::spawn(move || {
             // None: everything before it is applied; stop.
             while let Ok((exit, Some(op))) = rx.recv() {
@@ -245,7 +278,9 @@ impl DiskPort {
                     Ok(()) => {
                         let mut o = lock(&overlay);
                         if let (DiskOp::Write { .. }, Some(pos)) = (&op, o.iter().position(|(e, _, _)| *e == exit)) {
-                            o.remove(pos);
+                            if let Some((_, _, data)) = o.remove(pos) {
+                                deferred.fetch_sub(data.len() as u64, Ordering::AcqRel);
+                            }
                         }
                         delivered.fetch_max(exit, Ordering::Release);
                     }
@@ -288,5 +323,56 @@ impl DiskSender {
         // The writer lives as long as the port; after it stopped on an error
         // the failure is reported through DiskPort::failure.
         let _ = self.0.send((exit, Some(op)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Storage that takes `delay` per write.
+    struct Slow {
+        delay: Duration,
+        writes: Arc<AtomicU64>,
+    }
+
+    impl BlockBackend for Slow {
+        fn size(&self) -> u64 {
+            1 << 30
+        }
+        fn read(&mut self, _offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+            Ok(vec![0; len])
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) -> std::io::Result<()> {
+            std::thread::sleep(self.delay);
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn deferred_writes_stay_bounded_while_the_storage_lags() {
+        let writes = Arc::new(AtomicU64::new(0));
+        let mut port = DiskPort::new(Box::new(Slow { delay: Duration::from_millis(2), writes: writes.clone() }));
+        let sender = port.releaser();
+        let chunk = Arc::new(vec![7u8; 4 << 20]);
+        let started = Instant::now();
+        let mut peak = 0;
+        for exit in 1..=40u64 {
+            let op = DiskOp::Write { offset: exit * (4 << 20), data: chunk.clone() };
+            port.defer(exit, &op);
+            peak = peak.max(port.deferred_bytes());
+            sender.send(exit, op);
+        }
+        assert!(peak <= MAX_DEFERRED_BYTES + (4 << 20), "deferred writes peaked at {peak} bytes");
+        assert!(writes.load(Ordering::Relaxed) > 0, "the guest waited for the storage");
+        port.close();
+        assert_eq!(writes.load(Ordering::Relaxed), 40, "nothing lost");
+        assert_eq!(port.deferred_bytes(), 0);
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 }

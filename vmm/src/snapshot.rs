@@ -42,8 +42,10 @@ pub enum StateItem {
     Zeros { first: u64, count: u64 },
     /// Everything but memory.
     Machine(Box<MachineState>),
-    /// The end of the stream: the state digest the VM had.
-    End { digest: Digest },
+    /// The end of the stream: the digest the VM had — its full state digest
+    /// (a snapshot file), or, `memory: false`, that of everything but
+    /// memory (a live transfer, taken while the guest is stopped).
+    End { digest: Digest, memory: bool },
 }
 
 /// Everything of a VM's state but its memory, at a guest-caused exit.

@@ -41,19 +41,6 @@ pub const FILTERED_MSRS: &[(u32, u32)] = &[
     (0xc000_0103, 1), // IA32_TSC_AUX (RDTSCP)
 ];
 
-/// MSRs whose values the state digest covers (beyond those in sregs).
-pub const DIGEST_MSRS: &[u32] = &[
-    0x174,       // SYSENTER_CS
-    0x175,       // SYSENTER_ESP
-    0x176,       // SYSENTER_EIP
-    0x277,       // PAT
-    0xc000_0081, // STAR
-    0xc000_0082, // LSTAR
-    0xc000_0083, // CSTAR
-    0xc000_0084, // SFMASK
-    0xc000_0102, // KERNEL_GS_BASE
-];
-
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error(
@@ -271,9 +258,10 @@ impl Machine {
         unsafe { run.__bindgen_anon_1.internal.suberror }
     }
 
-    /// Reads the MSRs in `DIGEST_MSRS`; any the host cannot read are skipped.
+    /// Reads the MSRs a saved state carries ([`SAVED_MSRS`], which the
+    /// state digest also covers); any the host cannot read are skipped.
     pub fn digest_msrs(&self) -> Vec<(u32, u64)> {
-        self.read_msrs(DIGEST_MSRS)
+        self.read_msrs(SAVED_MSRS)
     }
 
     /// Reads `indices`; any the host cannot read are skipped.
@@ -288,8 +276,9 @@ impl Machine {
     }
 }
 
-/// MSRs a saved vCPU state carries beyond those in sregs: the digested ones
-/// and the SYSCALL/SYSENTER and miscellaneous ones a guest may program.
+/// MSRs a saved vCPU state carries, and the state digest covers, beyond
+/// those in sregs: the SYSCALL/SYSENTER and miscellaneous ones a guest may
+/// program.
 pub const SAVED_MSRS: &[u32] = &[
     0x174,       // SYSENTER_CS
     0x175,       // SYSENTER_ESP

@@ -97,7 +97,7 @@ proptest! {
     #[test]
     fn memory_items_round_trip_and_apply(items in vec(memory_item(), 0..12)) {
         let mut all: Vec<StateItem> = items;
-        all.push(StateItem::End { digest: Digest([9; 32]) });
+        all.push(StateItem::End { digest: Digest([9; 32]), memory: true });
         let bytes = write(&all);
         let (got, err) = read(&bytes);
         prop_assert!(err.is_none(), "{:?}", err);
@@ -148,7 +148,7 @@ proptest! {
         bit in 0u8..8,
     ) {
         let mut all: Vec<StateItem> = items;
-        all.push(StateItem::End { digest: Digest([1; 32]) });
+        all.push(StateItem::End { digest: Digest([1; 32]), memory: true });
         let bytes = write(&all);
         let cut = cut.index(bytes.len());
         let (got, err) = read(&bytes[..cut]);
@@ -196,7 +196,7 @@ fn a_whole_stream_round_trips() {
         StateItem::Pages { first: 2, data: (0..PAGE_SIZE).map(|i| i as u8).collect() },
         StateItem::Zeros { first: 3, count: 5 },
         StateItem::Machine(Box::new(machine())),
-        StateItem::End { digest: Digest([6; 32]) },
+        StateItem::End { digest: Digest([6; 32]), memory: true },
     ];
     let bytes = write(&items);
     let (got, err) = read(&bytes);

@@ -15,8 +15,32 @@
 //!
 //! kvstore: set and get throughput and latency through the guest's TCP
 //! console, alone and with a backup attached, the disk on ftdisk.
+//!
+//! Re-protection: a backup joining a running primary by live state
+//! transfer, for idle and busy 64 MiB and 512 MiB guests: the time to join,
+//! the bytes sent and their ratio to guest memory, the pre-copy rounds and
+//! the final pause during which the guest did not run.
+//!
+//! redis (root: network-namespace hosts with TAPs): stock redis-benchmark
+//! against the redis guest alone and with a backup attached (ops/s, p50,
+//! p99, the FT ratio), unpipelined and pipelined; the pause a client on one
+//! connection sees at a failover, for SIGKILL and for a silent death; and
+//! the same redis-benchmark against a real redis-server on this host, as
+//! context for what virtualization costs here.
+//!
+//! `--only SECTION` (record-replay, ft, kvstore, join, redis) runs one section.
+//!
+//! `ftbench soak --minutes N [--load]`: memory over time and false
+//! failovers. It runs a `ticker` pair at 1 kHz with no console client, one
+//! with a client reading, and a `kvstore` pair on ftdisk under a steady
+//! set/get load, and prints every process's RSS each minute; with `--load`,
+//! two busy loops saturate both cores and a process holds and touches
+//! 4 GiB meanwhile. It counts go-lives and lost backups while both sides
+//! were alive (false failovers).
 
-use ftvmm_tests::{ftvmm, qemu_img, require_kvm, spawn_ftdisk, wait, Proc, Scratch};
+use ftvmm_tests::lab::Lab;
+use ftvmm_tests::resp::{Reply, RespConn};
+use ftvmm_tests::{ftdisk_bin, ftvmm, qemu_img, require_kvm, spawn_ftdisk, wait, Proc, Scratch};
 use replay::{Entry, LogReader, RecordSource};
 use std::io::Read;
 use std::io::{BufRead, BufReader, Write};
@@ -268,20 +292,419 @@ fn kvstore_bench(n: usize) {
     println!();
 }
 
+/// The figures of the "backup joined" line a primary prints.
+struct Join {
+    rounds: f64,
+    mib: f64,
+    join_ms: f64,
+    pause_ms: f64,
+}
+
+fn parse_join(line: &str) -> Option<Join> {
+    let num = |after: &str| -> Option<f64> {
+        let rest = &line[line.find(after)? + after.len()..];
+        rest.trim_start().split(|c: char| !(c.is_ascii_digit() || c == '.')).next()?.parse().ok()
+    };
+    let rounds: f64 = line.split(": ").nth(3)?.split(' ').next()?.parse().ok()?;
+    Some(Join { rounds, mib: num("round(s), ")?, join_ms: num("MiB sent in")?, pause_ms: num("final pause")? })
+}
+
+/// A backup joining a running primary: (idle or busy) guest of `mem_mib`.
+fn join_once(guest: &[&str], mem_mib: u64) -> Join {
+    let mem = mem_mib.to_string();
+    let mut common = vec!["--mem-mib", mem.as_str()];
+    common.extend_from_slice(guest);
+    let mut pargs = vec!["--primary", "--no-wait", "--listen", "127.0.0.1:0"];
+    pargs.extend_from_slice(&common);
+    let p = Proc::spawn(&pargs);
+    let addr = p.wait_addr("backups may join on", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut bargs = vec!["--backup", "--connect", addr.as_str()];
+    bargs.extend_from_slice(&common);
+    let b = Proc::spawn(&bargs);
+    let line = p.wait_line("backup joined at exit", Duration::from_secs(120));
+    drop(b);
+    drop(p);
+    parse_join(&line).unwrap_or_else(|| panic!("cannot read {line:?}"))
+}
+
+fn reprotection(runs: usize) {
+    println!("### Re-protection: a backup joins a running primary (loopback; median of {runs} runs)\n");
+    println!("| guest | memory | join ms | MiB sent | sent/memory | rounds | final pause ms |");
+    println!("|---|---|---|---|---|---|---|");
+    let idle: &[&str] = &["--guest", "ticker", "--cmdline", "hz=20"];
+    let busy: &[&str] = &["--guest", "compute", "--cmdline", "rounds=100000000 kib=32768"];
+    for (name, guest) in [("idle (ticker hz=20)", idle), ("busy (compute, 32 MiB working set)", busy)] {
+        for mem in [64u64, 512] {
+            let joins: Vec<Join> = (0..runs).map(|_| join_once(guest, mem)).collect();
+            let m = |f: fn(&Join) -> f64| median(joins.iter().map(f).collect());
+            let mib = m(|j| j.mib);
+            println!(
+                "| {name} | {mem} MiB | {:.0} | {:.1} | {:.3} | {:.0} | {:.1} |",
+                m(|j| j.join_ms),
+                mib,
+                mib / mem as f64,
+                m(|j| j.rounds),
+                m(|j| j.pause_ms)
+            );
+        }
+    }
+    println!();
+}
+
+/// redis-benchmark's CSV: test → (rps, p50 ms, p99 ms).
+fn redis_benchmark(host: &str, port: u16, clients: u32, pipeline: u32, n: u32) -> Vec<(String, f64, f64, f64)> {
+    let out = std::process::Command::new("redis-benchmark")
+        .args(["-h", host, "-p", &port.to_string(), "-t", "set,get,incr", "-n", &n.to_string()])
+        .args(["-c", &clients.to_string(), "-P", &pipeline.to_string(), "--csv"])
+        .output()
+        .expect("redis-benchmark (Debian's redis-tools) is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').map(|x| x.trim_matches('"')).collect();
+            Some((f.first()?.to_string(), f.get(1)?.parse().ok()?, f.get(4)?.parse().ok()?, f.get(6)?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A redis VM on lab hosts: alone on `p`, or with a backup on `b` (and an
+/// arbiter on `s`).
+struct RedisVm {
+    _lab: Lab,
+    procs: Vec<Proc>,
+    _arbiter: Option<std::process::Child>,
+    vm: String,
+}
+
+impl Drop for RedisVm {
+    fn drop(&mut self) {
+        if let Some(a) = &mut self._arbiter {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+fn redis_vm(with_backup: bool, dir: &Scratch) -> RedisVm {
+    let net = "10.87.0";
+    let lab = Lab::create("ftbr", net, &[("p", 1), ("b", 2), ("s", 4)], std::process::id()).expect("root for labs");
+    lab.add_tap("p", "fttap").unwrap();
+    lab.add_tap("b", "fttap").unwrap();
+    let vm = format!("{net}.10");
+    let cmdline = format!("ip={vm}/24");
+    let ns = |h: &str| lab.host(h).map(|h| h.ns.clone()).unwrap_or_default();
+    let mut common = vec!["--guest", "redis", "--cmdline", cmdline.as_str(), "--net", "tap:fttap"];
+    let mut procs = Vec::new();
+    let mut arbiter = None;
+    let arb = format!("ftdisk:{net}.4:7100");
+    let listen = format!("{net}.1:7000");
+    if with_backup {
+        let state = dir.path("record");
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns("s")])
+            .arg(ftdisk_bin())
+            .args(["--arbiter-only", "--state", &state, "--listen", &format!("{net}.4:7100")])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ftdisk");
+        std::thread::sleep(Duration::from_millis(300));
+        arbiter = Some(child);
+        common.extend_from_slice(&["--arbiter", arb.as_str()]);
+        let mut pargs = vec!["--primary", "--listen", listen.as_str()];
+        pargs.extend_from_slice(&common);
+        let p = Proc::spawn_in(Some(&ns("p")), &pargs);
+        p.wait_line("waiting for a backup", Duration::from_secs(30));
+        let mut bargs = vec!["--backup", "--connect", listen.as_str()];
+        bargs.extend_from_slice(&common);
+        let b = Proc::spawn_in(Some(&ns("b")), &bargs);
+        p.wait_line("backup attached", Duration::from_secs(30));
+        procs.push(p);
+        procs.push(b);
+    } else {
+        procs.push(Proc::spawn_in(Some(&ns("p")), &common));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(mut c) = RespConn::connect(&format!("{vm}:6379"), Duration::from_secs(5)) {
+            if c.cmd(&["PING"]).is_ok() {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    RedisVm { _lab: lab, procs, _arbiter: arbiter, vm }
+}
+
+/// The longest pause a client on one connection sees around the primary's
+/// death (`signal`: KILL, or STOP for a silent death).
+fn failover_pause_ms(signal: &str, dir: &Scratch) -> f64 {
+    let vm = redis_vm(true, dir);
+    let mut conn = RespConn::connect(&format!("{}:6379", vm.vm), Duration::from_secs(20)).expect("connect");
+    let mut longest = Duration::ZERO;
+    for i in 0..150 {
+        if i == 50 {
+            let pid = vm.procs[0].child.id().to_string();
+            let _ = std::process::Command::new("kill").args([&format!("-{signal}"), &pid]).status();
+        }
+        let t = Instant::now();
+        match conn.cmd(&["INCR", "c"]) {
+            Ok(Reply::Int(_)) => {}
+            other => panic!("INCR across the failover: {other:?}"),
+        }
+        longest = longest.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    longest.as_secs_f64() * 1e3
+}
+
+fn redis_bench(runs: usize) {
+    if !ftvmm_tests::lab::is_root() {
+        println!("### redis: needs root (network namespaces); skipped\n");
+        return;
+    }
+    let dir = Scratch::new("bench-redis");
+    println!("### redis over virtio-net (redis-benchmark -t set,get,incr -n 20000; client on the lab's bridge)\n");
+    println!("| setup | clients, pipeline | test | ops/s | p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for (c, p) in [(1u32, 1u32), (8, 16)] {
+        let mut alone_rps = Vec::new();
+        for with_backup in [false, true] {
+            let vm = redis_vm(with_backup, &dir);
+            let rows = redis_benchmark(&vm.vm, 6379, c, p, 20_000);
+            let setup = if with_backup { "with a backup" } else { "alone" };
+            for (i, (test, rps, p50, p99)) in rows.iter().enumerate() {
+                println!("| {setup} | -c {c} -P {p} | {test} | {rps:.0} | {p50:.3} | {p99:.3} |");
+                if with_backup {
+                    if let Some(a) = alone_rps.get(i) {
+                        ratios.push((format!("-c {c} -P {p} {test}"), rps / a));
+                    }
+                } else {
+                    alone_rps.push(*rps);
+                }
+            }
+        }
+    }
+    println!();
+    println!(
+        "FT throughput ratio (with a backup ÷ alone): {}",
+        ratios.iter().map(|(t, r)| format!("{t} {r:.2}")).collect::<Vec<_>>().join(", ")
+    );
+    println!();
+    let kill: Vec<f64> = (0..runs).map(|_| failover_pause_ms("KILL", &dir)).collect();
+    let stop: Vec<f64> = (0..runs).map(|_| failover_pause_ms("STOP", &dir)).collect();
+    println!(
+        "Failover pause seen by a client on one connection (median of {runs}): SIGKILL {:.0} ms, silent death (SIGSTOP) {:.0} ms\n",
+        median(kill),
+        median(stop)
+    );
+    // Context: a real redis-server on this host.
+    match std::process::Command::new("redis-server")
+        .args(["--port", "16379", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(mut server) => {
+            std::thread::sleep(Duration::from_millis(500));
+            for (c, p) in [(1u32, 1u32), (8, 16)] {
+                for (test, rps, p50, p99) in redis_benchmark("127.0.0.1", 16379, c, p, 20_000) {
+                    println!("| redis-server on the host | -c {c} -P {p} | {test} | {rps:.0} | {p50:.3} | {p99:.3} |");
+                }
+            }
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        Err(_) => println!("(no redis-server on this host for context: apt-get install redis-server)"),
+    }
+    println!();
+}
+
+/// A process's resident set in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// A primary and its backup, started on loopback with `args`.
+fn soak_pair(args: &[&str]) -> (Proc, Proc, String) {
+    let mut pargs = vec!["--primary", "--listen", "127.0.0.1:0", "--serial", "tcp:127.0.0.1:0"];
+    pargs.extend_from_slice(args);
+    let p = Proc::spawn(&pargs);
+    let addr = p.wait_addr("waiting for a backup on", Duration::from_secs(30));
+    let console = p.wait_addr("serial console on", Duration::from_secs(30));
+    let mut bargs = vec!["--backup", "--connect", addr.as_str(), "--serial", "tcp:127.0.0.1:0"];
+    bargs.extend_from_slice(args);
+    let b = Proc::spawn(&bargs);
+    p.wait_line("backup attached", Duration::from_secs(30));
+    (p, b, console)
+}
+
+fn soak(minutes: u64, load: bool) {
+    let dir = Scratch::new("soak");
+    let image = dir.path("kv.img");
+    qemu_img(&image, 64 << 20);
+    let (mut server, addr) = spawn_ftdisk(&image, "127.0.0.1:0");
+    let disk = format!("ftdisk:{addr}");
+    let ticker = ["--guest", "ticker", "--cmdline", "hz=1000"];
+    let (t1p, t1b, _) = soak_pair(&ticker);
+    let (t2p, t2b, t2console) = soak_pair(&ticker);
+    let (kvp, kvb, kvconsole) = soak_pair(&["--guest", "kvstore", "--disk", &disk]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A client reading the second ticker's console, and a steady kvstore load.
+    let reader_stop = stop.clone();
+    let reader = std::thread::spawn(move || {
+        let Ok(stream) = TcpStream::connect(&t2console) else { return 0u64 };
+        let mut lines = 0u64;
+        for line in BufReader::new(stream).lines() {
+            if line.is_err() || reader_stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            lines += 1;
+        }
+        lines
+    });
+    let kv_stop = stop.clone();
+    let kv = std::thread::spawn(move || {
+        let mut conn = kv_connect(&kvconsole);
+        let mut ops = 0u64;
+        while !kv_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let key = ops % 500;
+            let op = if ops.is_multiple_of(2) { format!("set k{key} v{ops}") } else { format!("get k{key}") };
+            let (_, _) = kv_session(&mut conn, &[op]);
+            ops += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ops
+    });
+    let mut hogs = Vec::new();
+    if load {
+        for _ in 0..2 {
+            hogs.push(std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().expect("sh"));
+        }
+        // Memory pressure: 4 GiB held and touched over and over.
+        hogs.push(
+            std::process::Command::new("python3")
+                .args(["-c", "import time\nb=bytearray(4<<30)\nwhile True:\n  for i in range(0,len(b),4096): b[i]=(b[i]+1)%256\n  time.sleep(1)"])
+                .spawn()
+                .expect("python3 for memory pressure"),
+        );
+    }
+    let procs: [(&str, &Proc); 6] = [
+        ("ticker primary (no client)", &t1p),
+        ("ticker backup (no client)", &t1b),
+        ("ticker primary (client)", &t2p),
+        ("ticker backup (client)", &t2b),
+        ("kvstore primary", &kvp),
+        ("kvstore backup", &kvb),
+    ];
+    println!(
+        "### Soak: RSS in MiB each minute ({minutes} min{})\n",
+        if load { ", both cores saturated, 4 GiB of memory pressure" } else { "" }
+    );
+    let names: Vec<&str> = procs.iter().map(|(n, _)| *n).chain(["ftdisk"]).collect();
+    println!("| minute | {} |", names.join(" | "));
+    println!("|---|{}", "---|".repeat(names.len()));
+    let ftdisk_pid = server.id();
+    let mut first = Vec::new();
+    let mut last = Vec::new();
+    for minute in 0..=minutes {
+        if minute > 0 {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        let rss: Vec<u64> = procs.iter().map(|(_, p)| rss_kib(p.child.id())).chain([rss_kib(ftdisk_pid)]).collect();
+        println!(
+            "| {minute} | {} |",
+            rss.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect::<Vec<_>>().join(" | ")
+        );
+        if minute == 1 {
+            first = rss.clone();
+        }
+        last = rss;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for mut h in hogs {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    // False failovers: a go-live or a lost backup while both sides ran.
+    let false_failovers: usize = procs
+        .iter()
+        .map(|(_, p)| p.stderr().iter().filter(|l| l.contains("going live") || l.contains("backup lost")).count())
+        .sum();
+    let alive = procs.iter().all(|(_, p)| p.stderr().iter().all(|l| !l.contains("error")));
+    for (name, p) in &procs {
+        for l in p.stderr().iter().filter(|l| l.contains("going live") || l.contains("lost") || l.contains("error")) {
+            println!("{name}: {l}");
+        }
+    }
+    println!();
+    if first.len() == last.len() && minutes > 1 {
+        let growth: Vec<String> = first
+            .iter()
+            .zip(&last)
+            .map(|(a, b)| format!("{:+.0}", (*b as f64 - *a as f64) / (minutes - 1) as f64))
+            .collect();
+        println!("RSS growth from minute 1 to {minutes}, KiB per minute: {}", growth.join(", "));
+    }
+    println!(
+        "False failovers (go-lives or lost backups while both sides ran): {false_failovers}; all VMMs still running without error: {alive}"
+    );
+    let _ = server.kill();
+    let _ = reader.join();
+    let _ = kv.join();
+    println!();
+}
+
 fn main() {
     require_kvm();
+    if std::env::args().nth(1).as_deref() == Some("soak") {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        let minutes = args
+            .iter()
+            .position(|a| a == "--minutes")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(10);
+        soak(minutes, args.iter().any(|a| a == "--load"));
+        return;
+    }
     let mut runs = 5;
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
             ("--runs", Some(n)) => runs = n.parse().unwrap_or(5).max(1),
+            ("--only", Some(s)) if ["record-replay", "ft", "kvstore", "join", "redis"].contains(&s.as_str()) => {
+                only = Some(s)
+            }
             _ => {
-                eprintln!("usage: ftbench [--runs N]");
+                eprintln!("usage: ftbench [--runs N] [--only record-replay|ft|kvstore|join|redis]");
                 std::process::exit(2);
             }
         }
     }
-    record_replay(runs);
-    fault_tolerance(runs);
-    kvstore_bench(500);
+    let wanted = |s: &str| only.as_deref().is_none_or(|o| o == s);
+    if wanted("record-replay") {
+        record_replay(runs);
+    }
+    if wanted("ft") {
+        fault_tolerance(runs);
+    }
+    if wanted("kvstore") {
+        kvstore_bench(500);
+    }
+    if wanted("join") {
+        reprotection(runs);
+    }
+    if wanted("redis") {
+        redis_bench(runs);
+    }
 }

@@ -9,8 +9,16 @@
 //! same way, then reads every key whose `OK` it received and checks that
 //! each is there.
 //!
-//! `ftclient [--until-tick N] [--seconds S] [--kv N] ADDR [ADDR...]`
+//! With `--redis N` it is a client of the `redis` guest over the VM's own
+//! network address: it holds ONE TCP connection for the whole run and sends
+//! N rounds of `INCR counter` and `SET keyI valueI`, 20 ms apart, through
+//! any failover (the connection must never break, the INCR values must be
+//! consecutive); it prints the longest pause it saw, then reads back every
+//! SET that was acknowledged.
+//!
+//! `ftclient [--until-tick N] [--seconds S] [--kv N | --redis N] ADDR [ADDR...]`
 
+use ftvmm_tests::resp::{Reply, RespConn};
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -44,7 +52,11 @@ impl KvSession<'_> {
         loop {
             if self.conn.is_none() {
                 let addr = self.addrs.get(self.at)?;
-                let stream = connect(addr, Instant::now() + Duration::from_secs(10))?;
+                // An address that does not answer (its host is dead too): the next one.
+                let Some(stream) = connect(addr, Instant::now() + Duration::from_secs(10)) else {
+                    self.fail_over();
+                    continue;
+                };
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                 println!("ftclient: connected to {addr}");
                 let mut conn = BufReader::new(stream);
@@ -124,23 +136,95 @@ fn kv(addrs: &[String], n: u64) -> i32 {
     i32::from(missing > 0 || acked.is_empty())
 }
 
+fn redis(addr: &str, rounds: u64) -> i32 {
+    let mut conn = match RespConn::connect(addr, Duration::from_secs(30)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ftclient: cannot connect to {addr}: {e}");
+            return 1;
+        }
+    };
+    println!("ftclient: one connection to {addr} for the whole run");
+    let (mut last, mut acked, mut longest, mut longest_at) = (None::<i64>, Vec::new(), Duration::ZERO, 0);
+    for i in 0..rounds {
+        let started = Instant::now();
+        let n = match conn.cmd(&["INCR", "ftclient-counter"]) {
+            Ok(Reply::Int(n)) => n,
+            Ok(other) => {
+                println!("ftclient: INCR answered {other:?}");
+                return 1;
+            }
+            Err(e) => {
+                println!("ftclient: the connection broke at round {i}: {e}");
+                return 1;
+            }
+        };
+        if last.is_some_and(|l| n != l + 1) {
+            println!("ftclient: INCR went from {last:?} to {n}: NOT CONSECUTIVE");
+            return 1;
+        }
+        last = Some(n);
+        let (k, v) = (format!("key{i}"), format!("value{i}"));
+        match conn.cmd(&["SET", &k, &v]) {
+            Ok(Reply::Simple(s)) if s == "OK" => acked.push((k, v)),
+            other => {
+                println!("ftclient: SET {k} answered {other:?}");
+                return 1;
+            }
+        }
+        let took = started.elapsed();
+        if took > longest {
+            (longest, longest_at) = (took, i);
+        }
+        if took > Duration::from_millis(50) {
+            println!("ftclient: round {i} (INCR -> {n}) took {} ms", took.as_millis());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut lost = 0;
+    for (k, v) in &acked {
+        match conn.cmd(&["GET", k]) {
+            Ok(Reply::Bulk(Some(got))) if got == v.as_bytes() => {}
+            other => {
+                println!("ftclient: GET {k} -> {other:?}: LOST");
+                lost += 1;
+            }
+        }
+    }
+    println!(
+        "ftclient: {rounds} rounds on one connection, INCR consecutive up to {}, longest pause {} ms (round {longest_at}); \
+         {} SETs acknowledged, {} readable afterwards: {}",
+        last.unwrap_or(0),
+        longest.as_millis(),
+        acked.len(),
+        acked.len() - lost,
+        if lost == 0 { "no acknowledged write lost" } else { "WRITES LOST" }
+    );
+    i32::from(lost > 0)
+}
+
 fn main() {
     let mut args = std::env::args().skip(1).peekable();
     let mut until_tick = u64::MAX;
     let mut seconds = 30u64;
     let mut kv_sets = None;
+    let mut redis_rounds = None;
     let mut addrs = Vec::new();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--until-tick" => until_tick = args.next().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX),
             "--seconds" => seconds = args.next().and_then(|v| v.parse().ok()).unwrap_or(30),
             "--kv" => kv_sets = args.next().and_then(|v| v.parse().ok()),
+            "--redis" => redis_rounds = args.next().and_then(|v| v.parse().ok()),
             _ => addrs.push(a),
         }
     }
     if addrs.is_empty() {
-        eprintln!("usage: ftclient [--until-tick N] [--seconds S] [--kv N] ADDR [ADDR...]");
+        eprintln!("usage: ftclient [--until-tick N] [--seconds S] [--kv N | --redis N] ADDR [ADDR...]");
         std::process::exit(2);
+    }
+    if let Some(n) = redis_rounds {
+        std::process::exit(redis(&addrs[0], n));
     }
     if let Some(n) = kv_sets {
         std::process::exit(kv(&addrs, n));

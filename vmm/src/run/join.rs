@@ -250,8 +250,8 @@ impl Vmm {
         let dirty = take_dirty_pages(&m.vm, &m.mem, m.mem_size).map_err(|e| e.to_string())?;
         snapshot::memory_items(&m.mem, m.mem_size, Some(&dirty), |i| writer.item(&i)).map_err(|e| e.to_string())?;
         writer.item(&StateItem::Machine(Box::new(machine))).map_err(|e| e.to_string())?;
-        let digest = self.digest_now().map_err(|e| e.to_string())?;
-        writer.item(&StateItem::End { digest }).map_err(|e| e.to_string())?;
+        let digest = self.digest_now(false).map_err(|e| e.to_string())?;
+        writer.item(&StateItem::End { digest, memory: false }).map_err(|e| e.to_string())?;
         let mut out = writer.into_inner();
         out.flush().map_err(|e| e.to_string())?;
         t.link.end_state(self.exits).map_err(|e| e.to_string())?;

@@ -47,9 +47,10 @@ impl Vmm {
         })
     }
 
-    /// The state digest now.
-    pub(crate) fn digest_now(&self) -> Result<replay::Digest, RunError> {
-        digest::state_digest(&self.machine, &self.devices.state(), &self.clock, self.exits)
+    /// The state digest now (`memory`: of all of it, else of all but guest memory).
+    pub(crate) fn digest_now(&self, memory: bool) -> Result<replay::Digest, RunError> {
+        let digest = if memory { digest::state_digest } else { digest::machine_digest };
+        digest(&self.machine, &self.devices.state(), &self.clock, self.exits)
     }
 
     /// Writes a whole snapshot of the VM at this exit to `out`.
@@ -60,8 +61,8 @@ impl Vmm {
         let machine = self.machine_state()?;
         snapshot::memory_items(&self.machine.mem, self.machine.mem_size, None, |item| w.item(&item)).map_err(io)?;
         w.item(&StateItem::Machine(Box::new(machine))).map_err(snapshot_io("writing the snapshot"))?;
-        let digest = self.digest_now()?;
-        w.item(&StateItem::End { digest }).map_err(snapshot_io("writing the snapshot"))?;
+        let digest = self.digest_now(true)?;
+        w.item(&StateItem::End { digest, memory: true }).map_err(snapshot_io("writing the snapshot"))?;
         w.into_inner().flush().map_err(snapshot_io("writing the snapshot"))
     }
 
@@ -84,7 +85,7 @@ impl Vmm {
         if let Inputs::Live(live) = &mut self.inputs {
             live.host = HostClock::resume_at(self.clock.now_ns());
         }
-        let ours = self.digest_now().map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+        let ours = self.digest_now(restored.digest_covers_memory).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
         if ours != restored.digest {
             return Err(SnapshotError::Corrupt(format!(
                 "the restored VM's state digest {ours} is not the snapshot's {}",
@@ -137,8 +138,10 @@ pub struct Restored {
     pub injected_at: u64,
     pub wall_clock_base_ns: u64,
     pub disk_generation: u64,
-    /// The state digest the VM must now have.
+    /// The digest the VM must now have...
     pub digest: replay::Digest,
+    /// ...of all its state (else of all but memory).
+    pub digest_covers_memory: bool,
 }
 
 /// Restores the rest of a snapshot stream (its `Begin` read and checked
@@ -157,7 +160,7 @@ pub fn restore_state(
                 snapshot::apply_memory(&machine.mem, machine.mem_size, &item)?
             }
             StateItem::Machine(m) => saved = Some(m),
-            StateItem::End { digest } => {
+            StateItem::End { digest, memory } => {
                 let m = saved.ok_or_else(|| SnapshotError::Corrupt("no machine state before End".into()))?;
                 devices.restore(m.devices).map_err(SnapshotError::Corrupt)?;
                 machine.restore_vcpu(&m.vcpu).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
@@ -168,6 +171,7 @@ pub fn restore_state(
                     wall_clock_base_ns: m.wall_clock_base_ns,
                     disk_generation: m.disk_generation,
                     digest,
+                    digest_covers_memory: memory,
                 });
             }
             StateItem::Begin { .. } => return Err(SnapshotError::Corrupt("a second Begin".into())),

@@ -16,9 +16,14 @@ pub mod boot;
 pub mod console;
 pub mod hw;
 mod mem;
+#[cfg(feature = "net")]
+pub mod net;
+pub mod virtio;
 pub mod virtio_blk;
+pub mod virtio_net;
 
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub use console::{print_bytes, print_str};
 
@@ -39,7 +44,13 @@ pub const STATUS_EXCEPTION: u8 = 0xe0;
 /// Status a guest exits with after a Rust panic.
 pub const STATUS_PANIC: u8 = 0xe1;
 
-/// What ftvmm passes in RDI at entry (see the VMM's boot module).
+/// What ftvmm passes in RDI at entry (see the VMM's boot module), at 0x6000.
+///
+/// Version 2 of the layout appends a table of virtio-mmio devices to the
+/// original four words. A VMM that writes only the first four words leaves
+/// the table as it found guest memory (zero, so `virtio_count` reads 0);
+/// [`BootInfo::virtio_devices`] validates every slot so that a garbage table
+/// yields no devices rather than bogus ones.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BootInfo {
@@ -47,6 +58,43 @@ pub struct BootInfo {
     pub mem_size: u64,
     pub cmdline_addr: u64,
     pub cmdline_len: u64,
+    /// Number of valid entries of `virtio` (more than [`MAX_VIRTIO_SLOTS`]
+    /// means "the first MAX_VIRTIO_SLOTS").
+    pub virtio_count: u64,
+    pub virtio: [VirtioSlot; MAX_VIRTIO_SLOTS],
+}
+
+/// Entries of the boot info's virtio device table.
+pub const MAX_VIRTIO_SLOTS: usize = 4;
+
+/// One virtio-mmio device of the VM, as the boot info describes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// Guest-physical address of its registers.
+    pub mmio_base: u64,
+    /// Size of its register window.
+    pub mmio_size: u64,
+    /// Virtio device id: 1 = network card, 2 = block device.
+    pub device_id: u32,
+    /// PIC line of its interrupt.
+    pub irq: u32,
+}
+
+impl VirtioSlot {
+    /// Whether the slot can describe a real device: its window lies in the
+    /// 32-bit MMIO hole above guest memory (3 GiB..4 GiB, where ftvmm maps
+    /// it), holds the registers and config space, and its IRQ is a PIC line.
+    pub fn is_plausible(&self) -> bool {
+        const HOLE: core::ops::Range<u64> = 0xc000_0000..0x1_0000_0000;
+        HOLE.contains(&self.mmio_base)
+            && self.mmio_base.is_multiple_of(0x1000)
+            && (0x200..=0x1000_0000).contains(&self.mmio_size)
+            && self.mmio_base + self.mmio_size <= HOLE.end
+            && (1..=64).contains(&self.device_id)
+            && self.irq < 16
+            && self.irq != 2
+    }
 }
 
 /// `b"FTVMBOOT"` as a little-endian u64.
@@ -81,27 +129,37 @@ impl BootInfo {
     pub fn mem_size(&self) -> u64 {
         self.mem_size
     }
+
+    /// The plausible entries of the virtio device table, in table order
+    /// (at most [`MAX_VIRTIO_SLOTS`]; implausible ones are skipped).
+    pub fn virtio_devices(&self) -> impl Iterator<Item = VirtioSlot> + '_ {
+        let count = self.virtio_count.min(MAX_VIRTIO_SLOTS as u64) as usize;
+        self.virtio[..count].iter().copied().filter(VirtioSlot::is_plausible)
+    }
 }
 
 /// The value of `key=N` on the command line, or `default`.
 pub fn cmdline_u64(key: &str, default: u64) -> u64 {
-    let Some(info) = BootInfo::get() else {
+    let Some(value) = cmdline_str(key) else {
         return default;
     };
-    for word in info.cmdline().split(|b| *b == b' ') {
-        let Some(value) = word.strip_prefix(key.as_bytes()).and_then(|rest| rest.strip_prefix(b"=")) else {
-            continue;
-        };
-        let mut n: u64 = 0;
-        for &digit in value {
-            if !digit.is_ascii_digit() {
-                return default;
-            }
-            n = n.saturating_mul(10).saturating_add(u64::from(digit - b'0'));
+    let mut n: u64 = 0;
+    for &digit in value {
+        if !digit.is_ascii_digit() {
+            return default;
         }
-        return n;
+        n = n.saturating_mul(10).saturating_add(u64::from(digit - b'0'));
     }
-    default
+    n
+}
+
+/// The value of `key=VALUE` on the command line (words are separated by
+/// spaces; the first occurrence wins), or None if the key is absent.
+pub fn cmdline_str(key: &str) -> Option<&'static [u8]> {
+    let info = BootInfo::get()?;
+    info.cmdline()
+        .split(|b| *b == b' ')
+        .find_map(|word| word.strip_prefix(key.as_bytes()).and_then(|rest| rest.strip_prefix(b"=")))
 }
 
 /// End of the loaded image (code, data, bss and stacks); memory above it is free.
@@ -182,6 +240,15 @@ pub fn wait_for_interrupt() {
 pub type IrqHandler = fn(irq: u8);
 
 static IRQ_HANDLERS: [AtomicUsize; 16] = [const { AtomicUsize::new(0) }; 16];
+static IRQS_TAKEN: AtomicU64 = AtomicU64::new(0);
+
+/// How many PIC interrupts the guest has taken so far. An idle loop
+/// snapshots it before it looks for work and idles only if it is unchanged
+/// just before [`wait_for_interrupt`], so that work an interrupt brought in
+/// between is never slept on.
+pub fn irq_count() -> u64 {
+    IRQS_TAKEN.load(Ordering::Acquire)
+}
 
 /// Installs `handler` for PIC line `irq` (0..16).
 pub fn set_irq_handler(irq: u8, handler: IrqHandler) {
@@ -208,19 +275,54 @@ extern "C" fn guest_rt_interrupt(vector: u64, error: u64, frame: &InterruptFrame
         exit(STATUS_EXCEPTION);
     }
     let irq = (vector - u64::from(hw::PIC_VECTOR_BASE)) as u8;
+    IRQS_TAKEN.fetch_add(1, Ordering::AcqRel);
     let handler = IRQ_HANDLERS.get(usize::from(irq)).map(|slot| slot.load(Ordering::Acquire)).unwrap_or(0);
     if handler != 0 {
         // SAFETY: only set_irq_handler stores into IRQ_HANDLERS, always a valid IrqHandler.
         let handler: IrqHandler = unsafe { core::mem::transmute::<usize, IrqHandler>(handler) };
         handler(irq);
     }
-    hw::pic_eoi(irq);
+    if !hw::pic_auto_eoi() {
+        hw::pic_eoi(irq);
+    }
 }
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     console::print_fmt(format_args!("guest panic: {}\n", info));
     exit(STATUS_PANIC)
+}
+
+/// A static that hands out one `&'static mut` to its contents: how drivers
+/// and guests get large, fixed, heap-free storage (rings, DMA buffers, socket
+/// buffers) without `static mut`. Place it in a `static`; an all-zero value
+/// lands in .bss and costs nothing in the image.
+pub struct Static<T> {
+    taken: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the contents are reachable only through the single `&mut` that
+// `take` hands out, so sharing the `Static` itself between contexts is fine
+// whenever moving a T between them is.
+unsafe impl<T: Send> Sync for Static<T> {}
+
+impl<T> Static<T> {
+    pub const fn new(value: T) -> Self {
+        Static { taken: AtomicBool::new(false), value: UnsafeCell::new(value) }
+    }
+
+    /// The contents, the first time only; None afterwards.
+    // A `&mut` from a `&` is sound here: the flag hands it out once.
+    #[allow(clippy::mut_from_ref)]
+    pub fn take(&'static self) -> Option<&'static mut T> {
+        if self.taken.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        // SAFETY: the flag guarantees this is the only reference ever made to
+        // the contents, and the static lives forever.
+        Some(unsafe { &mut *self.value.get() })
+    }
 }
 
 /// FNV-1a, 64 bit: the guests' checksum of what they observed.
