@@ -29,7 +29,7 @@ seconds=${1:-60}
 shift || true
 root=$(cd "$(dirname "$0")/.." && pwd)
 fuzz="$root/fuzz"
-all_targets=(log_reader channel_frames ftdisk_requests snapshot_reader virtio_queues)
+all_targets=(log_reader channel_frames ftdisk_requests snapshot_reader virtio_queues platform_devices resp_parser)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all_targets[@]}")
 rss=${FUZZ_RSS_MB:-2048}

@@ -222,40 +222,51 @@ impl DiskIo for Disk {
 }
 
 #[derive(Default)]
-struct Wire(usize);
+struct Wire(Vec<Vec<u8>>);
 
 impl NetIo for Wire {
     fn transmit(&mut self, frame: Vec<u8>) {
         assert!((MIN_FRAME..=MAX_FRAME).contains(&frame.len()), "transmitted a frame of {} bytes", frame.len());
-        self.0 += 1;
+        self.0.push(frame);
     }
+}
+
+/// Everything a run showed the guest and the outside world.
+#[derive(Debug, PartialEq, Eq)]
+struct Trace {
+    /// Register reads, and whether each notify and delivery interrupted.
+    log: Vec<u8>,
+    frames: Vec<Vec<u8>>,
+    disk: Vec<u8>,
+    mem: Vec<u8>,
+    state: Vec<u8>,
 }
 
 /// What differs between the two devices, for one driver.
 trait Device: VirtioDevice + Sized {
     fn fresh() -> Self;
-    fn notify(t: &mut MmioTransport<Self>, queue: usize, mem: &GuestMem, disk: &mut Disk, wire: &mut Wire);
-    fn frames(t: &mut MmioTransport<Self>, mem: &GuestMem, lens: &[u16], fill: u8);
+    fn notify(t: &mut MmioTransport<Self>, queue: usize, mem: &GuestMem, disk: &mut Disk, wire: &mut Wire) -> bool;
+    fn frames(t: &mut MmioTransport<Self>, mem: &GuestMem, lens: &[u16], fill: u8, log: &mut Vec<u8>);
 }
 
 impl Device for Block {
     fn fresh() -> Self {
         Block::new(CAPACITY)
     }
-    fn notify(t: &mut MmioTransport<Self>, queue: usize, mem: &GuestMem, disk: &mut Disk, _: &mut Wire) {
-        t.notify(queue, mem, disk);
+    fn notify(t: &mut MmioTransport<Self>, queue: usize, mem: &GuestMem, disk: &mut Disk, _: &mut Wire) -> bool {
+        t.notify(queue, mem, disk)
     }
-    fn frames(_: &mut MmioTransport<Self>, _: &GuestMem, _: &[u16], _: u8) {}
+    fn frames(_: &mut MmioTransport<Self>, _: &GuestMem, _: &[u16], _: u8, _: &mut Vec<u8>) {}
 }
 
 impl Device for Net {
     fn fresh() -> Self {
         Net::new(MAC)
     }
-    fn notify(t: &mut MmioTransport<Self>, queue: usize, mem: &GuestMem, _: &mut Disk, wire: &mut Wire) {
-        t.notify(queue, mem, wire);
+    fn notify(t: &mut MmioTransport<Self>, queue: usize, mem: &GuestMem, _: &mut Disk, wire: &mut Wire) -> bool {
+        t.notify(queue, mem, wire)
     }
-    fn frames(t: &mut MmioTransport<Self>, mem: &GuestMem, lens: &[u16], fill: u8) {
+    fn frames(t: &mut MmioTransport<Self>, mem: &GuestMem, lens: &[u16], fill: u8, log: &mut Vec<u8>) {
         // As vmm/src/run/delivery.rs does: a frame while the guest has a
         // buffer posted (and the device works).
         let rx_ready = |t: &mut MmioTransport<Net>| {
@@ -279,6 +290,11 @@ impl Device for Net {
                 r
             });
             let outcome = outcome.expect("a ready device runs");
+            log.push(match outcome {
+                Ok(true) => 1,
+                Ok(false) => 0,
+                Err(_) => 2,
+            });
             let good = (MIN_FRAME..=MAX_FRAME).contains(&frame.len());
             if good {
                 // A posted buffer is used, or the ring is broken: a good
@@ -305,13 +321,17 @@ fn put_desc(mem: &GuestMem, table: u64, i: u8, addr: u64, len: u32, flags: u16, 
     let _ = mem.write_obj(next, GuestAddress(at + 14));
 }
 
-fn run<D: Device>(input: &Input)
+/// Runs the input; with `save_restore`, SaveRestore operations save the
+/// transport and go on with a new one restored from it (else they do
+/// nothing).
+fn run<D: Device>(input: &Input, save_restore: bool) -> Trace
 where
     MmioState<D::State>: serde::Serialize + serde::de::DeserializeOwned,
 {
     let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let mut disk = Disk { faults: input.disk_faults, image: vec![0; KEPT] };
     let mut wire = Wire::default();
+    let mut log = Vec::new();
     let mut t = MmioTransport::new(D::fresh());
     let queues = t.device.queue_max_sizes().len();
     let max = t.device.queue_max_sizes()[0];
@@ -370,12 +390,14 @@ where
             Op::Read { offset, len } => {
                 let mut data = vec![0xa5u8; usize::from(*len) % 9];
                 t.read(u64::from(*offset), &mut data);
+                log.extend_from_slice(&data);
                 MmioEvent::None
             }
             Op::Frames { lens, fill } => {
-                D::frames(&mut t, &mem, lens, *fill);
+                D::frames(&mut t, &mem, lens, *fill, &mut log);
                 MmioEvent::None
             }
+            Op::SaveRestore if !save_restore => MmioEvent::None,
             Op::SaveRestore => {
                 let bytes = bincode::serialize(&t.state()).expect("a state serializes");
                 let state: MmioState<D::State> = bincode::deserialize(&bytes).expect("a saved state deserializes");
@@ -425,7 +447,8 @@ where
                 let used = RINGS[0].2;
                 let before: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
                 if let MmioEvent::QueueNotify(q) = write32(&mut t, reg::QUEUE_NOTIFY, 0) {
-                    D::notify(&mut t, q, &mem, &mut disk, &mut wire);
+                    let raised = D::notify(&mut t, q, &mem, &mut disk, &mut wire);
+                    log.push(u8::from(raised));
                 }
                 let after: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
                 // With the rings where the setup put them and the chain
@@ -458,15 +481,38 @@ where
         };
         if let MmioEvent::QueueNotify(queue) = event {
             assert!(queue < queues, "notify of queue {queue} of {queues}");
-            D::notify(&mut t, queue, &mem, &mut disk, &mut wire);
+            let raised = D::notify(&mut t, queue, &mem, &mut disk, &mut wire);
+            log.push(u8::from(raised));
         }
+    }
+    let mut guest = vec![0u8; MEM_SIZE as usize];
+    mem.read_slice(&mut guest, GuestAddress(0)).unwrap();
+    let state = bincode::serialize(&t.state()).expect("a state serializes");
+    Trace { log, frames: wire.0, disk: disk.image, mem: guest, state }
+}
+
+fn check<D: Device>(input: &Input)
+where
+    MmioState<D::State>: serde::Serialize + serde::de::DeserializeOwned,
+{
+    let plain = run::<D>(input, false);
+    // Determinism, and a saved state that is the whole state: the device a
+    // snapshot or a joining backup restores goes on as the original does.
+    assert!(plain == run::<D>(input, false), "two runs of the same input differ");
+    if input.ops.iter().any(|op| matches!(op, Op::SaveRestore)) {
+        let restored = run::<D>(input, true);
+        assert_eq!(plain.log, restored.log, "a run that saved and restored differs in what it showed");
+        assert_eq!(plain.frames, restored.frames, "a run that saved and restored sent other frames");
+        assert!(plain.disk == restored.disk, "a run that saved and restored wrote another disk");
+        assert!(plain.mem == restored.mem, "a run that saved and restored left other guest memory");
+        assert_eq!(plain.state, restored.state, "a run that saved and restored ends in another state");
     }
 }
 
 fuzz_target!(|input: Input| {
     if input.net {
-        run::<Net>(&input);
+        check::<Net>(&input);
     } else {
-        run::<Block>(&input);
+        check::<Block>(&input);
     }
 });

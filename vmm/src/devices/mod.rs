@@ -287,6 +287,11 @@ impl Devices {
         self.uart =
             serial::Uart::from_state(&uart_state, self.uart_irq.clone(), vm_superio::serial::NoEvents, self.tx.clone())
                 .map_err(|e| format!("saved UART state: {e:?}"))?;
+        // from_state raises the interrupt again if one is enabled and
+        // pending; the saved PIC already holds the edge the UART raised
+        // when it was (edges are forwarded at once), so a second one would
+        // be the restored VM's alone.
+        let _ = self.uart_irq.take();
         self.pic = state.pic;
         self.pit = state.pit;
         self.cmos = state.cmos;
