@@ -475,3 +475,13 @@ pub fn check_continuity_across(switches: usize, lines: &[(u64, String)]) -> Resu
     }
     Ok(())
 }
+
+/// A helper process (an ftdisk arbiter, a load) killed and reaped when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

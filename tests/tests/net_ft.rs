@@ -9,7 +9,7 @@
 
 use ftvmm_tests::lab::Lab;
 use ftvmm_tests::resp::{Reply, RespConn};
-use ftvmm_tests::{Proc, Scratch};
+use ftvmm_tests::{KillOnDrop, Proc, Scratch};
 use rand::{Rng, SeedableRng};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -28,18 +28,9 @@ struct NetPair {
     lab: Lab,
     primary: Proc,
     backup: Proc,
-    _arbiter: ArbiterProc,
+    _arbiter: KillOnDrop,
     vm: String,
     _dir: Scratch,
-}
-
-struct ArbiterProc(std::process::Child);
-
-impl Drop for ArbiterProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn lab_name(tag: &str) -> String {
@@ -80,7 +71,7 @@ impl NetPair {
         if let Ok(Some(s)) = child.try_wait() {
             panic!("the arbiter exited: {s}");
         }
-        let arbiter = ArbiterProc(child);
+        let arbiter = KillOnDrop(child);
         let vm = format!("{net}.10");
         let cmdline = format!("ip={vm}/24");
         let arb = format!("ftdisk:{net}.4:7100");
@@ -253,7 +244,7 @@ fn one_client_connection_survives_three_failovers_in_a_row() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn ftdisk");
-    let _arbiter = ArbiterProc(child);
+    let _arbiter = KillOnDrop(child);
     std::thread::sleep(Duration::from_millis(300));
     let (vm, arb) = (format!("{net}.10"), format!("ftdisk:{net}.4:7100"));
     let cmdline = format!("ip={vm}/24");

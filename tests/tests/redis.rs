@@ -11,7 +11,7 @@
 
 use ftvmm_tests::lab::Lab;
 use ftvmm_tests::resp::{Reply, RespConn};
-use ftvmm_tests::{Proc, Run, Scratch, TIMEOUT};
+use ftvmm_tests::{KillOnDrop, Proc, Run, Scratch, TIMEOUT};
 use rand::{Rng, SeedableRng};
 use replay::{Entry, Event, LogReader, Record, RecordSource};
 use std::collections::HashMap;
@@ -364,19 +364,9 @@ fn sessions_with_frames_at_random_moments_replay_to_the_same_output_and_digest()
 struct Pair {
     primary: Proc,
     backup: Proc,
-    _arbiter: Arbiter,
+    _arbiter: KillOnDrop,
     _lab: Lab,
     _dir: Scratch,
-}
-
-/// The arbiter-only ftdisk, killed when dropped.
-struct Arbiter(std::process::Child);
-
-impl Drop for Arbiter {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 impl Pair {
@@ -421,7 +411,7 @@ impl Pair {
         let mut bargs = vec!["--backup", "--connect", &listen];
         bargs.extend_from_slice(&common);
         let backup = Proc::spawn_in(Some(&ns("b")), &bargs);
-        let pair = Pair { primary, backup, _arbiter: Arbiter(arbiter), _lab: lab, _dir: dir };
+        let pair = Pair { primary, backup, _arbiter: KillOnDrop(arbiter), _lab: lab, _dir: dir };
         let deadline = Instant::now() + START;
         while !pair.primary.stderr().iter().any(|l| l.contains("backup attached")) {
             assert!(
