@@ -54,6 +54,7 @@
 //! Version 1 had `Hello{header}` only and no state messages.
 //!
 mod backup;
+mod latency;
 mod primary;
 mod wire;
 
@@ -63,7 +64,8 @@ mod tests;
 mod wire_props;
 
 pub use backup::{BackupLink, PrimaryInfo};
-pub use primary::{PrimaryLink, PrimaryListener, StateSender};
+pub use latency::{micros, LatencyHistogram, LatencySummary};
+pub use primary::{Acked, BatchTimes, PrimaryLink, PrimaryListener, StateSender};
 #[doc(hidden)]
 pub use wire::fuzz_wire;
 

@@ -184,7 +184,37 @@ struct Shared {
     sending: Mutex<()>,
 }
 
-type AckCallback = Arc<dyn Fn(u64) + Send + Sync>;
+type AckCallback = Arc<dyn Fn(&Acked<'_>) + Send + Sync>;
+
+/// One acknowledgement as the ack callback sees it: the watermark, and the
+/// way each batch it retires went (for the per-hop output-commit figures of
+/// `--stats`).
+#[derive(Clone, Copy, Debug)]
+pub struct Acked<'a> {
+    /// Highest watermark acknowledged so far; `u64::MAX` when the backup is lost.
+    pub watermark: u64,
+    /// The batches this ack retires, oldest first (none when the backup is lost).
+    pub batches: &'a [BatchTimes],
+    /// When the ack was read from the socket.
+    pub received: Instant,
+}
+
+/// When one batch went each step of its way out.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchTimes {
+    /// The watermark it carried.
+    pub watermark: u64,
+    /// When the vCPU thread handed over that watermark.
+    pub handed: Instant,
+    /// When its last byte was written to the socket.
+    pub sent: Instant,
+}
+
+impl Acked<'static> {
+    fn lost() -> Self {
+        Acked { watermark: u64::MAX, batches: &[], received: Instant::now() }
+    }
+}
 
 struct State {
     /// Records handed over by the vCPU thread, not yet taken by the writer.
@@ -194,6 +224,8 @@ struct State {
     /// Their bytes (by [`weight`]), in total.
     queued_bytes: u64,
     watermark: u64,
+    /// When the vCPU thread last handed something over.
+    handed_at: Instant,
     released: u64,
     /// Highest watermark the backup acknowledged.
     acked: u64,
@@ -269,6 +301,7 @@ impl PrimaryLink {
                 queued: 0,
                 queued_bytes: 0,
                 watermark: 0,
+                handed_at: Instant::now(),
                 released: 0,
                 acked: 0,
                 records_acked: 0,
@@ -377,7 +410,7 @@ impl PrimaryLink {
     /// lost. If the link is already lost, calls `f(u64::MAX)` at once. The
     /// callback runs on the network thread: it must be quick and must not
     /// drop the link.
-    pub fn on_ack(&self, f: Box<dyn Fn(u64) + Send + Sync>) {
+    pub fn on_ack(&self, f: Box<dyn Fn(&Acked<'_>) + Send + Sync>) {
         let f: AckCallback = Arc::from(f);
         let lost = {
             let mut st = lock(&self.shared.state);
@@ -386,7 +419,7 @@ impl PrimaryLink {
         };
         // Outside the lock: the callback may well call acked().
         if lost {
-            f(u64::MAX);
+            f(&Acked::lost());
         }
     }
 
@@ -515,6 +548,7 @@ impl PrimaryLink {
                 st.watermark = st.watermark.max(exit);
                 self.handed_watermark = st.watermark;
             }
+            st.handed_at = Instant::now();
         }
         self.shared.wake.notify_one();
     }
@@ -679,6 +713,7 @@ struct Sent {
     records: u64,
     /// Their bytes, by [`weight`].
     bytes: u64,
+    times: BatchTimes,
 }
 
 /// What the network thread's reader and writer share (one task: no lock).
@@ -688,6 +723,8 @@ struct Local {
     in_flight: RefCell<VecDeque<Sent>>,
     /// State bytes written to the socket (or being written), in total.
     state_sent: Cell<u64>,
+    /// The batches the latest ack retired (reused: no allocation per ack).
+    retired: RefCell<Vec<BatchTimes>>,
 }
 
 /// The network thread's body: runs until the backup is lost, the link is
@@ -726,7 +763,7 @@ fn lose(shared: &Shared, reason: String, call_back: bool) {
     };
     shared.changed.notify_all();
     if let Some(callback) = callback.filter(|_| call_back) {
-        callback(u64::MAX);
+        callback(&Acked::lost());
     }
 }
 
@@ -738,7 +775,10 @@ async fn read_acks(rd: OwnedReadHalf, shared: &Shared, local: &Local) -> Result<
         match msg {
             Message::Heartbeat => {}
             Message::Ack { seq, watermark } => {
-                let (records, bytes) = acknowledge(&local.in_flight, seq, watermark)?;
+                let received = Instant::now();
+                let mut retired = local.retired.borrow_mut();
+                retired.clear();
+                let (records, bytes) = acknowledge(&local.in_flight, seq, watermark, &mut retired)?;
                 let (acked, callback) = {
                     let mut st = lock(&shared.state);
                     st.acked = st.acked.max(watermark);
@@ -748,7 +788,7 @@ async fn read_acks(rd: OwnedReadHalf, shared: &Shared, local: &Local) -> Result<
                 };
                 shared.changed.notify_all();
                 if let Some(callback) = callback {
-                    callback(acked);
+                    callback(&Acked { watermark: acked, batches: &retired, received });
                 }
             }
             Message::StateAck { consumed } => {
@@ -773,17 +813,23 @@ async fn read_acks(rd: OwnedReadHalf, shared: &Shared, local: &Local) -> Result<
     }
 }
 
-/// Retires the batches an Ack covers; returns the records and their bytes
-/// acknowledged in total. An Ack for a batch never sent (or with another
+/// Retires the batches an Ack covers (their times go to `retired`); returns
+/// the records and their bytes acknowledged in total. An Ack for a batch never sent (or with another
 /// watermark) is a protocol error: trusting it could release outputs the
 /// backup lacks.
-fn acknowledge(in_flight: &RefCell<VecDeque<Sent>>, seq: u64, watermark: u64) -> Result<(u64, u64), ChannelError> {
+fn acknowledge(
+    in_flight: &RefCell<VecDeque<Sent>>,
+    seq: u64,
+    watermark: u64,
+    retired: &mut Vec<BatchTimes>,
+) -> Result<(u64, u64), ChannelError> {
     let mut in_flight = in_flight.borrow_mut();
     while let Some(sent) = in_flight.pop_front() {
         if sent.seq > seq {
             in_flight.push_front(sent);
             break;
         }
+        retired.push(sent.times);
         if sent.seq == seq {
             if sent.watermark != watermark {
                 return Err(ChannelError::Protocol(format!(
@@ -809,11 +855,11 @@ async fn write_batches(mut wr: OwnedWriteHalf, shared: &Shared, local: &Local) -
     let mut state_exit = None;
     let mut wrote = false;
     loop {
-        let (watermark, released, closing, piece, state_end) = {
+        let (watermark, handed, released, closing, piece, state_end) = {
             let mut st = lock(&shared.state);
             outgoing.extend(std::mem::take(&mut st.pending));
             let (piece, end) = if state_open { (st.state.pieces.pop_front(), st.state.end) } else { (None, None) };
-            (st.watermark, st.released, st.closing, piece, end)
+            (st.watermark, st.handed_at, st.released, st.closing, piece, end)
         };
         if state_open {
             if let Some(piece) = piece {
@@ -886,13 +932,16 @@ async fn write_batches(mut wr: OwnedWriteHalf, shared: &Shared, local: &Local) -
             seq += 1;
             sent_records += n as u64;
             sent_bytes += outgoing.drain(..n).map(|r| weight(&r)).sum::<u64>();
+            wr.write_all(&frame).await.map_err(|e| ChannelError::io("sending to the backup", e))?;
+            // In flight once written: the ack reader runs on this thread, so
+            // no ack for it can be read before this.
             local.in_flight.borrow_mut().push_back(Sent {
                 seq,
                 watermark: batch_watermark,
                 records: sent_records,
                 bytes: sent_bytes,
+                times: BatchTimes { watermark: batch_watermark, handed, sent: Instant::now() },
             });
-            wr.write_all(&frame).await.map_err(|e| ChannelError::io("sending to the backup", e))?;
             sent_watermark = batch_watermark;
             sent_released = released;
             wrote = true;

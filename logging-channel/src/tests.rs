@@ -260,7 +260,7 @@ fn acks_advance_acked_and_call_on_ack() {
     let (mut primary, _backup) = pair(&steady());
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
-    primary.on_ack(Box::new(move |w| sink.lock().unwrap().push(w)));
+    primary.on_ack(Box::new(move |a| sink.lock().unwrap().push(a.watermark)));
     for exit in 1..=500 {
         primary.append(&exit_record(exit)).unwrap();
         primary.passed(exit).unwrap();
@@ -286,8 +286,8 @@ fn a_dropped_backup_is_lost_promptly() {
     let (mut primary, backup) = pair(&config);
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
-    primary.on_ack(Box::new(move |w| {
-        let _ = tx.lock().unwrap().send(w);
+    primary.on_ack(Box::new(move |a| {
+        let _ = tx.lock().unwrap().send(a.watermark);
     }));
     let start = Instant::now();
     drop(backup);
@@ -309,8 +309,8 @@ fn a_dropped_backup_is_lost_promptly() {
     // A late registration hears of the loss at once.
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
-    primary.on_ack(Box::new(move |w| {
-        let _ = tx.lock().unwrap().send(w);
+    primary.on_ack(Box::new(move |a| {
+        let _ = tx.lock().unwrap().send(a.watermark);
     }));
     assert_eq!(rx.try_recv(), Ok(u64::MAX));
     assert!(!primary.finish(Duration::from_secs(1)));
@@ -341,8 +341,8 @@ fn a_silent_backup_is_caught_by_the_heartbeat_timeout() {
     let start = Instant::now();
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
-    primary.on_ack(Box::new(move |w| {
-        let _ = tx.lock().unwrap().send(w);
+    primary.on_ack(Box::new(move |a| {
+        let _ = tx.lock().unwrap().send(a.watermark);
     }));
     assert_eq!(rx.recv_timeout(config.heartbeat_timeout + MARGIN), Ok(u64::MAX));
     assert!(start.elapsed() < config.heartbeat_timeout + MARGIN);

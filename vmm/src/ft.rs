@@ -12,7 +12,7 @@ use crate::console::{Backlog, Endpoint, OutputPort, PortSender};
 use crate::disk::{DiskOp, DiskPort, DiskSender};
 use crate::run::Joiner;
 use crate::tap::{HostNic, TapTx};
-use logging_channel::{BackupLink, PrimaryLink, PrimaryListener};
+use logging_channel::{Acked, BackupLink, LatencyHistogram, LatencySummary, PrimaryLink, PrimaryListener};
 use replay::{LogError, LogReader, LogWriter, Position, Record, RecordSink, RecordSource};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -192,14 +192,47 @@ struct GateState {
     acked: u64,
     /// The exit of the last item handed to each port: (serial, disk).
     handed: (u64, u64),
-    /// How long outputs were held, in µs (for `--stats`): a fixed-size
-    /// histogram, however long the run.
-    held_us: LatencyHistogram,
+    /// How long outputs were held, in µs, and where that time went (for
+    /// `--stats`): fixed-size histograms, however long the run.
+    hops: CommitHops,
+}
+
+/// The output-commit latency, whole and hop by hop (µs, per output).
+#[derive(Default)]
+pub struct CommitHops {
+    /// Produced until released: how long the output rule held it.
+    pub held: LatencyHistogram,
+    /// Produced until the vCPU thread handed the watermark covering it to
+    /// the logging channel's network thread.
+    pub produced_to_handed: LatencyHistogram,
+    /// Handed over until the batch carrying it was written to the socket.
+    pub handed_to_sent: LatencyHistogram,
+    /// Sent until the backup's ack was read: the network both ways plus the
+    /// backup's share (its own `--stats` says how much of it that was).
+    pub sent_to_acked: LatencyHistogram,
+    /// Ack read until the output was released (handed to its port).
+    pub acked_to_released: LatencyHistogram,
+}
+
+impl CommitHops {
+    /// The named figures, in the order an output goes through them:
+    /// (name, (count, p50, p99, max)).
+    pub fn summary(&self) -> Vec<(&'static str, LatencySummary)> {
+        [
+            ("produced->handed", &self.produced_to_handed),
+            ("handed->sent", &self.handed_to_sent),
+            ("sent->acked", &self.sent_to_acked),
+            ("acked->released", &self.acked_to_released),
+        ]
+        .into_iter()
+        .filter_map(|(name, h)| Some((name, h.summary()?)))
+        .collect()
+    }
 }
 
 impl OutputGate {
     pub fn new(port: PortSender, disk: Option<DiskSender>, net: Option<TapTx>) -> Arc<Self> {
-        let state = GateState { held: VecDeque::new(), acked: 0, handed: (0, 0), held_us: LatencyHistogram::new() };
+        let state = GateState { held: VecDeque::new(), acked: 0, handed: (0, 0), hops: CommitHops::default() };
         Arc::new(OutputGate { inner: Mutex::new(state), port, disk, net })
     }
 
@@ -261,7 +294,7 @@ impl OutputGate {
     fn push(&self, exit: u64, item: Item) {
         let mut s = self.state();
         if s.held.is_empty() && s.acked >= exit {
-            s.held_us.record(0);
+            s.hops.held.record(0);
             self.hand(&mut s, exit, item);
         } else {
             s.held.push_back((exit, Instant::now(), item));
@@ -271,12 +304,27 @@ impl OutputGate {
     /// The backup acknowledged the log up to `watermark` (u64::MAX: the
     /// backup is gone and nothing is held any more).
     pub fn acked(&self, watermark: u64) {
+        self.release(watermark, None);
+    }
+
+    /// Releases what `watermark` covers; with the ack's timings, records
+    /// each output's hops.
+    fn release(&self, watermark: u64, ack: Option<&Acked<'_>>) {
         let mut s = self.state();
         s.acked = s.acked.max(watermark);
         while s.held.front().is_some_and(|(exit, _, _)| *exit <= watermark) {
-            if let Some((exit, since, item)) = s.held.pop_front() {
-                if watermark != u64::MAX {
-                    s.held_us.record(u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX));
+            if let Some((exit, produced, item)) = s.held.pop_front() {
+                if let Some(a) = ack {
+                    let now = Instant::now();
+                    let hops = &mut s.hops;
+                    hops.held.record_between(produced, now);
+                    // The first batch that covered it (acks coalesce).
+                    if let Some(b) = a.batches.iter().find(|b| b.watermark >= exit) {
+                        hops.produced_to_handed.record_between(produced, b.handed);
+                        hops.handed_to_sent.record_between(b.handed, b.sent);
+                        hops.sent_to_acked.record_between(b.sent, a.received);
+                    }
+                    hops.acked_to_released.record_between(a.received, now);
                 }
                 self.hand(&mut s, exit, item);
             }
@@ -293,11 +341,11 @@ impl OutputGate {
     /// What the logging channel calls with each acknowledged watermark.
     /// Losing the backup (u64::MAX) is not an ack: the run loop releases
     /// held output once it has won the arbitration.
-    pub fn ack_callback(gate: &Arc<OutputGate>) -> Box<dyn Fn(u64) + Send + Sync> {
+    pub fn ack_callback(gate: &Arc<OutputGate>) -> Box<dyn Fn(&Acked<'_>) + Send + Sync> {
         let gate = gate.clone();
-        Box::new(move |watermark| {
-            if watermark != u64::MAX {
-                gate.acked(watermark)
+        Box::new(move |ack| {
+            if ack.watermark != u64::MAX {
+                gate.release(ack.watermark, Some(ack))
             }
         })
     }
@@ -309,44 +357,16 @@ impl OutputGate {
 
     /// Output-commit latency — how long outputs were held for the backup's
     /// acknowledgement — as (outputs, p50 µs, p99 µs, max µs).
-    pub fn latency_stats(&self) -> Option<(usize, u32, u32, u32)> {
-        self.state().held_us.summary()
-    }
-}
-
-/// A latency record of fixed size: an HDR histogram of microseconds, from
-/// 1 µs to an hour at 3 significant digits (about 30 KiB), values beyond
-/// clamped.
-pub struct LatencyHistogram(hdrhistogram::Histogram<u64>);
-
-impl Default for LatencyHistogram {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl LatencyHistogram {
-    const MAX_US: u64 = 3_600_000_000;
-
-    pub fn new() -> Self {
-        // The bounds are constants that hdrhistogram accepts.
-        let h = hdrhistogram::Histogram::new_with_bounds(1, Self::MAX_US, 3)
-            .unwrap_or_else(|e| unreachable!("histogram bounds: {e}"));
-        LatencyHistogram(h)
+    pub fn latency_stats(&self) -> Option<LatencySummary> {
+        self.state().hops.held.summary()
     }
 
-    pub fn record(&mut self, us: u64) {
-        self.0.saturating_record(us.min(Self::MAX_US));
-    }
-
-    /// (count, p50, p99, max) in µs, or None when nothing was recorded.
-    pub fn summary(&self) -> Option<(usize, u32, u32, u32)> {
-        let h = &self.0;
-        if h.is_empty() {
-            return None;
-        }
-        let us = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-        Some((h.len() as usize, us(h.value_at_quantile(0.5)), us(h.value_at_quantile(0.99)), us(h.max())))
+    /// Where the output-commit latency went, hop by hop, ending with the
+    /// serial port's write to its client.
+    pub fn hop_stats(&self) -> Vec<(&'static str, LatencySummary)> {
+        let mut hops = self.state().hops.summary();
+        hops.extend(self.port.write_delay().map(|w| ("released->written", w)));
+        hops
     }
 }
 

@@ -52,6 +52,14 @@ fn run(config: &VmConfig) -> Result<u8, Error> {
         if let Some((n, p50, p99, max)) = outcome.commit_latency {
             eprintln!("ftvmm: stats: output-commit latency over {n} outputs: p50 {p50} us, p99 {p99} us, max {max} us");
         }
+        for (hop, (n, p50, p99, max)) in &outcome.commit_hops {
+            eprintln!(
+                "ftvmm: stats: output-commit hop {hop} over {n} outputs: p50 {p50} us, p99 {p99} us, max {max} us"
+            );
+        }
+        if let Some((n, p50, p99, max)) = outcome.ack_delay {
+            eprintln!("ftvmm: stats: backup ack delay (batch read -> ack written) over {n} acks: p50 {p50} us, p99 {p99} us, max {max} us");
+        }
     }
     if config.digest {
         if let Some(d) = outcome.digest {

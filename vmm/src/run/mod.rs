@@ -31,20 +31,25 @@ use crate::devices::{Devices, PortAction};
 use crate::digest;
 use crate::disk::DiskPort;
 use crate::error::{log_write_error, RunError};
-use crate::ft::{LogSink, Outputs, Role};
+use crate::ft::{LogSink, LogSource, Outputs, Role};
 use crate::inputs::Inputs;
 use crate::vm::Machine;
+use logging_channel::LatencySummary;
 use replay::{Divergence, ExitKind, Header, Position};
 use std::collections::HashSet;
 
 /// How a run ended when the guest ended it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Outcome {
     pub status: u8,
     pub digest: Option<replay::Digest>,
     pub exits: u64,
     /// The primary's output-commit latency: (outputs, p50 µs, p99 µs, max µs).
-    pub commit_latency: Option<(usize, u32, u32, u32)>,
+    pub commit_latency: Option<LatencySummary>,
+    /// Where it went, hop by hop: (hop, (outputs, p50, p99, max)).
+    pub commit_hops: Vec<(&'static str, LatencySummary)>,
+    /// A backup's share: its batches' arrival to their ack's write.
+    pub ack_delay: Option<LatencySummary>,
 }
 
 /// A running VM: the machine, its devices, its clock and its inputs.
@@ -223,11 +228,19 @@ impl Vmm {
                 }
             }
         }
-        let commit_latency = match &self.role {
-            Role::Primary { gate, .. } => gate.latency_stats(),
-            _ => None,
+        let (commit_latency, commit_hops) = match &self.role {
+            Role::Primary { gate, .. } => (gate.latency_stats(), gate.hop_stats()),
+            _ => (None, Vec::new()),
         };
-        Ok(Outcome { status, digest, exits: self.exits, commit_latency })
+        // (A backup that went live has dropped its link, and its figures.)
+        let ack_delay = match &mut self.inputs {
+            Inputs::Replay(r) => match r.source_mut() {
+                LogSource::Backup(link) => link.ack_delay_stats(),
+                LogSource::File(_) => None,
+            },
+            Inputs::Live(_) => None,
+        };
+        Ok(Outcome { status, digest, exits: self.exits, commit_latency, commit_hops, ack_delay })
     }
 }
 
