@@ -1,12 +1,14 @@
 //! The backup's end: connecting to the primary, receiving and acknowledging
 //! its state and records, handing them to the VMM and the replayer.
 
-use crate::wire::{self, Message, Watched};
+use crate::wire::{self, BusyPoll, Message, Watched};
 use crate::{lock, new_runtime, ChannelConfig, ChannelError, LatencyHistogram, LatencySummary, LogStart};
 use replay::{Header, LogError, Record, RecordSource};
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -336,11 +338,13 @@ async fn handshake(stream: &mut TcpStream, ours: &Header) -> Result<PrimaryInfo,
 /// The network thread's body: runs until the primary is lost or the link
 /// is dropped.
 async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, config: ChannelConfig) {
+    let fd = stream.as_raw_fd();
     let (rd, wr) = stream.into_split();
     let (acks, to_ack) = watch::channel(None);
+    let ack_due = Cell::new(false);
     let outcome = tokio::select! {
-        r = read_frames(rd, &shared, &config, acks) => r,
-        r = write_acks(wr, &shared, &config, to_ack) => r,
+        r = read_frames(rd, fd, &shared, &config, acks, &ack_due) => r,
+        r = write_acks(wr, &shared, &config, to_ack, &ack_due) => r,
         _ = shared.stop.notified() => Ok("the link was closed".to_string()),
     };
     let reason = match outcome {
@@ -364,11 +368,16 @@ async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, config: C
 /// primary ended when it said Done.
 async fn read_frames(
     rd: OwnedReadHalf,
+    fd: RawFd,
     shared: &Shared,
     config: &ChannelConfig,
     acks: watch::Sender<Option<PendingAck>>,
+    ack_due: &Cell<bool>,
 ) -> Result<String, ChannelError> {
-    let mut rd = BufReader::new(Watched::new(rd, config.heartbeat_timeout, "the primary"));
+    // The next batch is likely on its way: watch for it before sleeping.
+    // Not while an ack waits to be written: the writer shares this thread.
+    let busy = BusyPoll { fd, budget: config.busy_poll_budget(), worth_it: Box::new(|| !ack_due.get()) };
+    let mut rd = BufReader::new(Watched::new(rd, config.heartbeat_timeout, "the primary").busy_polling(busy));
     let mut buf = Vec::new();
     let mut expected = 1u64;
     let mut consumed = shared.consumed.subscribe();
@@ -471,6 +480,7 @@ async fn read_frames(
                 // Acked on receipt, before replay: the output rule only
                 // needs the backup to hold the log, not to have run it.
                 acks.send_replace(Some(PendingAck { seq, watermark, received: std::time::Instant::now() }));
+                ack_due.set(true);
             }
             Message::Heartbeat => {}
             Message::Done => return Ok("the primary ended the run".to_string()),
@@ -497,6 +507,7 @@ async fn write_acks(
     shared: &Shared,
     config: &ChannelConfig,
     mut to_ack: watch::Receiver<Option<PendingAck>>,
+    ack_due: &Cell<bool>,
 ) -> Result<String, ChannelError> {
     let mut ticker = tokio::time::interval(config.heartbeat_interval());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -514,6 +525,7 @@ async fn write_acks(
                     wire::write_message(&mut wr, &Message::Ack { seq, watermark }, "sending an ack to the primary")
                         .await?;
                     lock(&shared.ack_delay).record_between(received, std::time::Instant::now());
+                    ack_due.set(false);
                     wrote = true;
                 }
             }

@@ -110,6 +110,12 @@ pub struct ChannelConfig {
     /// bytes are handed to it and not yet consumed by the backup's VMM; the
     /// backup stops reading while it holds this many unconsumed.
     pub state_window: u64,
+    /// Busy-poll budget: a network thread that would sleep waiting for the
+    /// peer's next frame while one is due soon (the primary with a batch in
+    /// flight, the backup after each batch) first watches the socket for up
+    /// to this long, saving a sleep and a wake-up. Zero (the default): no
+    /// busy-polling; it costs a core while it spins.
+    pub poll: Duration,
 }
 
 impl Default for ChannelConfig {
@@ -119,6 +125,7 @@ impl Default for ChannelConfig {
             max_lag_exits: 50_000,
             max_lag_bytes: 64 << 20,
             state_window: 8 << 20,
+            poll: Duration::ZERO,
         }
     }
 }
@@ -135,6 +142,13 @@ impl ChannelConfig {
     /// make the peer declare us lost.
     pub fn heartbeat_interval(&self) -> Duration {
         (self.heartbeat_timeout / 4).max(Duration::from_millis(1))
+    }
+
+    /// The busy-poll budget in force: [`ChannelConfig::poll`], but at most a
+    /// quarter of the heartbeat interval, since a spinning network thread
+    /// sends no heartbeat.
+    pub fn busy_poll_budget(&self) -> Duration {
+        self.poll.min(self.heartbeat_interval() / 4)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The primary's end: accepting a backup, streaming records to it, tracking
 //! its acknowledgements.
 
-use crate::wire::{self, Bytes, Message, Watched};
+use crate::wire::{self, BusyPoll, Bytes, Message, Watched};
 use crate::{lock, new_runtime, ChannelConfig, ChannelError, LogStart, STATE_FRAME};
 use replay::{Entry, Event, Header, Record, RecordSink};
 use std::borrow::Cow;
@@ -9,6 +9,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -730,10 +731,11 @@ struct Local {
 /// The network thread's body: runs until the backup is lost, the link is
 /// dropped, or `finish` had Done sent.
 async fn run(stream: TcpStream, shared: Arc<Shared>) {
+    let fd = stream.as_raw_fd();
     let (rd, wr) = stream.into_split();
     let local = Local::default();
     let outcome = tokio::select! {
-        r = read_acks(rd, &shared, &local) => r,
+        r = read_acks(rd, fd, &shared, &local) => r,
         r = write_batches(wr, &shared, &local) => r,
         _ = shared.stop.notified() => Ok(()),
     };
@@ -767,8 +769,17 @@ fn lose(shared: &Shared, reason: String, call_back: bool) {
     }
 }
 
-async fn read_acks(rd: OwnedReadHalf, shared: &Shared, local: &Local) -> Result<(), ChannelError> {
-    let mut rd = BufReader::new(Watched::new(rd, shared.config.heartbeat_timeout, "the backup"));
+async fn read_acks(rd: OwnedReadHalf, fd: RawFd, shared: &Shared, local: &Local) -> Result<(), ChannelError> {
+    // An ack is due while batches are in flight; spinning for it is worth
+    // it until the vCPU thread hands over more to send.
+    let busy = BusyPoll {
+        fd,
+        budget: shared.config.busy_poll_budget(),
+        worth_it: Box::new(|| {
+            !local.in_flight.borrow().is_empty() && shared.state.try_lock().is_ok_and(|st| st.pending.is_empty())
+        }),
+    };
+    let mut rd = BufReader::new(Watched::new(rd, shared.config.heartbeat_timeout, "the backup").busy_polling(busy));
     let mut buf = Vec::new();
     loop {
         let msg = wire::read_frame(&mut rd, &mut buf).await?;

@@ -273,6 +273,56 @@ fn acks_advance_acked_and_call_on_ack() {
 }
 
 #[test]
+fn each_ack_says_when_the_batches_it_retires_went_out() {
+    let (mut primary, _backup) = pair(&steady());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    primary.on_ack(Box::new(move |a| {
+        let batches: Vec<BatchTimes> = a.batches.to_vec();
+        sink.lock().unwrap().push((a.watermark, batches, a.received));
+    }));
+    let start = Instant::now();
+    for exit in 1..=200 {
+        primary.append(&exit_record(exit)).unwrap();
+        primary.passed(exit).unwrap();
+    }
+    assert!(wait_until(MARGIN, || primary.acked() == 200));
+    let seen = seen.lock().unwrap().clone();
+    let mut last_watermark = 0;
+    for (watermark, batches, received) in &seen {
+        assert!(!batches.is_empty(), "an ack that retires no batch");
+        for b in batches {
+            assert!(start <= b.handed && b.handed <= b.sent && b.sent <= *received, "{b:?} received {received:?}");
+            assert!(b.watermark > last_watermark && b.watermark <= *watermark, "{b:?} in an ack of {watermark}");
+            last_watermark = b.watermark;
+        }
+        assert_eq!(batches.last().map(|b| b.watermark), Some(*watermark));
+    }
+    assert_eq!(last_watermark, 200);
+}
+
+#[test]
+fn busy_polling_links_carry_everything_and_never_hold_an_ack_back() {
+    // A budget far beyond any round trip: a spin that kept the backup from
+    // writing its ack (the writer shares its thread) would cost each of
+    // these sequential round trips the whole budget.
+    let config = ChannelConfig { heartbeat_timeout: Duration::from_secs(20), poll: Duration::from_secs(5), ..steady() };
+    assert_eq!(config.busy_poll_budget(), Duration::from_millis(1250));
+    let (mut primary, mut backup) = pair(&config);
+    let start = Instant::now();
+    for exit in 1..=40 {
+        primary.append(&time_record(exit)).unwrap();
+        primary.passed(exit).unwrap();
+        assert!(wait_until(Duration::from_secs(10), || primary.acked() == exit), "exit {exit} never acknowledged");
+    }
+    assert!(start.elapsed() < Duration::from_secs(20), "40 round trips took {:?}", start.elapsed());
+    for exit in 1..=40 {
+        assert_eq!(backup.next_record().unwrap(), Some(time_record(exit)));
+    }
+    assert!(primary.finish(Duration::from_secs(5)));
+}
+
+#[test]
 fn released_reaches_the_backup() {
     let (primary, backup) = pair(&steady());
     assert_eq!(backup.released(), 0);

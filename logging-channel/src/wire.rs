@@ -131,8 +131,9 @@ pub(crate) fn encode(msg: &Message<'_>) -> Result<Vec<u8>, ChannelError> {
 /// A reader that fails once the peer has sent nothing for `limit` while we
 /// wanted to read: the heartbeat timeout. It counts bytes, not frames, so a
 /// large frame arriving slowly over a slow link is traffic too.
-pub(crate) struct Watched<R> {
+pub(crate) struct Watched<'a, R> {
     inner: R,
+    busy_poll: Option<BusyPoll<'a>>,
     limit: Duration,
     /// "the backup" or "the primary", for the error message.
     peer: &'static str,
@@ -141,16 +142,58 @@ pub(crate) struct Watched<R> {
     alarm: Pin<Box<Sleep>>,
 }
 
-impl<R> Watched<R> {
+impl<'a, R> Watched<'a, R> {
     pub(crate) fn new(inner: R, limit: Duration, peer: &'static str) -> Self {
         let now = Instant::now();
-        Watched { inner, limit, peer, last_traffic: now, alarm: Box::pin(tokio::time::sleep_until(now + limit)) }
+        Watched {
+            inner,
+            busy_poll: None,
+            limit,
+            peer,
+            last_traffic: now,
+            alarm: Box::pin(tokio::time::sleep_until(now + limit)),
+        }
+    }
+
+    /// Busy-polls as `busy` says before each sleep (none if its budget is 0).
+    pub(crate) fn busy_polling(mut self, busy: BusyPoll<'a>) -> Self {
+        self.busy_poll = Some(busy).filter(|b| !b.budget.is_zero());
+        self
     }
 
     /// Restarts the silence clock: for a reader that chose not to read for a
     /// while (the peer's silence then was our doing).
     pub(crate) fn touch(&mut self) {
         self.last_traffic = Instant::now();
+    }
+}
+
+/// Watching a socket for a while before sleeping on it: when the frame is
+/// expected soon, the spin costs less than the sleep and the wake-up.
+pub(crate) struct BusyPoll<'a> {
+    /// The socket under the reader (beneath any TLS layer).
+    pub fd: std::os::fd::RawFd,
+    /// How long to watch at most, each time the reader would sleep.
+    pub budget: Duration,
+    /// Whether watching is worth it now (a frame is due, and the thread has
+    /// nothing else to do); looked at again while spinning.
+    pub worth_it: Box<dyn Fn() -> bool + 'a>,
+}
+
+impl BusyPoll<'_> {
+    /// Spins until the socket is readable (true), or the budget is spent or
+    /// spinning stops being worth it (false).
+    fn wait_readable(&self) -> bool {
+        let until = std::time::Instant::now() + self.budget;
+        while (self.worth_it)() && std::time::Instant::now() < until {
+            let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll(2) on one valid pollfd, with a zero timeout.
+            if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
     }
 }
 
@@ -167,7 +210,7 @@ impl std::fmt::Display for Silence {
 
 impl std::error::Error for Silence {}
 
-impl<R: AsyncRead + Unpin> AsyncRead for Watched<R> {
+impl<R: AsyncRead + Unpin> AsyncRead for Watched<'_, R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
@@ -179,6 +222,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Watched<R> {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // Readable now: the runtime's next look at its epoll finds the
+            // event at once and polls us again, without sleeping.
+            Poll::Pending if this.busy_poll.as_ref().is_some_and(BusyPoll::wait_readable) => Poll::Pending,
             Poll::Pending => loop {
                 // Nothing to read: is the silence too long already?
                 if this.alarm.as_mut().poll(cx).is_pending() {

@@ -115,7 +115,8 @@ fn wire(
     restored_at: Option<u64>,
     nic: Option<HostNic>,
 ) -> Result<Wiring, Error> {
-    let channel = ChannelConfig { heartbeat_timeout: config.heartbeat, ..Default::default() };
+    let channel =
+        ChannelConfig { heartbeat_timeout: config.heartbeat, poll: config.channel_poll, ..Default::default() };
     let wiring = match &config.mode {
         Mode::Replay { log } => {
             let file = File::open(log).map_err(|e| usage(format!("cannot open log {}: {e}", log.display())))?;
@@ -345,7 +346,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
     };
     let mut vmm = Vmm::new(machine, devices, inputs, output, role, disk, rdtsc_sites, header, config.wants_digest());
     vmm.arbiter = arbiter;
-    vmm.channel = ChannelConfig { heartbeat_timeout: config.heartbeat, ..Default::default() };
+    vmm.channel =
+        ChannelConfig { heartbeat_timeout: config.heartbeat, poll: config.channel_poll, ..Default::default() };
     if let Some(restored) = restored {
         let exit = restored.exits;
         vmm.adopt(restored).map_err(|e| usage(format!("{from}: {e}")))?;

@@ -145,6 +145,14 @@ pub struct Cli {
     /// milliseconds without traffic from it.
     #[arg(long, value_name = "MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub heartbeat_ms: u64,
+
+    /// Busy-poll the logging channel for up to US microseconds before its
+    /// network thread sleeps waiting for the peer (the primary for an ack
+    /// while a batch is in flight, the backup for the next batch): shorter
+    /// output-commit latency for a core's worth of spinning. 0, the
+    /// default, never spins (see the README's benchmark for the trade).
+    #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub poll_us: u64,
 }
 
 /// What the command line asks for.
@@ -216,6 +224,7 @@ impl Cli {
             disk,
             mode,
             heartbeat: Duration::from_millis(self.heartbeat_ms),
+            channel_poll: Duration::from_micros(self.poll_us),
             perturb_seed: self.perturb_seed,
             digest: self.digest,
             stats: self.stats,

@@ -74,6 +74,8 @@ pub struct VmConfig {
     /// The peer on the logging channel is lost after this long without
     /// traffic from it.
     pub heartbeat: Duration,
+    /// The logging channel's busy-poll budget (`--poll-us`; zero: none).
+    pub channel_poll: Duration,
     /// A backup gives up reaching its primary after this long.
     pub connect_timeout: Duration,
     /// Testing aid: perturb host timing from this seed.
@@ -102,6 +104,7 @@ impl VmConfig {
             arbiter: None,
             mode: Mode::Solo { record: None },
             heartbeat: Duration::from_millis(200),
+            channel_poll: Duration::ZERO,
             connect_timeout: Duration::from_secs(30),
             perturb_seed: None,
             digest: false,

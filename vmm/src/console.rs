@@ -633,6 +633,47 @@ mod tests {
     }
 
     #[test]
+    fn output_reaches_a_client_whole_and_in_order_whichever_thread_writes_it() {
+        let endpoint = Endpoint::bind(&SerialSpec::Tcp("127.0.0.1:0".into())).unwrap();
+        let Endpoint::Tcp(listener) = &endpoint else { panic!("tcp") };
+        let addr = listener.local_addr().unwrap();
+        let port = endpoint.start_output_only();
+        let mut client = TcpStream::connect(addr).unwrap();
+        // Wait until the writer has the client, so that sends go direct.
+        port.sender().send(1, b"0\n".to_vec());
+        let mut first = [0u8; 2];
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        client.read_exact(&mut first).unwrap();
+        // Far more than the socket holds while the client is not reading:
+        // some output is written directly, some waits for the writer thread.
+        let lines = 200_000u64;
+        let sender = port.sender();
+        let producer = std::thread::spawn(move || {
+            for i in 1..=lines {
+                sender.send(i + 1, format!("{i}\n").into_bytes());
+            }
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let mut got = Vec::new();
+        let expected: Vec<u8> = (1..=lines).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+        let mut buf = vec![0u8; 1 << 16];
+        while got.len() < expected.len() {
+            let n = client.read(&mut buf).unwrap();
+            assert!(n > 0, "the console closed after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+        }
+        producer.join().unwrap();
+        assert!(got == expected, "output reordered, lost or repeated");
+        // Directly written output is confirmed too (the writer watches it).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while port.delivered().load(Ordering::Acquire) < lines + 1 {
+            assert!(std::time::Instant::now() < deadline, "delivery of direct writes never confirmed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(port.sender().write_delay().is_some_and(|(n, ..)| n > 0));
+    }
+
+    #[test]
     fn a_client_that_never_reads_neither_blocks_the_port_nor_grows_it() {
         let endpoint = Endpoint::bind(&SerialSpec::Tcp("127.0.0.1:0".into())).unwrap();
         let Endpoint::Tcp(listener) = &endpoint else { panic!("tcp") };

@@ -28,7 +28,11 @@
 //! the same redis-benchmark against a real redis-server on this host, as
 //! context for what virtualization costs here.
 //!
-//! `--only SECTION` (record-replay, ft, kvstore, join, redis) runs one section.
+//! Output commit, hop by hop: `ticker` pairs at 100 Hz and 1 kHz with a
+//! console client reading, without and with `--poll-us`: p50 and p99 of each
+//! hop of an output's way, from the primary's and the backup's `--stats`.
+//!
+//! `--only SECTION` (record-replay, ft, commit, kvstore, join, redis) runs one section.
 //!
 //! `ftbench soak --minutes N [--load]`: memory over time and false
 //! failovers. It runs a `ticker` pair at 1 kHz with no console client, one
@@ -176,14 +180,18 @@ fn failover_ms() -> f64 {
 
 fn fault_tolerance(runs: usize) {
     println!("## Fault tolerance (primary and backup on this 2-core machine, loopback; median of {runs} runs)\n");
-    println!("| workload | alone s | with backup s | FT overhead ratio (alone/with) | log KiB/s |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| workload | alone s | with backup s | FT overhead ratio (alone/with) | ratio, worst–best run | log KiB/s |"
+    );
+    println!("|---|---|---|---|---|---|");
     let dir = Scratch::new("bench-ft");
     let mut ticker_stderr = String::new();
     for (guest, cmdline) in [("compute", "rounds=3000 kib=4096"), ("ticker", "hz=1000 ticks=2000")] {
         let alone = time_runs(&["--guest", guest, "--cmdline", cmdline], runs);
         let samples: Vec<(f64, String)> = (0..runs).map(|_| time_ft(guest, cmdline)).collect();
         let with = median(samples.iter().map(|s| s.0).collect());
+        let slowest = samples.iter().map(|s| s.0).fold(0.0, f64::max);
+        let fastest = samples.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
         if guest == "ticker" {
             ticker_stderr = samples.last().map(|s| s.1.clone()).unwrap_or_default();
         }
@@ -191,8 +199,10 @@ fn fault_tolerance(runs: usize) {
         let record = time_runs(&["--guest", guest, "--cmdline", cmdline, "--record", &log], 1);
         let bytes = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as f64;
         println!(
-            "| {guest} ({cmdline}) | {alone:.3} | {with:.3} | {:.3} | {:.1} |",
+            "| {guest} ({cmdline}) | {alone:.3} | {with:.3} | {:.3} | {:.3}–{:.3} | {:.1} |",
             alone / with,
+            alone / slowest,
+            alone / fastest,
             bytes / 1024.0 / record
         );
     }
@@ -210,6 +220,111 @@ fn fault_tolerance(runs: usize) {
         median(failovers.clone()),
         failovers.last().copied().unwrap_or(0.0)
     );
+}
+
+/// `--stats` figures of one hop: "...NAME over N outputs: p50 X us, p99 Y us, max Z us".
+fn hop_figures(stderr: &str, name: &str) -> Option<(u64, u64)> {
+    let line = stderr.lines().find(|l| l.contains(name))?;
+    let after = |key: &str| -> Option<u64> {
+        let at = line.find(key)? + key.len();
+        line[at..].trim_start().split(' ').next()?.parse().ok()
+    };
+    Some((after("p50")?, after("p99")?))
+}
+
+/// One `ticker` pair with a console client reading the primary's output;
+/// returns the primary's and the backup's stderr.
+fn ticker_pair_with_client(cmdline: &str, extra: &[&str]) -> (String, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut b_args = vec!["--backup", "--guest", "ticker", "--cmdline", cmdline, "--connect", &addr, "--stats"];
+    b_args.extend(extra);
+    let backup = Proc::spawn(&b_args);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut p_args = vec![
+        "--primary",
+        "--guest",
+        "ticker",
+        "--cmdline",
+        cmdline,
+        "--listen",
+        &addr,
+        "--serial",
+        "tcp:127.0.0.1:0",
+        "--stats",
+    ];
+    p_args.extend(extra);
+    let primary = Proc::spawn(&p_args);
+    let console = primary.wait_addr("serial console on", Duration::from_secs(20));
+    let mut client = TcpStream::connect(&console).expect("primary console");
+    let reader = std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = client.read_to_end(&mut sink);
+    });
+    let p = primary.finish(TIMEOUT);
+    assert_eq!(p.status, Some(0), "primary failed: {}", p.stderr);
+    let b = backup.finish(TIMEOUT);
+    assert_eq!(b.status, Some(0), "backup failed: {}", b.stderr);
+    let _ = reader.join();
+    (p.stderr, b.stderr)
+}
+
+/// The output-commit latency of `ticker`, hop by hop (median over runs of
+/// each hop's p50 and p99).
+fn commit_hops(runs: usize) {
+    const HOPS: [(&str, &str); 7] = [
+        ("produced->handed", "vCPU thread: output produced → its watermark handed to the network thread"),
+        ("handed->sent", "network thread wakes, batch written to the socket"),
+        ("sent->acked", "round trip: network, backup receives and acks, ack read"),
+        ("backup ack delay", "of which the backup: batch read → ack written"),
+        ("acked->released", "ack read → output released"),
+        ("released->written", "released → written to the console client's socket"),
+        ("output-commit latency", "total held: produced → released"),
+    ];
+    println!("## Output commit, hop by hop (ticker pair on loopback, a console client reading; median of {runs} runs of each hop's p50 / p99, µs)\n");
+    let configs: [(&str, &[&str]); 4] = [
+        ("hz=100 ticks=1000", &[]),
+        ("hz=1000 ticks=2000", &[]),
+        ("hz=100 ticks=1000", &["--poll-us", "100"]),
+        ("hz=1000 ticks=2000", &["--poll-us", "100"]),
+    ];
+    let mut columns = Vec::new();
+    for (cmdline, extra) in configs {
+        let samples: Vec<(String, String)> = (0..runs).map(|_| ticker_pair_with_client(cmdline, extra)).collect();
+        let figures: Vec<Option<(f64, f64)>> = HOPS
+            .iter()
+            .map(|(hop, _)| {
+                let found: Vec<(u64, u64)> = samples
+                    .iter()
+                    .filter_map(|(p, b)| hop_figures(if *hop == "backup ack delay" { b } else { p }, hop))
+                    .collect();
+                (!found.is_empty()).then(|| {
+                    (
+                        median(found.iter().map(|f| f.0 as f64).collect()),
+                        median(found.iter().map(|f| f.1 as f64).collect()),
+                    )
+                })
+            })
+            .collect();
+        columns.push((format!("{cmdline} {}", extra.join(" ")).trim().to_string(), figures));
+    }
+    print!("| hop |");
+    for (name, _) in &columns {
+        print!(" {name} |");
+    }
+    println!();
+    println!("|---|{}", "---|".repeat(columns.len()));
+    for (i, (hop, what)) in HOPS.iter().enumerate() {
+        print!("| {hop} ({what}) |");
+        for (_, figures) in &columns {
+            match figures[i] {
+                Some((p50, p99)) => print!(" {p50:.0} / {p99:.0} |"),
+                None => print!(" – |"),
+            }
+        }
+        println!();
+    }
+    println!();
 }
 
 /// A kvstore console connection, past its banner.
@@ -682,11 +797,13 @@ fn main() {
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
             ("--runs", Some(n)) => runs = n.parse().unwrap_or(5).max(1),
-            ("--only", Some(s)) if ["record-replay", "ft", "kvstore", "join", "redis"].contains(&s.as_str()) => {
+            ("--only", Some(s))
+                if ["record-replay", "ft", "commit", "kvstore", "join", "redis"].contains(&s.as_str()) =>
+            {
                 only = Some(s)
             }
             _ => {
-                eprintln!("usage: ftbench [--runs N] [--only record-replay|ft|kvstore|join|redis]");
+                eprintln!("usage: ftbench [--runs N] [--only record-replay|ft|commit|kvstore|join|redis]");
                 std::process::exit(2);
             }
         }
@@ -697,6 +814,9 @@ fn main() {
     }
     if wanted("ft") {
         fault_tolerance(runs);
+    }
+    if wanted("commit") {
+        commit_hops(runs);
     }
     if wanted("kvstore") {
         kvstore_bench(500);
