@@ -550,11 +550,7 @@ impl PortSender {
     pub fn send(&self, exit: u64, bytes: Vec<u8>) {
         let chunk = Chunk::Bytes(exit, Instant::now(), bytes);
         let chunk = match self.shared.sink.try_lock() {
-            Ok(mut sink)
-                if matches!(*sink, Sink::Tcp { .. })
-                    && self.shared.queued.load(Ordering::Acquire) == 0
-                    && std::env::var_os("FTVMM_NO_DIRECT").is_none() =>
-            {
+            Ok(mut sink) if matches!(*sink, Sink::Tcp { .. }) && self.shared.queued.load(Ordering::Acquire) == 0 => {
                 sink.take(chunk, &self.shared.delivered, &self.shared.write_delay);
                 // What the client's TCP has not confirmed yet is watched by
                 // the writer (off the output's path: it is written).
