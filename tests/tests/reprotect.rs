@@ -3,7 +3,8 @@
 
 use ftvmm_tests::{check_continuity_across, connect_retry, qemu_img, spawn_ftdisk, Proc, Scratch, TickReader};
 use std::io::{BufRead, BufReader, Write};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const START: Duration = Duration::from_secs(20);
 const JOIN: Duration = Duration::from_secs(30);
@@ -51,20 +52,49 @@ fn chain_of_failovers(common: &[&str], failovers: usize, mut during: impl FnMut(
     }
 }
 
+/// The ticks a console reader has seen so far.
+type SharedTicks = Arc<Mutex<Vec<(u64, String)>>>;
+
 #[test]
 fn three_failovers_in_a_row_lose_no_tick() {
     let _serial = one_at_a_time();
     let common = ["--guest", "ticker", "--cmdline", "hz=50", "--heartbeat-ms", "150"];
-    let mut reader = TickReader { lines: Vec::new() };
+    // Each live side's console is read to its end, the kill included: what
+    // a side's TCP delivered to the client before it died counts as
+    // released, so a reader that stopped early would drop ticks the next
+    // side rightly does not repeat.
+    let mut sides: Vec<(SharedTicks, std::thread::JoinHandle<()>)> = Vec::new();
     chain_of_failovers(&common, 3, |i, console| {
         let stream = connect_retry(console);
-        let start = reader.lines.last().map_or(0, |l| l.0);
+        let start = sides.last().and_then(|(lines, _)| lines.lock().unwrap().last().map(|l| l.0)).unwrap_or(0);
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let into = lines.clone();
+        let reader = std::thread::spawn(move || {
+            let mut reader = TickReader { lines: Vec::new() };
+            reader.read_from(stream, |seen| {
+                *into.lock().unwrap() = seen.to_vec();
+                false
+            });
+        });
         // On each live side: past the previous one's last tick, and 15 more.
-        reader.read_from(stream, |lines| lines.last().is_some_and(|l| l.0 >= start + 15));
-        eprintln!("side {i}: ticks up to {:?}", reader.lines.last().map(|l| l.0));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lines.lock().unwrap().last().is_none_or(|l| l.0 < start + 15) {
+            assert!(Instant::now() < deadline, "side {i}: no tick past {} within 30 s", start + 15);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sides.push((lines, reader));
     });
-    if let Err(e) = check_continuity_across(3, &reader.lines) {
-        panic!("{e}; ticks seen: {:?}", reader.lines.iter().map(|l| l.0).collect::<Vec<_>>());
+    // Every side is dead now (the last one dropped with the chain): each
+    // reader has reached its console's end.
+    let mut all = Vec::new();
+    for (i, (lines, reader)) in sides.into_iter().enumerate() {
+        reader.join().unwrap();
+        let lines = lines.lock().unwrap().clone();
+        eprintln!("side {i}: ticks {:?} to {:?}", lines.first().map(|l| l.0), lines.last().map(|l| l.0));
+        all.extend(lines);
+    }
+    if let Err(e) = check_continuity_across(3, &all) {
+        panic!("{e}; ticks seen: {:?}", all.iter().map(|l| l.0).collect::<Vec<_>>());
     }
 }
 
