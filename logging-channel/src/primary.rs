@@ -37,7 +37,9 @@ fn weight(record: &Record) -> u64 {
         Entry::Event(Event::SerialRx { bytes }) => bytes.len(),
         Entry::Event(Event::DiskRead { data }) => data.len(),
         Entry::Event(Event::NetRx { frame }) => frame.len(),
-        Entry::Event(Event::Interrupt { .. } | Event::TimeRead { .. }) | Entry::Exit(_) | Entry::End { .. } => 0,
+        Entry::Event(Event::Interrupt { .. } | Event::TimeRead { .. } | Event::DigestCheck { .. })
+        | Entry::Exit(_)
+        | Entry::End { .. } => 0,
     };
     (std::mem::size_of::<Record>() + owned) as u64
 }

@@ -145,6 +145,24 @@ pub struct Cli {
     /// milliseconds without traffic from it.
     #[arg(long, value_name = "MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub heartbeat_ms: u64,
+
+    /// Recording side (a primary, or --record): log a check of the whole
+    /// state digest (guest memory, vCPU, devices, clock) every MS of guest
+    /// time, which the replaying side (the backup, or --replay) compares
+    /// with its own: a divergence no exit shows is caught within one
+    /// period. 0 turns the time trigger off.
+    #[arg(long, value_name = "MS", default_value_t = crate::config::DEFAULT_CHECK_EVERY_MS)]
+    pub check_every_ms: u64,
+
+    /// ... and/or every N guest-caused exits (0: off, the default).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub check_every_exits: u64,
+
+    /// Testing aid for a replaying VM (--backup or --replay): at guest exit
+    /// EXIT, flip a byte of guest memory that no exit reveals, so that the
+    /// next digest check finds the divergence (and a backup repairs it).
+    #[arg(long, value_name = "EXIT", value_parser = clap::value_parser!(u64).range(1..))]
+    pub inject_divergence_at: Option<u64>,
 }
 
 /// What the command line asks for.
@@ -221,6 +239,9 @@ impl Cli {
             stats: self.stats,
             save_snapshot: self.save_at_exit.zip(self.save_snapshot),
             restore: self.restore,
+            check_every_ms: self.check_every_ms,
+            check_every_exits: self.check_every_exits,
+            inject_divergence_at: self.inject_divergence_at,
             ..VmConfig::new(image)
         })))
     }

@@ -52,6 +52,9 @@ fn run(config: &VmConfig) -> Result<u8, Error> {
         if let Some((n, p50, p99, max)) = outcome.commit_latency {
             eprintln!("ftvmm: stats: output-commit latency over {n} outputs: p50 {p50} us, p99 {p99} us, max {max} us");
         }
+        if let (checks, Some(us)) = outcome.checks {
+            eprintln!("ftvmm: stats: {checks} digest check(s), {us} us each on average");
+        }
     }
     if config.digest {
         if let Some(d) = outcome.digest {

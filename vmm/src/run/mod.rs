@@ -15,12 +15,14 @@
 //!    output, a lost peer.
 
 mod delivery;
+mod digest_check;
 mod dispatch;
 mod exit;
 mod failover;
 mod join;
 mod state;
 
+pub use digest_check::CheckPolicy;
 pub use join::{Joiner, StateIn};
 
 pub use state::{check_begin, restore_state, Restored};
@@ -45,6 +47,8 @@ pub struct Outcome {
     pub exits: u64,
     /// The primary's output-commit latency: (outputs, p50 µs, p99 µs, max µs).
     pub commit_latency: Option<(usize, u32, u32, u32)>,
+    /// Digest checks logged or verified, and their average cost in µs.
+    pub checks: (u64, Option<u64>),
 }
 
 /// A running VM: the machine, its devices, its clock and its inputs.
@@ -77,6 +81,9 @@ pub struct Vmm {
     pub arbiter: Option<RemoteArbiter>,
     /// Save a snapshot at this exit, to this file (`--save-snapshot`).
     save_at: Option<(u64, std::path::PathBuf)>,
+    /// Periodic digest checks (`--check-every-ms`, `--check-every-exits`)
+    /// and the `--inject-divergence-at` testing aid.
+    checks: digest_check::Checks,
 }
 
 impl Vmm {
@@ -108,6 +115,7 @@ impl Vmm {
             exits: 0,
             want_digest,
             save_at: None,
+            checks: digest_check::Checks::new(CheckPolicy::OFF, None),
             arbiter: None,
             transfer: None,
             channel: Default::default(),
@@ -127,6 +135,17 @@ impl Vmm {
     /// Saves a snapshot to `path` once exit `exit` has been handled.
     pub fn save_snapshot_at(&mut self, exit: u64, path: std::path::PathBuf) {
         self.save_at = Some((exit, path));
+    }
+
+    /// Log a digest check by `policy` (recording side); flip a byte of
+    /// guest memory at exit `inject_at` (replaying side, a testing aid).
+    pub fn set_checks(&mut self, policy: CheckPolicy, inject_at: Option<u64>) {
+        self.checks = digest_check::Checks::new(policy, inject_at);
+    }
+
+    /// Digest checks made so far and their average cost in µs.
+    pub fn check_stats(&self) -> (u64, Option<u64>) {
+        (self.checks.made, self.checks.average_us())
     }
 
     /// Guest-caused exits so far.
@@ -171,6 +190,7 @@ impl Vmm {
                 return self.finish(position, status);
             }
             self.devices.advance_timers(self.clock.now_ns());
+            self.digest_check_point(position)?;
             self.take_inputs(position, action == PortAction::Idle)?;
             self.passed(position)?;
             self.maybe_save_snapshot(position.exit)?;
@@ -227,7 +247,7 @@ impl Vmm {
             Role::Primary { gate, .. } => gate.latency_stats(),
             _ => None,
         };
-        Ok(Outcome { status, digest, exits: self.exits, commit_latency })
+        Ok(Outcome { status, digest, exits: self.exits, commit_latency, checks: self.check_stats() })
     }
 }
 
