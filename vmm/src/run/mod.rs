@@ -20,6 +20,7 @@ mod dispatch;
 mod exit;
 mod failover;
 mod join;
+mod repair;
 mod state;
 
 pub use digest_check::CheckPolicy;
@@ -84,6 +85,9 @@ pub struct Vmm {
     /// Periodic digest checks (`--check-every-ms`, `--check-every-exits`)
     /// and the `--inject-divergence-at` testing aid.
     checks: digest_check::Checks,
+    /// A backup's last repair: the exit of the state it restored. It may go
+    /// live only once the primary reports the outputs up to it released.
+    resynced_at: Option<u64>,
 }
 
 impl Vmm {
@@ -116,6 +120,7 @@ impl Vmm {
             want_digest,
             save_at: None,
             checks: digest_check::Checks::new(CheckPolicy::OFF, None),
+            resynced_at: None,
             arbiter: None,
             transfer: None,
             channel: Default::default(),
@@ -155,7 +160,17 @@ impl Vmm {
 
     /// Runs the guest until it ends the VM or something goes wrong.
     pub fn run(mut self) -> Result<Outcome, RunError> {
-        let result = self.run_loop();
+        let result = loop {
+            match self.run_loop() {
+                // A backup repairs a divergence and replays on.
+                Err(RunError::Divergence(d)) if self.can_resync() => {
+                    if let Err(e) = self.resync(d) {
+                        break Err(e);
+                    }
+                }
+                other => break other,
+            }
+        };
         // Whatever happened, what was recorded and what the guest printed stays.
         if let Inputs::Live(live) = &mut self.inputs {
             if let Some(recorder) = &mut live.recorder {
