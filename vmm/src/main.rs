@@ -1,9 +1,8 @@
 //! The `ftvmm` binary: see `ftvmm --help`. Parses the command line into a
 //! configuration, builds the VM from it and runs it.
 
-use clap::Parser;
 use std::process::ExitCode;
-use vmm::cli::{Cli, Command};
+use vmm::cli::Command;
 use vmm::config::VmConfig;
 use vmm::error::Error;
 
@@ -16,14 +15,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let command = match vmm::cli::parse(std::env::args_os().collect()) {
+        Ok(command) => command,
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    let config = match cli.into_command() {
+    let config = match command {
+        Ok(Command::Check(check)) => return ExitCode::from(vmm::check::run(&check)),
         Ok(Command::ListGuests) => {
             for g in guest_images::GUESTS {
                 println!("{:<10} {}", g.name, g.description);
