@@ -18,7 +18,10 @@ use std::time::Duration;
 /// Exit status: the guest's own status (what it wrote to port 0xf4); 2 for a
 /// VMM, guest or input error; 3 for a replay divergence; 4 when a replayed
 /// log ends before the guest does; 5 when this side lost the go-live
-/// arbitration (on the shared disk or the arbiter) and halted.
+/// arbitration (on the shared disk or the arbiter), or a backup halted
+/// rather than go live from a diverged state.
+///
+/// `ftvmm check --help`: does a guest image replay deterministically?
 #[derive(Debug, Parser)]
 #[command(name = "ftvmm", version, about, long_about)]
 pub struct Cli {

@@ -146,7 +146,7 @@ mod tests {
         assert!(!by_exits.due(pos(0), 0, pos(99), u64::MAX));
         assert!(by_exits.due(pos(0), 0, pos(100), 0));
         let by_time = CheckPolicy { every_ms: 5, every_exits: 0 };
-        assert!(!by_time.due(pos(0), 1_000, pos(1_000_000), 5_999_999));
+        assert!(!by_time.due(pos(0), 1_000, pos(1_000_000), 5_000_999));
         assert!(by_time.due(pos(0), 1_000, pos(1), 5_001_000));
         assert!(!CheckPolicy::OFF.due(pos(0), 0, pos(u64::MAX), u64::MAX));
     }
