@@ -126,3 +126,40 @@ fn a_backup_whose_primary_dies_during_its_resync_halts() {
     assert!(b.stdout.is_empty(), "a diverged backup produced output: {:?}", b.stdout);
     assert!(started.elapsed() < Duration::from_secs(10), "the halt took {:?}", started.elapsed());
 }
+
+#[test]
+fn a_nondeterministic_guest_under_ft_is_repaired_at_every_divergence() {
+    // Each round reads the host's TSC unlogged (see guests/nondet): the
+    // backup departs at an exit or, at the latest, at the next check; the
+    // gap after each round leaves time to repair it before the next.
+    let cmdline = "rounds=3 gap=10000";
+    let p = Proc::spawn(&[
+        "--primary",
+        "--guest",
+        "nondet",
+        "--cmdline",
+        cmdline,
+        "--listen",
+        "127.0.0.1:0",
+        "--digest",
+        "--check-every-exits",
+        "500",
+    ]);
+    let addr = p.wait_addr("waiting for a backup on", START);
+    let b = Proc::spawn(&["--backup", "--guest", "nondet", "--cmdline", cmdline, "--connect", &addr, "--digest"]);
+    let (p, b) = (p.finish(TIMEOUT), b.finish(TIMEOUT));
+    assert_eq!(p.code(), 0, "primary: {}", p.stderr);
+    assert_eq!(b.code(), 0, "backup: {}", b.stderr);
+    let diverged = b.stderr.lines().filter(|l| l.contains("; resynchronizing")).count();
+    let repaired = b.stderr.lines().filter(|l| l.contains("resynchronized at exit")).count();
+    // One per round, unless a slow repair's state already covers the next
+    // round's reading; every divergence is repaired.
+    assert!(
+        (1..=3).contains(&diverged) && repaired == diverged,
+        "{diverged} divergences, {repaired} repairs:\n{}",
+        b.stderr
+    );
+    assert_eq!(p.digest(), b.digest(), "primary:\n{}\nbackup:\n{}", p.stderr, b.stderr);
+    let last = p.stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("nondet: ") && last.contains(" lines, last reading "), "{:?}", p.stdout);
+}

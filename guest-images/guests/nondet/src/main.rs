@@ -8,6 +8,10 @@
 //! keeps the value in memory and lets its low bits decide how many lines it
 //! prints, so a replay departs from its recording both in state and in
 //! exits. Not part of the determinism sweep: it is its counter-example.
+//!
+//! Command line: `rounds=N` readings (default 4), `gap=G` cheap exits after
+//! each (default 0), so that a fault-tolerant pair has time to repair each
+//! divergence before the next.
 #![no_std]
 #![no_main]
 
@@ -43,14 +47,19 @@ fn read_hidden_tsc() -> u64 {
 }
 
 fn main() -> u8 {
+    let rounds = guest_rt::cmdline_u64("rounds", 4).min(1000);
+    let gap = guest_rt::cmdline_u64("gap", 0).min(10_000_000);
     let mut lines = 0;
-    for round in 0..4u64 {
+    for round in 0..rounds {
         let tsc = read_hidden_tsc();
         READING.store(tsc, Ordering::Relaxed);
         // 1 to 4 lines, by the host's TSC: the exits differ from run to run.
         for _ in 0..=(tsc >> 4) & 3 {
             lines += 1;
             println!("nondet: round {round} line {lines}");
+        }
+        for _ in 0..gap {
+            guest_rt::exit_point();
         }
     }
     println!("nondet: {lines} lines, last reading {:#x}", READING.load(Ordering::Relaxed));
