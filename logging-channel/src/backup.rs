@@ -50,6 +50,8 @@ struct Shared {
     /// How long each ack took from the batch's arrival to its write, in µs:
     /// the backup's share of the output-commit latency (`--stats`).
     ack_delay: Mutex<LatencyHistogram>,
+    /// The exit of the VMM's latest resync request, for the writer to send.
+    resync: watch::Sender<Option<u64>>,
 }
 
 /// Received records a backup holds before it stops reading the channel.
@@ -76,6 +78,12 @@ struct State {
     /// Most state bytes ever queued at once (tests).
     #[cfg(test)]
     peak_state_queued: u64,
+    /// A resync was requested and the primary's StateRestart has not come
+    /// yet: batches arriving meanwhile are dropped, and not acknowledged.
+    awaiting_restart: bool,
+    /// A resync was requested at least once: the link carries a state
+    /// stream again, whatever its start.
+    restarted: bool,
 }
 
 /// The backup's link to its primary: the state stream of a joining backup,
@@ -132,6 +140,8 @@ impl BackupLink {
                 state_done: false,
                 #[cfg(test)]
                 peak_state_queued: 0,
+                awaiting_restart: false,
+                restarted: false,
             }),
             arrived: Condvar::new(),
             stop: Notify::new(),
@@ -139,6 +149,7 @@ impl BackupLink {
             records_taken: tokio::sync::Notify::new(),
             ack_delay: Mutex::new(LatencyHistogram::new()),
             start: info.start,
+            resync: watch::Sender::new(None),
         });
         let for_thread = shared.clone();
         let config = config.clone();
@@ -166,10 +177,10 @@ impl BackupLink {
     /// end of the stream (pieces still queued are useless then), and with
     /// [`ChannelError::Misuse`] on a link whose log starts at boot.
     pub fn next_state_chunk(&mut self) -> Result<Option<Vec<u8>>, ChannelError> {
-        if self.shared.start != LogStart::State {
+        let mut st = lock(&self.shared.state);
+        if self.shared.start != LogStart::State && !st.restarted {
             return Err(ChannelError::Misuse("the primary sends no state: its log starts at the guest's boot".into()));
         }
-        let mut st = lock(&self.shared.state);
         loop {
             if st.state_end.is_none() {
                 if let Some(why) = &st.lost {
@@ -210,9 +221,41 @@ impl BackupLink {
         lock(&self.shared.state).queue.len()
     }
 
+    /// Repair: the backup's replay diverged at exit `exit`. Asks the primary
+    /// for its whole state again (a `Resync`) and drops every record and
+    /// state piece received so far; from now on no batch is acknowledged —
+    /// nothing the primary holds output for is claimed received — until the
+    /// new state has arrived. Read it with
+    /// [`next_state_chunk`](Self::next_state_chunk) to its end, as a
+    /// joining backup does; the records after it follow. If the primary is
+    /// lost before the end, `next_state_chunk` fails.
+    pub fn request_resync(&mut self, exit: u64) {
+        {
+            let mut st = lock(&self.shared.state);
+            st.queue.clear();
+            st.state.clear();
+            st.state_queued = 0;
+            st.state_consumed = 0;
+            st.state_end = None;
+            st.state_done = false;
+            st.watermark = 0;
+            st.awaiting_restart = true;
+            st.restarted = true;
+        }
+        // The new stream's consumption counts from 0; not a change worth
+        // a StateAck.
+        self.shared.consumed.send_if_modified(|consumed| {
+            *consumed = 0;
+            false
+        });
+        self.shared.resync.send_replace(Some(exit));
+        // A reader paused on a full queue may read (and drop) again.
+        self.shared.records_taken.notify_one();
+    }
+
     /// Records must wait until the state has been read.
     fn check_state_done(&self, st: &State) -> Result<(), LogError> {
-        if self.shared.start == LogStart::State && !st.state_done {
+        if (self.shared.start == LogStart::State || st.restarted) && !st.state_done {
             return Err(LogError::Io(io::Error::other(
                 "the primary's state comes before its records: read it to the end with next_state_chunk first",
             )));
@@ -460,6 +503,17 @@ async fn read_frames(
                 shared.arrived.notify_all();
                 info!(exit, len, "state received");
             }
+            Message::StateRestart => {
+                if !lock(&shared.state).awaiting_restart {
+                    return Err(ChannelError::Protocol(
+                        "a restarted state arrived, but no resync was asked for".into(),
+                    ));
+                }
+                lock(&shared.state).awaiting_restart = false;
+                state_open = true;
+                state_received = 0;
+                info!("the primary restarts its state (resync)");
+            }
             Message::Batch { seq, watermark, released, records } => {
                 if state_open {
                     return Err(ChannelError::Protocol(
@@ -470,6 +524,11 @@ async fn read_frames(
                     return Err(ChannelError::Protocol(format!("batch {seq} arrived where batch {expected} was due")));
                 }
                 expected += 1;
+                if lock(&shared.state).awaiting_restart {
+                    // Older than the state the primary is about to send:
+                    // dropped, and not acknowledged.
+                    continue;
+                }
                 {
                     let mut st = lock(&shared.state);
                     st.queue.extend(records.into_owned());
@@ -512,9 +571,21 @@ async fn write_acks(
     let mut ticker = tokio::time::interval(config.heartbeat_interval());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut consumed = shared.consumed.subscribe();
+    let mut resync = shared.resync.subscribe();
     let mut wrote = false;
     loop {
         tokio::select! {
+            changed = resync.changed() => {
+                if changed.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                let exit = *resync.borrow_and_update();
+                if let Some(exit) = exit {
+                    wire::write_message(&mut wr, &Message::Resync { exit }, "asking the primary for a resync")
+                        .await?;
+                    wrote = true;
+                }
+            }
             changed = to_ack.changed() => {
                 if changed.is_err() {
                     // The reader ended; its outcome is the link's.

@@ -27,7 +27,7 @@
 //!   errs, misbehaves or sends nothing at all for
 //!   [`ChannelConfig::heartbeat_timeout`] is declared lost.
 //!
-//! # Wire format (protocol version 2)
+//! # Wire format (protocol version 3)
 //!
 //! ```text
 //! each side, at connect: magic "FTVMMLCH" | protocol version: u32 LE
@@ -37,6 +37,7 @@
 //!                   then Batch{seq, watermark, released, records}*, Done; Heartbeat at any time
 //! backup → primary: Welcome | Reject{reason}
 //!                   then Ack{seq, watermark}*, StateAck{consumed}* (while a state is sent); Heartbeat at any time
+//! repair:           backup Resync{exit}; primary StateRestart State{offset, data}* StateEnd{exit, len}, then Batch*
 //! ```
 //!
 //! - `State{offset, data}`: the next piece of the state stream; `offset` is
@@ -51,7 +52,18 @@
 //! - A peer is alive while bytes arrive from it: a large frame arriving
 //!   slowly counts, silence for the heartbeat timeout does not.
 //!
-//! Version 1 had `Hello{header}` only and no state messages.
+//! - Repair (version 3): a backup whose replay diverged sends
+//!   `Resync{exit}` ([`BackupLink::request_resync`]) and acknowledges no
+//!   batch from then on; the primary's VMM sees it
+//!   ([`PrimaryLink::take_resync_request`]), stops appending records, and
+//!   restarts the state stream on the same connection
+//!   ([`PrimaryLink::restart_state`]): `StateRestart`, then `State` from
+//!   offset 0 and `StateEnd{exit}` as for a joining backup, then batches of
+//!   the exits after it. The backup drops the batches that arrive between
+//!   its Resync and the StateRestart (they are older than the new state).
+//!
+//! Version 1 had `Hello{header}` only and no state messages; version 2 had
+//! no repair.
 //!
 mod backup;
 mod latency;
@@ -73,7 +85,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// Version of the protocol spoken here; a peer speaking another is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// First bytes each side sends on a logging-channel connection.
 pub const MAGIC: &[u8; 8] = b"FTVMMLCH";
 /// Largest frame payload sent or accepted: bounds what a corrupt length can

@@ -38,7 +38,9 @@ fn weight(record: &Record) -> u64 {
         Entry::Event(Event::SerialRx { bytes }) => bytes.len(),
         Entry::Event(Event::DiskRead { data }) => data.len(),
         Entry::Event(Event::NetRx { frame }) => frame.len(),
-        Entry::Event(Event::Interrupt { .. } | Event::TimeRead { .. }) | Entry::Exit(_) | Entry::End { .. } => 0,
+        Entry::Event(Event::Interrupt { .. } | Event::TimeRead { .. } | Event::DigestCheck { .. })
+        | Entry::Exit(_)
+        | Entry::End { .. } => 0,
     };
     (std::mem::size_of::<Record>() + owned) as u64
 }
@@ -242,6 +244,11 @@ struct State {
     closing: bool,
     on_ack: Option<AckCallback>,
     state: StateOut,
+    /// The backup's Resync: the exit it diverged at, until the VMM takes it.
+    resync_requested: Option<u64>,
+    /// From a Resync until the restarted state has ended: no throttling,
+    /// since the backup acknowledges nothing meanwhile.
+    resyncing: bool,
 }
 
 /// The state stream of a joining link, on its way out.
@@ -259,6 +266,11 @@ struct StateOut {
     /// Most state bytes ever handed over and not consumed at once (tests).
     #[cfg(test)]
     peak_unconsumed: u64,
+    /// `restart_state` was called: the writer sends StateRestart next.
+    restart: bool,
+    /// The stream was restarted (repair) at least once: a link whose log
+    /// started at boot carries state from then on.
+    restarted: bool,
 }
 
 impl State {
@@ -313,6 +325,8 @@ impl PrimaryLink {
                 closing: false,
                 on_ack: None,
                 state: StateOut::default(),
+                resync_requested: None,
+                resyncing: false,
             }),
             changed: Condvar::new(),
             wake: Notify::new(),
@@ -433,10 +447,11 @@ impl PrimaryLink {
         let config = &self.shared.config;
         let mut st = lock(&self.shared.state);
         loop {
-            if st.lost.is_some() {
+            if st.lost.is_some() || st.resyncing {
                 return;
             }
             let base = match self.shared.start {
+                _ if st.state.restarted => st.state.end,
                 LogStart::Boot => Some(0),
                 LogStart::State => st.state.end,
             };
@@ -465,6 +480,30 @@ impl PrimaryLink {
     #[cfg(test)]
     pub(crate) fn peak_unconsumed_state(&self) -> u64 {
         lock(&self.shared.state).state.peak_unconsumed
+    }
+
+    /// The exit at which the backup reported its replay diverged (a
+    /// `Resync`), once: the VMM answers with
+    /// [`restart_state`](Self::restart_state) and a whole state.
+    pub fn take_resync_request(&self) -> Option<u64> {
+        lock(&self.shared.state).resync_requested.take()
+    }
+
+    /// Repair: the state stream starts again on this link (any link, also
+    /// one whose log started at boot), replacing the backup's state. The
+    /// VMM appends no record until [`end_state`](Self::end_state); records
+    /// handed over before this call and not yet sent are dropped (the new
+    /// state covers them). Send the state with
+    /// [`send_state`](Self::send_state) or a [`StateSender`] as for a
+    /// joining backup. Throttling is off until the state ends.
+    pub fn restart_state(&self) {
+        {
+            let mut st = lock(&self.shared.state);
+            st.state = StateOut { restart: true, restarted: true, ..StateOut::default() };
+            st.resyncing = true;
+        }
+        self.shared.changed.notify_all();
+        self.shared.wake.notify_one();
     }
 
     /// Why the backup was lost (heartbeat timeout, connection closed,
@@ -619,8 +658,14 @@ fn cut_short(why: &str) -> ChannelError {
     ChannelError::Lost(format!("the state transfer was cut short: {why}"))
 }
 
+/// Whether the link carries a state stream: a joining link, or one whose
+/// stream was restarted for a repair.
+fn carries_state(shared: &Shared) -> bool {
+    shared.start == LogStart::State || lock(&shared.state).state.restarted
+}
+
 fn send_state(shared: &Shared, chunk: Vec<u8>) -> Result<(), ChannelError> {
-    if shared.start != LogStart::State {
+    if !carries_state(shared) {
         return Err(no_state());
     }
     // Pieces no larger than the window, so that the window holds exactly.
@@ -667,7 +712,7 @@ fn hand_piece(shared: &Shared, piece: Vec<u8>) -> Result<(), ChannelError> {
 }
 
 fn end_state(shared: &Shared, exit: u64) -> Result<(), ChannelError> {
-    if shared.start != LogStart::State {
+    if !carries_state(shared) {
         return Err(no_state());
     }
     // After a chunk another thread is sending, never inside it.
@@ -681,6 +726,7 @@ fn end_state(shared: &Shared, exit: u64) -> Result<(), ChannelError> {
             return Err(ChannelError::Misuse(format!("end_state({exit}) after end_state({earlier})")));
         }
         st.state.end = Some(exit);
+        st.resyncing = false;
     }
     shared.wake.notify_one();
     Ok(())
@@ -802,8 +848,17 @@ async fn read_acks(rd: OwnedReadHalf, fd: RawFd, shared: &Shared, local: &Local)
                     callback(&Acked { watermark: acked, batches: &retired, received });
                 }
             }
+            Message::Resync { exit } => {
+                warn!(peer = %shared.peer, exit, "the backup diverged and asks for the whole state");
+                {
+                    let mut st = lock(&shared.state);
+                    st.resync_requested = Some(exit);
+                    st.resyncing = true;
+                }
+                shared.changed.notify_all();
+            }
             Message::StateAck { consumed } => {
-                if shared.start != LogStart::State {
+                if !carries_state(shared) {
                     return Err(ChannelError::Protocol("a StateAck from the backup, but no state was sent".into()));
                 }
                 let sent = local.state_sent.get();
@@ -866,12 +921,28 @@ async fn write_batches(mut wr: OwnedWriteHalf, shared: &Shared, local: &Local) -
     let mut state_exit = None;
     let mut wrote = false;
     loop {
-        let (watermark, handed, released, closing, piece, state_end) = {
+        let (watermark, handed, released, closing, piece, state_end, restart) = {
             let mut st = lock(&shared.state);
             outgoing.extend(std::mem::take(&mut st.pending));
-            let (piece, end) = if state_open { (st.state.pieces.pop_front(), st.state.end) } else { (None, None) };
-            (st.watermark, st.handed_at, st.released, st.closing, piece, end)
+            let restart = std::mem::take(&mut st.state.restart);
+            let (piece, end) =
+                if state_open && !restart { (st.state.pieces.pop_front(), st.state.end) } else { (None, None) };
+            (st.watermark, st.handed_at, st.released, st.closing, piece, end, restart)
         };
+        if restart {
+            // Repair: records not yet sent are older than the new state,
+            // which covers them; they count as sent, so that the acks after
+            // the state cover their bytes.
+            sent_records += outgoing.len() as u64;
+            sent_bytes += outgoing.drain(..).map(|r| weight(&r)).sum::<u64>();
+            local.state_sent.set(0);
+            state_open = true;
+            state_exit = None;
+            wire::write_message(&mut wr, &Message::StateRestart, "restarting the state stream").await?;
+            info!(peer = %shared.peer, "state stream restarted (repair)");
+            wrote = true;
+            continue;
+        }
         if state_open {
             if let Some(piece) = piece {
                 let offset = local.state_sent.get();

@@ -513,7 +513,7 @@ fn connecting_to_a_garbage_server_fails_clearly() {
     let (addr, t) = server(wrong_version);
     let err = BackupLink::connect(&addr, &header(), &fast(), Duration::from_secs(1)).err().unwrap();
     assert!(matches!(err, ChannelError::Version { found: 1 }), "{err}");
-    assert!(err.to_string().contains("version 1; this ftvmm speaks version 2"), "{err}");
+    assert!(err.to_string().contains(&format!("version 1; this ftvmm speaks version {PROTOCOL_VERSION}")), "{err}");
     t.join().unwrap();
 
     let mut truncated = wire::preamble().to_vec();
@@ -1265,4 +1265,80 @@ fn a_backup_whose_replay_lags_stops_reading_and_the_primary_throttles() {
     assert!(primary.backup_lost().is_none(), "{:?}", primary.backup_lost());
     drop(primary);
     let _ = drain.join();
+}
+
+#[test]
+fn a_diverged_backup_gets_the_whole_state_again_on_the_same_link() {
+    let (mut primary, mut backup) = pair(&steady());
+    for exit in 1..=10 {
+        primary.append(&exit_record(exit)).unwrap();
+        primary.passed(exit).unwrap();
+    }
+    for exit in 1..=5 {
+        assert_eq!(backup.next_record().unwrap(), Some(exit_record(exit)));
+    }
+    // The backup's replay diverged at exit 5.
+    backup.request_resync(5);
+    let mut asked = None;
+    assert!(wait_until(MARGIN, || {
+        asked = asked.or_else(|| primary.take_resync_request());
+        asked.is_some()
+    }));
+    assert_eq!(asked, Some(5));
+    assert_eq!(primary.take_resync_request(), None, "a request is taken once");
+    // The primary ran on meanwhile: these batches reach a diverged backup,
+    // which drops them without acknowledging them.
+    for exit in 11..=20 {
+        primary.append(&exit_record(exit)).unwrap();
+        primary.passed(exit).unwrap();
+    }
+    thread::sleep(Duration::from_millis(200));
+    assert!(primary.acked() <= 10, "a diverged backup acknowledged exit {}", primary.acked());
+    // The whole state at exit 20, then the log from exit 21 on.
+    primary.restart_state();
+    primary.send_state(state_bytes(0, 3 << 20)).unwrap();
+    primary.end_state(20).unwrap();
+    for exit in 21..=30 {
+        primary.append(&exit_record(exit)).unwrap();
+        primary.passed(exit).unwrap();
+        // Not held back by the unacknowledged batches of the resync.
+        primary.throttle(exit);
+    }
+    assert_eq!(read_state(&mut backup, Duration::ZERO).unwrap(), 3 << 20);
+    assert_eq!(backup.state_exit(), Some(20));
+    for exit in 21..=30 {
+        assert_eq!(backup.next_record().unwrap(), Some(exit_record(exit)));
+    }
+    assert!(wait_until(MARGIN, || primary.acked() == 30), "acked {}", primary.acked());
+    assert!(primary.backup_lost().is_none(), "{:?}", primary.backup_lost());
+    assert!(backup.primary_lost().is_none(), "{:?}", backup.primary_lost());
+}
+
+#[test]
+fn a_restarted_state_nobody_asked_for_is_a_protocol_error() {
+    let (primary, mut fake) = primary_with_fake_joining_backup(&ChannelConfig {
+        heartbeat_timeout: Duration::from_secs(3),
+        ..ChannelConfig::default()
+    });
+    // The primary side: a StateRestart is only ever sent after restart_state.
+    primary.restart_state();
+    assert!(matches!(read_raw_non_heartbeat(&mut fake), Message::StateRestart));
+    // The backup side: a real backup that did not ask refuses one.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fake_primary = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(&wire::preamble()).unwrap();
+        let mut pre = [0u8; 12];
+        s.read_exact(&mut pre).unwrap();
+        write_raw(&mut s, &Message::Hello { header: header(), start: LogStart::Boot });
+        assert!(matches!(read_raw_frame(&mut s), Message::Welcome));
+        write_raw(&mut s, &Message::StateRestart);
+        s
+    });
+    let (mut backup, _) = BackupLink::connect(&addr, &header(), &steady(), Duration::from_secs(2)).unwrap();
+    let _s = fake_primary.join().unwrap();
+    assert_eq!(backup.next_record().unwrap(), None);
+    let why = backup.primary_lost().unwrap();
+    assert!(why.contains("no resync was asked for"), "{why}");
 }

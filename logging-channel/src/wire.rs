@@ -49,6 +49,14 @@ pub(crate) enum Message<'a> {
     StateEnd { exit: u64, len: u64 },
     /// Backup → primary: the VMM has consumed `consumed` state bytes in all.
     StateAck { consumed: u64 },
+    /// Backup → primary: the backup's replay diverged at exit `exit`; it
+    /// needs the VM's whole state again, and acknowledges no batch until
+    /// that state has ended (repair).
+    Resync { exit: u64 },
+    /// Primary → backup, after a Resync: a new state stream follows (State
+    /// from offset 0, then StateEnd) that replaces the backup's state; the
+    /// batches between the Resync and it are obsolete.
+    StateRestart,
 }
 
 /// A byte string that bincode encodes as its length and the bytes
@@ -101,6 +109,8 @@ impl Message<'_> {
             Message::State { .. } => "State",
             Message::StateEnd { .. } => "StateEnd",
             Message::StateAck { .. } => "StateAck",
+            Message::Resync { .. } => "Resync",
+            Message::StateRestart => "StateRestart",
         }
     }
 }

@@ -37,6 +37,7 @@ fn record() -> impl Strategy<Value = Record> {
         bytes(600).prop_map(|data| Entry::Event(Event::DiskRead { data })),
         bytes(1600).prop_map(|frame| Entry::Event(Event::NetRx { frame })),
         (any::<u8>(), any::<[u8; 32]>()).prop_map(|(status, d)| Entry::End { status, digest: Digest(d) }),
+        any::<[u8; 32]>().prop_map(|d| Entry::Event(Event::DigestCheck { digest: Digest(d) })),
     ];
     (any::<u64>(), any::<u64>(), entry)
         .prop_map(|(exit, rip, entry)| Record { position: Position { exit, rip }, entry })
@@ -62,6 +63,8 @@ fn message() -> impl Strategy<Value = Message<'static>> {
         (any::<u64>(), bytes(4096)).prop_map(|(offset, data)| Message::State { offset, data: Bytes(Cow::Owned(data)) }),
         (any::<u64>(), any::<u64>()).prop_map(|(exit, len)| Message::StateEnd { exit, len }),
         any::<u64>().prop_map(|consumed| Message::StateAck { consumed }),
+        any::<u64>().prop_map(|exit| Message::Resync { exit }),
+        Just(()).prop_map(|_| Message::StateRestart),
     ]
 }
 

@@ -111,6 +111,11 @@ pub enum Event {
     /// An Ethernet frame from the NIC's host side, delivered into the
     /// guest's receive ring at this position (a replay reads no TAP).
     NetRx { frame: Vec<u8> },
+    /// A periodic digest check: `digest` is the recording VM's state digest
+    /// (memory, vCPU, devices, clock, exit count) at this position, taken
+    /// before any other input of the position is applied. A replay whose
+    /// digest differs here has diverged, even if its exits still match.
+    DigestCheck { digest: Digest },
 }
 
 impl fmt::Display for Event {
@@ -121,6 +126,7 @@ impl fmt::Display for Event {
             Event::SerialRx { bytes } => write!(f, "{} serial byte(s) received", bytes.len()),
             Event::DiskRead { data } => write!(f, "a disk read of {} bytes", data.len()),
             Event::NetRx { frame } => write!(f, "a received frame of {} bytes", frame.len()),
+            Event::DigestCheck { digest } => write!(f, "a digest check (state digest {digest})"),
         }
     }
 }

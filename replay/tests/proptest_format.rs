@@ -59,6 +59,7 @@ fn event() -> impl Strategy<Value = Event> {
         bytes(64).prop_map(|bytes| Event::SerialRx { bytes }),
         bytes(2048).prop_map(|data| Event::DiskRead { data }),
         bytes(1600).prop_map(|frame| Event::NetRx { frame }),
+        digest().prop_map(|digest| Event::DigestCheck { digest }),
     ]
 }
 

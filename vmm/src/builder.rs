@@ -346,6 +346,10 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
     };
     let mut vmm = Vmm::new(machine, devices, inputs, output, role, disk, rdtsc_sites, header, config.wants_digest());
     vmm.arbiter = arbiter;
+    vmm.set_checks(
+        crate::run::CheckPolicy { every_ms: config.check_every_ms, every_exits: config.check_every_exits },
+        config.inject_divergence_at,
+    );
     vmm.channel =
         ChannelConfig { heartbeat_timeout: config.heartbeat, poll: config.channel_poll, ..Default::default() };
     if let Some(restored) = restored {

@@ -18,7 +18,10 @@ use std::time::Duration;
 /// Exit status: the guest's own status (what it wrote to port 0xf4); 2 for a
 /// VMM, guest or input error; 3 for a replay divergence; 4 when a replayed
 /// log ends before the guest does; 5 when this side lost the go-live
-/// arbitration (on the shared disk or the arbiter) and halted.
+/// arbitration (on the shared disk or the arbiter), or a backup halted
+/// rather than go live from a diverged state.
+///
+/// `ftvmm check --help`: does a guest image replay deterministically?
 #[derive(Debug, Parser)]
 #[command(name = "ftvmm", version, about, long_about)]
 pub struct Cli {
@@ -153,6 +156,120 @@ pub struct Cli {
     /// default, never spins (see the README's benchmark for the trade).
     #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub poll_us: u64,
+
+    /// Recording side (a primary, or --record): log a check of the whole
+    /// state digest (guest memory, vCPU, devices, clock) every MS of guest
+    /// time, which the replaying side (the backup, or --replay) compares
+    /// with its own: a divergence no exit shows is caught within one
+    /// period. 0 turns the time trigger off.
+    #[arg(long, value_name = "MS", default_value_t = crate::config::DEFAULT_CHECK_EVERY_MS)]
+    pub check_every_ms: u64,
+
+    /// ... and/or every N guest-caused exits (0: off, the default).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub check_every_exits: u64,
+
+    /// Testing aid for a replaying VM (--backup or --replay): at guest exit
+    /// EXIT, flip a byte of guest memory that no exit reveals, so that the
+    /// next digest check finds the divergence (and a backup repairs it).
+    #[arg(long, value_name = "EXIT", value_parser = clap::value_parser!(u64).range(1..))]
+    pub inject_divergence_at: Option<u64>,
+}
+
+/// `ftvmm check`: does a guest image replay deterministically?
+///
+/// Records --runs runs of the guest under timing perturbations (delays
+/// before interrupt injections, timer jitter, serial input at random
+/// moments), replays each twice and compares output, exit status and state
+/// digests (the recordings carry digest checks); checks that recordings of a
+/// guest that reads the clock really differ. Prints a short report per run.
+///
+/// Exit status: 0 when every replay matched; 3 on a divergence (the report
+/// gives the first differing exit and what differed); 1 when the
+/// recordings of a clock-reading guest were all identical; 2 when a run
+/// could not be made.
+#[derive(Debug, Parser)]
+#[command(name = "ftvmm check", version, about, long_about)]
+pub struct CheckCli {
+    /// Check the embedded guest NAME (see `ftvmm --list-guests`).
+    #[arg(long, value_name = "NAME", conflicts_with = "kernel", required_unless_present = "kernel")]
+    pub guest: Option<String>,
+
+    /// Check the ELF guest image at PATH.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Command line passed to the guest.
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
+
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(2..=(MAX_MEM_BYTES >> 20)))]
+    pub mem_mib: u64,
+
+    /// Recordings to make (each is replayed twice).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub runs: u32,
+
+    /// Cut a recording that is still running after S seconds (a guest that
+    /// never ends by itself); its replays must then agree up to the cut.
+    #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub seconds: u64,
+
+    /// Feed the bytes of FILE to the guest's serial port, in random pieces
+    /// at random moments (lines are split at random points).
+    #[arg(long, value_name = "FILE")]
+    pub serial_input: Option<PathBuf>,
+
+    /// Perturbation seed of the first run (the next runs add 1 each).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub seed: u64,
+
+    /// The recordings log a state digest check every N guest exits, so that
+    /// a divergence is found near where it happens.
+    #[arg(long, value_name = "N", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
+    pub check_every_exits: u64,
+
+    /// Keep the recordings in DIR (else they go to a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathBuf>,
+
+    /// Give the guest a virtio-blk disk: a copy of the raw image PATH for
+    /// each recording, so that every run starts from the same disk.
+    #[arg(long, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
+}
+
+impl CheckCli {
+    /// The validated check, or a usage error (exit status 2).
+    pub fn into_config(self) -> Result<crate::check::CheckConfig, String> {
+        if self.cmdline.len() > CMDLINE_MAX {
+            return Err(format!("--cmdline is longer than {CMDLINE_MAX} bytes"));
+        }
+        let image = match (self.kernel, self.guest) {
+            (Some(path), _) => ImageSource::File(path),
+            (None, Some(name)) => ImageSource::Embedded(name),
+            (None, None) => return Err("--guest or --kernel is required".into()),
+        };
+        let serial_input = match &self.serial_input {
+            Some(path) => {
+                Some(std::fs::read(path).map_err(|e| format!("cannot read serial input {}: {e}", path.display()))?)
+            }
+            None => None,
+        };
+        Ok(crate::check::CheckConfig {
+            image,
+            cmdline: self.cmdline,
+            mem_mib: self.mem_mib,
+            runs: self.runs,
+            seconds: self.seconds,
+            serial_input,
+            seed: self.seed,
+            check_every_exits: self.check_every_exits,
+            keep: self.keep,
+            disk: self.disk,
+        })
+    }
 }
 
 /// What the command line asks for.
@@ -160,6 +277,22 @@ pub struct Cli {
 pub enum Command {
     ListGuests,
     Run(Box<VmConfig>),
+    /// `ftvmm check ...`.
+    Check(Box<crate::check::CheckConfig>),
+}
+
+/// Parses the whole command line (`ftvmm check ...` or a VM run). A parse
+/// failure is clap's (it prints itself: usage errors with status 2); a
+/// validation failure is a usage error message.
+pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Result<Command, String>, clap::Error> {
+    if args.get(1).is_some_and(|a| a == "check") {
+        let mut rest = args;
+        let program = rest.remove(0);
+        rest[0] = format!("{} check", program.to_string_lossy()).into();
+        let check = CheckCli::try_parse_from(rest)?;
+        return Ok(check.into_config().map(|c| Command::Check(Box::new(c))));
+    }
+    Ok(Cli::try_parse_from(args)?.into_command())
 }
 
 impl Cli {
@@ -230,6 +363,9 @@ impl Cli {
             stats: self.stats,
             save_snapshot: self.save_at_exit.zip(self.save_snapshot),
             restore: self.restore,
+            check_every_ms: self.check_every_ms,
+            check_every_exits: self.check_every_exits,
+            inject_divergence_at: self.inject_divergence_at,
             ..VmConfig::new(image)
         })))
     }

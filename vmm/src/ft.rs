@@ -314,10 +314,13 @@ impl OutputGate {
         s.acked = s.acked.max(watermark);
         while s.held.front().is_some_and(|(exit, _, _)| *exit <= watermark) {
             if let Some((exit, produced, item)) = s.held.pop_front() {
-                if let Some(a) = ack {
-                    let now = Instant::now();
-                    let hops = &mut s.hops;
+                let now = Instant::now();
+                let hops = &mut s.hops;
+                // Losing the backup (u64::MAX) is not an ack: not measured.
+                if watermark != u64::MAX {
                     hops.held.record_between(produced, now);
+                }
+                if let Some(a) = ack {
                     // The first batch that covered it (acks coalesce).
                     if let Some(b) = a.batches.iter().find(|b| b.watermark >= exit) {
                         hops.produced_to_handed.record_between(produced, b.handed);

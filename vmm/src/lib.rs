@@ -26,6 +26,7 @@
 pub mod arbiter;
 pub mod boot;
 pub mod builder;
+pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod config;

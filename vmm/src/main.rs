@@ -1,9 +1,8 @@
 //! The `ftvmm` binary: see `ftvmm --help`. Parses the command line into a
 //! configuration, builds the VM from it and runs it.
 
-use clap::Parser;
 use std::process::ExitCode;
-use vmm::cli::{Cli, Command};
+use vmm::cli::Command;
 use vmm::config::VmConfig;
 use vmm::error::Error;
 
@@ -16,14 +15,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let command = match vmm::cli::parse(std::env::args_os().collect()) {
+        Ok(command) => command,
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    let config = match cli.into_command() {
+    let config = match command {
+        Ok(Command::Check(check)) => return ExitCode::from(vmm::check::run(&check)),
         Ok(Command::ListGuests) => {
             for g in guest_images::GUESTS {
                 println!("{:<10} {}", g.name, g.description);
@@ -59,6 +59,9 @@ fn run(config: &VmConfig) -> Result<u8, Error> {
         }
         if let Some((n, p50, p99, max)) = outcome.ack_delay {
             eprintln!("ftvmm: stats: backup ack delay (batch read -> ack written) over {n} acks: p50 {p50} us, p99 {p99} us, max {max} us");
+        }
+        if let (checks, Some(us)) = outcome.checks {
+            eprintln!("ftvmm: stats: {checks} digest check(s), {us} us each on average");
         }
     }
     if config.digest {

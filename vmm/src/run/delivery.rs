@@ -195,6 +195,7 @@ impl Vmm {
                 Event::DiskRead { data } => {
                     return Err(self.diverged(format_args!("a disk read of {} bytes", data.len()), "no disk request"));
                 }
+                Event::DigestCheck { digest } => self.verify_digest_check(digest)?,
                 Event::Interrupt { vector } => {
                     if injected || !can_inject {
                         return Err(self.diverged(format_args!("interrupt {vector:#x}"), "a guest that cannot take it"));

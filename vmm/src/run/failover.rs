@@ -28,6 +28,8 @@ impl Vmm {
         if let Some(why) = self.disk.as_ref().and_then(|d| d.failure()) {
             return Err(RunError::Halted(format!("writing the shared disk failed ({why}); halting")));
         }
+        // A diverged backup asks for the whole state again (repair).
+        self.answer_resync()?;
         // No backup: take one that joins, or finish its state transfer.
         self.tend_protection(true)?;
         match &mut self.inputs {
@@ -153,6 +155,14 @@ impl Vmm {
             LogSource::Backup(link) => (link.released(), link.primary_lost().unwrap_or_else(|| "log ended".into())),
             LogSource::File(_) => (0, "log ended".into()),
         };
+        if let Some(at) = self.resynced_at.filter(|at| released < *at) {
+            // Outputs up to `at` came from the primary alone (this backup
+            // restored their effects): going live would lose those it held.
+            return Err(RunError::Halted(format!(
+                "backup: primary lost ({why}) at exit {} before it released the outputs up to exit {at}, where this                  backup resynchronized (it released up to exit {released}); going live would lose them: halting",
+                self.exits
+            )));
+        }
         let serial_input = serial_input.take();
         let nic = nic.take();
         let listener = listener.take();

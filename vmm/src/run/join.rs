@@ -92,6 +92,10 @@ pub struct Transfer {
     precopy: Option<JoinHandle<Result<Precopy, String>>>,
     done: Arc<AtomicBool>,
     started: Instant,
+    /// A repair of the current backup ([`crate::run::repair`]), not a new
+    /// one joining: its outputs are held meanwhile, and losing it is losing
+    /// the backup.
+    resync: bool,
 }
 
 /// What the pre-copy thread hands back for the final round.
@@ -180,6 +184,12 @@ impl Vmm {
         let Role::Primary { joiner: Some(joiner), .. } = &self.role else { return Ok(false) };
         let Some(link) = joiner.joined() else { return Ok(false) };
         eprintln!("ftvmm: primary: a backup joins at exit {}; copying the VM's state", self.exits);
+        self.start_transfer(link, false)
+    }
+
+    /// Starts the pre-copy of the whole state to the backup on `link` (a
+    /// joining one, or, `resync`, the current one being repaired).
+    pub(super) fn start_transfer(&mut self, link: PrimaryLink, resync: bool) -> Result<bool, RunError> {
         self.machine.set_dirty_logging(true)?;
         let done = Arc::new(AtomicBool::new(false));
         let (vm, mem, size, begin, sender, flag) = (
@@ -191,7 +201,7 @@ impl Vmm {
             done.clone(),
         );
         let precopy = std::thread::spawn(move || precopy(vm, mem, size, begin, sender, flag));
-        self.transfer = Some(Transfer { link, precopy: Some(precopy), done, started: Instant::now() });
+        self.transfer = Some(Transfer { link, precopy: Some(precopy), done, started: Instant::now(), resync });
         Ok(false)
     }
 
@@ -209,6 +219,13 @@ impl Vmm {
         self.machine.set_dirty_logging(false)?;
         let (rounds, sent) = match result {
             Ok(done) => done,
+            Err(why) if t.resync => {
+                // The backup being repaired is gone: as for any lost
+                // backup, win the arbitration before releasing its outputs.
+                let position = replay::Position { exit: self.exits, rip: 0 };
+                self.backup_loss_reported = true;
+                return self.backup_lost(position, &format!("lost during its resynchronization: {why}"));
+            }
             Err(why) => {
                 eprintln!(
                     "ftvmm: primary: the joining backup was lost during the state transfer ({why}); running alone"
@@ -230,8 +247,9 @@ impl Vmm {
             live.recorder = Some(Recorder::new(LogSink::Primary(t.link)));
         }
         self.backup_loss_reported = false;
+        let what = if t.resync { "resynchronized" } else { "joined" };
         eprintln!(
-            "ftvmm: primary: backup joined at exit {exit}: {rounds} pre-copy round(s), {:.1} MiB sent in {:.0} ms, \
+            "ftvmm: primary: backup {what} at exit {exit}: {rounds} pre-copy round(s), {:.1} MiB sent in {:.0} ms, \
              final pause {:.1} ms; protected",
             sent as f64 / (1 << 20) as f64,
             t.started.elapsed().as_secs_f64() * 1e3,

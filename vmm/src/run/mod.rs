@@ -15,12 +15,15 @@
 //!    output, a lost peer.
 
 mod delivery;
+mod digest_check;
 mod dispatch;
 mod exit;
 mod failover;
 mod join;
+mod repair;
 mod state;
 
+pub use digest_check::CheckPolicy;
 pub use join::{Joiner, StateIn};
 
 pub use state::{check_begin, restore_state, Restored};
@@ -50,6 +53,8 @@ pub struct Outcome {
     pub commit_hops: Vec<(&'static str, LatencySummary)>,
     /// A backup's share: its batches' arrival to their ack's write.
     pub ack_delay: Option<LatencySummary>,
+    /// Digest checks logged or verified, and their average cost in µs.
+    pub checks: (u64, Option<u64>),
 }
 
 /// A running VM: the machine, its devices, its clock and its inputs.
@@ -82,6 +87,12 @@ pub struct Vmm {
     pub arbiter: Option<RemoteArbiter>,
     /// Save a snapshot at this exit, to this file (`--save-snapshot`).
     save_at: Option<(u64, std::path::PathBuf)>,
+    /// Periodic digest checks (`--check-every-ms`, `--check-every-exits`)
+    /// and the `--inject-divergence-at` testing aid.
+    checks: digest_check::Checks,
+    /// A backup's last repair: the exit of the state it restored. It may go
+    /// live only once the primary reports the outputs up to it released.
+    resynced_at: Option<u64>,
 }
 
 impl Vmm {
@@ -113,6 +124,8 @@ impl Vmm {
             exits: 0,
             want_digest,
             save_at: None,
+            checks: digest_check::Checks::new(CheckPolicy::OFF, None),
+            resynced_at: None,
             arbiter: None,
             transfer: None,
             channel: Default::default(),
@@ -134,6 +147,17 @@ impl Vmm {
         self.save_at = Some((exit, path));
     }
 
+    /// Log a digest check by `policy` (recording side); flip a byte of
+    /// guest memory at exit `inject_at` (replaying side, a testing aid).
+    pub fn set_checks(&mut self, policy: CheckPolicy, inject_at: Option<u64>) {
+        self.checks = digest_check::Checks::new(policy, inject_at);
+    }
+
+    /// Digest checks made so far and their average cost in µs.
+    pub fn check_stats(&self) -> (u64, Option<u64>) {
+        (self.checks.made, self.checks.average_us())
+    }
+
     /// Guest-caused exits so far.
     pub fn exits(&self) -> u64 {
         self.exits
@@ -141,7 +165,17 @@ impl Vmm {
 
     /// Runs the guest until it ends the VM or something goes wrong.
     pub fn run(mut self) -> Result<Outcome, RunError> {
-        let result = self.run_loop();
+        let result = loop {
+            match self.run_loop() {
+                // A backup repairs a divergence and replays on.
+                Err(RunError::Divergence(d)) if self.can_resync() => {
+                    if let Err(e) = self.resync(d) {
+                        break Err(e);
+                    }
+                }
+                other => break other,
+            }
+        };
         // Whatever happened, what was recorded and what the guest printed stays.
         if let Inputs::Live(live) = &mut self.inputs {
             if let Some(recorder) = &mut live.recorder {
@@ -176,6 +210,7 @@ impl Vmm {
                 return self.finish(position, status);
             }
             self.devices.advance_timers(self.clock.now_ns());
+            self.digest_check_point(position)?;
             self.take_inputs(position, action == PortAction::Idle)?;
             self.passed(position)?;
             self.maybe_save_snapshot(position.exit)?;
@@ -240,7 +275,15 @@ impl Vmm {
             },
             Inputs::Live(_) => None,
         };
-        Ok(Outcome { status, digest, exits: self.exits, commit_latency, commit_hops, ack_delay })
+        Ok(Outcome {
+            status,
+            digest,
+            exits: self.exits,
+            commit_latency,
+            commit_hops,
+            ack_delay,
+            checks: self.check_stats(),
+        })
     }
 }
 
