@@ -27,6 +27,10 @@
 //!   errs, misbehaves or sends nothing at all for
 //!   [`ChannelConfig::heartbeat_timeout`] is declared lost.
 //!
+//! - transport security ([`ChannelConfig::tls`]): with credentials, the
+//!   connection is mutual TLS, set up before anything below is sent; a
+//!   peer that fails it is refused like one that fails the handshake.
+//!
 //! # Wire format (protocol version 2)
 //!
 //! ```text
@@ -55,6 +59,7 @@
 //!
 mod backup;
 mod primary;
+mod transport;
 mod wire;
 
 #[cfg(test)]
@@ -108,6 +113,11 @@ pub struct ChannelConfig {
     /// bytes are handed to it and not yet consumed by the backup's VMM; the
     /// backup stops reading while it holds this many unconsumed.
     pub state_window: u64,
+    /// Mutual TLS on the channel (and so on the state transfer it
+    /// carries): the primary accepts only a backup whose certificate chains
+    /// to the CA, the backup only a primary whose certificate does and names
+    /// the address it connects to. `None`: plaintext, unauthenticated.
+    pub tls: Option<credentials::Tls>,
 }
 
 impl Default for ChannelConfig {
@@ -117,6 +127,7 @@ impl Default for ChannelConfig {
             max_lag_exits: 50_000,
             max_lag_bytes: 64 << 20,
             state_window: 8 << 20,
+            tls: None,
         }
     }
 }
@@ -160,6 +171,10 @@ pub enum ChannelError {
     /// We rejected the peer.
     #[error("the peer does not match this VM: {0}")]
     Mismatch(String),
+    /// The TLS handshake failed: no certificate, one from another CA, the
+    /// wrong name, or a peer that does not speak TLS.
+    #[error("the TLS handshake failed: {0}")]
+    Tls(String),
     #[error("timed out: {0}")]
     Timeout(String),
     #[error("the peer closed the connection")]

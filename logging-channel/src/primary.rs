@@ -14,7 +14,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+// The transport's halves (plaintext or TLS) under the names the code has
+// always used for them.
+use crate::transport::{self, ReadHalf as OwnedReadHalf, Stream, WriteHalf as OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
@@ -108,7 +110,7 @@ async fn accept_loop(
     header: &Header,
     config: &ChannelConfig,
     start: LogStart,
-) -> Result<(TcpStream, SocketAddr), ChannelError> {
+) -> Result<(Stream, SocketAddr), ChannelError> {
     let header = Arc::new(header.clone());
     let limit = config.handshake_timeout();
     let mut handshakes = JoinSet::new();
@@ -117,8 +119,9 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let header = header.clone();
+                    let tls = config.tls.clone();
                     handshakes.spawn(async move {
-                        let outcome = match tokio::time::timeout(limit, handshake(stream, &header, start)).await {
+                        let outcome = match tokio::time::timeout(limit, handshake(stream, &header, start, tls.as_ref())).await {
                             Ok(outcome) => outcome,
                             Err(_) => Err(ChannelError::Timeout(format!("no handshake within {limit:?}"))),
                         };
@@ -149,7 +152,13 @@ fn transient_accept_error(e: &io::Error) -> bool {
 
 /// The primary's half of the handshake: preamble and Hello out, the
 /// backup's preamble and verdict in.
-async fn handshake(mut stream: TcpStream, header: &Header, start: LogStart) -> Result<TcpStream, ChannelError> {
+async fn handshake(
+    stream: TcpStream,
+    header: &Header,
+    start: LogStart,
+    tls: Option<&credentials::Tls>,
+) -> Result<Stream, ChannelError> {
+    let mut stream = transport::accept(stream, tls).await?;
     stream.set_nodelay(true).map_err(|e| ChannelError::io("setting TCP_NODELAY", e))?;
     let mut hello = wire::preamble().to_vec();
     hello.extend(wire::encode(&Message::Hello { header: header.clone(), start })?);
@@ -258,7 +267,7 @@ pub struct PrimaryLink {
 impl PrimaryLink {
     fn start(
         runtime: Runtime,
-        stream: TcpStream,
+        stream: Stream,
         peer: SocketAddr,
         config: ChannelConfig,
         start: LogStart,
@@ -692,7 +701,7 @@ struct Local {
 
 /// The network thread's body: runs until the backup is lost, the link is
 /// dropped, or `finish` had Done sent.
-async fn run(stream: TcpStream, shared: Arc<Shared>) {
+async fn run(stream: Stream, shared: Arc<Shared>) {
     let (rd, wr) = stream.into_split();
     let local = Local::default();
     let outcome = tokio::select! {
