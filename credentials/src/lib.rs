@@ -18,6 +18,8 @@
 //!   subject common name (CN).
 //!
 //! Only TLS 1.3 and 1.2 with rustls' safe defaults, over the `ring` provider.
+//!
+//! [`issue`] makes test credentials (a CA and host certificates) with rcgen.
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -27,6 +29,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+pub mod issue;
 
 pub use rustls;
 

@@ -65,6 +65,8 @@ mod wire;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tls_tests;
+#[cfg(test)]
 mod wire_props;
 
 pub use backup::{BackupLink, PrimaryInfo};
