@@ -109,6 +109,7 @@
 mod client;
 mod owner;
 pub mod proto;
+pub mod secure;
 mod server;
 pub mod session;
 mod timed;
@@ -118,6 +119,7 @@ mod tests;
 
 pub use client::{Arbiter, ClientError, DiskClient, ServerKind, TasOutcome, DEFAULT_RETRY_FOR};
 pub use proto::{DiskError, Op, Reply, Request, Response};
+pub use secure::{read_allow_file, Access};
 pub use server::{
     serve, serve_arbiter, Server, ServerError, ServerStats, FRAME_TIMEOUT, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT,
     MAX_CONNECTIONS, RETAINED_BUFFER,
