@@ -145,6 +145,23 @@ pub struct Cli {
     /// milliseconds without traffic from it.
     #[arg(long, value_name = "MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub heartbeat_ms: u64,
+
+    /// Mutual TLS on the logging channel (and the state transfer it carries)
+    /// and to ftdisk: this VMM's certificate (PEM). Its peers must present
+    /// certificates from --tls-ca; a server's must name the address it is
+    /// reached at (an IP or DNS subject alternative name). All three of
+    /// --tls-cert, --tls-key and --tls-ca, or none (plaintext, with a
+    /// warning).
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA certificate(s) (PEM) that peers' certificates must chain to.
+    #[arg(long, value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// What the command line asks for.
@@ -195,6 +212,7 @@ impl Cli {
             },
             None => None,
         };
+        let tls = credentials::TlsFiles::from_flags(self.tls_cert, self.tls_key, self.tls_ca)?;
         let arbitrated = arbiter.is_some() || matches!(disk, Some(DiskSpec::Ftdisk(_)));
         if self.net.is_some() && (self.primary || self.backup) && !arbitrated {
             return Err("--net with --primary/--backup needs go-live arbitration (--disk ftdisk:ADDR or --arbiter \
@@ -221,6 +239,7 @@ impl Cli {
             stats: self.stats,
             save_snapshot: self.save_at_exit.zip(self.save_snapshot),
             restore: self.restore,
+            tls,
             ..VmConfig::new(image)
         })))
     }

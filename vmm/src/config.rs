@@ -86,6 +86,8 @@ pub struct VmConfig {
     pub save_snapshot: Option<(u64, PathBuf)>,
     /// Start from this snapshot file instead of booting the image.
     pub restore: Option<PathBuf>,
+    /// Mutual TLS on the logging channel and to ftdisk (`None`: plaintext).
+    pub tls: Option<credentials::TlsFiles>,
 }
 
 impl VmConfig {
@@ -108,6 +110,7 @@ impl VmConfig {
             stats: false,
             save_snapshot: None,
             restore: None,
+            tls: None,
         }
     }
 
