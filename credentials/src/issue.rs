@@ -47,7 +47,8 @@ impl Authority {
         dn.push(DnType::CommonName, name);
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate().map_err(|e| format!("generating the CA's key: {e}"))?;
         let cert = params.self_signed(&key).map_err(|e| format!("signing the CA: {e}"))?;
         Ok(Authority { cert, key })
@@ -58,8 +59,8 @@ impl Authority {
         let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
         let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
         let key = KeyPair::from_pem(&read(&key_path)?).map_err(|e| format!("{}: {e}", key_path.display()))?;
-        let params =
-            CertificateParams::from_ca_cert_pem(&read(&cert_path)?).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+        let params = CertificateParams::from_ca_cert_pem(&read(&cert_path)?)
+            .map_err(|e| format!("{}: {e}", cert_path.display()))?;
         // The same subject and key as the file: what signs with it chains to
         // the file's certificate.
         let cert = params.self_signed(&key).map_err(|e| format!("{}: {e}", cert_path.display()))?;

@@ -59,14 +59,12 @@ impl TlsFiles {
             (None, None, None) => Ok(None),
             (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles { cert, key, ca })),
             (cert, key, ca) => {
-                let missing: Vec<&str> = [("--tls-cert", cert.is_none()), ("--tls-key", key.is_none()), ("--tls-ca", ca.is_none())]
-                    .into_iter()
-                    .filter_map(|(flag, absent)| absent.then_some(flag))
-                    .collect();
-                Err(format!(
-                    "TLS needs all of --tls-cert, --tls-key and --tls-ca; missing {}",
-                    missing.join(" and ")
-                ))
+                let missing: Vec<&str> =
+                    [("--tls-cert", cert.is_none()), ("--tls-key", key.is_none()), ("--tls-ca", ca.is_none())]
+                        .into_iter()
+                        .filter_map(|(flag, absent)| absent.then_some(flag))
+                        .collect();
+                Err(format!("TLS needs all of --tls-cert, --tls-key and --tls-ca; missing {}", missing.join(" and ")))
             }
         }
     }
@@ -138,9 +136,10 @@ impl Tls {
         })?;
         let mut roots = RootCertStore::empty();
         for ca in certificates("the CA", &files.ca)? {
-            roots
-                .add(ca)
-                .map_err(|e| CredentialError::Ca { path: files.ca.clone(), why: format!("not a usable CA certificate: {e}") })?;
+            roots.add(ca).map_err(|e| CredentialError::Ca {
+                path: files.ca.clone(),
+                why: format!("not a usable CA certificate: {e}"),
+            })?;
         }
         let roots = Arc::new(roots);
         let ca_err = |e: &dyn std::fmt::Display| CredentialError::Ca { path: files.ca.clone(), why: e.to_string() };
@@ -149,9 +148,8 @@ impl Tls {
             key: files.key.clone(),
             why: e.to_string(),
         };
-        let clients = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .build()
-            .map_err(|e| ca_err(&e))?;
+        let clients =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build().map_err(|e| ca_err(&e))?;
         let mut server = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| ca_err(&e))?
@@ -161,8 +159,7 @@ impl Tls {
         // No resumption tickets: connections are few and long-lived, and the
         // first bytes after the handshake should be the application's.
         server.send_tls13_tickets = 0;
-        let servers =
-            WebPkiServerVerifier::builder_with_provider(roots, provider()).build().map_err(|e| ca_err(&e))?;
+        let servers = WebPkiServerVerifier::builder_with_provider(roots, provider()).build().map_err(|e| ca_err(&e))?;
         let client = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| ca_err(&e))?

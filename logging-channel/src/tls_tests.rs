@@ -204,7 +204,9 @@ fn a_primary_whose_certificate_does_not_name_the_address_is_refused() {
         let _ = listener.accept(&header(), &primary_config);
     });
     match BackupLink::connect(&addr, &header(), &with_tls(&tls[1]), Duration::from_secs(5)) {
-        Err(ChannelError::Tls(why)) => assert!(why.contains("not valid for name") || why.contains("NotValidForName"), "{why}"),
+        Err(ChannelError::Tls(why)) => {
+            assert!(why.contains("not valid for name") || why.contains("NotValidForName"), "{why}")
+        }
         Err(e) => panic!("failed otherwise: {e}"),
         Ok(_) => panic!("the backup accepted a primary certificate for another address"),
     }

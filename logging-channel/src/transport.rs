@@ -81,10 +81,8 @@ pub(crate) async fn connect(tcp: TcpStream, addr: &str, tls: Option<&Tls>) -> Re
         return Ok(Stream::Plain(tcp));
     };
     let name = credentials::server_name(addr).map_err(ChannelError::Tls)?;
-    let stream = tokio_rustls::TlsConnector::from(tls.client_config())
-        .connect(name, tcp)
-        .await
-        .map_err(handshake_failed)?;
+    let stream =
+        tokio_rustls::TlsConnector::from(tls.client_config()).connect(name, tcp).await.map_err(handshake_failed)?;
     Ok(Stream::Tls { tls: Box::new(stream.into()), unflushed: None })
 }
 

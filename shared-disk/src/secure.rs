@@ -99,7 +99,10 @@ where
 /// The server's side: with `tls`, the TLS handshake (which fails for a peer
 /// without a certificate from the CA or one that does not speak TLS), then
 /// the peer's certificate name; without, the connection as it is and no name.
-pub(crate) fn accept<'a>(sock: Timed<&'a TcpStream>, tls: Option<&Tls>) -> io::Result<(ServerConn<'a>, Option<String>)> {
+pub(crate) fn accept<'a>(
+    sock: Timed<&'a TcpStream>,
+    tls: Option<&Tls>,
+) -> io::Result<(ServerConn<'a>, Option<String>)> {
     let Some(tls) = tls else {
         return Ok((Conn::Plain(sock), None));
     };
@@ -118,11 +121,13 @@ pub(crate) fn connect(sock: Timed<TcpStream>, addr: &str, tls: Option<&Tls>) -> 
     };
     let name = credentials::server_name(addr).map_err(TlsFailure::Refused)?;
     let conn = ClientConnection::new(tls.client_config(), name).map_err(|e| TlsFailure::Refused(e.to_string()))?;
-    handshake(conn, sock).map(Conn::Tls).map_err(|e| match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
-        // A certificate refused either way, or a peer that is not TLS: the
-        // same again would fail the same way.
-        Some(tls_error) => TlsFailure::Refused(tls_error.to_string()),
-        None => TlsFailure::Connection(e),
+    handshake(conn, sock).map(Conn::Tls).map_err(|e| {
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            // A certificate refused either way, or a peer that is not TLS: the
+            // same again would fail the same way.
+            Some(tls_error) => TlsFailure::Refused(tls_error.to_string()),
+            None => TlsFailure::Connection(e),
+        }
     })
 }
 

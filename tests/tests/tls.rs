@@ -48,18 +48,33 @@ fn a_tls_pair_on_tls_storage_is_in_lockstep_and_fails_over() {
     let image = dir.path("kv.img");
     qemu_img(&image, 1 << 20);
     let storage = tls(&dir, "storage");
-    let (ftdisk, addr) = spawn_ftdisk_with(&args(&[&["--image", &image][..], &allow[..]].concat(), &storage), "127.0.0.1:0");
+    let (ftdisk, addr) =
+        spawn_ftdisk_with(&args(&[&["--image", &image][..], &allow[..]].concat(), &storage), "127.0.0.1:0");
     let _ftdisk = ftvmm_tests::KillOnDrop(ftdisk);
     let disk = format!("ftdisk:{addr}");
     let input = dir.path("kv.in");
     std::fs::write(&input, "set a 1\nset b 2\nget a\nquit\n").unwrap();
     let (p_tls, b_tls) = (tls(&dir, "primary"), tls(&dir, "backup"));
     let p = Proc::spawn(&args(
-        &["--primary", "--guest", "kvstore", "--listen", "127.0.0.1:0", "--digest", "--disk", &disk, "--serial-input", &input],
+        &[
+            "--primary",
+            "--guest",
+            "kvstore",
+            "--listen",
+            "127.0.0.1:0",
+            "--digest",
+            "--disk",
+            &disk,
+            "--serial-input",
+            &input,
+        ],
         &p_tls,
     ));
     let log_addr = p.wait_addr("waiting for a backup on", START);
-    let b = Proc::spawn(&args(&["--backup", "--guest", "kvstore", "--connect", &log_addr, "--digest", "--disk", &disk], &b_tls));
+    let b = Proc::spawn(&args(
+        &["--backup", "--guest", "kvstore", "--connect", &log_addr, "--digest", "--disk", &disk],
+        &b_tls,
+    ));
     let (p, b) = (p.finish(TIMEOUT), b.finish(TIMEOUT));
     assert_eq!(p.code(), 0, "primary: {}", p.stderr);
     assert_eq!(b.code(), 0, "backup: {}", b.stderr);
@@ -70,8 +85,10 @@ fn a_tls_pair_on_tls_storage_is_in_lockstep_and_fails_over() {
     // ticker arbitrated on a TLS arbiter-only ftdisk: the backup goes live
     // when the primary is killed, and no tick is lost.
     let state = dir.path("arbiter.state");
-    let (arbiter, arbiter_addr) =
-        spawn_ftdisk_with(&args(&[&["--arbiter-only", "--state", &state][..], &allow[..]].concat(), &storage), "127.0.0.1:0");
+    let (arbiter, arbiter_addr) = spawn_ftdisk_with(
+        &args(&[&["--arbiter-only", "--state", &state][..], &allow[..]].concat(), &storage),
+        "127.0.0.1:0",
+    );
     let _arbiter = ftvmm_tests::KillOnDrop(arbiter);
     let arbiter_flag = format!("ftdisk:{arbiter_addr}");
     let common = ["--guest", "ticker", "--cmdline", "hz=50", "--arbiter", &arbiter_flag, "--serial", "tcp:127.0.0.1:0"];
@@ -133,7 +150,8 @@ fn strangers_are_refused_while_the_primary_waits_for_its_backup() {
     assert!(!p.stderr().iter().any(|l| l.contains("backup attached")));
 
     // The right backup still attaches, and the pair ends in one state.
-    let b = Proc::spawn(&args(&["--backup", "--guest", "echo", "--connect", &log_addr, "--digest"], &tls(&dir, "backup")));
+    let b =
+        Proc::spawn(&args(&["--backup", "--guest", "echo", "--connect", &log_addr, "--digest"], &tls(&dir, "backup")));
     let (p, b) = (p.finish(TIMEOUT), b.finish(TIMEOUT));
     assert_eq!(p.code(), 0, "primary: {}", p.stderr);
     assert_eq!(b.code(), 0, "backup: {}", b.stderr);
@@ -150,8 +168,10 @@ fn ftdisk_refuses_an_unlisted_certificate_and_the_image_is_unchanged() {
     qemu_img(&image, 1 << 20);
     let allow_file = dir.path("allowed");
     std::fs::write(&allow_file, "# who may use the disk\nprimary\n").unwrap();
-    let (ftdisk, addr) =
-        spawn_ftdisk_with(&args(&["--image", &image, "--tls-allow-file", &allow_file], &tls(&dir, "storage")), "127.0.0.1:0");
+    let (ftdisk, addr) = spawn_ftdisk_with(
+        &args(&["--image", &image, "--tls-allow-file", &allow_file], &tls(&dir, "storage")),
+        "127.0.0.1:0",
+    );
     let _ftdisk = ftvmm_tests::KillOnDrop(ftdisk);
     let disk = format!("ftdisk:{addr}");
     let input = dir.path("kv.in");
@@ -244,8 +264,9 @@ fn captured_pair(dir: &Scratch, secret: &str, with_tls: bool) -> (RecordingProxy
     assert_eq!(p.code(), 0, "primary: {}", p.stderr);
     assert_eq!(b.code(), 0, "backup: {}", b.stderr);
     assert_eq!(digest_of(&p), digest_of(&b));
-    let reversed: String = secret.chars().rev().collect();
-    assert!(p.stdout.contains(&reversed), "the guest did not receive the secret: {}", p.stdout);
+    // echo answers each line reversed and in capitals.
+    let answer: String = secret.chars().rev().collect::<String>().to_uppercase();
+    assert!(p.stdout.contains(&answer), "the guest did not receive the secret: {}", p.stdout);
     (proxy, p.stderr)
 }
 
@@ -276,7 +297,19 @@ fn half_a_tls_configuration_is_a_usage_error() {
     // A key that is not the certificate's.
     ftcert(&dir, &["other"]);
     let r = ftvmm_tests::run(
-        &["--guest", "hello", "--primary", "--listen", "127.0.0.1:0", "--tls-cert", &cert, "--tls-key", &dir.path("other.key"), "--tls-ca", &ca],
+        &[
+            "--guest",
+            "hello",
+            "--primary",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &dir.path("other.key"),
+            "--tls-ca",
+            &ca,
+        ],
         START,
     );
     r.assert_error(2, "do not make a TLS identity");

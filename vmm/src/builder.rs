@@ -48,9 +48,9 @@ fn image(source: &ImageSource) -> Result<(String, Vec<u8>), Error> {
 
 fn open_disk(spec: &DiskSpec, tls: Option<&Tls>) -> Result<DiskPort, Error> {
     let backend: Box<dyn BlockBackend> = match spec {
-        DiskSpec::Ftdisk(addr) => Box::new(
-            FtdiskBackend::connect(addr, tls.cloned()).map_err(|e| usage(format!("--disk {spec}: {e}")))?,
-        ),
+        DiskSpec::Ftdisk(addr) => {
+            Box::new(FtdiskBackend::connect(addr, tls.cloned()).map_err(|e| usage(format!("--disk {spec}: {e}")))?)
+        }
         DiskSpec::File(path) => Box::new(FileBackend::open(path).map_err(|e| usage(format!("--disk {spec}: {e}")))?),
     };
     Ok(DiskPort::new(backend))

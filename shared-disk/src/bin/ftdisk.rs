@@ -121,7 +121,11 @@ fn access(cli: &Cli) -> Result<Option<Access>, String> {
         if names.is_empty() {
             return Err("the allow list is empty: no client could read, write or claim".into());
         }
-        eprintln!("ftdisk: TLS as {}; allowed to read, write and claim: {}", tls.name(), names.iter().cloned().collect::<Vec<_>>().join(", "));
+        eprintln!(
+            "ftdisk: TLS as {}; allowed to read, write and claim: {}",
+            tls.name(),
+            names.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
         Some(names)
     } else {
         eprintln!("ftdisk: TLS as {}; every certificate from the CA may read, write and claim", tls.name());
@@ -140,7 +144,8 @@ fn run(cli: &Cli) -> Result<(), String> {
             server
         }
         (None, Some(state)) if cli.arbiter_only => {
-            let server = shared_disk::Server::start_arbiter_secured(state, listener, access).map_err(|e| e.to_string())?;
+            let server =
+                shared_disk::Server::start_arbiter_secured(state, listener, access).map_err(|e| e.to_string())?;
             eprintln!(
                 "ftdisk: serving the arbitration record {} (arbiter only) on {}",
                 state.display(),

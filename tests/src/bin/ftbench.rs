@@ -701,7 +701,10 @@ fn tls_cost(runs: usize) {
             };
             Cost { ratio: median(s.iter().map(|x| x.0).collect()), p50: pick("p50"), p99: pick("p99") }
         };
-        rows.push(("redis (redis-benchmark -t set -c 1 -P 1 -n 5000)".into(), [redis_cost(&redis[0]), redis_cost(&redis[1])]));
+        rows.push((
+            "redis (redis-benchmark -t set -c 1 -P 1 -n 5000)".into(),
+            [redis_cost(&redis[0]), redis_cost(&redis[1])],
+        ));
     } else {
         println!("(redis needs root for its network-namespace hosts: skipped)\n");
     }
@@ -732,9 +735,7 @@ fn tls_cost(runs: usize) {
 /// redis-benchmark SET (-c 1 -P 1) with a backup ÷ alone, with `security`,
 /// and the primary's --stats after SHUTDOWN.
 fn redis_ratio(dir: &Scratch, security: &Security) -> (f64, String) {
-    let rps = |vm: &RedisVm| {
-        redis_benchmark_t(&vm.vm, 6379, "set", 5_000).first().map(|r| r.1).unwrap_or(f64::NAN)
-    };
+    let rps = |vm: &RedisVm| redis_benchmark_t(&vm.vm, 6379, "set", 5_000).first().map(|r| r.1).unwrap_or(f64::NAN);
     let alone = {
         let vm = redis_vm_with(false, dir, security);
         rps(&vm)
