@@ -322,3 +322,57 @@ fn half_a_tls_configuration_is_a_usage_error() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("missing --tls-cert and --tls-ca"), "{stderr}");
 }
+
+#[test]
+fn strangers_do_not_disturb_a_running_vm_and_a_backup_joins_it_over_tls() {
+    let dir = Scratch::new("tls-join");
+    ftcert(&dir, &["primary", "backup"]);
+    let common = ["--guest", "ticker", "--cmdline", "hz=50", "--serial", "tcp:127.0.0.1:0"];
+    let p = Proc::spawn(&args(
+        &[&["--primary", "--no-wait", "--listen", "127.0.0.1:0"][..], &common[..]].concat(),
+        &tls(&dir, "primary"),
+    ));
+    let log_addr = p.wait_addr("backups may join on", START);
+    let console = p.wait_addr("serial console on", START);
+    // One reader for the whole run (a reader's buffer would lose lines
+    // between two): it stops 10 ticks after `done`.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reading = {
+        let (stream, done) = (connect_retry(&console), done.clone());
+        std::thread::spawn(move || {
+            let mut reader = TickReader { lines: Vec::new() };
+            let mark = std::cell::Cell::new(None);
+            reader.read_from(stream, |lines| {
+                if !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    return false;
+                }
+                let at = mark.get().unwrap_or(lines.len());
+                mark.set(Some(at));
+                lines.len() >= at + 10
+            });
+            reader.lines
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Strangers while the VM runs unprotected: a plaintext backup, garbage.
+    let plaintext = Proc::spawn(&[&["--backup", "--connect", &log_addr][..], &common[..]].concat()).finish(TIMEOUT);
+    assert_ne!(plaintext.code(), 0, "a plaintext backup joined: {}", plaintext.stderr);
+    let mut s = TcpStream::connect(&log_addr).unwrap();
+    let _ = s.write_all(b"\x16\x03\x01\x02\x00 not really a ClientHello");
+    drop(s);
+
+    // The right backup joins by state transfer over TLS; no tick is lost.
+    let b =
+        Proc::spawn(&args(&[&["--backup", "--connect", &log_addr][..], &common[..]].concat(), &tls(&dir, "backup")));
+    p.wait_line("backup joined at exit", Duration::from_secs(60));
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lines = reading.join().unwrap();
+    assert!(lines.len() >= 20, "the VM printed only {} ticks", lines.len());
+    if let Err(e) = check_continuity_across(0, &lines) {
+        panic!("{e}; ticks: {:?}", lines.iter().map(|l| l.0).collect::<Vec<_>>());
+    }
+    let refusals = p.stderr().into_iter().filter(|l| l.contains("failed the handshake")).count();
+    assert!(refusals >= 2, "the strangers' refusals were not logged: {:?}", p.stderr());
+    assert!(b.stderr().iter().any(|l| l.contains("joining the running VM")), "{:?}", b.stderr());
+}

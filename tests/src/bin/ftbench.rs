@@ -651,14 +651,17 @@ fn tls_cost(runs: usize) {
     println!("|---|---|---|---|---|");
     let mut rows: Vec<(String, [Cost; 2])> = Vec::new();
     for (guest, cmdline) in [("compute", "rounds=3000 kib=4096"), ("ticker", "hz=1000 ticks=2000")] {
-        let alone = time_runs(&["--guest", guest, "--cmdline", cmdline], runs);
-        // Interleaved, so that a noisy neighbour hits both alike.
+        // Interleaved (alone, plaintext, TLS, alone, ...), so that a noisy
+        // neighbour hits all three alike.
+        let mut alone = Vec::new();
         let mut samples: [Vec<(f64, String)>; 2] = [Vec::new(), Vec::new()];
         for _ in 0..runs {
+            alone.push(time_runs(&["--guest", guest, "--cmdline", cmdline], 1));
             for (i, security) in [&plain, &tls].into_iter().enumerate() {
                 samples[i].push(time_ft_with(guest, cmdline, security));
             }
         }
+        let alone = median(alone);
         let cost = |s: &Vec<(f64, String)>| {
             let with = median(s.iter().map(|x| x.0).collect());
             let pick = |key: &str| {
