@@ -215,6 +215,39 @@ pub fn peer_name(certificates: Option<&[CertificateDer<'_>]>) -> Option<String> 
 mod tests {
     use super::*;
 
+    /// A TLS handshake in memory between a server with `server` and a
+    /// client with `client` that connects to `host`; the server's view of
+    /// the client's name, or the first error.
+    fn handshake(server: &Tls, client: &Tls, host: &str) -> Result<Option<String>, rustls::Error> {
+        let mut s = rustls::ServerConnection::new(server.server_config())?;
+        let name = ServerName::try_from(host.to_string()).unwrap();
+        let mut c = rustls::ClientConnection::new(client.client_config(), name)?;
+        for _ in 0..20 {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+                s.process_new_packets()?;
+            }
+            let mut wire = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+                c.process_new_packets()?;
+            }
+            if !s.is_handshaking() && !c.is_handshaking() {
+                return Ok(peer_name(s.peer_certificates()));
+            }
+        }
+        panic!("the handshake did not end");
+    }
+
     #[test]
     fn half_a_configuration_names_what_is_missing() {
         let p = |s: &str| Some(PathBuf::from(s));
@@ -233,6 +266,38 @@ mod tests {
         assert_eq!(server_name("[::1]:7100").unwrap(), ServerName::try_from("::1").unwrap());
         assert!(server_name("10.0.0.1").is_err());
         assert!(server_name(":7000").is_err());
+    }
+
+    #[test]
+    fn an_issued_identity_loads_and_a_foreign_key_is_refused() {
+        let dir = std::env::temp_dir().join(format!("credentials-issue-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = issue::Authority::new("test ca").unwrap();
+        let ca_path = ca.save(&dir).unwrap();
+        let sans = vec!["10.0.0.1".to_string()];
+        let host = ca.issue(&dir, "host", &sans).unwrap();
+        let other = ca.issue(&dir, "other", &sans).unwrap();
+        let tls = Tls::load(&TlsFiles { cert: host.cert.clone(), key: host.key, ca: ca_path.clone() }).unwrap();
+        assert_eq!(tls.name(), "host");
+        // A CA reloaded from its files signs certificates that chain to it.
+        let again = issue::Authority::load(&dir).unwrap().issue(&dir, "later", &sans).unwrap();
+        let later = Tls::load(&TlsFiles { cert: again.cert, key: again.key, ca: ca_path.clone() }).unwrap();
+        assert_eq!(handshake(&tls, &later, "10.0.0.1"), Ok(Some("later".to_string())));
+        assert_eq!(handshake(&later, &tls, "10.0.0.1"), Ok(Some("host".to_string())));
+        // The server's certificate must name the address.
+        assert!(handshake(&tls, &later, "10.0.0.2").is_err());
+        // Another CA's certificates are refused, either way round.
+        let foreign_dir = dir.join("foreign");
+        std::fs::create_dir_all(&foreign_dir).unwrap();
+        let foreign_ca = issue::Authority::new("foreign ca").unwrap();
+        let foreign_ca_path = foreign_ca.save(&foreign_dir).unwrap();
+        let f = foreign_ca.issue(&foreign_dir, "host", &sans).unwrap();
+        let foreign = Tls::load(&TlsFiles { cert: f.cert, key: f.key, ca: foreign_ca_path }).unwrap();
+        assert!(handshake(&tls, &foreign, "10.0.0.1").is_err());
+        assert!(handshake(&foreign, &tls, "10.0.0.1").is_err());
+        let err = Tls::load(&TlsFiles { cert: host.cert, key: other.key, ca: ca_path }).unwrap_err().to_string();
+        assert!(err.contains("do not make a TLS identity"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
