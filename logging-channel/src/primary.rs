@@ -121,7 +121,8 @@ async fn accept_loop(
                     let header = header.clone();
                     let tls = config.tls.clone();
                     handshakes.spawn(async move {
-                        let outcome = match tokio::time::timeout(limit, handshake(stream, &header, start, tls.as_ref())).await {
+                        let handshaking = handshake(stream, &header, start, tls.as_ref());
+                        let outcome = match tokio::time::timeout(limit, handshaking).await {
                             Ok(outcome) => outcome,
                             Err(_) => Err(ChannelError::Timeout(format!("no handshake within {limit:?}"))),
                         };
