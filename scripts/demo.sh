@@ -27,15 +27,23 @@
 #                      a new backup joins the live side by live state
 #                      transfer, and the next kill fails over to it.
 #
+# Every connection between hosts — the logging channel (and the state
+# transfers of `reprotect`) and each VMM's to ftdisk — is mutual TLS, with a
+# CA and a certificate per host made by ftcert at the start; ftdisk lets
+# only the VM hosts' certificates read, write and claim the disk. TLS=off
+# runs it all in plaintext instead (the VMMs and ftdisk then warn).
+#
 # Needs root (namespaces), /dev/kvm, iproute2, qemu-img and (net) redis-tools
 # (installed from the distribution where missing).
-# Usage: scripts/demo.sh [net|kvstore|ticker|reprotect] [seconds-before-kill]
+# Usage: [TLS=off] scripts/demo.sh [net|kvstore|ticker|reprotect] [seconds-before-kill]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-net}
 KILL_AFTER=${2:-3}
 case "$MODE" in net|kvstore|ticker|reprotect) ;; *) echo "demo: mode must be net, kvstore, ticker or reprotect" >&2; exit 2;; esac
 S=10.77.0.4
+TLS=${TLS:-on}
+case "$TLS" in on|off) ;; *) echo "demo: TLS must be on or off" >&2; exit 2;; esac
 
 if [ "$(id -u)" != 0 ]; then echo "demo: needs root (network namespaces)" >&2; exit 1; fi
 if [ ! -e /dev/kvm ]; then echo "demo: /dev/kvm is missing" >&2; exit 1; fi
@@ -48,7 +56,7 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 
-cargo build --release --bin ftvmm --bin ftdisk --bin ftclient --bin ftlab >&2
+cargo build --release --bin ftvmm --bin ftdisk --bin ftclient --bin ftlab --bin ftcert >&2
 BIN=$PWD/target/release
 WORK=$(mktemp -d)
 
@@ -74,8 +82,19 @@ wait_for() { # FILE TEXT SECONDS
 show() { for who in "$@"; do echo "== $who said:"; sed 's/^/   /' "$WORK/$who.err"; done; }
 
 echo "== hosts: primary 10.77.0.1, backup 10.77.0.2, client 10.77.0.3, storage $S (namespaces on bridge ftdemo-br0)"
+# tls HOST: HOST's TLS flags (none with TLS=off).
+if [ "$TLS" = on ]; then
+    "$BIN/ftcert" --dir "$WORK/creds" primary=10.77.0.1 backup=10.77.0.2 storage=$S third=10.77.0.5 fourth=10.77.0.6 2>/dev/null
+    echo "== TLS on: a test CA and a certificate per host made by ftcert in $WORK/creds; ftdisk allows the VM hosts only"
+    tls() { echo --tls-cert "$WORK/creds/$1.pem" --tls-key "$WORK/creds/$1.key" --tls-ca "$WORK/creds/ca.pem"; }
+    STORAGE_TLS=($(tls storage) --tls-allow primary --tls-allow backup --tls-allow third --tls-allow fourth)
+else
+    echo "== TLS off: every connection between hosts is plaintext"
+    tls() { :; }
+    STORAGE_TLS=()
+fi
 qemu-img create -q -f raw "$WORK/shared.img" 16M
-in_host storage "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 2>"$WORK/storage.err" &
+in_host storage "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 "${STORAGE_TLS[@]}" 2>"$WORK/storage.err" &
 sleep 0.3
 DISK=(--disk ftdisk:$S:7100)
 
@@ -86,8 +105,8 @@ if [ "$MODE" = net ]; then
     "$BIN/ftlab" tap ftdemo backup fttap
     VMARGS=(--guest redis --cmdline "ip=$VM/24" --net tap:fttap,mac=52:54:00:77:00:10 "${DISK[@]}")
     echo "== the VM $VM runs on the primary host, its backup on the backup host; the disk (and the arbitration record) on the storage host"
-    in_host backup "$BIN/ftvmm" --backup "${VMARGS[@]}" --connect $P:7000 2>"$WORK/backup.err" &
-    in_host primary "$BIN/ftvmm" --primary "${VMARGS[@]}" --listen $P:7000 2>"$WORK/primary.err" &
+    in_host backup "$BIN/ftvmm" --backup "${VMARGS[@]}" --connect $P:7000 $(tls backup) 2>"$WORK/backup.err" &
+    in_host primary "$BIN/ftvmm" --primary "${VMARGS[@]}" --listen $P:7000 $(tls primary) 2>"$WORK/primary.err" &
     for i in $(seq 100); do in_host client redis-cli -h $VM ping >/dev/null 2>&1 && break; sleep 0.1; done
     echo "== stock clients on the client host: redis-cli and redis-benchmark against $VM"
     in_host client redis-cli -h $VM set greeting "hello from a fault-tolerant VM" | sed 's/^/   /'
@@ -110,10 +129,10 @@ if [ "$MODE" = reprotect ]; then
     hosts=(primary backup third fourth)
     ips=(10.77.0.1 10.77.0.2 10.77.0.5 10.77.0.6)
     in_host primary "$BIN/ftvmm" --primary --guest kvstore "${DISK[@]}" --listen ${ips[0]}:7000 \
-        --serial tcp:${ips[0]}:7001 2>"$WORK/primary.err" &
+        --serial tcp:${ips[0]}:7001 $(tls primary) 2>"$WORK/primary.err" &
     start_backup() { # INDEX: a backup of host INDEX-1
         in_host "${hosts[$1]}" "$BIN/ftvmm" --backup --guest kvstore "${DISK[@]}" --connect "${ips[$1 - 1]}:7000" \
-            --listen "${ips[$1]}:7000" --serial "tcp:${ips[$1]}:7001" 2>"$WORK/${hosts[$1]}.err" &
+            --listen "${ips[$1]}:7000" --serial "tcp:${ips[$1]}:7001" $(tls "${hosts[$1]}") 2>"$WORK/${hosts[$1]}.err" &
     }
     start_backup 1
     in_host client "$BIN/ftclient" --kv $(( (KILL_AFTER + 22) * 40 )) \
@@ -138,8 +157,8 @@ if [ "$MODE" = reprotect ]; then
 fi
 
 P=10.77.0.1 B=10.77.0.2
-in_host backup "$BIN/ftvmm" --backup --guest "$MODE" "${DISK[@]}" --connect $P:7000 --serial tcp:$B:7001 2>"$WORK/backup.err" &
-in_host primary "$BIN/ftvmm" --primary --guest "$MODE" "${DISK[@]}" --listen $P:7000 --serial tcp:$P:7001 2>"$WORK/primary.err" &
+in_host backup "$BIN/ftvmm" --backup --guest "$MODE" "${DISK[@]}" --connect $P:7000 --serial tcp:$B:7001 $(tls backup) 2>"$WORK/backup.err" &
+in_host primary "$BIN/ftvmm" --primary --guest "$MODE" "${DISK[@]}" --listen $P:7000 --serial tcp:$P:7001 $(tls primary) 2>"$WORK/primary.err" &
 if [ "$MODE" = kvstore ]; then
     in_host client "$BIN/ftclient" --kv $(( (KILL_AFTER + 3) * 40 )) $P:7001 $B:7001 &
 else

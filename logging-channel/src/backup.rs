@@ -8,12 +8,14 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+// The transport's halves (plaintext or TLS) under the names the code has
+// always used for them.
+use crate::transport::{self, ReadHalf as OwnedReadHalf, Stream, WriteHalf as OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -111,13 +113,17 @@ impl BackupLink {
         let runtime = new_runtime()?;
         let (stream, peer, info) = runtime.block_on(async {
             let deadline = Instant::now() + connect_timeout;
-            let (mut stream, peer) = connect_retrying(addr, deadline).await?;
+            let (tcp, peer) = connect_retrying(addr, deadline).await?;
             // A primary that is still starting up may have bound its
             // listener without accepting yet: its preamble may come as late
             // as the connect deadline.
             let limit = config.handshake_timeout().max(deadline.saturating_duration_since(Instant::now()));
-            let info = match tokio::time::timeout(limit, handshake(&mut stream, ours)).await {
-                Ok(info) => info?,
+            let handshaking = async {
+                let mut stream = transport::connect(tcp, addr, config.tls.as_ref()).await?;
+                handshake(&mut stream, ours).await.map(|info| (stream, info))
+            };
+            let (stream, info) = match tokio::time::timeout(limit, handshaking).await {
+                Ok(outcome) => outcome?,
                 Err(_) => {
                     return Err(ChannelError::Timeout(format!(
                         "the primary at {peer} sent no handshake within {limit:?}"
@@ -355,7 +361,7 @@ fn retryable(e: &io::Error) -> bool {
 
 /// The backup's half of the handshake: preamble out, the primary's
 /// preamble and Hello in, Welcome or Reject out.
-async fn handshake(stream: &mut TcpStream, ours: &Header) -> Result<PrimaryInfo, ChannelError> {
+async fn handshake(stream: &mut Stream, ours: &Header) -> Result<PrimaryInfo, ChannelError> {
     stream.set_nodelay(true).map_err(|e| ChannelError::io("setting TCP_NODELAY", e))?;
     stream.write_all(&wire::preamble()).await.map_err(|e| ChannelError::io("sending the handshake", e))?;
     wire::read_preamble(stream).await?;
@@ -380,7 +386,7 @@ async fn handshake(stream: &mut TcpStream, ours: &Header) -> Result<PrimaryInfo,
 
 /// The network thread's body: runs until the primary is lost or the link
 /// is dropped.
-async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, config: ChannelConfig) {
+async fn run(stream: Stream, peer: SocketAddr, shared: Arc<Shared>, config: ChannelConfig) {
     let fd = stream.as_raw_fd();
     let (rd, wr) = stream.into_split();
     let (acks, to_ack) = watch::channel(None);

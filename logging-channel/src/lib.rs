@@ -27,6 +27,10 @@
 //!   errs, misbehaves or sends nothing at all for
 //!   [`ChannelConfig::heartbeat_timeout`] is declared lost.
 //!
+//! - transport security ([`ChannelConfig::tls`]): with credentials, the
+//!   connection is mutual TLS, set up before anything below is sent; a
+//!   peer that fails it is refused like one that fails the handshake.
+//!
 //! # Wire format (protocol version 3)
 //!
 //! ```text
@@ -68,10 +72,13 @@
 mod backup;
 mod latency;
 mod primary;
+mod transport;
 mod wire;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 #[cfg(test)]
 mod wire_props;
 
@@ -128,6 +135,11 @@ pub struct ChannelConfig {
     /// to this long, saving a sleep and a wake-up. Zero (the default): no
     /// busy-polling; it costs a core while it spins.
     pub poll: Duration,
+    /// Mutual TLS on the channel (and so on the state transfer it
+    /// carries): the primary accepts only a backup whose certificate chains
+    /// to the CA, the backup only a primary whose certificate does and names
+    /// the address it connects to. `None`: plaintext, unauthenticated.
+    pub tls: Option<credentials::Tls>,
 }
 
 impl Default for ChannelConfig {
@@ -138,6 +150,7 @@ impl Default for ChannelConfig {
             max_lag_bytes: 64 << 20,
             state_window: 8 << 20,
             poll: Duration::ZERO,
+            tls: None,
         }
     }
 }
@@ -188,6 +201,10 @@ pub enum ChannelError {
     /// We rejected the peer.
     #[error("the peer does not match this VM: {0}")]
     Mismatch(String),
+    /// The TLS handshake failed: no certificate, one from another CA, the
+    /// wrong name, or a peer that does not speak TLS.
+    #[error("the TLS handshake failed: {0}")]
+    Tls(String),
     #[error("timed out: {0}")]
     Timeout(String),
     #[error("the peer closed the connection")]

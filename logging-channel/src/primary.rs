@@ -9,13 +9,15 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+// The transport's halves (plaintext or TLS) under the names the code has
+// always used for them.
+use crate::transport::{self, ReadHalf as OwnedReadHalf, Stream, WriteHalf as OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
@@ -111,7 +113,7 @@ async fn accept_loop(
     header: &Header,
     config: &ChannelConfig,
     start: LogStart,
-) -> Result<(TcpStream, SocketAddr), ChannelError> {
+) -> Result<(Stream, SocketAddr), ChannelError> {
     let header = Arc::new(header.clone());
     let limit = config.handshake_timeout();
     let mut handshakes = JoinSet::new();
@@ -120,8 +122,10 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let header = header.clone();
+                    let tls = config.tls.clone();
                     handshakes.spawn(async move {
-                        let outcome = match tokio::time::timeout(limit, handshake(stream, &header, start)).await {
+                        let handshaking = handshake(stream, &header, start, tls.as_ref());
+                        let outcome = match tokio::time::timeout(limit, handshaking).await {
                             Ok(outcome) => outcome,
                             Err(_) => Err(ChannelError::Timeout(format!("no handshake within {limit:?}"))),
                         };
@@ -152,7 +156,13 @@ fn transient_accept_error(e: &io::Error) -> bool {
 
 /// The primary's half of the handshake: preamble and Hello out, the
 /// backup's preamble and verdict in.
-async fn handshake(mut stream: TcpStream, header: &Header, start: LogStart) -> Result<TcpStream, ChannelError> {
+async fn handshake(
+    stream: TcpStream,
+    header: &Header,
+    start: LogStart,
+    tls: Option<&credentials::Tls>,
+) -> Result<Stream, ChannelError> {
+    let mut stream = transport::accept(stream, tls).await?;
     stream.set_nodelay(true).map_err(|e| ChannelError::io("setting TCP_NODELAY", e))?;
     let mut hello = wire::preamble().to_vec();
     hello.extend(wire::encode(&Message::Hello { header: header.clone(), start })?);
@@ -303,7 +313,7 @@ pub struct PrimaryLink {
 impl PrimaryLink {
     fn start(
         runtime: Runtime,
-        stream: TcpStream,
+        stream: Stream,
         peer: SocketAddr,
         config: ChannelConfig,
         start: LogStart,
@@ -776,7 +786,7 @@ struct Local {
 
 /// The network thread's body: runs until the backup is lost, the link is
 /// dropped, or `finish` had Done sent.
-async fn run(stream: TcpStream, shared: Arc<Shared>) {
+async fn run(stream: Stream, shared: Arc<Shared>) {
     let fd = stream.as_raw_fd();
     let (rd, wr) = stream.into_split();
     let local = Local::default();

@@ -15,8 +15,10 @@
 
 use crate::owner;
 use crate::proto::{self, DiskError, Op, Reply, Request, Response, WireError};
+use crate::secure::{self, ClientConn, TlsFailure};
 use crate::timed::Timed;
 use crate::{MAX_IO, SECTOR_SIZE};
+use credentials::Tls;
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -49,6 +51,10 @@ pub enum ClientError {
     /// disk ([`Arbiter::connect`] is the way to use one).
     #[error("the ftdisk server at {addr} is arbiter-only: it serves an arbitration record but no disk")]
     NoDisk { addr: String },
+    /// The TLS handshake failed: a certificate was refused (ours by the
+    /// server, or the server's by us), or the server does not speak TLS.
+    #[error("the TLS handshake with the disk server at {addr} failed: {why}")]
+    Tls { addr: String, why: String },
 }
 
 /// The outcome of a test-and-set.
@@ -104,7 +110,9 @@ pub struct Arbiter {
 struct Link {
     addr: String,
     /// None after a failure, until the next request reconnects.
-    conn: Option<BufReader<TcpStream>>,
+    conn: Option<BufReader<ClientConn>>,
+    /// Mutual TLS on every connection; `None`: plaintext.
+    tls: Option<Tls>,
     connect_timeout: Duration,
     retry_for: Duration,
     session: u64,
@@ -134,7 +142,12 @@ impl DiskClient {
     /// `timeout`; `timeout` also bounds each later connection attempt. An
     /// arbiter-only server is refused with [`ClientError::NoDisk`].
     pub fn connect(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
-        let (link, kind) = Link::open(addr, timeout)?;
+        Self::connect_secured(addr, timeout, None)
+    }
+
+    /// [`DiskClient::connect`], over mutual TLS with `tls` when given.
+    pub fn connect_secured(addr: &str, timeout: Duration, tls: Option<Tls>) -> Result<Self, ClientError> {
+        let (link, kind) = Link::open(addr, timeout, tls)?;
         match kind {
             ServerKind::Disk { size } => Ok(DiskClient { link, size }),
             ServerKind::ArbiterOnly => Err(ClientError::NoDisk { addr: addr.to_string() }),
@@ -265,7 +278,12 @@ impl Arbiter {
     /// or disk server. A server that is not listening yet is waited for, up
     /// to `timeout`; `timeout` also bounds each later connection attempt.
     pub fn connect(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
-        let (link, kind) = Link::open(addr, timeout)?;
+        Self::connect_secured(addr, timeout, None)
+    }
+
+    /// [`Arbiter::connect`], over mutual TLS with `tls` when given.
+    pub fn connect_secured(addr: &str, timeout: Duration, tls: Option<Tls>) -> Result<Self, ClientError> {
+        let (link, kind) = Link::open(addr, timeout, tls)?;
         Ok(Arbiter { link, kind })
     }
 
@@ -315,10 +333,11 @@ impl Arbiter {
 
 impl Link {
     /// A new session on the server at `addr`, and what the server serves.
-    fn open(addr: &str, timeout: Duration) -> Result<(Link, ServerKind), ClientError> {
+    fn open(addr: &str, timeout: Duration, tls: Option<Tls>) -> Result<(Link, ServerKind), ClientError> {
         let mut link = Link {
             addr: addr.to_string(),
             conn: None,
+            tls,
             connect_timeout: timeout,
             retry_for: DEFAULT_RETRY_FOR,
             session: rand::random(),
@@ -426,13 +445,15 @@ impl Link {
         let conn = self.conn.insert(conn);
         // The answer must come by the deadline; waiting longer would only
         // end in Unreachable anyway.
-        Timed::until(conn.get_ref(), deadline)
+        let socket = conn.get_mut();
+        socket.timed().set_deadline(deadline);
+        socket
             .write_all(frame)
+            .and_then(|()| socket.flush())
             .map_err(|e| Failure::Retry(format!("sending a request: {e}")))?;
         let addr = &self.addr;
         let wire = |e: WireError| wire_failure(addr, e);
-        let mut input = Deadlined { conn, deadline };
-        proto::read_frame(&mut input, &mut self.buf).map_err(wire)?;
+        proto::read_frame(conn, &mut self.buf).map_err(wire)?;
         let response: Response = proto::decode(&self.buf).map_err(wire)?;
         if response.seq != seq {
             return Err(Failure::Fatal(ClientError::Protocol {
@@ -444,7 +465,7 @@ impl Link {
     }
 
     /// Connects and does the handshake.
-    fn establish(&self, deadline: Instant) -> Result<BufReader<TcpStream>, Failure> {
+    fn establish(&self, deadline: Instant) -> Result<BufReader<ClientConn>, Failure> {
         let limit = remaining(deadline)?.min(self.connect_timeout);
         let addrs: Vec<SocketAddr> = match self.addr.to_socket_addrs() {
             Ok(addrs) => addrs.collect(),
@@ -464,13 +485,26 @@ impl Link {
         Err(Failure::Retry(last))
     }
 
-    fn handshake(&self, stream: TcpStream, limit: Duration) -> Result<BufReader<TcpStream>, Failure> {
+    fn handshake(&self, stream: TcpStream, limit: Duration) -> Result<BufReader<ClientConn>, Failure> {
         stream.set_nodelay(true).map_err(|e| Failure::Retry(format!("setting up the connection: {e}")))?;
-        let mut timed = Timed::new(&stream, limit);
-        timed.write_all(&proto::preamble()).map_err(|e| Failure::Retry(format!("sending the preamble: {e}")))?;
-        proto::read_preamble(&mut timed).map_err(|e| wire_failure(&self.addr, e))?;
+        let tls_failed = |why: String| Failure::Fatal(ClientError::Tls { addr: self.addr.clone(), why });
+        let conn = secure::connect(Timed::new(stream, limit), &self.addr, self.tls.as_ref()).map_err(|e| match e {
+            TlsFailure::Refused(why) => tls_failed(why),
+            TlsFailure::Connection(e) => Failure::Retry(format!("the TLS handshake: {e}")),
+        })?;
+        let mut conn = BufReader::new(conn);
+        let out = conn.get_mut();
+        out.write_all(&proto::preamble())
+            .and_then(|()| out.flush())
+            .map_err(|e| Failure::Retry(format!("sending the preamble: {e}")))?;
+        proto::read_preamble(&mut conn).map_err(|e| match secure::tls_refusal(&e) {
+            // TLS 1.3 lets a client finish its handshake before the server
+            // has judged its certificate: a refusal arrives as an alert here.
+            Some(why) => tls_failed(why),
+            None => wire_failure(&self.addr, e),
+        })?;
         debug!(addr = %self.addr, "connected to the disk server");
-        Ok(BufReader::new(stream))
+        Ok(conn)
     }
 
     /// Records a failed attempt; pauses before the next unless it is the
@@ -496,23 +530,6 @@ impl Link {
 
     fn unexpected(&self, wanted: &str, got: &Reply) -> ClientError {
         self.protocol(format!("expected a {wanted} reply, got {}", got.kind()))
-    }
-}
-
-/// The buffered connection, read with a deadline on every system call.
-struct Deadlined<'a> {
-    conn: &'a mut BufReader<TcpStream>,
-    deadline: Instant,
-}
-
-impl std::io::Read for Deadlined<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the deadline passed"));
-        }
-        self.conn.get_ref().set_read_timeout(Some(left))?;
-        self.conn.read(buf)
     }
 }
 

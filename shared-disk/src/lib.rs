@@ -36,6 +36,13 @@
 //!   after a lost connection is applied once and never overtaken by its own
 //!   original (still queued in the server, or still in the network).
 //!
+//! - transport security ([`secure`]): optionally mutual TLS on every
+//!   connection (`ftdisk --tls-cert --tls-key --tls-ca`,
+//!   [`Server::start_secured`], [`DiskClient::connect_secured`],
+//!   [`Arbiter::connect_secured`]), and authorization by the client
+//!   certificate's subject name (`--tls-allow`): an unlisted certificate
+//!   may not read, write, flush or test-and-set ([`DiskError::Forbidden`]).
+//!
 //! # Arbitration from a VMM
 //!
 //! The API a VMM uses for go-live arbitration is the same on both kinds of
@@ -97,6 +104,11 @@
 //! logs one line). The bincode encoding of the types in [`proto`] is the
 //! wire format: changing them means bumping [`PROTOCOL_VERSION`].
 //!
+//! With TLS the connection starts with a TLS handshake, and everything
+//! above runs inside it. [`DiskError::Forbidden`] (appended to the error
+//! enum, so every earlier encoding is unchanged) is sent only by a server
+//! with an allow list.
+//!
 //! Version 2 (this one) added the session and sequence number to
 //! requests (replacing version 1's request id), `arbiter_only` to the Info
 //! reply, and the errors `NoImage`, `Stale` and `Busy`. Version 1 and 2
@@ -109,6 +121,7 @@
 mod client;
 mod owner;
 pub mod proto;
+pub mod secure;
 mod server;
 pub mod session;
 mod timed;
@@ -118,6 +131,7 @@ mod tests;
 
 pub use client::{Arbiter, ClientError, DiskClient, ServerKind, TasOutcome, DEFAULT_RETRY_FOR};
 pub use proto::{DiskError, Op, Reply, Request, Response};
+pub use secure::{read_allow_file, Access};
 pub use server::{
     serve, serve_arbiter, Server, ServerError, ServerStats, FRAME_TIMEOUT, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT,
     MAX_CONNECTIONS, RETAINED_BUFFER,

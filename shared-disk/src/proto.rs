@@ -61,6 +61,13 @@ impl Op {
             Op::Info => "Info",
         }
     }
+
+    /// True for what only an authorized client may do: touch the disk's
+    /// data or claim the record. Asking what is served and who owns it is
+    /// open to every certificate from the CA.
+    pub fn needs_authorization(&self) -> bool {
+        !matches!(self, Op::Owner | Op::Info)
+    }
 }
 
 /// The server's answer to one [`Request`].
@@ -140,6 +147,11 @@ pub enum DiskError {
     /// sessions); trying again later may work. Nothing was executed.
     #[error("the disk server is busy: {0}")]
     Busy(String),
+    /// The client's TLS certificate (subject common name `name`) is not on
+    /// the server's allow list: it may not read, write, flush or
+    /// test-and-set. Nothing was executed.
+    #[error("the disk server refuses the certificate {name:?}: it is not on its allow list (ftdisk --tls-allow)")]
+    Forbidden { name: String },
 }
 
 /// Encodes `Vec<u8>` as bincode bytes: the same bytes on the wire as serde's

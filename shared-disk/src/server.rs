@@ -21,12 +21,13 @@
 
 use crate::owner::{self, OwnerRecord};
 use crate::proto::{self, DiskError, Op, Reply, Request, Response, WireError};
+use crate::secure::{self, Access};
 use crate::session::{Disposition, Sessions, Slot, MAX_SESSIONS};
 use crate::timed::Timed;
 use crate::{MAX_IO, SECTOR_SIZE};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -153,6 +154,8 @@ struct Shared {
     store: Store,
     sessions: Sessions,
     timeouts: Timeouts,
+    /// TLS and authorization; `None`: plaintext, anyone may do anything.
+    access: Option<Access>,
     stopping: AtomicBool,
     /// Connections by number, until the accept thread reaps them after
     /// they end.
@@ -200,7 +203,23 @@ impl Server {
     /// record `IMAGE.owner` (and locks it through `IMAGE.owner.lock`), and
     /// starts serving on `listener` in background threads.
     pub fn start(image: &Path, listener: TcpListener) -> Result<Server, ServerError> {
-        Self::launch(open_disk(image)?, listener, Timeouts::default())
+        Self::launch(open_disk(image)?, listener, Timeouts::default(), None)
+    }
+
+    /// [`Server::start`], with mutual TLS and authorization when `access`
+    /// is given (see [`crate::secure`]).
+    pub fn start_secured(image: &Path, listener: TcpListener, access: Option<Access>) -> Result<Server, ServerError> {
+        Self::launch(open_disk(image)?, listener, Timeouts::default(), access)
+    }
+
+    /// [`Server::start_arbiter`], with mutual TLS and authorization when
+    /// `access` is given.
+    pub fn start_arbiter_secured(
+        state: &Path,
+        listener: TcpListener,
+        access: Option<Access>,
+    ) -> Result<Server, ServerError> {
+        Self::launch(open_record(state, None)?, listener, Timeouts::default(), access)
     }
 
     /// An arbiter-only server: no image, only the arbitration record, kept
@@ -208,16 +227,21 @@ impl Server {
     /// at generation 0, if missing; locked through `STATE.lock`). Reads,
     /// writes and flushes are answered with [`DiskError::NoImage`].
     pub fn start_arbiter(state: &Path, listener: TcpListener) -> Result<Server, ServerError> {
-        Self::launch(open_record(state, None)?, listener, Timeouts::default())
+        Self::launch(open_record(state, None)?, listener, Timeouts::default(), None)
     }
 
     /// [`Server::start`] with other timeouts (for tests).
     #[cfg(test)]
     pub(crate) fn start_with(image: &Path, listener: TcpListener, timeouts: Timeouts) -> Result<Server, ServerError> {
-        Self::launch(open_disk(image)?, listener, timeouts)
+        Self::launch(open_disk(image)?, listener, timeouts, None)
     }
 
-    fn launch(store: Store, listener: TcpListener, timeouts: Timeouts) -> Result<Server, ServerError> {
+    fn launch(
+        store: Store,
+        listener: TcpListener,
+        timeouts: Timeouts,
+        access: Option<Access>,
+    ) -> Result<Server, ServerError> {
         let addr = listener
             .local_addr()
             .map_err(|e| ServerError::Io { what: "reading the listen address".into(), source: e })?;
@@ -225,6 +249,7 @@ impl Server {
             store,
             sessions: Sessions::new(),
             timeouts,
+            access,
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             executed: AtomicU64::new(0),
@@ -457,22 +482,40 @@ impl Drop for CountPanic<'_> {
 /// the way out.
 fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
     debug!(%peer, "connected");
-    match converse(shared, &stream) {
+    match converse(shared, &stream, peer) {
         Ok(()) => debug!(%peer, "disconnected"),
         Err(e) if e.is_timeout() => info!(%peer, "dropping the connection: timed out ({e})"),
-        Err(WireError::Io { source, .. }) if source.kind() == std::io::ErrorKind::ConnectionReset => {
+        Err(WireError::Io { source, .. }) if source.kind() == ErrorKind::ConnectionReset => {
             debug!(%peer, "the peer reset the connection")
+        }
+        // A TLS client that goes away without a close_notify: what a
+        // client that drops its connection does.
+        Err(WireError::Io { what, source }) if what == WAITING && source.kind() == ErrorKind::UnexpectedEof => {
+            debug!(%peer, "disconnected")
         }
         Err(e) => warn!(%peer, "dropping the connection: {e}"),
     }
 }
 
-fn converse(shared: &Shared, stream: &TcpStream) -> Result<(), WireError> {
+const WAITING: &str = "waiting for a request";
+
+fn converse(shared: &Shared, stream: &TcpStream, peer: SocketAddr) -> Result<(), WireError> {
     let timeouts = shared.timeouts;
     stream.set_nodelay(true).map_err(|e| WireError::io("setting TCP_NODELAY", e))?;
-    let mut out = Timed::new(stream, timeouts.handshake);
-    out.write_all(&proto::preamble()).map_err(|e| WireError::io("sending the preamble", e))?;
-    let mut input = BufReader::with_capacity(INPUT_BUFFER, Timed::new(stream, timeouts.handshake));
+    let tls = shared.access.as_ref().map(|access| &access.tls);
+    let (conn, name) = secure::accept(Timed::new(stream, timeouts.handshake), tls)
+        .map_err(|e| WireError::io("refusing the TLS handshake", e))?;
+    let authorized = shared.access.as_ref().is_none_or(|access| access.allows(name.as_deref()));
+    if let Some(name) = &name {
+        if authorized {
+            debug!(%peer, name, "TLS: a certificate from our CA");
+        } else {
+            warn!(%peer, name, "TLS: the certificate is not on the allow list: it may not read, write or claim");
+        }
+    }
+    let mut input = BufReader::with_capacity(INPUT_BUFFER, conn);
+    input.get_mut().write_all(&proto::preamble()).map_err(|e| WireError::io("sending the preamble", e))?;
+    input.get_mut().flush().map_err(|e| WireError::io("sending the preamble", e))?;
     proto::read_preamble(&mut input)?;
     let mut buf = Vec::new();
     // The session of the last request: kept in use (not evictable) while
@@ -481,26 +524,35 @@ fn converse(shared: &Shared, stream: &TcpStream) -> Result<(), WireError> {
     loop {
         // Idle between requests, but once a frame has begun the rest must
         // follow promptly.
-        input.get_mut().set_within(timeouts.idle);
+        input.get_mut().timed().set_within(timeouts.idle);
         match input.fill_buf() {
             Ok([]) => return Ok(()),
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(WireError::io("waiting for a request", e)),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(WireError::io(WAITING, e)),
         }
-        input.get_mut().set_within(timeouts.frame);
+        input.get_mut().timed().set_within(timeouts.frame);
         proto::read_frame(&mut input, &mut buf)?;
         let request: Request = proto::decode(&buf)?;
         if buf.capacity() > RETAINED_BUFFER {
             buf = Vec::with_capacity(RETAINED_BUFFER);
         }
         let seq = request.seq;
-        let result = shared.handle(request, &mut session);
+        let result = match (&name, authorized || !request.op.needs_authorization()) {
+            (_, true) => shared.handle(request, &mut session),
+            // Refused before its session sees it: nothing is executed.
+            (name, false) => {
+                let name = name.clone().unwrap_or_default();
+                warn!(%peer, name, "refused a {} from a certificate that is not on the allow list", request.op.kind());
+                Err(DiskError::Forbidden { name })
+            }
+        };
         let frame = proto::encode(&Response { seq, result })?;
         // Not reading the next request until this answer is out bounds what
         // a client that does not read can make us hold.
-        out.set_within(timeouts.frame);
-        out.write_all(&frame).map_err(|e| WireError::io("sending a response", e))?;
+        let out = input.get_mut();
+        out.timed().set_within(timeouts.frame);
+        out.write_all(&frame).and_then(|()| out.flush()).map_err(|e| WireError::io("sending a response", e))?;
     }
 }
 

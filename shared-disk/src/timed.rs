@@ -3,25 +3,27 @@
 //! answer, past it (a per-call socket timeout alone would allow that: each
 //! byte would restart it).
 
+use std::borrow::Borrow;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-/// `stream`, with reads and writes that fail with [`io::ErrorKind::TimedOut`]
-/// once `deadline` has passed.
+/// `stream` (a `TcpStream` or a reference to one), with reads and writes
+/// that fail with [`io::ErrorKind::TimedOut`] once `deadline` has passed.
 #[derive(Debug)]
-pub(crate) struct Timed<'a> {
-    stream: &'a TcpStream,
+pub(crate) struct Timed<S> {
+    stream: S,
     deadline: Instant,
 }
 
-impl<'a> Timed<'a> {
-    pub(crate) fn new(stream: &'a TcpStream, within: Duration) -> Self {
+impl<S: Borrow<TcpStream>> Timed<S> {
+    pub(crate) fn new(stream: S, within: Duration) -> Self {
         Timed { stream, deadline: Instant::now() + within }
     }
 
-    pub(crate) fn until(stream: &'a TcpStream, deadline: Instant) -> Self {
-        Timed { stream, deadline }
+    /// Moves the deadline to `deadline`.
+    pub(crate) fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = deadline;
     }
 
     /// Moves the deadline to `within` from now.
@@ -40,18 +42,20 @@ impl<'a> Timed<'a> {
     }
 }
 
-impl Read for Timed<'_> {
+impl<S: Borrow<TcpStream>> Read for Timed<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.set_read_timeout(Some(self.remaining()?))?;
-        let mut stream = self.stream;
+        let left = self.remaining()?;
+        let mut stream: &TcpStream = self.stream.borrow();
+        stream.set_read_timeout(Some(left))?;
         stream.read(buf)
     }
 }
 
-impl Write for Timed<'_> {
+impl<S: Borrow<TcpStream>> Write for Timed<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.stream.set_write_timeout(Some(self.remaining()?))?;
-        let mut stream = self.stream;
+        let left = self.remaining()?;
+        let mut stream: &TcpStream = self.stream.borrow();
+        stream.set_write_timeout(Some(left))?;
         stream.write(buf)
     }
 

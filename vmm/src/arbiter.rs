@@ -12,8 +12,8 @@ use std::time::Duration;
 pub struct RemoteArbiter(Mutex<shared_disk::Arbiter>);
 
 impl RemoteArbiter {
-    pub fn connect(addr: &str) -> std::io::Result<Self> {
-        let arbiter = shared_disk::Arbiter::connect(addr, Duration::from_secs(10))
+    pub fn connect(addr: &str, tls: Option<credentials::Tls>) -> std::io::Result<Self> {
+        let arbiter = shared_disk::Arbiter::connect_secured(addr, Duration::from_secs(10), tls)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(RemoteArbiter(Mutex::new(arbiter)))
     }

@@ -20,6 +20,7 @@ use crate::run::{check_begin, restore_state, Joiner, StateIn, Vmm};
 use crate::snapshot::{SnapshotError, StateReader};
 use crate::tap::{format_mac, HostNic};
 use crate::{loader, rdtsc, vm};
+use credentials::Tls;
 use logging_channel::{BackupLink, ChannelConfig, LogStart, PrimaryListener};
 use replay::{Header, LogReader, LogWriter, Recorder, Replayer};
 use std::fs::File;
@@ -45,10 +46,10 @@ fn image(source: &ImageSource) -> Result<(String, Vec<u8>), Error> {
     }
 }
 
-fn open_disk(spec: &DiskSpec) -> Result<DiskPort, Error> {
+fn open_disk(spec: &DiskSpec, tls: Option<&Tls>) -> Result<DiskPort, Error> {
     let backend: Box<dyn BlockBackend> = match spec {
         DiskSpec::Ftdisk(addr) => {
-            Box::new(FtdiskBackend::connect(addr).map_err(|e| usage(format!("--disk {spec}: {e}")))?)
+            Box::new(FtdiskBackend::connect(addr, tls.cloned()).map_err(|e| usage(format!("--disk {spec}: {e}")))?)
         }
         DiskSpec::File(path) => Box::new(FileBackend::open(path).map_err(|e| usage(format!("--disk {spec}: {e}")))?),
     };
@@ -114,9 +115,9 @@ fn wire(
     disk: Option<&mut DiskPort>,
     restored_at: Option<u64>,
     nic: Option<HostNic>,
+    tls: Option<&Tls>,
 ) -> Result<Wiring, Error> {
-    let channel =
-        ChannelConfig { heartbeat_timeout: config.heartbeat, poll: config.channel_poll, ..Default::default() };
+    let channel = channel_config(config, tls);
     let wiring = match &config.mode {
         Mode::Replay { log } => {
             let file = File::open(log).map_err(|e| usage(format!("cannot open log {}: {e}", log.display())))?;
@@ -258,11 +259,42 @@ fn wire(
     Ok(wiring)
 }
 
+/// The logging channel's settings for `config`.
+fn channel_config(config: &VmConfig, tls: Option<&Tls>) -> ChannelConfig {
+    ChannelConfig {
+        heartbeat_timeout: config.heartbeat,
+        poll: config.channel_poll,
+        tls: tls.cloned(),
+        ..Default::default()
+    }
+}
+
+/// Loads the TLS credentials, if any; without them, warns once that what
+/// this VMM sends to other hosts (the logging channel, ftdisk) is plaintext.
+fn load_tls(config: &VmConfig) -> Result<Option<Tls>, Error> {
+    match &config.tls {
+        Some(files) => Tls::load(files).map(Some).map_err(|e| usage(format!("TLS: {e}"))),
+        None => {
+            let networked = matches!(config.mode, Mode::Primary { .. } | Mode::Backup { .. })
+                || config.arbiter.is_some()
+                || matches!(config.disk, Some(DiskSpec::Ftdisk(_)));
+            if networked {
+                eprintln!(
+                    "ftvmm: warning: no TLS (--tls-cert, --tls-key, --tls-ca): the logging channel and ftdisk \
+                     traffic are plaintext and unauthenticated"
+                );
+            }
+            Ok(None)
+        }
+    }
+}
+
 /// Builds the VM `config` describes, booted from its image.
 pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
     let (name, image) = image(&config.image)?;
     let mem_size = config.mem_mib << 20;
-    let mut disk = config.disk.as_ref().map(open_disk).transpose()?;
+    let tls = load_tls(config)?;
+    let mut disk = config.disk.as_ref().map(|spec| open_disk(spec, tls.as_ref())).transpose()?;
     let mut header = header(&image, config, disk.as_ref());
 
     let endpoint = Endpoint::bind(&config.serial).map_err(|e| usage(format!("--serial {:?}: {e}", config.serial)))?;
@@ -270,7 +302,9 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         eprintln!("ftvmm: serial console on {addr}");
     }
     let arbiter = match &config.arbiter {
-        Some(addr) => Some(RemoteArbiter::connect(addr).map_err(|e| usage(format!("--arbiter ftdisk:{addr}: {e}")))?),
+        Some(addr) => Some(
+            RemoteArbiter::connect(addr, tls.clone()).map_err(|e| usage(format!("--arbiter ftdisk:{addr}: {e}")))?,
+        ),
         None => None,
     };
     let arbitration = match (&arbiter, &disk) {
@@ -306,7 +340,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         _ => None,
     };
     let Wiring { mut inputs, output, role, joining } =
-        wire(config, &mut header, endpoint, disk.as_mut(), restored_at, nic)?;
+        wire(config, &mut header, endpoint, disk.as_mut(), restored_at, nic, tls.as_ref())?;
     if unarbitrated && matches!(config.mode, Mode::Primary { .. } | Mode::Backup { .. }) {
         eprintln!(
             "ftvmm: warning: no go-live arbitration (neither --disk ftdisk:ADDR nor --arbiter ftdisk:ADDR): \
@@ -350,8 +384,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         crate::run::CheckPolicy { every_ms: config.check_every_ms, every_exits: config.check_every_exits },
         config.inject_divergence_at,
     );
-    vmm.channel =
-        ChannelConfig { heartbeat_timeout: config.heartbeat, poll: config.channel_poll, ..Default::default() };
+    vmm.channel = channel_config(config, tls.as_ref());
     if let Some(restored) = restored {
         let exit = restored.exits;
         vmm.adopt(restored).map_err(|e| usage(format!("{from}: {e}")))?;

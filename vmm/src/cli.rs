@@ -174,6 +174,23 @@ pub struct Cli {
     /// next digest check finds the divergence (and a backup repairs it).
     #[arg(long, value_name = "EXIT", value_parser = clap::value_parser!(u64).range(1..))]
     pub inject_divergence_at: Option<u64>,
+
+    /// Mutual TLS on the logging channel (and the state transfer it carries)
+    /// and to ftdisk: this VMM's certificate (PEM). Its peers must present
+    /// certificates from --tls-ca; a server's must name the address it is
+    /// reached at (an IP or DNS subject alternative name). All three of
+    /// --tls-cert, --tls-key and --tls-ca, or none (plaintext, with a
+    /// warning).
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA certificate(s) (PEM) that peers' certificates must chain to.
+    #[arg(long, value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// `ftvmm check`: does a guest image replay deterministically?
@@ -336,6 +353,7 @@ impl Cli {
             },
             None => None,
         };
+        let tls = credentials::TlsFiles::from_flags(self.tls_cert, self.tls_key, self.tls_ca)?;
         let arbitrated = arbiter.is_some() || matches!(disk, Some(DiskSpec::Ftdisk(_)));
         if self.net.is_some() && (self.primary || self.backup) && !arbitrated {
             return Err("--net with --primary/--backup needs go-live arbitration (--disk ftdisk:ADDR or --arbiter \
@@ -366,6 +384,7 @@ impl Cli {
             check_every_ms: self.check_every_ms,
             check_every_exits: self.check_every_exits,
             inject_divergence_at: self.inject_divergence_at,
+            tls,
             ..VmConfig::new(image)
         })))
     }

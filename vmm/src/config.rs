@@ -94,6 +94,8 @@ pub struct VmConfig {
     pub check_every_exits: u64,
     /// Testing aid: a replaying VM flips a byte of its guest memory here.
     pub inject_divergence_at: Option<u64>,
+    /// Mutual TLS on the logging channel and to ftdisk (`None`: plaintext).
+    pub tls: Option<credentials::TlsFiles>,
 }
 
 /// Default period of the digest checks, in ms of guest time. A check costs
@@ -127,6 +129,7 @@ impl VmConfig {
             check_every_ms: DEFAULT_CHECK_EVERY_MS,
             check_every_exits: 0,
             inject_divergence_at: None,
+            tls: None,
         }
     }
 

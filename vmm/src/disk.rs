@@ -48,8 +48,8 @@ pub struct FtdiskBackend {
 }
 
 impl FtdiskBackend {
-    pub fn connect(addr: &str) -> std::io::Result<Self> {
-        let client = shared_disk::DiskClient::connect(addr, std::time::Duration::from_secs(10))
+    pub fn connect(addr: &str, tls: Option<credentials::Tls>) -> std::io::Result<Self> {
+        let client = shared_disk::DiskClient::connect_secured(addr, std::time::Duration::from_secs(10), tls)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(FtdiskBackend { client, generation: 0 })
     }

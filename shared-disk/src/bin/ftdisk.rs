@@ -3,6 +3,9 @@
 //! `--arbiter-only`, the arbitration record alone.
 
 use clap::{ArgGroup, Parser};
+use credentials::{Tls, TlsFiles};
+use shared_disk::{read_allow_file, Access};
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +15,10 @@ use std::process::ExitCode;
 /// record is kept in IMAGE.owner. With --arbiter-only it serves no image,
 /// only an arbitration record kept in the --state file, for a pair that
 /// arbitrates its go-live decision here (ftvmm --arbiter ftdisk:ADDR).
+///
+/// With --tls-cert, --tls-key and --tls-ca every connection is mutual TLS:
+/// clients must present a certificate from the CA (--tls-allow narrows who
+/// may read, write and claim).
 ///
 /// Exactly one of --image and --arbiter-only is required. Exit status: 2
 /// for a usage error or when the server cannot start (one line on stderr:
@@ -40,6 +47,28 @@ struct Cli {
     /// Address to listen on, e.g. 0.0.0.0:7400 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     listen: String,
+    /// Mutual TLS: this server's certificate (PEM), which must name the
+    /// address clients connect to (an IP or DNS subject alternative name).
+    /// With --tls-key and --tls-ca; without all three, traffic is plaintext.
+    #[arg(long, value_name = "PATH")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PATH")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) whose certificates clients must present.
+    #[arg(long, value_name = "PATH")]
+    tls_ca: Option<PathBuf>,
+    /// With TLS: a client certificate subject name (CN) that may read,
+    /// write and claim (test-and-set); repeatable. Clients with other
+    /// certificates from the CA get an error and nothing is executed.
+    /// Without --tls-allow and --tls-allow-file, every certificate from the
+    /// CA may.
+    #[arg(long, value_name = "NAME")]
+    tls_allow: Vec<String>,
+    /// With TLS: a file of allowed certificate names, one a line (`#` starts
+    /// a comment line); adds to --tls-allow.
+    #[arg(long, value_name = "PATH")]
+    tls_allow_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -67,16 +96,56 @@ fn main() -> ExitCode {
     }
 }
 
+/// The TLS configuration and allow list the flags ask for (`None`:
+/// plaintext, with a warning).
+fn access(cli: &Cli) -> Result<Option<Access>, String> {
+    let files = TlsFiles::from_flags(cli.tls_cert.clone(), cli.tls_key.clone(), cli.tls_ca.clone())?;
+    let allowing = !cli.tls_allow.is_empty() || cli.tls_allow_file.is_some();
+    let Some(files) = files else {
+        if allowing {
+            return Err("--tls-allow and --tls-allow-file need TLS (--tls-cert, --tls-key, --tls-ca)".into());
+        }
+        eprintln!(
+            "ftdisk: warning: no TLS (--tls-cert, --tls-key, --tls-ca): the disk's traffic is plaintext, and anyone \
+             who reaches {} can read, write and claim it",
+            cli.listen
+        );
+        return Ok(None);
+    };
+    let tls = Tls::load(&files).map_err(|e| e.to_string())?;
+    let allowed = if allowing {
+        let mut names: BTreeSet<String> = cli.tls_allow.iter().cloned().collect();
+        if let Some(path) = &cli.tls_allow_file {
+            names.extend(read_allow_file(path)?);
+        }
+        if names.is_empty() {
+            return Err("the allow list is empty: no client could read, write or claim".into());
+        }
+        eprintln!(
+            "ftdisk: TLS as {}; allowed to read, write and claim: {}",
+            tls.name(),
+            names.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+        Some(names)
+    } else {
+        eprintln!("ftdisk: TLS as {}; every certificate from the CA may read, write and claim", tls.name());
+        None
+    };
+    Ok(Some(Access { tls, allowed }))
+}
+
 fn run(cli: &Cli) -> Result<(), String> {
+    let access = access(cli)?;
     let listener = TcpListener::bind(&cli.listen).map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
     let server = match (&cli.image, &cli.state) {
         (Some(image), None) => {
-            let server = shared_disk::Server::start(image, listener).map_err(|e| e.to_string())?;
+            let server = shared_disk::Server::start_secured(image, listener, access).map_err(|e| e.to_string())?;
             eprintln!("ftdisk: serving {} ({} bytes) on {}", image.display(), server.size(), server.local_addr());
             server
         }
         (None, Some(state)) if cli.arbiter_only => {
-            let server = shared_disk::Server::start_arbiter(state, listener).map_err(|e| e.to_string())?;
+            let server =
+                shared_disk::Server::start_arbiter_secured(state, listener, access).map_err(|e| e.to_string())?;
             eprintln!(
                 "ftdisk: serving the arbitration record {} (arbiter only) on {}",
                 state.display(),

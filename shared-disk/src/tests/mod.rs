@@ -7,6 +7,7 @@ mod bounds;
 mod props;
 mod proxy;
 mod sessions;
+mod tls;
 
 use crate::proto::{self, DiskError, Op, Reply, Request, Response};
 use crate::*;

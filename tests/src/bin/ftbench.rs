@@ -32,7 +32,12 @@
 //! console client reading, without and with `--poll-us`: p50 and p99 of each
 //! hop of an output's way, from the primary's and the backup's `--stats`.
 //!
-//! `--only SECTION` (record-replay, ft, commit, kvstore, join, redis) runs one section.
+//! TLS (`--only tls`, not in the default run): the cost of mutual TLS on
+//! the logging channel and to ftdisk — for `compute`, `ticker`, kvstore and
+//! (root) redis, the FT throughput ratio and the primary's output-commit
+//! latency (p50, p99), in plaintext and with TLS, in one run, interleaved.
+//!
+//! `--only SECTION` (record-replay, ft, commit, kvstore, join, redis, tls) runs one section.
 //!
 //! `ftbench soak --minutes N [--load]`: memory over time and false
 //! failovers. It runs a `ticker` pair at 1 kHz with no console client, one
@@ -114,12 +119,22 @@ fn record_replay(runs: usize) {
 /// Wall seconds of a primary run with a backup attached (the backup starts
 /// first, so the handshake is immediate), and the primary's stderr.
 fn time_ft(guest: &str, cmdline: &str) -> (f64, String) {
+    time_ft_with(guest, cmdline, &Security::Plaintext)
+}
+
+/// [`time_ft`], with `security` on the logging channel.
+fn time_ft_with(guest: &str, cmdline: &str, security: &Security) -> (f64, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
     let addr = format!("127.0.0.1:{port}");
-    let backup = Proc::spawn(&["--backup", "--guest", guest, "--cmdline", cmdline, "--connect", &addr]);
+    let b_tls = security.flags("backup");
+    let mut bargs = vec!["--backup", "--guest", guest, "--cmdline", cmdline, "--connect", &addr];
+    bargs.extend(b_tls.iter().map(String::as_str));
+    let backup = Proc::spawn(&bargs);
     std::thread::sleep(Duration::from_millis(200));
     let start = Instant::now();
-    let args = ["--primary", "--guest", guest, "--cmdline", cmdline, "--listen", &addr, "--stats"];
+    let p_tls = security.flags("primary");
+    let mut args = vec!["--primary", "--guest", guest, "--cmdline", cmdline, "--listen", &addr, "--stats"];
+    args.extend(p_tls.iter().map(String::as_str));
     let r = wait(ftvmm(&args).spawn().expect("spawn ftvmm"), TIMEOUT);
     let elapsed = start.elapsed().as_secs_f64();
     assert_eq!(r.status, Some(0), "primary failed: {}", r.stderr);
@@ -503,6 +518,11 @@ impl Drop for RedisVm {
 }
 
 fn redis_vm(with_backup: bool, dir: &Scratch) -> RedisVm {
+    redis_vm_with(with_backup, dir, &Security::Plaintext)
+}
+
+/// [`redis_vm`], with `security` on the logging channel and the arbiter.
+fn redis_vm_with(with_backup: bool, dir: &Scratch, security: &Security) -> RedisVm {
     let net = "10.87.0";
     let lab = Lab::create("ftbr", net, &[("p", 1), ("b", 2), ("s", 4)], std::process::id()).expect("root for labs");
     lab.add_tap("p", "fttap").unwrap();
@@ -510,7 +530,8 @@ fn redis_vm(with_backup: bool, dir: &Scratch) -> RedisVm {
     let vm = format!("{net}.10");
     let cmdline = format!("ip={vm}/24");
     let ns = |h: &str| lab.host(h).map(|h| h.ns.clone()).unwrap_or_default();
-    let mut common = vec!["--guest", "redis", "--cmdline", cmdline.as_str(), "--net", "tap:fttap"];
+    let mut common = vec!["--guest", "redis", "--cmdline", cmdline.as_str(), "--net", "tap:fttap", "--stats"];
+    let (p_tls, b_tls, s_tls) = (security.flags("primary"), security.flags("backup"), security.flags("storage"));
     let mut procs = Vec::new();
     let mut arbiter = None;
     let arb = format!("ftdisk:{net}.4:7100");
@@ -521,6 +542,7 @@ fn redis_vm(with_backup: bool, dir: &Scratch) -> RedisVm {
             .args(["netns", "exec", &ns("s")])
             .arg(ftdisk_bin())
             .args(["--arbiter-only", "--state", &state, "--listen", &format!("{net}.4:7100")])
+            .args(&s_tls)
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("spawn ftdisk");
@@ -529,10 +551,12 @@ fn redis_vm(with_backup: bool, dir: &Scratch) -> RedisVm {
         common.extend_from_slice(&["--arbiter", arb.as_str()]);
         let mut pargs = vec!["--primary", "--listen", listen.as_str()];
         pargs.extend_from_slice(&common);
+        pargs.extend(p_tls.iter().map(String::as_str));
         let p = Proc::spawn_in(Some(&ns("p")), &pargs);
         p.wait_line("waiting for a backup", Duration::from_secs(30));
         let mut bargs = vec!["--backup", "--connect", listen.as_str()];
         bargs.extend_from_slice(&common);
+        bargs.extend(b_tls.iter().map(String::as_str));
         let b = Proc::spawn_in(Some(&ns("b")), &bargs);
         p.wait_line("backup attached", Duration::from_secs(30));
         procs.push(p);
@@ -634,6 +658,230 @@ fn redis_bench(runs: usize) {
         Err(_) => println!("(no redis-server on this host for context: apt-get install redis-server)"),
     }
     println!();
+}
+
+/// Plaintext, or mutual TLS with the credentials in a directory.
+enum Security {
+    Plaintext,
+    Tls(std::path::PathBuf),
+}
+
+impl Security {
+    /// Test credentials for the hosts `primary`, `backup` and `storage`,
+    /// valid on loopback and at `lab_ips` (the redis lab's addresses).
+    fn tls(dir: &Scratch, lab_ips: [&str; 3]) -> Security {
+        let ca = credentials::issue::Authority::new("ftbench CA").expect("CA");
+        ca.save(&dir.0).expect("save the CA");
+        for (name, ip) in ["primary", "backup", "storage"].into_iter().zip(lab_ips) {
+            let sans = [name, ip, "127.0.0.1", "localhost"].map(String::from);
+            ca.issue(&dir.0, name, &sans).expect("issue");
+        }
+        Security::Tls(dir.0.clone())
+    }
+
+    /// The ftvmm/ftdisk flags of host `name`.
+    fn flags(&self, name: &str) -> Vec<String> {
+        match self {
+            Security::Plaintext => Vec::new(),
+            Security::Tls(dir) => {
+                let file = |f: String| dir.join(f).display().to_string();
+                vec![
+                    "--tls-cert".into(),
+                    file(format!("{name}.pem")),
+                    "--tls-key".into(),
+                    file(format!("{name}.key")),
+                    "--tls-ca".into(),
+                    file("ca.pem".into()),
+                ]
+            }
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Security::Plaintext => "plaintext",
+            Security::Tls(_) => "TLS",
+        }
+    }
+}
+
+/// One row of the TLS comparison: a throughput ratio and commit latency.
+struct Cost {
+    ratio: f64,
+    p50: Option<u64>,
+    p99: Option<u64>,
+}
+
+fn show(v: Option<u64>) -> String {
+    v.map_or("n/a".into(), |v| v.to_string())
+}
+
+/// kvstore on ftdisk, alone or with a backup: set ops/s, and (with a
+/// backup) the primary's --stats line once the guest quit.
+fn kv_run(with_backup: bool, security: &Security, n: usize) -> (f64, String) {
+    let dir = Scratch::new("bench-kv-tls");
+    let image = dir.path("kv.img");
+    qemu_img(&image, 16 << 20);
+    let storage = security.flags("storage");
+    let mut dargs = vec!["--image", image.as_str()];
+    dargs.extend(storage.iter().map(String::as_str));
+    let (mut server, addr) = ftvmm_tests::spawn_ftdisk_with(&dargs, "127.0.0.1:0");
+    let disk = format!("ftdisk:{addr}");
+    let base = ["--guest", "kvstore", "--disk", disk.as_str(), "--serial", "tcp:127.0.0.1:0", "--stats"];
+    let (p_tls, b_tls) = (security.flags("primary"), security.flags("backup"));
+    let mut pargs: Vec<&str> = if with_backup { vec!["--primary", "--listen", "127.0.0.1:0"] } else { vec![] };
+    pargs.extend_from_slice(&base);
+    pargs.extend(p_tls.iter().map(String::as_str));
+    let p = Proc::spawn(&pargs);
+    let backup = with_backup.then(|| {
+        let log = p.wait_addr("waiting for a backup on", Duration::from_secs(20));
+        let mut bargs = vec!["--backup", "--connect", log.as_str()];
+        bargs.extend_from_slice(&base);
+        bargs.extend(b_tls.iter().map(String::as_str));
+        let b = Proc::spawn(&bargs);
+        p.wait_line("backup attached", Duration::from_secs(20));
+        b
+    });
+    let console = p.wait_addr("serial console on", Duration::from_secs(20));
+    let mut conn = kv_connect(&console);
+    let sets: Vec<String> = (0..n).map(|i| format!("set key{i} value{i}")).collect();
+    let (_, set_s) = kv_session(&mut conn, &sets);
+    let _ = conn.get_mut().write_all(b"quit\n");
+    let r = p.finish(Duration::from_secs(30));
+    drop(backup);
+    let _ = server.kill();
+    let _ = server.wait();
+    (n as f64 / set_s, r.stderr)
+}
+
+fn tls_cost(runs: usize) {
+    let dir = Scratch::new("bench-tls");
+    let tls = Security::tls(&dir, ["10.87.0.1", "10.87.0.2", "10.87.0.4"]);
+    let plain = Security::Plaintext;
+    println!(
+        "## TLS: plaintext vs mutual TLS on the logging channel and to ftdisk (loopback; median of {runs} runs, \
+         interleaved)\n"
+    );
+    println!("| workload | setup | FT ratio (alone/with) | commit p50 µs | commit p99 µs |");
+    println!("|---|---|---|---|---|");
+    let mut rows: Vec<(String, [Cost; 2])> = Vec::new();
+    for (guest, cmdline) in [("compute", "rounds=3000 kib=4096"), ("ticker", "hz=1000 ticks=2000")] {
+        // Interleaved (alone, plaintext, TLS, alone, ...), so that a noisy
+        // neighbour hits all three alike.
+        let mut alone = Vec::new();
+        let mut samples: [Vec<(f64, String)>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..runs {
+            alone.push(time_runs(&["--guest", guest, "--cmdline", cmdline], 1));
+            for (i, security) in [&plain, &tls].into_iter().enumerate() {
+                samples[i].push(time_ft_with(guest, cmdline, security));
+            }
+        }
+        let alone = median(alone);
+        let cost = |s: &Vec<(f64, String)>| {
+            let with = median(s.iter().map(|x| x.0).collect());
+            let pick = |key: &str| {
+                let v: Vec<f64> = s.iter().filter_map(|x| stat(&x.1, key)).map(|v| v as f64).collect();
+                (!v.is_empty()).then(|| median(v) as u64)
+            };
+            Cost { ratio: alone / with, p50: pick("p50"), p99: pick("p99") }
+        };
+        rows.push((format!("{guest} ({cmdline})"), [cost(&samples[0]), cost(&samples[1])]));
+    }
+    // kvstore: the ratio is set throughput with a backup ÷ alone.
+    let n = 500;
+    let mut kv: [Vec<(f64, f64, String)>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..runs {
+        for (i, security) in [&plain, &tls].into_iter().enumerate() {
+            let (alone, _) = kv_run(false, security, n);
+            let (with, stderr) = kv_run(true, security, n);
+            kv[i].push((alone, with, stderr));
+        }
+    }
+    let kv_cost = |s: &Vec<(f64, f64, String)>| {
+        let pick = |key: &str| {
+            let v: Vec<f64> = s.iter().filter_map(|x| stat(&x.2, key)).map(|v| v as f64).collect();
+            (!v.is_empty()).then(|| median(v) as u64)
+        };
+        Cost { ratio: median(s.iter().map(|x| x.1 / x.0).collect()), p50: pick("p50"), p99: pick("p99") }
+    };
+    rows.push((format!("kvstore ({n} sets, disk on ftdisk)"), [kv_cost(&kv[0]), kv_cost(&kv[1])]));
+    if ftvmm_tests::lab::is_root() {
+        let mut redis: [Vec<(f64, String)>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..runs {
+            for (i, security) in [&plain, &tls].into_iter().enumerate() {
+                redis[i].push(redis_ratio(&dir, security));
+            }
+        }
+        let redis_cost = |s: &Vec<(f64, String)>| {
+            let pick = |key: &str| {
+                let v: Vec<f64> = s.iter().filter_map(|x| stat(&x.1, key)).map(|v| v as f64).collect();
+                (!v.is_empty()).then(|| median(v) as u64)
+            };
+            Cost { ratio: median(s.iter().map(|x| x.0).collect()), p50: pick("p50"), p99: pick("p99") }
+        };
+        rows.push((
+            "redis (redis-benchmark -t set -c 1 -P 1 -n 5000)".into(),
+            [redis_cost(&redis[0]), redis_cost(&redis[1])],
+        ));
+    } else {
+        println!("(redis needs root for its network-namespace hosts: skipped)\n");
+    }
+    for (workload, costs) in &rows {
+        for (cost, security) in costs.iter().zip([&plain, &tls]) {
+            println!(
+                "| {workload} | {} | {:.3} | {} | {} |",
+                security.label(),
+                cost.ratio,
+                show(cost.p50),
+                show(cost.p99)
+            );
+        }
+    }
+    println!();
+    println!("| workload | ratio change (TLS − plaintext) | p99 change µs |");
+    println!("|---|---|---|");
+    for (workload, [plain, tls]) in &rows {
+        let p99 = match (plain.p99, tls.p99) {
+            (Some(a), Some(b)) => format!("{:+}", b as i64 - a as i64),
+            _ => "n/a".into(),
+        };
+        println!("| {workload} | {:+.3} | {p99} |", tls.ratio - plain.ratio);
+    }
+    println!();
+}
+
+/// redis-benchmark SET (-c 1 -P 1) with a backup ÷ alone, with `security`,
+/// and the primary's --stats after SHUTDOWN.
+fn redis_ratio(dir: &Scratch, security: &Security) -> (f64, String) {
+    let rps = |vm: &RedisVm| redis_benchmark_t(&vm.vm, 6379, "set", 5_000).first().map(|r| r.1).unwrap_or(f64::NAN);
+    let alone = {
+        let vm = redis_vm_with(false, dir, security);
+        rps(&vm)
+    };
+    let mut vm = redis_vm_with(true, dir, security);
+    let with = rps(&vm);
+    if let Ok(mut conn) = RespConn::connect(&format!("{}:6379", vm.vm), Duration::from_secs(5)) {
+        let _ = conn.cmd(&["SHUTDOWN"]);
+    }
+    let primary = vm.procs.remove(0);
+    let r = primary.finish(Duration::from_secs(20));
+    (with / alone, r.stderr)
+}
+
+/// redis-benchmark -t `test` -c 1 -P 1: test → (rps, p50 ms, p99 ms).
+fn redis_benchmark_t(host: &str, port: u16, test: &str, n: u32) -> Vec<(String, f64, f64, f64)> {
+    let out = std::process::Command::new("redis-benchmark")
+        .args(["-h", host, "-p", &port.to_string(), "-t", test, "-n", &n.to_string(), "-c", "1", "-P", "1", "--csv"])
+        .output()
+        .expect("redis-benchmark (Debian's redis-tools) is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').map(|x| x.trim_matches('"')).collect();
+            Some((f.first()?.to_string(), f.get(1)?.parse().ok()?, f.get(4)?.parse().ok()?, f.get(6)?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// A process's resident set in KiB.
@@ -798,12 +1046,12 @@ fn main() {
         match (a.as_str(), args.next()) {
             ("--runs", Some(n)) => runs = n.parse().unwrap_or(5).max(1),
             ("--only", Some(s))
-                if ["record-replay", "ft", "commit", "kvstore", "join", "redis"].contains(&s.as_str()) =>
+                if ["record-replay", "ft", "commit", "kvstore", "join", "redis", "tls"].contains(&s.as_str()) =>
             {
                 only = Some(s)
             }
             _ => {
-                eprintln!("usage: ftbench [--runs N] [--only record-replay|ft|commit|kvstore|join|redis]");
+                eprintln!("usage: ftbench [--runs N] [--only record-replay|ft|commit|kvstore|join|redis|tls]");
                 std::process::exit(2);
             }
         }
@@ -826,5 +1074,9 @@ fn main() {
     }
     if wanted("redis") {
         redis_bench(runs);
+    }
+    // Only when asked for: it repeats the FT runs twice over.
+    if only.as_deref() == Some("tls") {
+        tls_cost(runs);
     }
 }
