@@ -17,7 +17,7 @@ use std::io::{self, BufRead, Read, Write};
 /// First bytes of every log.
 pub const MAGIC: &[u8; 8] = b"FTVMMLOG";
 /// Version of the format written here; other versions are refused.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Largest frame accepted: bounds what a corrupt length can make us allocate.
 const MAX_FRAME: u64 = 64 << 20;
 

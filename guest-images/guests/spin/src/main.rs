@@ -1,0 +1,73 @@
+//! spin: programs the PIT at `hz` and runs a CPL3 loop with no port I/O and
+//! no other exit until its tick handler has counted `hz × seconds` ticks,
+//! then prints `spin: ticks=N loops=L checksum=C`, C a hash over (tick
+//! number, loop counter at that tick) for every tick.
+//!
+//! Unlike `timer`, the loop never calls `exit_point()`, and the PICs run in
+//! auto-EOI mode so that the tick handler does not exit either: the guest's
+//! only way to see a tick is the VMM kicking the vCPU and injecting the
+//! interrupt at a state sync. A different host timing gives a different
+//! checksum; a replay of a recording (or a backup) gives the recorded one.
+//!
+//! Command line: `hz=H` (default 100, 1..=1000), `seconds=S` (default 2).
+#![no_std]
+#![no_main]
+
+use core::sync::atomic::{AtomicU64, Ordering};
+use guest_rt::{hw, println, Fnv};
+
+guest_rt::entry!(main);
+
+static TICKS: AtomicU64 = AtomicU64::new(0);
+static PIT_IRQS: AtomicU64 = AtomicU64::new(0);
+static LOOPS: AtomicU64 = AtomicU64::new(0);
+static CHECKSUM: AtomicU64 = AtomicU64::new(0);
+/// PIT interrupts per tick: the PIT cannot run slower than about 19 Hz.
+static DIVISOR: AtomicU64 = AtomicU64::new(1);
+
+fn on_tick(_irq: u8) {
+    let irqs = PIT_IRQS.fetch_add(1, Ordering::Relaxed) + 1;
+    if irqs % DIVISOR.load(Ordering::Relaxed) != 0 {
+        return;
+    }
+    let tick = TICKS.load(Ordering::Relaxed) + 1;
+    let mut h = Fnv(CHECKSUM.load(Ordering::Relaxed));
+    h.u64(tick);
+    h.u64(LOOPS.load(Ordering::Relaxed));
+    CHECKSUM.store(h.0, Ordering::Relaxed);
+    TICKS.store(tick, Ordering::Relaxed);
+}
+
+fn main() -> u8 {
+    let hz = guest_rt::cmdline_u64("hz", 100).clamp(1, 1000);
+    let seconds = guest_rt::cmdline_u64("seconds", 2).max(1);
+    let target = hz * seconds;
+    CHECKSUM.store(Fnv::new().0, Ordering::Relaxed);
+    hw::pic_init_auto_eoi();
+    guest_rt::set_irq_handler(0, on_tick);
+    hw::pic_unmask(0);
+    let divisor = 19u64.div_ceil(hz);
+    DIVISOR.store(divisor, Ordering::Relaxed);
+    hw::pit_start_periodic(hz * divisor);
+    println!("spin: hz={} seconds={} target={}", hz, seconds, target);
+
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    while TICKS.load(Ordering::Relaxed) < target {
+        for _ in 0..64 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+        }
+        LOOPS.fetch_add(1, Ordering::Relaxed);
+    }
+    println!(
+        "spin: ticks={} loops={} checksum={:016x}",
+        TICKS.load(Ordering::Relaxed),
+        LOOPS.load(Ordering::Relaxed),
+        CHECKSUM.load(Ordering::Relaxed)
+    );
+    if state == 0 {
+        return 1;
+    }
+    0
+}
