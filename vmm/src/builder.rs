@@ -345,6 +345,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
     };
     let mut vmm = Vmm::new(machine, devices, inputs, output, role, disk, rdtsc_sites, header, config.wants_digest());
     vmm.arbiter = arbiter;
+    vmm.sync_after = config.sync_after;
     vmm.channel = ChannelConfig { heartbeat_timeout: config.heartbeat, ..Default::default() };
     if let Some(restored) = restored {
         let exit = restored.exits;

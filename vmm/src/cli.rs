@@ -145,6 +145,12 @@ pub struct Cli {
     /// milliseconds without traffic from it.
     #[arg(long, value_name = "MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub heartbeat_ms: u64,
+
+    /// When an interrupt is due and the guest has run this many
+    /// microseconds without an exit, kick it and take a state sync there
+    /// (a compute-bound guest gets its interrupts this way).
+    #[arg(long, value_name = "US", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=10_000_000))]
+    pub sync_after_us: u64,
 }
 
 /// What the command line asks for.
@@ -216,6 +222,7 @@ impl Cli {
             disk,
             mode,
             heartbeat: Duration::from_millis(self.heartbeat_ms),
+            sync_after: Duration::from_micros(self.sync_after_us),
             perturb_seed: self.perturb_seed,
             digest: self.digest,
             stats: self.stats,

@@ -76,6 +76,9 @@ pub struct VmConfig {
     pub heartbeat: Duration,
     /// A backup gives up reaching its primary after this long.
     pub connect_timeout: Duration,
+    /// Kick a guest that has run this long without an exit when an
+    /// interrupt is due, and sync there (`--sync-after-us`).
+    pub sync_after: Duration,
     /// Testing aid: perturb host timing from this seed.
     pub perturb_seed: Option<u64>,
     /// Print the final state digest.
@@ -103,6 +106,7 @@ impl VmConfig {
             mode: Mode::Solo { record: None },
             heartbeat: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(30),
+            sync_after: Duration::from_millis(1),
             perturb_seed: None,
             digest: false,
             stats: false,

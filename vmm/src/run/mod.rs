@@ -20,6 +20,7 @@ mod exit;
 mod failover;
 mod join;
 mod state;
+mod sync;
 
 pub use join::{Joiner, StateIn};
 
@@ -34,6 +35,7 @@ use crate::error::{log_write_error, RunError};
 use crate::ft::{LogSink, Outputs, Role};
 use crate::inputs::Inputs;
 use crate::vm::Machine;
+use exit::GuestExit;
 use replay::{Divergence, ExitKind, Header, Position};
 use std::collections::HashSet;
 
@@ -45,6 +47,8 @@ pub struct Outcome {
     pub exits: u64,
     /// The primary's output-commit latency: (outputs, p50 µs, p99 µs, max µs).
     pub commit_latency: Option<(usize, u32, u32, u32)>,
+    /// The state syncs taken (primary, recording) or applied (backup, replay).
+    pub syncs: sync::SyncStats,
 }
 
 /// A running VM: the machine, its devices, its clock and its inputs.
@@ -77,6 +81,15 @@ pub struct Vmm {
     pub arbiter: Option<RemoteArbiter>,
     /// Save a snapshot at this exit, to this file (`--save-snapshot`).
     save_at: Option<(u64, std::path::PathBuf)>,
+    /// Kick the guest after this long without an exit when an interrupt is due.
+    pub sync_after: std::time::Duration,
+    /// Kicks the vCPU thread out of the guest (created when the run starts).
+    kicker: Option<crate::kick::Kicker>,
+    /// When the guest last exited (or was synced): its stretch began.
+    stretch_started: std::time::Instant,
+    /// The position of the last state sync.
+    synced_at: u64,
+    syncs: sync::SyncStats,
 }
 
 impl Vmm {
@@ -108,6 +121,11 @@ impl Vmm {
             exits: 0,
             want_digest,
             save_at: None,
+            sync_after: std::time::Duration::from_millis(1),
+            kicker: None,
+            stretch_started: std::time::Instant::now(),
+            synced_at: 0,
+            syncs: sync::SyncStats::default(),
             arbiter: None,
             transfer: None,
             channel: Default::default(),
@@ -155,21 +173,38 @@ impl Vmm {
     }
 
     fn run_loop(&mut self) -> Result<Outcome, RunError> {
+        self.kicker = Some(crate::kick::Kicker::for_this_thread());
+        if let Inputs::Live(live) = &self.inputs {
+            if live.recorder.is_some() {
+                // A recording's syncs carry the pages written since the
+                // replay's memory was last equal to ours: from here on.
+                self.machine.dirty.start(crate::dirty::Consumer::Sync)?;
+            }
+        }
         loop {
             let exit = self.next_exit()?;
             self.exits += 1;
-            let position = Position { exit: self.exits, rip: self.machine.exit_rip()? };
-            tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", position.rip), kind = %exit.kind());
-            self.check_in(position, exit.kind())?;
-
-            let action = self.dispatch(exit, position)?;
-            let output = self.devices.tx.take();
-            if !output.is_empty() {
-                self.output.output(position, output);
-            }
-            if let PortAction::Exit(status) = action {
-                return self.finish(position, status);
-            }
+            let (position, action) = if let GuestExit::Sync = exit {
+                // A sync is a position of its own (recorded here on a live
+                // run; already applied from the log on a replay).
+                let position = Position { exit: self.exits, rip: self.machine.current_rip()? };
+                tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", position.rip), kind = "sync");
+                self.take_sync(position)?;
+                (position, PortAction::None)
+            } else {
+                let position = Position { exit: self.exits, rip: self.machine.exit_rip()? };
+                tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", position.rip), kind = %exit.kind());
+                self.check_in(position, exit.kind())?;
+                let action = self.dispatch(exit, position)?;
+                let output = self.devices.tx.take();
+                if !output.is_empty() {
+                    self.output.output(position, output);
+                }
+                if let PortAction::Exit(status) = action {
+                    return self.finish(position, status);
+                }
+                (position, action)
+            };
             self.devices.advance_timers(self.clock.now_ns());
             self.take_inputs(position, action == PortAction::Idle)?;
             self.passed(position)?;
@@ -227,7 +262,7 @@ impl Vmm {
             Role::Primary { gate, .. } => gate.latency_stats(),
             _ => None,
         };
-        Ok(Outcome { status, digest, exits: self.exits, commit_latency })
+        Ok(Outcome { status, digest, exits: self.exits, commit_latency, syncs: self.syncs })
     }
 }
 
