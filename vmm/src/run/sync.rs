@@ -205,11 +205,25 @@ fn touches_tables(mem: &GuestMem, item: &StateItem, tables: &HashSet<u64>) -> bo
             StateItem::Pages { data, .. } => &data[at..at + PAGE_SIZE as usize],
             _ => &[0u8; PAGE_SIZE as usize][..],
         };
-        if current != new {
+        if entries_differ(&current, new) {
             return true;
         }
     }
     false
+}
+
+/// Whether a paging-structure page changes from `old` to `new` in a way
+/// KVM's shadow tables must learn of. Accessed and dirty bits that only get
+/// set do not count: the primary's CPU sets them in stretches the backup
+/// did not execute, and a shadow entry built without them stays correct
+/// (KVM catches the first write through a clean entry by its own fault).
+fn entries_differ(old: &[u8], new: &[u8]) -> bool {
+    const ACCESSED_DIRTY: u64 = 0x60;
+    old.chunks_exact(8).zip(new.chunks_exact(8)).any(|(o, n)| {
+        let o = u64::from_le_bytes(o.try_into().unwrap_or([0; 8]));
+        let n = u64::from_le_bytes(n.try_into().unwrap_or([0; 8]));
+        (o ^ n) & !ACCESSED_DIRTY != 0 || o & ACCESSED_DIRTY & !n != 0
+    })
 }
 
 /// The guest-physical pages of the 4-level paging structures reachable
