@@ -9,7 +9,11 @@
 //! interrupt at a state sync. A different host timing gives a different
 //! checksum; a replay of a recording (or a backup) gives the recorded one.
 //!
-//! Command line: `hz=H` (default 100, 1..=1000), `seconds=S` (default 2).
+//! Command line: `hz=H` (default 100, 1..=1000), `seconds=S` (default 2),
+//! `remap=1` to have the loop also rewrite one of its own page-directory
+//! entries now and then (a 2 MiB window flips between two frames, whose
+//! markers it reads): a sync then carries changed page tables, which a
+//! backup must make KVM's shadow tables see.
 #![no_std]
 #![no_main]
 
@@ -38,7 +42,36 @@ fn on_tick(_irq: u8) {
     TICKS.store(tick, Ordering::Relaxed);
 }
 
+/// The page directory of the first GiB (ftvmm's boot layout: PML4 at
+/// 0x9000, PDPT, then the PDs), identity-mapped and writable at CPL3.
+const BOOT_PD: usize = 0xb000;
+/// The window the remap flips: the 2 MiB page at 48 MiB, mapped to frame
+/// A (itself) or B (the next 2 MiB).
+const WINDOW: usize = 48 << 20;
+const FRAME_B: usize = 50 << 20;
+const PDE_FLAGS: u64 = 0x1 | 0x2 | 0x4 | 0x80;
+
+/// Maps the window to `frame`.
+fn map_window(frame: usize) {
+    // SAFETY: the boot PD is identity-mapped and writable; entry WINDOW>>21
+    // maps only the window, which nothing else uses.
+    unsafe { core::ptr::write_volatile((BOOT_PD as *mut u64).add(WINDOW >> 21), frame as u64 | PDE_FLAGS) };
+}
+
 fn main() -> u8 {
+    let remap = guest_rt::cmdline_u64("remap", 0) != 0;
+    let mem_size = guest_rt::BootInfo::get().map_or(0, |b| b.mem_size()) as usize;
+    if remap && mem_size < FRAME_B + (2 << 20) {
+        println!("spin: remap=1 needs at least 52 MiB of memory");
+        return 1;
+    }
+    if remap {
+        // SAFETY: both frames are guest RAM that nothing else uses.
+        unsafe {
+            core::ptr::write_volatile(WINDOW as *mut u64, 0xa);
+            core::ptr::write_volatile(FRAME_B as *mut u64, 0xb);
+        }
+    }
     let hz = guest_rt::cmdline_u64("hz", 100).clamp(1, 1000);
     let seconds = guest_rt::cmdline_u64("seconds", 2).max(1);
     let target = hz * seconds;
@@ -58,13 +91,21 @@ fn main() -> u8 {
             state ^= state >> 7;
             state ^= state << 17;
         }
-        LOOPS.fetch_add(1, Ordering::Relaxed);
+        let loops = LOOPS.fetch_add(1, Ordering::Relaxed) + 1;
+        if remap {
+            if loops % 4096 == 0 {
+                map_window(if loops % 8192 == 0 { WINDOW } else { FRAME_B });
+            }
+            // SAFETY: the window is mapped to one of the two frames.
+            state = state.wrapping_add(unsafe { core::ptr::read_volatile(WINDOW as *const u64) });
+        }
     }
     println!(
-        "spin: ticks={} loops={} checksum={:016x}",
+        "spin: ticks={} loops={} checksum={:016x} state={:016x}",
         TICKS.load(Ordering::Relaxed),
         LOOPS.load(Ordering::Relaxed),
-        CHECKSUM.load(Ordering::Relaxed)
+        CHECKSUM.load(Ordering::Relaxed),
+        state
     );
     if state == 0 {
         return 1;
