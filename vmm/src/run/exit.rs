@@ -65,7 +65,6 @@ impl Vmm {
     /// kick.
     pub(super) fn next_exit(&mut self) -> Result<GuestExit, RunError> {
         if self.replay_sync()? {
-            self.stretch_started = std::time::Instant::now();
             return Ok(GuestExit::Sync);
         }
         if let (Some(at), Some(kicker)) = (self.kick_deadline(), &self.kicker) {
@@ -75,7 +74,12 @@ impl Vmm {
         if let Some(kicker) = &self.kicker {
             kicker.disarm();
         }
-        self.stretch_started = std::time::Instant::now();
+        // The threshold counts from the last exit, not the last sync: a
+        // guest that has not exited for that long gets each later interrupt
+        // as it falls due.
+        if !matches!(exit, Ok(GuestExit::Sync)) {
+            self.stretch_started = std::time::Instant::now();
+        }
         exit
     }
 

@@ -1,7 +1,8 @@
 //! spin: programs the PIT at `hz` and runs a CPL3 loop with no port I/O and
 //! no other exit until its tick handler has counted `hz × seconds` ticks,
-//! then prints `spin: ticks=N loops=L checksum=C`, C a hash over (tick
-//! number, loop counter at that tick) for every tick.
+//! then prints `spin: ticks=N elapsed_us=E loops=L checksum=C state=S`: E
+//! the virtual time the ticks took, C a hash over (tick number, loop counter
+//! at that tick) for every tick, S the loop's own result.
 //!
 //! Unlike `timer`, the loop never calls `exit_point()`, and the PICs run in
 //! auto-EOI mode so that the tick handler does not exit either: the guest's
@@ -83,6 +84,8 @@ fn main() -> u8 {
     DIVISOR.store(divisor, Ordering::Relaxed);
     hw::pit_start_periodic(hz * divisor);
     println!("spin: hz={} seconds={} target={}", hz, seconds, target);
+    // The virtual TSC counts nanoseconds: how long the ticks took to come.
+    let started = hw::rdtsc();
 
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     while TICKS.load(Ordering::Relaxed) < target {
@@ -100,9 +103,11 @@ fn main() -> u8 {
             state = state.wrapping_add(unsafe { core::ptr::read_volatile(WINDOW as *const u64) });
         }
     }
+    let elapsed_us = hw::rdtsc().wrapping_sub(started) / 1000;
     println!(
-        "spin: ticks={} loops={} checksum={:016x} state={:016x}",
+        "spin: ticks={} elapsed_us={} loops={} checksum={:016x} state={:016x}",
         TICKS.load(Ordering::Relaxed),
+        elapsed_us,
         LOOPS.load(Ordering::Relaxed),
         CHECKSUM.load(Ordering::Relaxed),
         state
