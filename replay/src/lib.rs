@@ -503,12 +503,15 @@ impl<S: RecordSource> Replayer<S> {
     /// shows what follows it. A state sync at the next position is read
     /// whole (at most `max_page_bytes` of pages) and handed out: the caller
     /// applies it instead of executing, and the current position becomes
-    /// the sync's. Anything else (the next exit, the end) is `None`: the
-    /// caller executes. A log that ends inside a sync is the end of the log.
+    /// the sync's. The next exit (or the end record) is `None`: the caller
+    /// executes. A log that ends here or inside a sync is the end of the
+    /// log, known before anything runs: a backup must go live here, as the
+    /// stretch may be one that only a kick would end.
     pub fn next_sync(&mut self, max_page_bytes: u64) -> Result<Option<Sync>, ReplayError> {
         let position = match self.peek()? {
             Some(Record { position, entry: Entry::Event(Event::Sync(_)) }) => *position,
-            _ => return Ok(None),
+            Some(_) => return Ok(None),
+            None => return Err(ReplayError::EndOfLog { last_exit: self.position.exit }),
         };
         if position.exit != self.position.exit + 1 {
             return Err(self.diverge(
@@ -696,6 +699,11 @@ mod tests {
         assert!(matches!(r.next_sync(4095), Err(ReplayError::Divergence(_))));
         // A log cut inside a sync ends there: nothing of it is handed out.
         let mut r = Replayer::new(VecSource(log[..4].to_vec().into_iter()));
+        r.exit(pos(1, 0x1000), OUT80).unwrap();
+        r.take_event().unwrap();
+        assert!(matches!(r.next_sync(1 << 20), Err(ReplayError::EndOfLog { last_exit: 1 })));
+        // So is one that ends right after an exit's inputs.
+        let mut r = Replayer::new(VecSource(log[..2].to_vec().into_iter()));
         r.exit(pos(1, 0x1000), OUT80).unwrap();
         r.take_event().unwrap();
         assert!(matches!(r.next_sync(1 << 20), Err(ReplayError::EndOfLog { last_exit: 1 })));

@@ -103,14 +103,13 @@ fn main() -> u8 {
             state = state.wrapping_add(unsafe { core::ptr::read_volatile(WINDOW as *const u64) });
         }
     }
+    // What the loop saw, before the exits below can bring more ticks.
+    let (ticks, loops, checksum) =
+        (TICKS.load(Ordering::Relaxed), LOOPS.load(Ordering::Relaxed), CHECKSUM.load(Ordering::Relaxed));
     let elapsed_us = hw::rdtsc().wrapping_sub(started) / 1000;
     println!(
         "spin: ticks={} elapsed_us={} loops={} checksum={:016x} state={:016x}",
-        TICKS.load(Ordering::Relaxed),
-        elapsed_us,
-        LOOPS.load(Ordering::Relaxed),
-        CHECKSUM.load(Ordering::Relaxed),
-        state
+        ticks, elapsed_us, loops, checksum, state
     );
     if state == 0 {
         return 1;
