@@ -130,12 +130,21 @@ pub enum Event {
 /// vCPU state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncPart {
-    /// Pages `first..first + data.len() / 4096` hold `data`.
-    Pages { first: u64, data: Vec<u8> },
+    /// Pages `first..first + data.len() / 4096` hold `data`. (Bytes are
+    /// encoded as one block, not element by element: a sync's pages are
+    /// most of the log of a compute-bound guest.)
+    Pages {
+        first: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
     /// Pages `first..first + count` are zero.
     Zeros { first: u64, count: u64 },
     /// The vCPU's complete state, in the VMM's encoding; the last part.
-    Vcpu { state: Vec<u8> },
+    Vcpu {
+        #[serde(with = "serde_bytes")]
+        state: Vec<u8>,
+    },
 }
 
 /// Most pages in one [`SyncPart::Pages`] (1 MiB): a sync of any size is
