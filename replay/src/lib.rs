@@ -426,10 +426,18 @@ impl<S: RecordSource> Replayer<S> {
         })
     }
 
+    /// The replay goes on from a state taken at exit `exit` (a snapshot, or
+    /// a joining backup's transferred state): the next position is
+    /// `exit + 1`, which may be a sync.
+    pub fn resume_after(&mut self, exit: u64) {
+        self.position = Position { exit, rip: 0 };
+    }
+
     /// Skips the log's records up to and including exit `exit`: a replay
     /// that starts from a snapshot taken there. Returns false when the log
     /// ends first.
     pub fn skip_through(&mut self, exit: u64) -> Result<bool, LogError> {
+        self.resume_after(exit);
         loop {
             match self.peek()? {
                 Some(record) if record.position.exit <= exit => self.peeked = None,
@@ -716,6 +724,19 @@ mod tests {
         r.exit(pos(1, 0x1000), OUT80).unwrap();
         r.take_event().unwrap();
         assert!(matches!(r.next_sync(1 << 20), Err(ReplayError::EndOfLog { last_exit: 1 })));
+    }
+
+    #[test]
+    fn a_replay_resumed_from_a_state_may_begin_with_a_sync() {
+        let log = vec![
+            rec(8, 0x2000, Entry::Event(Event::Sync(SyncPart::Vcpu { state: vec![1] }))),
+            rec(9, 0x1000, Entry::Exit(OUT80)),
+        ];
+        let mut r = Replayer::new(VecSource(log.into_iter()));
+        r.resume_after(7);
+        assert_eq!(r.next_sync(0).unwrap().map(|s| s.position), Some(pos(8, 0x2000)));
+        assert_eq!(r.next_sync(0).unwrap(), None);
+        r.exit(pos(9, 0x1000), OUT80).unwrap();
     }
 
     #[test]
