@@ -715,12 +715,14 @@ mod tests {
         r.take_event().unwrap();
         assert!(matches!(r.next_sync(4095), Err(ReplayError::Divergence(_))));
         // A log cut inside a sync ends there: nothing of it is handed out.
-        let mut r = Replayer::new(VecSource(log[..4].to_vec().into_iter()));
+        let cut: Vec<Record> = log[..4].to_vec();
+        let mut r = Replayer::new(VecSource(cut.into_iter()));
         r.exit(pos(1, 0x1000), OUT80).unwrap();
         r.take_event().unwrap();
         assert!(matches!(r.next_sync(1 << 20), Err(ReplayError::EndOfLog { last_exit: 1 })));
         // So is one that ends right after an exit's inputs.
-        let mut r = Replayer::new(VecSource(log[..2].to_vec().into_iter()));
+        let cut: Vec<Record> = log[..2].to_vec();
+        let mut r = Replayer::new(VecSource(cut.into_iter()));
         r.exit(pos(1, 0x1000), OUT80).unwrap();
         r.take_event().unwrap();
         assert!(matches!(r.next_sync(1 << 20), Err(ReplayError::EndOfLog { last_exit: 1 })));

@@ -166,8 +166,8 @@ fn sync_bench(runs: usize) {
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut workloads: Vec<(&str, String)> =
         vec![("spin", "hz=100 seconds=3".into()), ("spin", "hz=1000 seconds=3".into())];
-    for hz in [100, 1000] {
-        for kib in [64u64, 256, 1024, 4096] {
+    for (hz, sizes) in [(100, &[64u64, 256, 1024, 4096][..]), (1000, &[64, 256, 1024][..])] {
+        for &kib in sizes {
             let rounds = 4_000_000 / kib;
             workloads.push(("compute", format!("rounds={rounds} kib={kib} exitpoints=0 hz={hz}")));
         }

@@ -32,7 +32,7 @@ static DIVISOR: AtomicU64 = AtomicU64::new(1);
 
 fn on_tick(_irq: u8) {
     let irqs = PIT_IRQS.fetch_add(1, Ordering::Relaxed) + 1;
-    if irqs % DIVISOR.load(Ordering::Relaxed) != 0 {
+    if !irqs.is_multiple_of(DIVISOR.load(Ordering::Relaxed)) {
         return;
     }
     let tick = TICKS.load(Ordering::Relaxed) + 1;
@@ -96,8 +96,8 @@ fn main() -> u8 {
         }
         let loops = LOOPS.fetch_add(1, Ordering::Relaxed) + 1;
         if remap {
-            if loops % 4096 == 0 {
-                map_window(if loops % 8192 == 0 { WINDOW } else { FRAME_B });
+            if loops.is_multiple_of(4096) {
+                map_window(if loops.is_multiple_of(8192) { WINDOW } else { FRAME_B });
             }
             // SAFETY: the window is mapped to one of the two frames.
             state = state.wrapping_add(unsafe { core::ptr::read_volatile(WINDOW as *const u64) });
