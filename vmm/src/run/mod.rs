@@ -90,6 +90,8 @@ pub struct Vmm {
     /// The position of the last state sync.
     synced_at: u64,
     syncs: sync::SyncStats,
+    /// The pages the syncs keep writable (a primary's).
+    hot: sync::HotPages,
 }
 
 impl Vmm {
@@ -126,6 +128,7 @@ impl Vmm {
             stretch_started: std::time::Instant::now(),
             synced_at: 0,
             syncs: sync::SyncStats::default(),
+            hot: sync::HotPages::default(),
             arbiter: None,
             transfer: None,
             channel: Default::default(),

@@ -54,6 +54,49 @@ impl SyncStats {
     }
 }
 
+/// Most pages kept hot (writable between syncs, see `crate::dirty`); their
+/// copies take as much host memory.
+const MAX_HOT_PAGES: usize = 16 * 1024;
+
+/// The primary's record of its hot pages: each one's content at the last
+/// sync, to cool a page the guest stopped rewriting.
+#[derive(Default)]
+pub(super) struct HotPages {
+    copies: std::collections::HashMap<u64, Box<[u8]>>,
+}
+
+impl HotPages {
+    /// After a sync found `dirty`: pages rewritten since the last sync
+    /// become (or stay) hot; hot pages found unchanged cool down. Only a
+    /// hint to the tracker: a sync carries every page reported dirty.
+    fn update(&mut self, mem: &GuestMem, tracker: &crate::dirty::DirtyTracker, dirty: &[u64]) {
+        let mut page_buf = vec![0u8; PAGE_SIZE as usize];
+        for (i, &word) in dirty.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let page = i as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                if mem.read_slice(&mut page_buf, GuestAddress(page * PAGE_SIZE)).is_err() {
+                    continue;
+                }
+                let room = self.copies.len() < MAX_HOT_PAGES;
+                match self.copies.get_mut(&page) {
+                    Some(copy) if **copy == page_buf[..] => {
+                        self.copies.remove(&page);
+                        tracker.set_hot(page, false);
+                    }
+                    Some(copy) => copy.copy_from_slice(&page_buf),
+                    None if room => {
+                        self.copies.insert(page, page_buf.clone().into_boxed_slice());
+                        tracker.set_hot(page, true);
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
 /// Most paging-structure pages a walk collects (a guest with more is
 /// treated as having changed its tables whenever a sync writes memory).
 const MAX_TABLE_PAGES: usize = 4096;
@@ -97,6 +140,9 @@ impl Vmm {
             tracker.start(Consumer::Sync)?;
             None
         };
+        if let Some(dirty) = &dirty {
+            self.hot.update(&self.machine.mem, tracker, dirty);
+        }
         let mut page_bytes = 0u64;
         snapshot::memory_items(&self.machine.mem, self.machine.mem_size, dirty.as_deref(), |item| {
             let part = match item {
