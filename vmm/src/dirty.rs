@@ -114,10 +114,14 @@ impl DirtyTracker {
     }
 
     /// `consumer` stops tracking; KVM's logging goes off with the last one.
+    /// Hot pages are the syncs' business: they cool when the syncs stop.
     pub fn stop(&self, consumer: Consumer) -> Result<(), VmError> {
         let mut inner = self.lock();
         if inner.pending[consumer as usize].take().is_none() {
             return Ok(());
+        }
+        if consumer == Consumer::Sync {
+            inner.hot.iter_mut().for_each(|w| *w = 0);
         }
         if inner.logging && inner.pending.iter().all(Option::is_none) {
             inner.logging = false;

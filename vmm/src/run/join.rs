@@ -269,6 +269,9 @@ impl Vmm {
                 r.flush().map_err(log_write_error).ok();
             }
         }
+        // No syncs without a backup: the next one's joining restarts them.
+        self.machine.dirty.stop(Consumer::Sync)?;
+        self.hot = Default::default();
         if let Role::Primary { joiner: Some(j), .. } = &self.role {
             eprintln!("ftvmm: primary: accepting a new backup on {}", j.addr);
             j.want_one();
