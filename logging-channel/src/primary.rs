@@ -3,7 +3,7 @@
 
 use crate::wire::{self, BusyPoll, Bytes, Message, Watched};
 use crate::{lock, new_runtime, ChannelConfig, ChannelError, LogStart, STATE_FRAME};
-use replay::{Entry, Event, Header, Record, RecordSink};
+use replay::{Entry, Event, Header, Record, RecordSink, SyncPart};
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -40,6 +40,9 @@ fn weight(record: &Record) -> u64 {
         Entry::Event(Event::SerialRx { bytes }) => bytes.len(),
         Entry::Event(Event::DiskRead { data }) => data.len(),
         Entry::Event(Event::NetRx { frame }) => frame.len(),
+        Entry::Event(Event::Sync(SyncPart::Pages { data, .. })) => data.len(),
+        Entry::Event(Event::Sync(SyncPart::Vcpu { state })) => state.len(),
+        Entry::Event(Event::Sync(SyncPart::Zeros { .. })) => 0,
         Entry::Event(Event::Interrupt { .. } | Event::TimeRead { .. } | Event::DigestCheck { .. })
         | Entry::Exit(_)
         | Entry::End { .. } => 0,

@@ -13,6 +13,15 @@
 //! it, and an `End` record carrying the guest's exit status and final state
 //! digest. Only external inputs are logged: device models are deterministic
 //! functions of their state, the guest's accesses and these inputs.
+//!
+//! A guest that runs long without exiting is given its interrupts at a
+//! *state sync* instead: the primary kicks the vCPU and records, in place of
+//! an `Exit`, the guest pages dirtied since the last sync and the complete
+//! vCPU state as `Event::Sync` parts ([`SyncPart`]). A sync is a position of
+//! its own: it takes the next exit count, and positions after it count from
+//! it. Its inputs (the timer check, the interrupt) follow it as for an exit.
+//! A replay holds at each exit until it sees what follows: the next `Exit`
+//! (it executes up to it) or a sync (it applies it: [`Replayer::next_sync`]).
 
 mod format;
 
@@ -111,11 +120,57 @@ pub enum Event {
     /// An Ethernet frame from the NIC's host side, delivered into the
     /// guest's receive ring at this position (a replay reads no TAP).
     NetRx { frame: Vec<u8> },
+    /// A part of the state sync at this position (the first record of the
+    /// position, instead of an `Exit`); the `Vcpu` part ends it.
+    Sync(SyncPart),
     /// A periodic digest check: `digest` is the recording VM's state digest
     /// (memory, vCPU, devices, clock, exit count) at this position, taken
     /// before any other input of the position is applied. A replay whose
     /// digest differs here has diverged, even if its exits still match.
     DigestCheck { digest: Digest },
+}
+
+/// One record's worth of a state sync: guest memory in runs of at most
+/// [`SYNC_PAGES_PER_PART`] pages (zero runs cost a few bytes), then the
+/// vCPU state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncPart {
+    /// Pages `first..first + data.len() / 4096` hold `data`. (Bytes are
+    /// encoded as one block, not element by element: a sync's pages are
+    /// most of the log of a compute-bound guest.)
+    Pages {
+        first: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Pages `first..first + count` are zero.
+    Zeros { first: u64, count: u64 },
+    /// The vCPU's complete state, in the VMM's encoding; the last part.
+    Vcpu {
+        #[serde(with = "serde_bytes")]
+        state: Vec<u8>,
+    },
+}
+
+/// Most pages in one [`SyncPart::Pages`] (1 MiB): a sync of any size is
+/// many records, each far below the log's and the channel's frame limits.
+pub const SYNC_PAGES_PER_PART: u64 = 256;
+
+/// A whole state sync, as [`Replayer::next_sync`] hands it out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sync {
+    pub position: Position,
+    /// `Pages` and `Zeros` parts, in log order.
+    pub memory: Vec<SyncPart>,
+    /// The vCPU state (the `Vcpu` part's).
+    pub vcpu: Vec<u8>,
+}
+
+impl Sync {
+    /// Bytes of page data it carries.
+    pub fn page_bytes(&self) -> u64 {
+        self.memory.iter().map(|p| if let SyncPart::Pages { data, .. } = p { data.len() as u64 } else { 0 }).sum()
+    }
 }
 
 impl fmt::Display for Event {
@@ -126,6 +181,11 @@ impl fmt::Display for Event {
             Event::SerialRx { bytes } => write!(f, "{} serial byte(s) received", bytes.len()),
             Event::DiskRead { data } => write!(f, "a disk read of {} bytes", data.len()),
             Event::NetRx { frame } => write!(f, "a received frame of {} bytes", frame.len()),
+            Event::Sync(SyncPart::Pages { first, data }) => {
+                write!(f, "a state sync of pages {first}+{}", data.len() / 4096)
+            }
+            Event::Sync(SyncPart::Zeros { first, count }) => write!(f, "a state sync of zero pages {first}+{count}"),
+            Event::Sync(SyncPart::Vcpu { .. }) => write!(f, "a state sync's vCPU state"),
             Event::DigestCheck { digest } => write!(f, "a digest check (state digest {digest})"),
         }
     }
@@ -268,6 +328,13 @@ impl<S: RecordSink> Recorder<S> {
         self.append(Entry::Event(event))
     }
 
+    /// A part of the state sync at `position` (a new position: the one
+    /// after the current one). Its inputs follow as [`Recorder::event`]s.
+    pub fn sync(&mut self, position: Position, part: SyncPart) -> std::io::Result<()> {
+        self.position = position;
+        self.append(Entry::Event(Event::Sync(part)))
+    }
+
     /// The guest ended the run.
     pub fn end(&mut self, status: u8, digest: Digest) -> std::io::Result<()> {
         self.append(Entry::End { status, digest })?;
@@ -365,10 +432,18 @@ impl<S: RecordSource> Replayer<S> {
         })
     }
 
+    /// The replay goes on from a state taken at exit `exit` (a snapshot, or
+    /// a joining backup's transferred state): the next position is
+    /// `exit + 1`, which may be a sync.
+    pub fn resume_after(&mut self, exit: u64) {
+        self.position = Position { exit, rip: 0 };
+    }
+
     /// Skips the log's records up to and including exit `exit`: a replay
     /// that starts from a snapshot taken there. Returns false when the log
     /// ends first.
     pub fn skip_through(&mut self, exit: u64) -> Result<bool, LogError> {
+        self.resume_after(exit);
         loop {
             match self.peek()? {
                 Some(record) if record.position.exit <= exit => self.peeked = None,
@@ -393,6 +468,10 @@ impl<S: RecordSource> Replayer<S> {
             Entry::Exit(logged) => Err(self.diverge(
                 format_args!("{logged} at rip {:#x} (exit {})", record.position.rip, record.position.exit),
                 format_args!("{kind} at rip {:#x}", position.rip),
+            )),
+            Entry::Event(Event::Sync(_)) => Err(self.diverge(
+                format_args!("a state sync at {}", record.position),
+                format_args!("{kind} at rip {:#x} (the stretch was executed instead)", position.rip),
             )),
             Entry::Event(event) => Err(self.diverge(
                 format_args!("{event} at exit {}", record.position.exit),
@@ -430,6 +509,7 @@ impl<S: RecordSource> Replayer<S> {
             return Ok(None);
         }
         match self.peek()? {
+            Some(Record { entry: Entry::Event(Event::Sync(_)), .. }) => return Ok(None),
             Some(Record { position: p, entry: Entry::Event(_) }) if *p == position => {}
             Some(_) => return Ok(None),
             // The primary may have died mid-exit: the log ends without the
@@ -439,6 +519,59 @@ impl<S: RecordSource> Replayer<S> {
         match self.peeked.take() {
             Some(Record { entry: Entry::Event(event), .. }) => Ok(Some(event)),
             _ => Ok(None),
+        }
+    }
+
+    /// The lockstep rule at the end of the current exit: waits until the log
+    /// shows what follows it. A state sync at the next position is read
+    /// whole (at most `max_page_bytes` of pages) and handed out: the caller
+    /// applies it instead of executing, and the current position becomes
+    /// the sync's. The next exit (or the end record) is `None`: the caller
+    /// executes. A log that ends here or inside a sync is the end of the
+    /// log, known before anything runs: a backup must go live here, as the
+    /// stretch may be one that only a kick would end.
+    pub fn next_sync(&mut self, max_page_bytes: u64) -> Result<Option<Sync>, ReplayError> {
+        let position = match self.peek()? {
+            Some(Record { position, entry: Entry::Event(Event::Sync(_)) }) => *position,
+            Some(_) => return Ok(None),
+            None => return Err(ReplayError::EndOfLog { last_exit: self.position.exit }),
+        };
+        if position.exit != self.position.exit + 1 {
+            return Err(self.diverge(
+                format_args!("a state sync at {position}"),
+                format_args!("exit {} done (a sync must be the next position)", self.position.exit),
+            ));
+        }
+        let mut memory = Vec::new();
+        let mut bytes = 0u64;
+        loop {
+            let Some(record) = self.peek()? else {
+                return Err(ReplayError::EndOfLog { last_exit: self.position.exit });
+            };
+            if !(matches!(record.entry, Entry::Event(Event::Sync(_))) && record.position == position) {
+                let got = format!("{:?} at {}", record.entry, record.position);
+                return Err(self.diverge(format_args!("the rest of the state sync at {position}"), got));
+            }
+            let Some(Record { entry: Entry::Event(Event::Sync(part)), .. }) = self.peeked.take() else {
+                unreachable!("peeked above")
+            };
+            match part {
+                SyncPart::Vcpu { state } => {
+                    self.position = position;
+                    return Ok(Some(Sync { position, memory, vcpu: state }));
+                }
+                SyncPart::Pages { ref data, .. } => {
+                    bytes += data.len() as u64;
+                    if bytes > max_page_bytes {
+                        return Err(self.diverge(
+                            format_args!("a state sync of at most {max_page_bytes} bytes of pages"),
+                            format_args!("more at {position}"),
+                        ));
+                    }
+                    memory.push(part);
+                }
+                SyncPart::Zeros { .. } => memory.push(part),
+            }
         }
     }
 
@@ -549,6 +682,69 @@ mod tests {
         let mut r = Replayer::new(VecSource(log.into_iter()));
         let err = r.end(pos(1, 0x1000), 0, Digest([2; 32])).unwrap_err();
         assert!(matches!(err, ReplayError::Divergence(_)), "{err}");
+    }
+
+    #[test]
+    fn a_sync_is_the_next_position_and_is_read_whole() {
+        let sync_at = pos(2, 0x2000);
+        let log = vec![
+            rec(1, 0x1000, Entry::Exit(OUT80)),
+            rec(1, 0x1000, Entry::Event(Event::Interrupt { vector: 0x20 })),
+            rec(2, 0x2000, Entry::Event(Event::Sync(SyncPart::Pages { first: 3, data: vec![1; 4096] }))),
+            rec(2, 0x2000, Entry::Event(Event::Sync(SyncPart::Zeros { first: 9, count: 4 }))),
+            rec(2, 0x2000, Entry::Event(Event::Sync(SyncPart::Vcpu { state: vec![5, 6] }))),
+            rec(2, 0x2000, Entry::Event(Event::Interrupt { vector: 0x20 })),
+            rec(3, 0x1000, Entry::Exit(OUT80)),
+        ];
+        let mut r = Replayer::new(VecSource(log.clone().into_iter()));
+        r.exit(pos(1, 0x1000), OUT80).unwrap();
+        assert_eq!(r.take_event().unwrap(), Some(Event::Interrupt { vector: 0x20 }));
+        assert_eq!(r.take_event().unwrap(), None, "the sync is not an input of exit 1");
+        let sync = r.next_sync(1 << 20).unwrap().expect("a sync follows exit 1");
+        assert_eq!(sync.position, sync_at);
+        assert_eq!(sync.memory.len(), 2);
+        assert_eq!(sync.page_bytes(), 4096);
+        assert_eq!(sync.vcpu, vec![5, 6]);
+        assert_eq!(r.take_event().unwrap(), Some(Event::Interrupt { vector: 0x20 }), "the sync's own input");
+        assert_eq!(r.next_sync(1 << 20).unwrap(), None, "an exit follows");
+        r.exit(pos(3, 0x1000), OUT80).unwrap();
+
+        // Executing instead of applying the sync is a divergence...
+        let mut r = Replayer::new(VecSource(log.clone().into_iter()));
+        r.exit(pos(1, 0x1000), OUT80).unwrap();
+        r.take_event().unwrap();
+        let err = r.exit(pos(2, 0x1008), OUT80).unwrap_err();
+        assert!(err.to_string().contains("expected a state sync at exit 2"), "{err}");
+        // ...as is a sync bigger than the guest's memory.
+        let mut r = Replayer::new(VecSource(log.clone().into_iter()));
+        r.exit(pos(1, 0x1000), OUT80).unwrap();
+        r.take_event().unwrap();
+        assert!(matches!(r.next_sync(4095), Err(ReplayError::Divergence(_))));
+        // A log cut inside a sync ends there: nothing of it is handed out.
+        let cut: Vec<Record> = log[..4].to_vec();
+        let mut r = Replayer::new(VecSource(cut.into_iter()));
+        r.exit(pos(1, 0x1000), OUT80).unwrap();
+        r.take_event().unwrap();
+        assert!(matches!(r.next_sync(1 << 20), Err(ReplayError::EndOfLog { last_exit: 1 })));
+        // So is one that ends right after an exit's inputs.
+        let cut: Vec<Record> = log[..2].to_vec();
+        let mut r = Replayer::new(VecSource(cut.into_iter()));
+        r.exit(pos(1, 0x1000), OUT80).unwrap();
+        r.take_event().unwrap();
+        assert!(matches!(r.next_sync(1 << 20), Err(ReplayError::EndOfLog { last_exit: 1 })));
+    }
+
+    #[test]
+    fn a_replay_resumed_from_a_state_may_begin_with_a_sync() {
+        let log = vec![
+            rec(8, 0x2000, Entry::Event(Event::Sync(SyncPart::Vcpu { state: vec![1] }))),
+            rec(9, 0x1000, Entry::Exit(OUT80)),
+        ];
+        let mut r = Replayer::new(VecSource(log.into_iter()));
+        r.resume_after(7);
+        assert_eq!(r.next_sync(0).unwrap().map(|s| s.position), Some(pos(8, 0x2000)));
+        assert_eq!(r.next_sync(0).unwrap(), None);
+        r.exit(pos(9, 0x1000), OUT80).unwrap();
     }
 
     #[test]

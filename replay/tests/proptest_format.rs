@@ -7,7 +7,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use replay::{
     Digest, Entry, Event, ExitKind, Header, LogError, LogReader, LogWriter, Position, Record, RecordSink, RecordSource,
-    TimeSource, FORMAT_VERSION, MAGIC,
+    SyncPart, TimeSource, FORMAT_VERSION, MAGIC,
 };
 
 fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
@@ -59,6 +59,9 @@ fn event() -> impl Strategy<Value = Event> {
         bytes(64).prop_map(|bytes| Event::SerialRx { bytes }),
         bytes(2048).prop_map(|data| Event::DiskRead { data }),
         bytes(1600).prop_map(|frame| Event::NetRx { frame }),
+        (any::<u64>(), bytes(8192)).prop_map(|(first, data)| Event::Sync(SyncPart::Pages { first, data })),
+        (any::<u64>(), any::<u64>()).prop_map(|(first, count)| Event::Sync(SyncPart::Zeros { first, count })),
+        bytes(3000).prop_map(|state| Event::Sync(SyncPart::Vcpu { state })),
         digest().prop_map(|digest| Event::DigestCheck { digest }),
     ]
 }

@@ -384,6 +384,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         crate::run::CheckPolicy { every_ms: config.check_every_ms, every_exits: config.check_every_exits },
         config.inject_divergence_at,
     );
+    vmm.sync_after = config.sync_after;
     vmm.channel = channel_config(config, tls.as_ref());
     if let Some(restored) = restored {
         let exit = restored.exits;

@@ -445,8 +445,8 @@ fn log_stats(path: &Path) -> LogStats {
     stats
 }
 
-/// Whether `event` is a state sync (incremental sync: another branch adds
-/// the record kind; until then a log holds none).
-fn is_sync(_event: &Event) -> bool {
-    false
+/// Whether `event` completes a state sync (its vCPU part is the last of
+/// its records: one per sync).
+fn is_sync(event: &Event) -> bool {
+    matches!(event, Event::Sync(replay::SyncPart::Vcpu { .. }))
 }

@@ -191,6 +191,12 @@ pub struct Cli {
     /// The CA certificate(s) (PEM) that peers' certificates must chain to.
     #[arg(long, value_name = "PATH")]
     pub tls_ca: Option<PathBuf>,
+
+    /// When an interrupt is due and the guest has run this many
+    /// microseconds without an exit, kick it and take a state sync there
+    /// (a compute-bound guest gets its interrupts this way).
+    #[arg(long, value_name = "US", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=10_000_000))]
+    pub sync_after_us: u64,
 }
 
 /// `ftvmm check`: does a guest image replay deterministically?
@@ -376,6 +382,7 @@ impl Cli {
             mode,
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             channel_poll: Duration::from_micros(self.poll_us),
+            sync_after: Duration::from_micros(self.sync_after_us),
             perturb_seed: self.perturb_seed,
             digest: self.digest,
             stats: self.stats,

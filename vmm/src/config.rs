@@ -78,6 +78,9 @@ pub struct VmConfig {
     pub channel_poll: Duration,
     /// A backup gives up reaching its primary after this long.
     pub connect_timeout: Duration,
+    /// Kick a guest that has run this long without an exit when an
+    /// interrupt is due, and sync there (`--sync-after-us`).
+    pub sync_after: Duration,
     /// Testing aid: perturb host timing from this seed.
     pub perturb_seed: Option<u64>,
     /// Print the final state digest.
@@ -121,6 +124,7 @@ impl VmConfig {
             heartbeat: Duration::from_millis(200),
             channel_poll: Duration::ZERO,
             connect_timeout: Duration::from_secs(30),
+            sync_after: Duration::from_millis(1),
             perturb_seed: None,
             digest: false,
             stats: false,

@@ -49,6 +49,13 @@ fn run(config: &VmConfig) -> Result<u8, Error> {
     let outcome = vmm::builder::build(config)?.run()?;
     if config.stats {
         eprintln!("ftvmm: stats: {} guest exits", outcome.exits);
+        let s = outcome.syncs;
+        if s.count > 0 {
+            eprintln!(
+                "ftvmm: stats: {} syncs, {} page bytes, {} us in total, max {} us, {} with page-table changes",
+                s.count, s.page_bytes, s.total_us, s.max_us, s.table_changes
+            );
+        }
         if let Some((n, p50, p99, max)) = outcome.commit_latency {
             eprintln!("ftvmm: stats: output-commit latency over {n} outputs: p50 {p50} us, p99 {p99} us, max {max} us");
         }

@@ -6,6 +6,7 @@
 
 use crate::boot;
 use crate::cpuid;
+use crate::dirty::DirtyTracker;
 use kvm_bindings::{
     kvm_enable_cap, kvm_regs, kvm_run, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
     Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
@@ -68,6 +69,8 @@ pub struct Machine {
     pub vcpu: VcpuFd,
     pub mem: GuestMem,
     pub mem_size: u64,
+    /// The one reader of KVM's dirty log (state transfers and syncs).
+    pub dirty: Arc<DirtyTracker>,
     /// KVM copies the registers into `kvm_run` at every exit
     /// (KVM_CAP_SYNC_REGS), sparing a KVM_GET_REGS per exit.
     sync_regs: bool,
@@ -102,22 +105,34 @@ impl Machine {
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("reading supported CPUID"))?;
         let model = cpuid::model(&supported).map_err(VmError::Cpu)?;
         vcpu.set_cpuid2(&model).map_err(kvm_err("setting the CPUID model"))?;
-        Ok(Machine { vm: Arc::new(vm), vcpu, mem, mem_size, sync_regs })
+        let vm = Arc::new(vm);
+        let dirty = Arc::new(DirtyTracker::new(vm.clone(), mem.clone(), mem_size));
+        Ok(Machine { vm, vcpu, mem, mem_size, dirty, sync_regs })
     }
 
-    /// Turns KVM's dirty-page logging of guest memory on or off (a state
-    /// transfer needs it while it runs). Turning it on also clears the
-    /// VMM's own record of written pages.
-    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+    /// Makes KVM drop every shadow page table it built for guest memory, so
+    /// that it rebuilds them from the guest's page tables as they are now:
+    /// after a state sync wrote page-table pages from userspace, which a
+    /// shadow-paging KVM does not notice (see docs/platform.md). Deleting
+    /// and re-adding the memory slot is the documented way to make KVM
+    /// forget everything it derived from a slot; the dirty log, if on, is
+    /// re-enabled with it (its pending bits are fetched first).
+    pub fn rebuild_shadow_mmu(&self) -> Result<(), VmError> {
+        let logging = self.dirty.fetch_before_reregister()?;
         let host = self
             .mem
             .get_host_address(GuestAddress(0))
             .map_err(|e| VmError::Memory(self.mem_size >> 20, e.to_string()))?;
-        register_memory(&self.vm, host as u64, self.mem_size, on)?;
-        if on {
-            vmm_bitmap(&self.mem).map(AtomicBitmap::reset);
-        }
-        Ok(())
+        let gone = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 0,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: deleting slot 0 (memory_size 0) unmaps nothing of ours.
+        unsafe { self.vm.set_user_memory_region(gone) }.map_err(kvm_err("deleting the memory slot"))?;
+        register_memory(&self.vm, host as u64, self.mem_size, logging)
     }
 
     /// The vCPU's complete state. Call it at a guest-caused exit: it first
@@ -314,7 +329,7 @@ impl std::fmt::Debug for VcpuState {
 }
 
 /// (Re)registers guest memory as slot 0, with KVM's dirty log on or off.
-fn register_memory(vm: &VmFd, host_addr: u64, mem_size: u64, dirty_log: bool) -> Result<(), VmError> {
+pub(crate) fn register_memory(vm: &VmFd, host_addr: u64, mem_size: u64, dirty_log: bool) -> Result<(), VmError> {
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
@@ -328,22 +343,9 @@ fn register_memory(vm: &VmFd, host_addr: u64, mem_size: u64, dirty_log: bool) ->
 }
 
 /// The VMM's own record of the guest pages it wrote.
-fn vmm_bitmap(mem: &GuestMem) -> Option<&AtomicBitmap> {
+pub(crate) fn vmm_bitmap(mem: &GuestMem) -> Option<&AtomicBitmap> {
     // MmapRegion's own bitmap (the region's GuestMemoryRegion::bitmap is a slice of it).
     mem.iter().next().map(|region| std::ops::Deref::deref(region).bitmap())
-}
-
-/// The pages written since the last call (or since dirty logging was turned
-/// on), by the guest (KVM's dirty log) or by the VMM (the memory's bitmap),
-/// as a bitmap of u64 words, bit i = page i. Callable from any thread.
-pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMem, mem_size: u64) -> Result<Vec<u64>, VmError> {
-    let mut words = vm.get_dirty_log(0, mem_size as usize).map_err(kvm_err("reading the dirty log"))?;
-    if let Some(bitmap) = vmm_bitmap(mem) {
-        for (w, v) in words.iter_mut().zip(bitmap.get_and_reset()) {
-            *w |= v;
-        }
-    }
-    Ok(words)
 }
 
 fn install_msr_filter(vm: &VmFd) -> Result<(), VmError> {

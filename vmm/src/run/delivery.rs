@@ -196,6 +196,9 @@ impl Vmm {
                     return Err(self.diverged(format_args!("a disk read of {} bytes", data.len()), "no disk request"));
                 }
                 Event::DigestCheck { digest } => self.verify_digest_check(digest)?,
+                Event::Sync(_) => {
+                    return Err(self.diverged("a state sync (the next position)", "an input of this exit"));
+                }
                 Event::Interrupt { vector } => {
                     if injected || !can_inject {
                         return Err(self.diverged(format_args!("interrupt {vector:#x}"), "a guest that cannot take it"));

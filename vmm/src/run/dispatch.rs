@@ -91,7 +91,7 @@ impl Vmm {
                 };
                 self.machine.complete_msr(accepted);
             }
-            GuestExit::IrqWindow => {}
+            GuestExit::IrqWindow | GuestExit::Sync => {}
         }
         Ok(action)
     }

@@ -9,14 +9,38 @@ use replay::ExitKind;
 
 /// A guest-caused exit, copied out of `kvm_run`.
 pub(super) enum GuestExit {
-    IoIn { port: u16, size: u8, count: u32 },
-    IoOut { port: u16, size: u8, data: Vec<u8> },
-    MmioRead { addr: u64, len: u8 },
-    MmioWrite { addr: u64, data: [u8; 8], len: u8 },
+    IoIn {
+        port: u16,
+        size: u8,
+        count: u32,
+    },
+    IoOut {
+        port: u16,
+        size: u8,
+        data: Vec<u8>,
+    },
+    MmioRead {
+        addr: u64,
+        len: u8,
+    },
+    MmioWrite {
+        addr: u64,
+        data: [u8; 8],
+        len: u8,
+    },
     Hlt,
-    RdMsr { index: u32 },
-    WrMsr { index: u32, data: u64 },
+    RdMsr {
+        index: u32,
+    },
+    WrMsr {
+        index: u32,
+        data: u64,
+    },
     IrqWindow,
+    /// Not an exit: a state sync, the next position (a live vCPU kicked
+    /// after a long stretch with an interrupt due, or a sync from the log
+    /// applied instead of executing).
+    Sync,
 }
 
 impl GuestExit {
@@ -30,18 +54,48 @@ impl GuestExit {
             GuestExit::RdMsr { index } => ExitKind::RdMsr { index },
             GuestExit::WrMsr { index, .. } => ExitKind::WrMsr { index },
             GuestExit::IrqWindow => ExitKind::IrqWindow,
+            GuestExit::Sync => unreachable!("a sync is a position, not an exit: the run loop takes it apart"),
         }
     }
 }
 
 impl Vmm {
-    /// Runs the vCPU until the next guest-caused exit.
+    /// Runs the vCPU until the next guest-caused exit, or the next sync: a
+    /// replay's from the log (before running anything), or a live run's
+    /// kick.
     pub(super) fn next_exit(&mut self) -> Result<GuestExit, RunError> {
+        if self.replay_sync()? {
+            return Ok(GuestExit::Sync);
+        }
+        if let (Some(at), Some(kicker)) = (self.kick_deadline(), &self.kicker) {
+            kicker.arm(at);
+        }
+        let exit = self.run_vcpu();
+        if let Some(kicker) = &self.kicker {
+            kicker.disarm();
+        }
+        // The threshold counts from the last exit, not the last sync: a
+        // guest that has not exited for that long gets each later interrupt
+        // as it falls due.
+        if !matches!(exit, Ok(GuestExit::Sync)) {
+            self.stretch_started = std::time::Instant::now();
+        }
+        exit
+    }
+
+    /// Runs the vCPU until a guest-caused exit or a kick that calls for a sync.
+    fn run_vcpu(&mut self) -> Result<GuestExit, RunError> {
         loop {
             let exit = match self.machine.vcpu.run() {
                 Ok(exit) => exit,
-                // A signal: not a position, nothing to do but resume.
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                // A signal: not a position; a sync if an interrupt is due
+                // after a long stretch, else nothing to do but resume.
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if self.sync_due() {
+                        return Ok(GuestExit::Sync);
+                    }
+                    continue;
+                }
                 Err(err) => return Err(VmError::Kvm { what: "running the vCPU", err }.into()),
             };
             let stop = match exit {
@@ -65,7 +119,12 @@ impl Vmm {
                 VcpuExit::IrqWindowOpen => return Ok(GuestExit::IrqWindow),
                 VcpuExit::X86Rdmsr(msr) => return Ok(GuestExit::RdMsr { index: msr.index }),
                 VcpuExit::X86Wrmsr(msr) => return Ok(GuestExit::WrMsr { index: msr.index, data: msr.data }),
-                VcpuExit::Intr => continue,
+                VcpuExit::Intr => {
+                    if self.sync_due() {
+                        return Ok(GuestExit::Sync);
+                    }
+                    continue;
+                }
                 VcpuExit::Shutdown => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
                 VcpuExit::InternalError => String::new(),
                 VcpuExit::FailEntry(reason, _) => {

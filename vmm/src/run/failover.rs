@@ -40,7 +40,9 @@ impl Vmm {
                     // else every few exits or milliseconds: each message
                     // wakes threads on both sides, which a guest that exits
                     // often but outputs little should not pay for every exit.
+                    // After a sync at once: the backup holds until it sees it.
                     let due = gate.held() > 0
+                        || self.synced_at == position.exit
                         || position.exit >= shipped.0 + SHIP_EVERY_EXITS
                         || shipped.1.elapsed() >= SHIP_EVERY;
                     if !due {

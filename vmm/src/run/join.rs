@@ -15,13 +15,13 @@
 //! A backup that fails mid-transfer leaves the VM running alone, accepting
 //! the next one.
 
+use crate::dirty::{Consumer, DirtyTracker};
 use crate::error::{log_write_error, RunError};
 use crate::ft::{LogSink, OutputGate, Role};
 use crate::inputs::Inputs;
 use crate::run::Vmm;
 use crate::snapshot::{self, StateItem, StateWriter};
-use crate::vm::{take_dirty_pages, GuestMem, PAGE_SIZE};
-use kvm_ioctls::VmFd;
+use crate::vm::{GuestMem, PAGE_SIZE};
 use logging_channel::{ChannelConfig, PrimaryLink, PrimaryListener, StateSender};
 use replay::{Header, Recorder};
 use std::io::Write;
@@ -136,7 +136,7 @@ fn count_pages(dirty: &[u64]) -> u64 {
 
 /// The pre-copy: every page, then rounds of dirty pages, while the guest runs.
 fn precopy(
-    vm: Arc<VmFd>,
+    dirty_log: Arc<DirtyTracker>,
     mem: GuestMem,
     mem_size: u64,
     begin: StateItem,
@@ -150,7 +150,7 @@ fn precopy(
         snapshot::memory_items(&mem, mem_size, None, |i| w.item(&i)).map_err(|e| e.to_string())?;
         let mut rounds = 0;
         while rounds < MAX_ROUNDS {
-            let dirty = take_dirty_pages(&vm, &mem, mem_size).map_err(|e| e.to_string())?;
+            let dirty = dirty_log.take(Consumer::Transfer).map_err(|e| e.to_string())?;
             rounds += 1;
             let n = count_pages(&dirty);
             snapshot::memory_items(&mem, mem_size, Some(&dirty), |i| w.item(&i)).map_err(|e| e.to_string())?;
@@ -190,17 +190,17 @@ impl Vmm {
     /// Starts the pre-copy of the whole state to the backup on `link` (a
     /// joining one, or, `resync`, the current one being repaired).
     pub(super) fn start_transfer(&mut self, link: PrimaryLink, resync: bool) -> Result<bool, RunError> {
-        self.machine.set_dirty_logging(true)?;
+        self.machine.dirty.start(Consumer::Transfer)?;
         let done = Arc::new(AtomicBool::new(false));
-        let (vm, mem, size, begin, sender, flag) = (
-            self.machine.vm.clone(),
+        let (dirty, mem, size, begin, sender, flag) = (
+            self.machine.dirty.clone(),
             self.machine.mem.clone(),
             self.machine.mem_size,
             self.state_begin(),
             link.state_sender(),
             done.clone(),
         );
-        let precopy = std::thread::spawn(move || precopy(vm, mem, size, begin, sender, flag));
+        let precopy = std::thread::spawn(move || precopy(dirty, mem, size, begin, sender, flag));
         self.transfer = Some(Transfer { link, precopy: Some(precopy), done, started: Instant::now(), resync });
         Ok(false)
     }
@@ -216,7 +216,7 @@ impl Vmm {
             Some(Err(e)) => Err(e),
             None => Err("no pre-copy".into()),
         };
-        self.machine.set_dirty_logging(false)?;
+        self.machine.dirty.stop(Consumer::Transfer)?;
         let (rounds, sent) = match result {
             Ok(done) => done,
             Err(why) if t.resync => {
@@ -265,8 +265,11 @@ impl Vmm {
         // Completing the exit may write memory (string I/O): before the last dirty log.
         let machine = self.machine_state().map_err(|e| e.to_string())?;
         let m = &self.machine;
-        let dirty = take_dirty_pages(&m.vm, &m.mem, m.mem_size).map_err(|e| e.to_string())?;
+        let dirty = m.dirty.take(Consumer::Transfer).map_err(|e| e.to_string())?;
         snapshot::memory_items(&m.mem, m.mem_size, Some(&dirty), |i| writer.item(&i)).map_err(|e| e.to_string())?;
+        // The new backup has the memory of this exit: the next state sync
+        // carries the pages written from here on.
+        m.dirty.start(Consumer::Sync).map_err(|e| e.to_string())?;
         writer.item(&StateItem::Machine(Box::new(machine))).map_err(|e| e.to_string())?;
         let digest = self.digest_now(false).map_err(|e| e.to_string())?;
         writer.item(&StateItem::End { digest, memory: false }).map_err(|e| e.to_string())?;
@@ -284,6 +287,9 @@ impl Vmm {
                 r.flush().map_err(log_write_error).ok();
             }
         }
+        // No syncs without a backup: the next one's joining restarts them.
+        self.machine.dirty.stop(Consumer::Sync)?;
+        self.hot = Default::default();
         if let Role::Primary { joiner: Some(j), .. } = &self.role {
             eprintln!("ftvmm: primary: accepting a new backup on {}", j.addr);
             j.want_one();

@@ -22,6 +22,7 @@ mod failover;
 mod join;
 mod repair;
 mod state;
+mod sync;
 
 pub use digest_check::CheckPolicy;
 pub use join::{Joiner, StateIn};
@@ -37,6 +38,7 @@ use crate::error::{log_write_error, RunError};
 use crate::ft::{LogSink, LogSource, Outputs, Role};
 use crate::inputs::Inputs;
 use crate::vm::Machine;
+use exit::GuestExit;
 use logging_channel::LatencySummary;
 use replay::{Divergence, ExitKind, Header, Position};
 use std::collections::HashSet;
@@ -55,6 +57,8 @@ pub struct Outcome {
     pub ack_delay: Option<LatencySummary>,
     /// Digest checks logged or verified, and their average cost in µs.
     pub checks: (u64, Option<u64>),
+    /// The state syncs taken (primary, recording) or applied (backup, replay).
+    pub syncs: sync::SyncStats,
 }
 
 /// A running VM: the machine, its devices, its clock and its inputs.
@@ -93,6 +97,17 @@ pub struct Vmm {
     /// A backup's last repair: the exit of the state it restored. It may go
     /// live only once the primary reports the outputs up to it released.
     resynced_at: Option<u64>,
+    /// Kick the guest after this long without an exit when an interrupt is due.
+    pub sync_after: std::time::Duration,
+    /// Kicks the vCPU thread out of the guest (created when the run starts).
+    kicker: Option<crate::kick::Kicker>,
+    /// When the guest last exited (or was synced): its stretch began.
+    stretch_started: std::time::Instant,
+    /// The position of the last state sync.
+    synced_at: u64,
+    syncs: sync::SyncStats,
+    /// The pages the syncs keep writable (a primary's).
+    hot: sync::HotPages,
 }
 
 impl Vmm {
@@ -126,6 +141,12 @@ impl Vmm {
             save_at: None,
             checks: digest_check::Checks::new(CheckPolicy::OFF, None),
             resynced_at: None,
+            sync_after: std::time::Duration::from_millis(1),
+            kicker: None,
+            stretch_started: std::time::Instant::now(),
+            synced_at: 0,
+            syncs: sync::SyncStats::default(),
+            hot: sync::HotPages::default(),
             arbiter: None,
             transfer: None,
             channel: Default::default(),
@@ -194,21 +215,38 @@ impl Vmm {
     }
 
     fn run_loop(&mut self) -> Result<Outcome, RunError> {
+        self.kicker = Some(crate::kick::Kicker::for_this_thread());
+        if let Inputs::Live(live) = &self.inputs {
+            if live.recorder.is_some() {
+                // A recording's syncs carry the pages written since the
+                // replay's memory was last equal to ours: from here on.
+                self.machine.dirty.start(crate::dirty::Consumer::Sync)?;
+            }
+        }
         loop {
             let exit = self.next_exit()?;
             self.exits += 1;
-            let position = Position { exit: self.exits, rip: self.machine.exit_rip()? };
-            tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", position.rip), kind = %exit.kind());
-            self.check_in(position, exit.kind())?;
-
-            let action = self.dispatch(exit, position)?;
-            let output = self.devices.tx.take();
-            if !output.is_empty() {
-                self.output.output(position, output);
-            }
-            if let PortAction::Exit(status) = action {
-                return self.finish(position, status);
-            }
+            let (position, action) = if let GuestExit::Sync = exit {
+                // A sync is a position of its own (recorded here on a live
+                // run; already applied from the log on a replay).
+                let position = Position { exit: self.exits, rip: self.machine.current_rip()? };
+                tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", position.rip), kind = "sync");
+                self.take_sync(position)?;
+                (position, PortAction::None)
+            } else {
+                let position = Position { exit: self.exits, rip: self.machine.exit_rip()? };
+                tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", position.rip), kind = %exit.kind());
+                self.check_in(position, exit.kind())?;
+                let action = self.dispatch(exit, position)?;
+                let output = self.devices.tx.take();
+                if !output.is_empty() {
+                    self.output.output(position, output);
+                }
+                if let PortAction::Exit(status) = action {
+                    return self.finish(position, status);
+                }
+                (position, action)
+            };
             self.devices.advance_timers(self.clock.now_ns());
             self.digest_check_point(position)?;
             self.take_inputs(position, action == PortAction::Idle)?;
@@ -283,6 +321,7 @@ impl Vmm {
             commit_hops,
             ack_delay,
             checks: self.check_stats(),
+            syncs: self.syncs,
         })
     }
 }

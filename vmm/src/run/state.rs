@@ -73,6 +73,10 @@ impl Vmm {
         self.clock = restored.clock;
         self.exits = restored.exits;
         self.injected_at = restored.injected_at;
+        if let Inputs::Replay(r) = &mut self.inputs {
+            // The log goes on after the state's exit (with a sync, maybe).
+            r.resume_after(restored.exits);
+        }
         self.wall_clock_base_ns = restored.wall_clock_base_ns;
         self.header.wall_clock_base_ns = restored.wall_clock_base_ns;
         match &mut self.role {
