@@ -18,6 +18,9 @@ const CHECKED: &[(&str, &str, &str, bool, bool)] = &[
     ("clock", "", "", false, true),
     ("tsc", "", "", false, true),
     ("compute", "rounds=5 kib=256", "", false, false),
+    // No exit in their work loops: their ticks come by kick and state sync.
+    ("compute", "rounds=5 kib=256 exitpoints=0 hz=100", "", false, true),
+    ("spin", "hz=100 seconds=1", "", false, true),
     ("echo", "", "alpha\nbravo charlie\nx\nquit\n", false, true),
     ("ticker", "ticks=20 hz=50", "one\ntwo three\n", false, true),
     ("kvstore", "", "set a 1\nset b 2\nget a\ndel b\nget b\nquit\n", true, true),
