@@ -578,8 +578,20 @@ fn reprotection(runs: usize) {
 
 /// redis-benchmark's CSV: test → (rps, p50 ms, p99 ms).
 fn redis_benchmark(host: &str, port: u16, clients: u32, pipeline: u32, n: u32) -> Vec<(String, f64, f64, f64)> {
+    redis_benchmark_tests(host, port, "set,get,incr", clients, pipeline, n)
+}
+
+/// redis-benchmark -t `tests` -c `clients` -P `pipeline` --csv: test → (rps, p50 ms, p99 ms).
+fn redis_benchmark_tests(
+    host: &str,
+    port: u16,
+    tests: &str,
+    clients: u32,
+    pipeline: u32,
+    n: u32,
+) -> Vec<(String, f64, f64, f64)> {
     let out = std::process::Command::new("redis-benchmark")
-        .args(["-h", host, "-p", &port.to_string(), "-t", "set,get,incr", "-n", &n.to_string()])
+        .args(["-h", host, "-p", &port.to_string(), "-t", tests, "-n", &n.to_string()])
         .args(["-c", &clients.to_string(), "-P", &pipeline.to_string(), "--csv"])
         .output()
         .expect("redis-benchmark (Debian's redis-tools) is installed");
@@ -947,7 +959,8 @@ fn tls_cost(runs: usize) {
 /// redis-benchmark SET (-c 1 -P 1) with a backup ÷ alone, with `security`,
 /// and the primary's --stats after SHUTDOWN.
 fn redis_ratio(dir: &Scratch, security: &Security) -> (f64, String) {
-    let rps = |vm: &RedisVm| redis_benchmark_t(&vm.vm, 6379, "set", 5_000).first().map(|r| r.1).unwrap_or(f64::NAN);
+    let rps =
+        |vm: &RedisVm| redis_benchmark_tests(&vm.vm, 6379, "set", 1, 1, 5_000).first().map(|r| r.1).unwrap_or(f64::NAN);
     let alone = {
         let vm = redis_vm_with(false, dir, security);
         rps(&vm)
@@ -960,22 +973,6 @@ fn redis_ratio(dir: &Scratch, security: &Security) -> (f64, String) {
     let primary = vm.procs.remove(0);
     let r = primary.finish(Duration::from_secs(20));
     (with / alone, r.stderr)
-}
-
-/// redis-benchmark -t `test` -c 1 -P 1: test → (rps, p50 ms, p99 ms).
-fn redis_benchmark_t(host: &str, port: u16, test: &str, n: u32) -> Vec<(String, f64, f64, f64)> {
-    let out = std::process::Command::new("redis-benchmark")
-        .args(["-h", host, "-p", &port.to_string(), "-t", test, "-n", &n.to_string(), "-c", "1", "-P", "1", "--csv"])
-        .output()
-        .expect("redis-benchmark (Debian's redis-tools) is installed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(',').map(|x| x.trim_matches('"')).collect();
-            Some((f.first()?.to_string(), f.get(1)?.parse().ok()?, f.get(4)?.parse().ok()?, f.get(6)?.parse().ok()?))
-        })
-        .collect()
 }
 
 /// A process's resident set in KiB.
