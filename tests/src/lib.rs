@@ -491,3 +491,45 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A TCP relay on 127.0.0.1 to `target`, for tests that stand between two
+/// peers: each chunk read, in either direction, is shown to `forward`, and
+/// written on only if it returns true (false swallows it, the connections
+/// staying open). With `close_on_end`, a side's end of stream is passed on
+/// to the other (a shutdown of writing). Returns the relay's address.
+pub fn tcp_relay(
+    target: String,
+    close_on_end: bool,
+    forward: impl Fn(&[u8]) -> bool + Send + Sync + 'static,
+) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let forward = std::sync::Arc::new(forward);
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(&target) else { return };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server.try_clone().unwrap(), client.try_clone().unwrap()),
+            ] {
+                let forward = forward.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if forward(&buf[..n]) && to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    if close_on_end {
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    }
+                });
+            }
+        }
+    });
+    addr
+}

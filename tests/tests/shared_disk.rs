@@ -3,7 +3,7 @@
 //! under load.
 
 use ftvmm_tests::{qemu_img, spawn_ftdisk, spawn_ftdisk_with, Proc, Scratch};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,33 +21,9 @@ struct Proxy {
 
 impl Proxy {
     fn new(target: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
         let cut = Arc::new(AtomicBool::new(false));
         let flag = cut.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(&target) else { return };
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
-                ] {
-                    let flag = flag.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 65536];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
-                            if !flag.load(Ordering::Relaxed) && to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                }
-            }
-        });
+        let addr = ftvmm_tests::tcp_relay(target, false, move |_| !flag.load(Ordering::Relaxed));
         Proxy { addr, cut }
     }
 

@@ -7,7 +7,7 @@
 
 use ftvmm_tests::{check_continuity_across, connect_retry, qemu_img, spawn_ftdisk_with, Proc, Scratch, TickReader};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -205,34 +205,11 @@ struct RecordingProxy {
 
 impl RecordingProxy {
     fn new(target: String) -> RecordingProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
         let captured = Arc::new(Mutex::new(Vec::new()));
         let sink = captured.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(&target) else { return };
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
-                ] {
-                    let sink = sink.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 65536];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
-                            sink.lock().unwrap().extend_from_slice(&buf[..n]);
-                            if to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(std::net::Shutdown::Write);
-                    });
-                }
-            }
+        let addr = ftvmm_tests::tcp_relay(target, true, move |bytes| {
+            sink.lock().unwrap().extend_from_slice(bytes);
+            true
         });
         RecordingProxy { addr, captured }
     }
