@@ -20,7 +20,8 @@ pub const SECTOR: u64 = 512;
 /// with IOERR before any disk I/O: the lengths are the guest's, and the VMM
 /// reads, allocates and logs (as one `DiskRead` event) a read's data whole.
 pub const MAX_REQUEST: u64 = 16 << 20;
-const QUEUE_SIZES: &[u16] = &[64];
+/// Room for 32 requests of three descriptors each (header, data, status) in flight.
+const QUEUE_SIZES: &[u16] = &[256];
 
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const FEATURES: u64 = F_VERSION_1 | VIRTIO_BLK_F_FLUSH;
