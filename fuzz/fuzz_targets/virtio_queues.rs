@@ -181,6 +181,8 @@ impl Driver {
 struct Disk {
     faults: u8,
     image: Vec<u8>,
+    /// The last write or flush op number the device gave.
+    last_op: u64,
 }
 
 impl DiskIo for Disk {
@@ -200,7 +202,9 @@ impl DiskIo for Disk {
         Ok(data)
     }
 
-    fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), String> {
+    fn write(&mut self, op: u64, offset: u64, data: Vec<u8>) -> Result<(), String> {
+        assert!(op > self.last_op, "op numbers must grow: {op} after {}", self.last_op);
+        self.last_op = op;
         assert!(data.len() <= MAX_REQUEST, "a disk write of {} bytes", data.len());
         let end = offset.checked_add(data.len() as u64).expect("a write's end overflows");
         assert!(end <= CAPACITY, "a write of {} bytes at {offset} beyond the {CAPACITY}-byte disk", data.len());
@@ -213,7 +217,9 @@ impl DiskIo for Disk {
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self, op: u64) -> Result<(), String> {
+        assert!(op > self.last_op, "op numbers must grow: {op} after {}", self.last_op);
+        self.last_op = op;
         if self.faults & 8 != 0 {
             return Err("flush fault".into());
         }
@@ -329,7 +335,7 @@ where
     MmioState<D::State>: serde::Serialize + serde::de::DeserializeOwned,
 {
     let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-    let mut disk = Disk { faults: input.disk_faults, image: vec![0; KEPT] };
+    let mut disk = Disk { faults: input.disk_faults, image: vec![0; KEPT], last_op: 0 };
     let mut wire = Wire::default();
     let mut log = Vec::new();
     let mut t = MmioTransport::new(D::fresh());

@@ -67,6 +67,8 @@ struct State {
     watermark: u64,
     /// The primary's latest output-release position.
     released: u64,
+    /// The last disk op the primary reported applied.
+    disk_applied: u64,
     lost: Option<String>,
     /// Received state pieces not yet handed out, and their bytes.
     state: VecDeque<Vec<u8>>,
@@ -138,6 +140,7 @@ impl BackupLink {
                 queue: VecDeque::new(),
                 watermark: 0,
                 released: 0,
+                disk_applied: 0,
                 lost: None,
                 state: VecDeque::new(),
                 state_queued: 0,
@@ -273,6 +276,12 @@ impl BackupLink {
     /// positions up to it have left the primary.
     pub fn released(&self) -> u64 {
         lock(&self.shared.state).released
+    }
+
+    /// The last disk op the primary reported applied to its storage: the
+    /// writes up to it need not be re-issued by a backup going live.
+    pub fn disk_applied(&self) -> u64 {
+        lock(&self.shared.state).disk_applied
     }
 
     /// Why the primary was lost, or `None` while it is alive.
@@ -520,7 +529,7 @@ async fn read_frames(
                 state_received = 0;
                 info!("the primary restarts its state (resync)");
             }
-            Message::Batch { seq, watermark, released, records } => {
+            Message::Batch { seq, watermark, released, disk_applied, records } => {
                 if state_open {
                     return Err(ChannelError::Protocol(
                         "a batch of records arrived before the end of the state".into(),
@@ -540,6 +549,7 @@ async fn read_frames(
                     st.queue.extend(records.into_owned());
                     st.watermark = st.watermark.max(watermark);
                     st.released = st.released.max(released);
+                    st.disk_applied = st.disk_applied.max(disk_applied);
                 }
                 shared.arrived.notify_all();
                 // Acked on receipt, before replay: the output rule only

@@ -38,7 +38,7 @@
 //! then frames:           payload length: u32 LE (at most 64 MiB) | payload: bincode (varint) of a Message
 //! primary → backup: Hello{header, start}
 //!                   [start = State: State{offset, data}* StateEnd{exit, len}]
-//!                   then Batch{seq, watermark, released, records}*, Done; Heartbeat at any time
+//!                   then Batch{seq, watermark, released, disk_applied, records}*, Done; Heartbeat at any time
 //! backup → primary: Welcome | Reject{reason}
 //!                   then Ack{seq, watermark}*, StateAck{consumed}* (while a state is sent); Heartbeat at any time
 //! repair:           backup Resync{exit}; primary StateRestart State{offset, data}* StateEnd{exit, len}, then Batch*
@@ -92,7 +92,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// Version of the protocol spoken here; a peer speaking another is refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// First bytes each side sends on a logging-channel connection.
 pub const MAGIC: &[u8; 8] = b"FTVMMLCH";
 /// Largest frame payload sent or accepted: bounds what a corrupt length can

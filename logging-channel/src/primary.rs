@@ -243,6 +243,8 @@ struct State {
     /// When the vCPU thread last handed something over.
     handed_at: Instant,
     released: u64,
+    /// The last disk op the VMM reported applied.
+    disk_applied: u64,
     /// Highest watermark the backup acknowledged.
     acked: u64,
     /// Records the backup acknowledged, in total.
@@ -329,6 +331,7 @@ impl PrimaryLink {
                 watermark: 0,
                 handed_at: Instant::now(),
                 released: 0,
+                disk_applied: 0,
                 acked: 0,
                 records_acked: 0,
                 bytes_acked: 0,
@@ -418,6 +421,20 @@ impl PrimaryLink {
                 return;
             }
             st.released = exit;
+        }
+        self.shared.wake.notify_one();
+    }
+
+    /// The guest's disk ops numbered up to `op` have been applied to the
+    /// storage. Sent like [`released`](Self::released), so the backup can
+    /// forget the writes it keeps for going live.
+    pub fn disk_applied(&self, op: u64) {
+        {
+            let mut st = lock(&self.shared.state);
+            if st.lost.is_some() || op <= st.disk_applied {
+                return;
+            }
+            st.disk_applied = op;
         }
         self.shared.wake.notify_one();
     }
@@ -926,21 +943,21 @@ async fn write_batches(mut wr: OwnedWriteHalf, shared: &Shared, local: &Local) -
     let mut ticker = tokio::time::interval(shared.config.heartbeat_interval());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut outgoing: VecDeque<Record> = VecDeque::new();
-    let (mut seq, mut sent_records, mut sent_bytes, mut sent_watermark, mut sent_released) =
-        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut seq, mut sent_records, mut sent_bytes, mut sent_watermark) = (0u64, 0u64, 0u64, 0u64);
+    let (mut sent_released, mut sent_disk_applied) = (0u64, 0u64);
     // A joining link sends its state first; records wait behind it.
     let mut state_open = shared.start == LogStart::State;
     // Set once the state ended: the exit no record may be at or before.
     let mut state_exit = None;
     let mut wrote = false;
     loop {
-        let (watermark, handed, released, closing, piece, state_end, restart) = {
+        let (watermark, handed, (released, disk_applied), closing, piece, state_end, restart) = {
             let mut st = lock(&shared.state);
             outgoing.extend(std::mem::take(&mut st.pending));
             let restart = std::mem::take(&mut st.state.restart);
             let (piece, end) =
                 if state_open && !restart { (st.state.pieces.pop_front(), st.state.end) } else { (None, None) };
-            (st.watermark, st.handed_at, st.released, st.closing, piece, end, restart)
+            (st.watermark, st.handed_at, (st.released, st.disk_applied), st.closing, piece, end, restart)
         };
         if restart {
             // Repair: records not yet sent are older than the new state,
@@ -979,7 +996,11 @@ async fn write_batches(mut wr: OwnedWriteHalf, shared: &Shared, local: &Local) -
                 wrote = true;
                 continue;
             }
-        } else if !outgoing.is_empty() || watermark > sent_watermark || released > sent_released {
+        } else if !outgoing.is_empty()
+            || watermark > sent_watermark
+            || released > sent_released
+            || disk_applied > sent_disk_applied
+        {
             if let (Some(exit), Some(first)) = (state_exit, outgoing.front()) {
                 if first.position.exit <= exit {
                     return Err(ChannelError::Misuse(format!(
@@ -1015,6 +1036,7 @@ async fn write_batches(mut wr: OwnedWriteHalf, shared: &Shared, local: &Local) -
                     seq: seq + 1,
                     watermark: batch_watermark,
                     released,
+                    disk_applied,
                     records: Cow::Borrowed(records),
                 };
                 match wire::encode(&msg) {
@@ -1039,6 +1061,7 @@ async fn write_batches(mut wr: OwnedWriteHalf, shared: &Shared, local: &Local) -
             });
             sent_watermark = batch_watermark;
             sent_released = released;
+            sent_disk_applied = disk_applied;
             wrote = true;
             continue;
         }

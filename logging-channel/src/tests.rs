@@ -186,11 +186,11 @@ fn links_are_send() {
 #[test]
 fn batch_round_trips() {
     let records = vec![exit_record(1), time_record(1)];
-    let msg = Message::Batch { seq: 3, watermark: 1, released: 0, records: Cow::Borrowed(&records) };
+    let msg = Message::Batch { seq: 3, watermark: 1, released: 0, disk_applied: 0, records: Cow::Borrowed(&records) };
     let frame = wire::encode(&msg).unwrap();
     assert_eq!(u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize, frame.len() - 4);
     match wire::decode(&frame[4..]).unwrap() {
-        Message::Batch { seq: 3, watermark: 1, released: 0, records: got } => assert_eq!(got.as_ref(), &records[..]),
+        Message::Batch { seq: 3, watermark: 1, released: 0, records: got, .. } => assert_eq!(got.as_ref(), &records[..]),
         other => panic!("decoded {other:?}"),
     }
 }
@@ -331,6 +331,20 @@ fn released_reaches_the_backup() {
 }
 
 #[test]
+fn disk_applied_reaches_the_backup_on_its_own() {
+    let (primary, backup) = pair(&steady());
+    assert_eq!(backup.disk_applied(), 0);
+    // Nothing else changes: the report alone makes a batch go out.
+    primary.disk_applied(12);
+    assert!(wait_until(MARGIN, || backup.disk_applied() == 12));
+    assert_eq!(backup.released(), 0);
+    primary.disk_applied(5);
+    primary.released(3);
+    assert!(wait_until(MARGIN, || backup.released() == 3));
+    assert_eq!(backup.disk_applied(), 12, "a stale report does not go backwards");
+}
+
+#[test]
 fn a_dropped_backup_is_lost_promptly() {
     let config = steady();
     let (mut primary, backup) = pair(&config);
@@ -406,7 +420,7 @@ fn a_silent_primary_is_caught_by_the_heartbeat_timeout() {
     let (release, hold) = mpsc::channel::<()>();
     let (addr, fake) = fake_primary(move |mut s| {
         let records = vec![exit_record(1)];
-        write_raw(&mut s, &Message::Batch { seq: 1, watermark: 1, released: 0, records: Cow::Borrowed(&records) });
+        write_raw(&mut s, &Message::Batch { seq: 1, watermark: 1, released: 0, disk_applied: 0, records: Cow::Borrowed(&records) });
         // Then silence, with the connection still open (a cut link).
         let _ = hold.recv_timeout(Duration::from_secs(5));
     });
@@ -957,7 +971,7 @@ fn bad_state_frames_end_the_link_with_a_clear_error() {
         (
             vec![
                 wire::encode(&state(0, 10)).unwrap(),
-                wire::encode(&Message::Batch { seq: 1, watermark: 1, released: 0, records: Cow::Owned(vec![]) })
+                wire::encode(&Message::Batch { seq: 1, watermark: 1, released: 0, disk_applied: 0, records: Cow::Owned(vec![]) })
                     .unwrap(),
             ],
             "before the end of the state",

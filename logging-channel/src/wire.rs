@@ -33,8 +33,9 @@ pub(crate) enum Message<'a> {
     Reject { reason: String },
     /// Primary → backup: the records after the previous batch's; every
     /// record at a position <= `watermark` is in this batch or an earlier
-    /// one; outputs at positions <= `released` have left the primary.
-    Batch { seq: u64, watermark: u64, released: u64, records: Cow<'a, [Record]> },
+    /// one; outputs at positions <= `released` have left the primary, and
+    /// its disk ops numbered up to `disk_applied` are on its storage.
+    Batch { seq: u64, watermark: u64, released: u64, disk_applied: u64, records: Cow<'a, [Record]> },
     /// Backup → primary: batches up to `seq` (whose watermark is
     /// `watermark`) have been received.
     Ack { seq: u64, watermark: u64 },

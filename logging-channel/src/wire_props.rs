@@ -49,11 +49,12 @@ fn message() -> impl Strategy<Value = Message<'static>> {
         (header(), start).prop_map(|(header, start)| Message::Hello { header, start }),
         Just(()).prop_map(|_| Message::Welcome),
         any::<String>().prop_map(|reason| Message::Reject { reason }),
-        (any::<u64>(), any::<u64>(), any::<u64>(), vec(record(), 0..16)).prop_map(
-            |(seq, watermark, released, records)| Message::Batch {
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), vec(record(), 0..16)).prop_map(
+            |(seq, watermark, released, disk_applied, records)| Message::Batch {
                 seq,
                 watermark,
                 released,
+                disk_applied,
                 records: Cow::Owned(records)
             }
         ),

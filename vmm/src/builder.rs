@@ -207,8 +207,7 @@ fn wire(
                 None
             };
             let (input, port) = start_serial(endpoint, config.serial_input.as_deref())?;
-            let disk_delivered = disk.as_ref().map_or_else(Default::default, |d| d.delivered());
-            let gate = OutputGate::new(port.sender(), disk.map(|d| d.releaser()), nic.as_ref().map(|n| n.tx.clone()));
+            let (gate, disk_applied) = OutputGate::for_primary(&port, disk, nic.as_ref().map(|n| n.tx.clone()));
             match &link {
                 Some(link) => link.on_ack(OutputGate::ack_callback(&gate)),
                 // Unprotected until a backup joins: nothing is held.
@@ -223,7 +222,7 @@ fn wire(
             let role = Role::Primary {
                 gate: gate.clone(),
                 delivered: port.delivered(),
-                disk_delivered,
+                disk_applied,
                 finish_timeout: channel.heartbeat_timeout * 5,
                 generation: header.disk_generation,
                 shipped: (0, std::time::Instant::now()),
@@ -295,6 +294,9 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
     let mem_size = config.mem_mib << 20;
     let tls = load_tls(config)?;
     let mut disk = config.disk.as_ref().map(|spec| open_disk(spec, tls.as_ref())).transpose()?;
+    if let (Some(disk), Some(op)) = (disk.as_mut(), config.disk_stall_after_op) {
+        disk.stall_after(op);
+    }
     let mut header = header(&image, config, disk.as_ref());
 
     let endpoint = Endpoint::bind(&config.serial).map_err(|e| usage(format!("--serial {:?}: {e}", config.serial)))?;

@@ -175,6 +175,12 @@ pub struct Cli {
     #[arg(long, value_name = "EXIT", value_parser = clap::value_parser!(u64).range(1..))]
     pub inject_divergence_at: Option<u64>,
 
+    /// Testing aid for a primary: its disk writer applies the guest's disk
+    /// ops up to number OP and no more, as if its host died right after
+    /// (the ops stay pending: a backup that takes over re-issues them).
+    #[arg(long, value_name = "OP", hide_short_help = true)]
+    pub testing_disk_stall_after_op: Option<u64>,
+
     /// Mutual TLS on the logging channel (and the state transfer it carries)
     /// and to ftdisk: this VMM's certificate (PEM). Its peers must present
     /// certificates from --tls-ca; a server's must name the address it is
@@ -391,6 +397,7 @@ impl Cli {
             check_every_ms: self.check_every_ms,
             check_every_exits: self.check_every_exits,
             inject_divergence_at: self.inject_divergence_at,
+            disk_stall_after_op: self.testing_disk_stall_after_op,
             tls,
             ..VmConfig::new(image)
         })))

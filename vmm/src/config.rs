@@ -97,6 +97,8 @@ pub struct VmConfig {
     pub check_every_exits: u64,
     /// Testing aid: a replaying VM flips a byte of its guest memory here.
     pub inject_divergence_at: Option<u64>,
+    /// Testing aid: a primary's disk writer applies ops up to this one only.
+    pub disk_stall_after_op: Option<u64>,
     /// Mutual TLS on the logging channel and to ftdisk (`None`: plaintext).
     pub tls: Option<credentials::TlsFiles>,
 }
@@ -133,6 +135,7 @@ impl VmConfig {
             check_every_ms: DEFAULT_CHECK_EVERY_MS,
             check_every_exits: 0,
             inject_divergence_at: None,
+            disk_stall_after_op: None,
             tls: None,
         }
     }

@@ -228,6 +228,16 @@ impl Backlog {
         }
     }
 
+    /// A copy of everything kept, as (exit, bytes), oldest first.
+    pub fn to_vec(&self) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::with_capacity(self.marks.len());
+        let mut bytes = self.bytes.iter().copied();
+        for &(exit, len) in &self.marks {
+            out.push((exit, bytes.by_ref().take(len).collect()));
+        }
+        out
+    }
+
     /// Takes everything kept, as (exit, bytes), oldest first.
     pub fn drain(&mut self) -> Vec<(u64, Vec<u8>)> {
         let mut out = Vec::with_capacity(self.marks.len());
@@ -578,6 +588,16 @@ impl PortSender {
             return false;
         }
         true
+    }
+
+    /// Output released but not yet written to a console client (kept for
+    /// one that has not come), as (exit, bytes), oldest first: what a backup
+    /// joining now must be able to re-emit.
+    pub fn undelivered(&self) -> Vec<(u64, Vec<u8>)> {
+        match &*self.shared.lock_sink() {
+            Sink::Tcp { backlog, .. } => backlog.to_vec(),
+            Sink::Writer(_) => Vec::new(),
+        }
     }
 
     /// Release-to-write delay of the output written so far, as (outputs,

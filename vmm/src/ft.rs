@@ -7,9 +7,18 @@
 //!   backup has acknowledged the log up to the position that produced it;
 //! - [`Suppressed`]: the backup's, while it replays — kept until the primary
 //!   reports it released, and re-emitted when the backup goes live.
+//!
+//! Disk ops are outputs too, counted by op number ([`OpSeq`]), not by exit:
+//! the primary reports how far its storage has applied them, the backup
+//! keeps every op above that, and a backup that joins (or resyncs) receives
+//! the primary's unapplied ops with the state ([`PendingOutputs`]). Going
+//! live, the backup re-issues its kept ops and flushes before it re-emits
+//! any other output, which may depend on them. A primary without a backup
+//! releases an output only once every disk op before it is applied: nobody
+//! else holds those writes.
 
 use crate::console::{Backlog, Endpoint, OutputPort, PortSender};
-use crate::disk::{DiskOp, DiskPort, DiskSender};
+use crate::disk::{DiskOp, DiskPort, DiskSender, OpSeq};
 use crate::run::Joiner;
 use crate::tap::{HostNic, TapTx};
 use logging_channel::{Acked, BackupLink, LatencyHistogram, LatencySummary, PrimaryLink, PrimaryListener};
@@ -30,8 +39,8 @@ pub enum Role {
         gate: Arc<OutputGate>,
         /// The exit up to which serial output has reached the outside world.
         delivered: Arc<AtomicU64>,
-        /// The exit up to which released disk writes have been applied.
-        disk_delivered: Arc<AtomicU64>,
+        /// Every disk op numbered up to this has been applied.
+        disk_applied: Arc<AtomicU64>,
         finish_timeout: Duration,
         /// Our owner generation of the shared disk (0: none).
         generation: u64,
@@ -115,32 +124,49 @@ pub trait Outputs {
     fn output(&mut self, position: Position, bytes: Vec<u8>);
     /// An Ethernet frame the guest transmitted.
     fn frame(&mut self, position: Position, frame: Vec<u8>);
-    /// A disk write or flush. Returns false when the caller should apply it
-    /// at once (no output rule applies); true when it was taken over.
-    fn disk(&mut self, _position: Position, _op: &DiskOp) -> bool {
+    /// Whether disk ops are outputs here, taken by [`Outputs::disk`]; else
+    /// the caller applies them at once (no output rule applies).
+    fn holds_disk(&self) -> bool {
         false
     }
-    /// The backup goes live: re-emit what the primary may not have released
-    /// (everything produced after `released`) — serial output to `port`,
-    /// disk writes re-issued on `disk`, frames sent on `net` —, then pass
-    /// output through.
-    fn go_live(
-        &mut self,
-        _released: u64,
-        _port: OutputPort,
-        _disk: Option<&DiskPort>,
-        _net: Option<TapTx>,
-    ) -> std::io::Result<()> {
+    /// Disk op number `seq` (a write or a flush), when [`Outputs::holds_disk`].
+    fn disk(&mut self, _position: Position, _seq: OpSeq, _op: &DiskOp) {}
+    /// The backup goes live: re-issue the disk ops it keeps on `disk` (and
+    /// flush), then re-emit what the primary may not have released —
+    /// serial output to `port`, frames on `net` —, then pass output through.
+    fn go_live(&mut self, _port: OutputPort, _disk: Option<&DiskPort>, _net: Option<TapTx>) -> std::io::Result<()> {
         Ok(())
     }
-    /// The primary reported outputs up to `released` as released.
-    fn prune(&mut self, _released: u64) {}
+    /// The primary reported outputs up to exit `released` as released and
+    /// disk ops up to `disk_applied` as applied.
+    fn prune(&mut self, _released: u64, _disk_applied: OpSeq) {}
+    /// A backup that received the VM's state: the primary's outputs not yet
+    /// out of it, which this backup now keeps as if it had produced them.
+    fn take_over(&mut self, _pending: PendingOutputs) {}
+    /// Lays the disk writes kept for going live over `data`, read from the
+    /// storage at `offset`: what the guest reads once they are re-issued.
+    fn lay_kept_writes(&self, _offset: u64, _data: &mut [u8]) {}
+    /// Peak bytes of disk writes kept for going live (a backup's).
+    fn kept_disk_peak(&self) -> u64 {
+        0
+    }
     /// After [`Outputs::go_live`]: the serial port the outputs now go to.
     fn into_port(self: Box<Self>) -> Option<OutputPort> {
         None
     }
     /// Waits until everything released so far has been written out.
     fn close(self: Box<Self>);
+}
+
+/// A primary's outputs not yet out of it: disk ops not yet applied, serial
+/// output and frames not yet delivered. They travel with the state to a
+/// backup that joins or resyncs (and in a snapshot), so that whoever may go
+/// live holds every output the guest has produced.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PendingOutputs {
+    pub disk: Vec<(OpSeq, DiskOp)>,
+    pub serial: Vec<(u64, Vec<u8>)>,
+    pub frames: Vec<(u64, Vec<u8>)>,
 }
 
 /// Output released at once (a replay has no `net`: it sends no frame).
@@ -175,7 +201,7 @@ fn send_frame(net: Option<&TapTx>, frame: &[u8]) {
 #[derive(Debug, Clone)]
 pub enum Item {
     Serial(Vec<u8>),
-    Disk(DiskOp),
+    Disk(OpSeq, DiskOp),
     Frame(Vec<u8>),
 }
 
@@ -188,10 +214,15 @@ pub struct OutputGate {
 }
 
 struct GateState {
-    held: VecDeque<(u64, Instant, Item)>,
+    held: VecDeque<HeldItem>,
+    /// The backup's acknowledged watermark; `u64::MAX` while there is no
+    /// backup (unprotected: then disk progress alone holds output back).
     acked: u64,
-    /// The exit of the last item handed to each port: (serial, disk).
-    handed: (u64, u64),
+    /// The exit of the last serial output handed to the port.
+    handed_serial: u64,
+    /// The last disk op pushed, and the last one the storage applied.
+    last_disk: OpSeq,
+    applied: OpSeq,
     /// How long outputs were held, in µs, and where that time went (for
     /// `--stats`): fixed-size histograms, however long the run.
     hops: CommitHops,
@@ -230,22 +261,64 @@ impl CommitHops {
     }
 }
 
+/// An output waiting in the gate.
+struct HeldItem {
+    exit: u64,
+    produced: Instant,
+    item: Item,
+    /// The last disk op the guest issued before it.
+    after_disk: OpSeq,
+}
+
+impl GateState {
+    /// Whether `h` may leave now: the backup acknowledged its exit, and,
+    /// without a backup to hold them, the disk ops before it are applied.
+    fn releasable(&self, h: &HeldItem) -> bool {
+        h.exit <= self.acked
+            && (matches!(h.item, Item::Disk(..)) || self.acked != u64::MAX || h.after_disk <= self.applied)
+    }
+}
+
 impl OutputGate {
+    /// A primary's gate over its serial `port`, its disk (whose writer
+    /// thread it starts, and which reports back each applied op) and its
+    /// NIC; with the disk's applied-op counter.
+    pub fn for_primary(
+        port: &OutputPort,
+        disk: Option<&mut DiskPort>,
+        net: Option<TapTx>,
+    ) -> (Arc<OutputGate>, Arc<AtomicU64>) {
+        match disk {
+            Some(disk) => {
+                let gate = OutputGate::new(port.sender(), Some(disk.releaser()), net);
+                disk.on_applied(OutputGate::applied_callback(&gate));
+                (gate, disk.applied())
+            }
+            None => (OutputGate::new(port.sender(), None, net), Arc::default()),
+        }
+    }
+
     pub fn new(port: PortSender, disk: Option<DiskSender>, net: Option<TapTx>) -> Arc<Self> {
-        let state = GateState { held: VecDeque::new(), acked: 0, handed: (0, 0), hops: CommitHops::default() };
+        let state = GateState {
+            held: VecDeque::new(),
+            acked: 0,
+            handed_serial: 0,
+            last_disk: 0,
+            applied: 0,
+            hops: CommitHops::default(),
+        };
         Arc::new(OutputGate { inner: Mutex::new(state), port, disk, net })
     }
 
     fn hand(&self, s: &mut GateState, exit: u64, item: Item) {
         match item {
             Item::Serial(bytes) => {
-                s.handed.0 = exit;
+                s.handed_serial = exit;
                 self.port.send(exit, bytes);
             }
-            Item::Disk(op) => {
-                s.handed.1 = exit;
+            Item::Disk(seq, op) => {
                 if let Some(d) = &self.disk {
-                    d.send(exit, op);
+                    d.send(seq, op);
                 }
             }
             // Written at once: a frame is delivered when it is handed.
@@ -258,24 +331,22 @@ impl OutputGate {
         self.push(exit, Item::Frame(frame));
     }
 
-    /// The guest issued a disk write or flush at exit `exit`.
-    pub fn disk(&self, exit: u64, op: DiskOp) {
-        self.push(exit, Item::Disk(op));
+    /// The guest issued disk op `seq` at exit `exit`.
+    pub fn disk(&self, exit: u64, seq: OpSeq, op: DiskOp) {
+        self.push(exit, Item::Disk(seq, op));
     }
 
-    /// The exit up to which every output has reached the outside world, given
-    /// how far each port has got: what a backup going live need not re-emit.
-    pub fn released(&self, serial_delivered: u64, disk_delivered: u64) -> u64 {
+    /// The exit up to which every serial output and frame has reached the
+    /// outside world, given how far the serial port has got: what a backup
+    /// going live need not re-emit. (Disk ops count apart, by number.)
+    pub fn released(&self, serial_delivered: u64) -> u64 {
         let s = self.state();
         let mut released = s.acked;
-        if serial_delivered < s.handed.0 {
+        if serial_delivered < s.handed_serial {
             released = released.min(serial_delivered);
         }
-        if disk_delivered < s.handed.1 {
-            released = released.min(disk_delivered);
-        }
-        if let Some((exit, _, _)) = s.held.front() {
-            released = released.min(exit.saturating_sub(1));
+        if let Some(h) = s.held.iter().find(|h| !matches!(h.item, Item::Disk(..))) {
+            released = released.min(h.exit.saturating_sub(1));
         }
         released
     }
@@ -293,18 +364,29 @@ impl OutputGate {
 
     fn push(&self, exit: u64, item: Item) {
         let mut s = self.state();
-        if s.held.is_empty() && s.acked >= exit {
+        let h = HeldItem { exit, produced: Instant::now(), item, after_disk: s.last_disk };
+        if let Item::Disk(seq, _) = &h.item {
+            s.last_disk = *seq;
+        }
+        if s.held.is_empty() && s.releasable(&h) {
             s.hops.held.record(0);
-            self.hand(&mut s, exit, item);
+            self.hand(&mut s, h.exit, h.item);
         } else {
-            s.held.push_back((exit, Instant::now(), item));
+            s.held.push_back(h);
         }
     }
 
     /// The backup acknowledged the log up to `watermark` (u64::MAX: the
-    /// backup is gone and nothing is held any more).
+    /// backup is gone and nothing waits for acknowledgements any more).
     pub fn acked(&self, watermark: u64) {
         self.release(watermark, None);
+    }
+
+    /// The storage applied disk ops up to `seq` (the writer thread's call).
+    pub fn disk_applied(&self, seq: OpSeq) {
+        let mut s = self.state();
+        s.applied = s.applied.max(seq);
+        self.hand_releasable(&mut s, None);
     }
 
     /// Releases what `watermark` covers; with the ack's timings, records
@@ -312,33 +394,55 @@ impl OutputGate {
     fn release(&self, watermark: u64, ack: Option<&Acked<'_>>) {
         let mut s = self.state();
         s.acked = s.acked.max(watermark);
-        while s.held.front().is_some_and(|(exit, _, _)| *exit <= watermark) {
-            if let Some((exit, produced, item)) = s.held.pop_front() {
-                let now = Instant::now();
-                let hops = &mut s.hops;
-                // Losing the backup (u64::MAX) is not an ack: not measured.
-                if watermark != u64::MAX {
-                    hops.held.record_between(produced, now);
-                }
-                if let Some(a) = ack {
-                    // The first batch that covered it (acks coalesce).
-                    if let Some(b) = a.batches.iter().find(|b| b.watermark >= exit) {
-                        hops.produced_to_handed.record_between(produced, b.handed);
-                        hops.handed_to_sent.record_between(b.handed, b.sent);
-                        hops.sent_to_acked.record_between(b.sent, a.received);
-                    }
-                    hops.acked_to_released.record_between(a.received, now);
-                }
-                self.hand(&mut s, exit, item);
+        self.hand_releasable(&mut s, ack);
+    }
+
+    /// Hands every output at the front that may leave now.
+    fn hand_releasable(&self, s: &mut GateState, ack: Option<&Acked<'_>>) {
+        while s.held.front().is_some_and(|h| s.releasable(h)) {
+            let Some(HeldItem { exit, produced, item, .. }) = s.held.pop_front() else { break };
+            let now = Instant::now();
+            let hops = &mut s.hops;
+            // Released without a backup (lost, or not there): not measured.
+            if s.acked != u64::MAX {
+                hops.held.record_between(produced, now);
             }
+            if let Some(a) = ack {
+                // The first batch that covered it (acks coalesce).
+                if let Some(b) = a.batches.iter().find(|b| b.watermark >= exit) {
+                    hops.produced_to_handed.record_between(produced, b.handed);
+                    hops.handed_to_sent.record_between(b.handed, b.sent);
+                    hops.sent_to_acked.record_between(b.sent, a.received);
+                }
+                hops.acked_to_released.record_between(a.received, now);
+            }
+            self.hand(s, exit, item);
         }
     }
 
-    /// A new backup protects the VM from exit `exit` on (it joined there):
-    /// outputs of later exits wait for its acknowledgements.
+    /// A new backup protects the VM from exit `exit` on (it joined there,
+    /// holding the outputs not yet out: [`OutputGate::pending`]): outputs
+    /// of later exits wait for its acknowledgements, and those waiting for
+    /// the disk alone may go.
     pub fn protect_after(&self, exit: u64) {
         let mut s = self.state();
         s.acked = exit;
+        self.hand_releasable(&mut s, None);
+    }
+
+    /// The outputs waiting here, as a backup joining now must keep them
+    /// (disk ops apart: the disk port lists every unapplied one).
+    pub fn pending(&self) -> PendingOutputs {
+        let s = self.state();
+        let mut pending = PendingOutputs::default();
+        for h in &s.held {
+            match &h.item {
+                Item::Serial(bytes) => pending.serial.push((h.exit, bytes.clone())),
+                Item::Frame(frame) => pending.frames.push((h.exit, frame.clone())),
+                Item::Disk(..) => {}
+            }
+        }
+        pending
     }
 
     /// What the logging channel calls with each acknowledged watermark.
@@ -351,6 +455,12 @@ impl OutputGate {
                 gate.release(ack.watermark, Some(ack))
             }
         })
+    }
+
+    /// What the disk's writer thread calls after each op it applied.
+    pub fn applied_callback(gate: &Arc<OutputGate>) -> crate::disk::AppliedCallback {
+        let gate = gate.clone();
+        Box::new(move |seq| gate.disk_applied(seq))
     }
 
     /// Outputs still waiting for an acknowledgement.
@@ -371,6 +481,11 @@ impl OutputGate {
         hops.extend(self.port.write_delay().map(|w| ("released->written", w)));
         hops
     }
+
+    /// The serial port the gate releases to.
+    pub fn port(&self) -> &PortSender {
+        &self.port
+    }
 }
 
 /// The primary's serial output, through the gate.
@@ -383,9 +498,11 @@ impl Outputs for Held {
     fn output(&mut self, position: Position, bytes: Vec<u8>) {
         self.gate.output(position.exit, bytes);
     }
-    fn disk(&mut self, position: Position, op: &DiskOp) -> bool {
-        self.gate.disk(position.exit, op.clone());
+    fn holds_disk(&self) -> bool {
         true
+    }
+    fn disk(&mut self, position: Position, seq: OpSeq, op: &DiskOp) {
+        self.gate.disk(position.exit, seq, op.clone());
     }
     fn frame(&mut self, position: Position, frame: Vec<u8>) {
         self.gate.frame(position.exit, frame);
@@ -406,10 +523,14 @@ pub struct Suppressed {
     /// Serial output, at most what the primary's console keeps for a
     /// missing client ([`MAX_BACKLOG`]), the oldest dropped first.
     serial: Backlog,
-    /// Disk writes and flushes, until the primary reports them applied (the
-    /// primary applies them as soon as they are acknowledged, so this holds
-    /// what is in flight between the two).
-    disk: VecDeque<(u64, DiskOp)>,
+    /// Disk writes and flushes, until the primary reports them applied. The
+    /// primary holds its guest while its unapplied writes exceed
+    /// [`crate::disk::MAX_DEFERRED_BYTES`], and reports its progress with
+    /// every batch, so these stay within that bound (and one notification's
+    /// worth): the console plays no part in it.
+    disk: VecDeque<(OpSeq, DiskOp)>,
+    disk_bytes: u64,
+    disk_peak: u64,
     /// Frames, the newest [`MAX_SUPPRESSED_FRAMES`] (a NIC would have
     /// dropped older ones: TCP retransmits what is lost at the switch).
     frames: VecDeque<(u64, Vec<u8>)>,
@@ -417,28 +538,74 @@ pub struct Suppressed {
     net: Option<TapTx>,
     /// Outputs the primary reported released (not to be re-emitted).
     released: u64,
+    /// Disk ops the primary reported applied (not to be re-issued).
+    disk_applied: OpSeq,
+}
+
+impl Suppressed {
+    fn keep_disk(&mut self, seq: OpSeq, op: DiskOp) {
+        if seq <= self.disk_applied {
+            return;
+        }
+        self.disk_bytes += op.bytes();
+        self.disk_peak = self.disk_peak.max(self.disk_bytes);
+        self.disk.push_back((seq, op));
+    }
+
+    fn keep_frame(&mut self, exit: u64, frame: Vec<u8>) {
+        if self.frames.len() == MAX_SUPPRESSED_FRAMES {
+            self.frames.pop_front();
+        }
+        self.frames.push_back((exit, frame));
+    }
 }
 
 impl Outputs for Suppressed {
-    fn prune(&mut self, released: u64) {
+    fn prune(&mut self, released: u64, disk_applied: OpSeq) {
         self.released = self.released.max(released);
         self.serial.forget_up_to(self.released);
-        while self.disk.front().is_some_and(|(exit, _)| *exit <= self.released) {
-            self.disk.pop_front();
-        }
         while self.frames.front().is_some_and(|(exit, _)| *exit <= self.released) {
             self.frames.pop_front();
         }
+        self.disk_applied = self.disk_applied.max(disk_applied);
+        while self.disk.front().is_some_and(|(seq, _)| *seq <= self.disk_applied) {
+            if let Some((_, op)) = self.disk.pop_front() {
+                self.disk_bytes -= op.bytes();
+            }
+        }
+    }
+
+    fn take_over(&mut self, pending: PendingOutputs) {
+        // Ours up to the state's exit are superseded (a resync) or none (a
+        // join): the primary's are what the world has not seen yet.
+        self.serial = Backlog::default();
+        self.frames.clear();
+        self.disk.clear();
+        self.disk_bytes = 0;
+        for (exit, bytes) in pending.serial {
+            self.serial.push(exit, &bytes);
+        }
+        for (exit, frame) in pending.frames {
+            self.keep_frame(exit, frame);
+        }
+        for (seq, op) in pending.disk {
+            self.keep_disk(seq, op);
+        }
+    }
+
+    fn lay_kept_writes(&self, offset: u64, data: &mut [u8]) {
+        crate::disk::overlay(self.disk.iter().map(|(_, op)| op), offset, data);
+    }
+
+    fn kept_disk_peak(&self) -> u64 {
+        self.disk_peak
     }
 
     fn frame(&mut self, position: Position, frame: Vec<u8>) {
         if self.live.is_some() {
             return send_frame(self.net.as_ref(), &frame);
         }
-        if self.frames.len() == MAX_SUPPRESSED_FRAMES {
-            self.frames.pop_front();
-        }
-        self.frames.push_back((position.exit, frame));
+        self.keep_frame(position.exit, frame);
     }
 
     fn output(&mut self, position: Position, bytes: Vec<u8>) {
@@ -449,21 +616,21 @@ impl Outputs for Suppressed {
             }
         }
     }
-    fn disk(&mut self, position: Position, op: &DiskOp) -> bool {
-        if self.live.is_some() {
-            return false;
-        }
-        self.disk.push_back((position.exit, op.clone()));
-        true
+    fn holds_disk(&self) -> bool {
+        self.live.is_none()
     }
-    fn go_live(
-        &mut self,
-        released: u64,
-        port: OutputPort,
-        disk: Option<&DiskPort>,
-        net: Option<TapTx>,
-    ) -> std::io::Result<()> {
-        self.prune(released);
+    fn disk(&mut self, _position: Position, seq: OpSeq, op: &DiskOp) {
+        self.keep_disk(seq, op.clone());
+    }
+    fn go_live(&mut self, port: OutputPort, disk: Option<&DiskPort>, net: Option<TapTx>) -> std::io::Result<()> {
+        // First the disk: output the world sees may depend on these writes
+        // (a reply sent once its write was flushed). Writes are idempotent:
+        // re-issuing one the primary completed is harmless.
+        let kept: Vec<(OpSeq, DiskOp)> = self.disk.drain(..).collect();
+        self.disk_bytes = 0;
+        if let Some(d) = disk {
+            d.apply_taken_over(&kept)?;
+        }
         let sender = port.sender();
         self.live = Some(port);
         for (exit, bytes) in self.serial.drain() {
@@ -474,12 +641,6 @@ impl Outputs for Suppressed {
             send_frame(net.as_ref(), &frame);
         }
         self.net = net;
-        // Writes are idempotent: re-issuing one the primary completed is harmless.
-        for (_, op) in self.disk.drain(..) {
-            if let Some(d) = disk {
-                d.apply(&op)?;
-            }
-        }
         Ok(())
     }
     fn into_port(self: Box<Self>) -> Option<OutputPort> {
@@ -542,8 +703,9 @@ mod tests {
         for exit in 1..=4 {
             s.output(pos(exit), vec![b'0' + exit as u8]);
         }
-        s.prune(2);
-        s.go_live(1, OutputPort::to_writer(Box::new(out.clone())), None, None).unwrap();
+        s.prune(2, 0);
+        s.prune(1, 0);
+        s.go_live(OutputPort::to_writer(Box::new(out.clone())), None, None).unwrap();
         s.output(pos(5), b"5".to_vec());
         s.close();
         assert_eq!(&*out.0.lock().unwrap(), b"345");
@@ -559,9 +721,9 @@ mod tests {
         for exit in 1..=5 {
             s.output(pos(exit), vec![exit as u8]);
         }
-        s.prune(2);
+        s.prune(2, 0);
         assert_eq!(s.serial.exits().collect::<Vec<_>>(), vec![3, 4, 5]);
-        s.prune(1);
+        s.prune(1, 0);
         assert_eq!(s.serial.exits().count(), 3, "a stale report prunes nothing more");
     }
 
@@ -586,8 +748,97 @@ mod tests {
         }
         assert_eq!(t.serial.exits().count(), 1);
         let out = Shared::default();
-        t.go_live(0, OutputPort::to_writer(Box::new(out.clone())), None, None).unwrap();
+        t.go_live(OutputPort::to_writer(Box::new(out.clone())), None, None).unwrap();
         Box::new(t).close();
         assert_eq!(&*out.0.lock().unwrap(), b"tick 1\n");
+    }
+
+    fn w(offset: u64, byte: u8) -> DiskOp {
+        DiskOp::Write { offset, data: Arc::new(vec![byte; 512]) }
+    }
+
+    #[test]
+    fn without_a_backup_output_waits_for_the_disk_ops_before_it() {
+        let out = Shared::default();
+        let port = OutputPort::to_writer(Box::new(out.clone()));
+        let gate = OutputGate::new(port.sender(), None, None);
+        gate.acked(u64::MAX);
+        gate.disk(1, 1, w(0, 1));
+        gate.disk(1, 2, DiskOp::Flush);
+        gate.output(2, b"OK".to_vec());
+        assert_eq!(gate.held(), 1, "the reply waits for its write and flush");
+        gate.disk_applied(1);
+        assert_eq!(gate.held(), 1, "the flush is not applied yet");
+        gate.disk_applied(2);
+        assert_eq!(gate.held(), 0);
+        // Output with no disk op before it that is unapplied goes at once.
+        gate.output(3, b"!".to_vec());
+        assert_eq!(gate.held(), 0);
+        port.close();
+        assert_eq!(&*out.0.lock().unwrap(), b"OK!");
+    }
+
+    #[test]
+    fn with_a_backup_output_waits_for_the_ack_alone_and_a_join_releases_disk_waits() {
+        let port = OutputPort::to_writer(Box::new(Shared::default()));
+        let gate = OutputGate::new(port.sender(), None, None);
+        gate.acked(u64::MAX);
+        gate.disk(4, 1, w(0, 1));
+        gate.output(5, b"a".to_vec());
+        assert_eq!(gate.held(), 1);
+        // A backup joins at exit 6, holding the unapplied op: the output
+        // no longer needs the storage.
+        gate.protect_after(6);
+        assert_eq!(gate.held(), 0);
+        gate.disk(7, 2, w(0, 2));
+        gate.output(8, b"b".to_vec());
+        assert_eq!(gate.held(), 2);
+        assert_eq!(gate.released(u64::MAX), 6);
+        gate.acked(8);
+        assert_eq!(gate.held(), 0, "acknowledged: out, whatever the storage did");
+        port.close();
+    }
+
+    #[test]
+    fn the_backup_keeps_disk_ops_by_number_and_re_issues_them_before_other_output() {
+        let mut s = Suppressed::default();
+        // Three ops of one exit: the primary applied the first only.
+        s.disk(pos(5), 1, &w(0, 1));
+        s.disk(pos(5), 2, &w(512, 2));
+        s.disk(pos(5), 3, &DiskOp::Flush);
+        s.output(pos(6), b"done".to_vec());
+        s.prune(5, 1);
+        assert_eq!(s.disk.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(s.serial.exits().count(), 1, "released by exit: exit 6 was not");
+        assert_eq!(s.kept_disk_peak(), 1024);
+        let mut data = vec![0u8; 1024];
+        s.lay_kept_writes(0, &mut data);
+        assert_eq!(&data[..512], &[0; 512][..], "op 1 is on the storage, not kept");
+        assert_eq!(&data[512..], &[2; 512][..]);
+        s.prune(0, 3);
+        assert!(s.disk.is_empty());
+        assert_eq!(s.disk_bytes, 0);
+    }
+
+    #[test]
+    fn a_state_s_pending_outputs_replace_the_backup_s_own() {
+        let mut s = Suppressed::default();
+        s.output(pos(3), b"mine".to_vec());
+        s.disk(pos(3), 1, &w(0, 9));
+        s.prune(0, 0);
+        let pending = PendingOutputs {
+            disk: vec![(4, w(0, 1)), (5, DiskOp::Flush)],
+            serial: vec![(2, b"theirs".to_vec())],
+            frames: vec![(2, vec![1, 2, 3])],
+        };
+        s.take_over(pending);
+        assert_eq!(s.disk.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(s.serial.to_vec(), vec![(2, b"theirs".to_vec())]);
+        assert_eq!(s.frames.len(), 1);
+        let out = Shared::default();
+        s.go_live(OutputPort::to_writer(Box::new(out.clone())), None, None).unwrap();
+        assert!(s.disk.is_empty());
+        Box::new(s).close();
+        assert_eq!(&*out.0.lock().unwrap(), b"theirs");
     }
 }

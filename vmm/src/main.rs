@@ -67,6 +67,12 @@ fn run(config: &VmConfig) -> Result<u8, Error> {
         if let Some((n, p50, p99, max)) = outcome.ack_delay {
             eprintln!("ftvmm: stats: backup ack delay (batch read -> ack written) over {n} acks: p50 {p50} us, p99 {p99} us, max {max} us");
         }
+        match outcome.disk_peaks {
+            (0, 0) => {}
+            (deferred, kept) => eprintln!(
+                "ftvmm: stats: disk writes not yet applied peaked at {deferred} bytes; kept for going live: {kept} bytes"
+            ),
+        }
         if let (checks, Some(us)) = outcome.checks {
             eprintln!("ftvmm: stats: {checks} digest check(s), {us} us each on average");
         }

@@ -11,9 +11,14 @@
 //! and as often as pages changed: a later item overwrites an earlier one),
 //! then `Machine` (the vCPU, the devices, the clock, the position), then
 //! `End` with the state digest the restored VM must reproduce. Zero pages
-//! cost a few bytes however many there are.
+//! cost a few bytes however many there are. Before `End` come the outputs
+//! the VM had produced and not yet put out (`Pending*`: unapplied disk ops,
+//! in op order, undelivered serial output and frames), so that whoever runs
+//! the state on loses none of them.
 
 use crate::clock::VirtualClock;
+use crate::disk::DiskOp;
+use crate::ft::PendingOutputs;
 use crate::devices::DevicesState;
 use crate::vm::{GuestMem, VcpuState, PAGE_SIZE};
 use replay::Digest;
@@ -24,9 +29,11 @@ use vm_memory::{Bytes, GuestAddress};
 /// First bytes of a snapshot stream.
 pub const MAGIC: &[u8; 8] = b"FTVMSNAP";
 /// Version of the format written here; another is refused.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Most pages in one `Pages` item (1 MiB).
 pub const PAGES_PER_ITEM: u64 = 256;
+/// Most bytes of a pending write or serial output in one item.
+pub const PENDING_PIECE: usize = 1 << 20;
 /// Largest item accepted: a full `Pages` item and its encoding, with room.
 const MAX_ITEM: u32 = 4 << 20;
 
@@ -42,6 +49,28 @@ pub enum StateItem {
     Zeros { first: u64, count: u64 },
     /// Everything but memory.
     Machine(Box<MachineState>),
+    /// Disk op `op`, a write (or a piece of one, of at most
+    /// [`PENDING_PIECE`] bytes) not yet applied to the storage.
+    PendingWrite {
+        op: u64,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Disk op `op`, a flush not yet applied.
+    PendingFlush { op: u64 },
+    /// Serial output of exit `exit` not yet delivered (or a piece of it).
+    PendingSerial {
+        exit: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// A frame of exit `exit` not yet sent.
+    PendingFrame {
+        exit: u64,
+        #[serde(with = "serde_bytes")]
+        frame: Vec<u8>,
+    },
     /// The end of the stream: the digest the VM had — its full state digest
     /// (a snapshot file), or, `memory: false`, that of everything but
     /// memory (a live transfer, taken while the guest is stopped).
@@ -164,6 +193,54 @@ fn read_exact_or_truncated(input: &mut impl Read, buf: &mut [u8]) -> Result<(), 
         std::io::ErrorKind::UnexpectedEof => SnapshotError::Truncated,
         _ => SnapshotError::Io(e),
     })
+}
+
+/// The items of `pending`, in order (long writes and serial output in
+/// pieces of at most [`PENDING_PIECE`] bytes). `emit` gets each item.
+pub fn pending_items<E>(
+    pending: &PendingOutputs,
+    mut emit: impl FnMut(StateItem) -> Result<(), E>,
+) -> Result<(), E> {
+    for (op, disk_op) in &pending.disk {
+        match disk_op {
+            DiskOp::Write { offset, data } => {
+                let mut at = 0;
+                for piece in data.chunks(PENDING_PIECE) {
+                    emit(StateItem::PendingWrite { op: *op, offset: offset + at, data: piece.to_vec() })?;
+                    at += piece.len() as u64;
+                }
+            }
+            DiskOp::Flush => emit(StateItem::PendingFlush { op: *op })?,
+        }
+    }
+    for (exit, bytes) in &pending.serial {
+        for piece in bytes.chunks(PENDING_PIECE) {
+            emit(StateItem::PendingSerial { exit: *exit, bytes: piece.to_vec() })?;
+        }
+    }
+    for (exit, frame) in &pending.frames {
+        emit(StateItem::PendingFrame { exit: *exit, frame: frame.clone() })?;
+    }
+    Ok(())
+}
+
+/// Adds a `Pending*` item to `pending` (anything else is not pending output).
+pub fn add_pending(pending: &mut PendingOutputs, item: StateItem) -> Result<(), SnapshotError> {
+    match item {
+        StateItem::PendingWrite { op, offset, data } => {
+            pending.disk.push((op, DiskOp::Write { offset, data: std::sync::Arc::new(data) }))
+        }
+        StateItem::PendingFlush { op } => pending.disk.push((op, DiskOp::Flush)),
+        StateItem::PendingSerial { exit, bytes } => pending.serial.push((exit, bytes)),
+        StateItem::PendingFrame { exit, frame } => pending.frames.push((exit, frame)),
+        _ => return Err(SnapshotError::Corrupt("not a pending output".into())),
+    }
+    if let [.., (a, _), (b, _)] = pending.disk.as_slice() {
+        if b < a {
+            return Err(SnapshotError::Corrupt("pending disk ops out of order".into()));
+        }
+    }
+    Ok(())
 }
 
 /// Whether page `page` is set in a dirty bitmap of u64 words.
@@ -341,5 +418,39 @@ mod tests {
         assert!(apply_memory(&dst, 4 * PAGE_SIZE, &beyond).is_err());
         let ragged = StateItem::Pages { first: 0, data: vec![1; 100] };
         assert!(apply_memory(&dst, 4 * PAGE_SIZE, &ragged).is_err());
+    }
+
+    #[test]
+    fn pending_outputs_round_trip_in_pieces_and_in_order() {
+        let big = std::sync::Arc::new((0..(PENDING_PIECE * 2 + 100)).map(|i| i as u8).collect::<Vec<u8>>());
+        let pending = PendingOutputs {
+            disk: vec![(7, DiskOp::Write { offset: 4096, data: big.clone() }), (8, DiskOp::Flush)],
+            serial: vec![(3, b"ok\n".to_vec())],
+            frames: vec![(4, vec![0xff; 60])],
+        };
+        let mut w = StateWriter::new(Vec::new()).unwrap();
+        let mut items = 0;
+        pending_items(&pending, |item| {
+            items += 1;
+            w.item(&item)
+        })
+        .unwrap();
+        assert_eq!(items, 3 + 1 + 1 + 1, "a write of two pieces and a bit is three items");
+        let bytes = w.into_inner();
+        let mut r = StateReader::new(&bytes[..]).unwrap();
+        let mut back = PendingOutputs::default();
+        while let Ok(Some(item)) = r.next_item() {
+            add_pending(&mut back, item).unwrap();
+        }
+        // The pieces of op 7, laid in order, are the whole write.
+        let mut disk = vec![0u8; big.len() + 4096];
+        crate::disk::overlay(back.disk.iter().map(|(_, op)| op), 0, &mut disk);
+        assert_eq!(&disk[4096..], &big[..]);
+        assert!(back.disk.iter().take(3).all(|(seq, _)| *seq == 7));
+        assert_eq!(back.disk[3], (8, DiskOp::Flush));
+        assert_eq!((back.serial, back.frames), (pending.serial, pending.frames));
+        let mut out_of_order = PendingOutputs::default();
+        add_pending(&mut out_of_order, StateItem::PendingFlush { op: 9 }).unwrap();
+        assert!(add_pending(&mut out_of_order, StateItem::PendingFlush { op: 8 }).is_err());
     }
 }

@@ -8,7 +8,8 @@ use crate::clock::VirtualClock;
 use crate::devices::virtio::block::DiskIo;
 use crate::devices::virtio::net::NetIo;
 use crate::devices::{MmioAction, PortAction, VirtioSlot};
-use crate::disk::{DiskOp, DiskPort};
+use crate::disk::{DiskOp, DiskPort, OpSeq};
+use crate::ft::Role;
 use crate::error::{log_write_error, RunError};
 use crate::ft::Outputs;
 use crate::inputs::Inputs;
@@ -99,16 +100,27 @@ impl Vmm {
     /// The guest notified queue `queue` of the virtio device in `slot`: the
     /// device does its work now, at this position.
     fn queue_notify(&mut self, slot: usize, queue: usize, position: Position) -> Result<(), RunError> {
+        // A backup whose log ends inside a disk read goes live right after
+        // this exit: it performs the read itself ([`DiskInputs::read`]).
+        let may_go_live = matches!(self.role, Role::Backup { endpoint: Some(_), .. });
         let Vmm { devices, inputs, machine, disk: port, output, .. } = self;
         let raise = match devices.virtio.get_mut(slot) {
             Some(VirtioSlot::Block(disk)) => {
                 // Reads from the disk and logged, or from the log.
-                let mut io =
-                    DiskInputs { inputs, port: port.as_ref(), output: output.as_mut(), position, failed: None };
+                let mut io = DiskInputs {
+                    inputs,
+                    port: port.as_ref(),
+                    output: output.as_mut(),
+                    position,
+                    failed: None,
+                    may_go_live,
+                    log_ended: None,
+                };
                 let raise = disk.notify(queue, &machine.mem, &mut io);
-                if let Some(e) = io.failed {
+                if let Some(e) = io.failed.or(io.log_ended) {
                     self.end_of_log(e)?;
                 }
+                self.disk_served_at = position.exit;
                 raise
             }
             Some(VirtioSlot::Net(nic)) => {
@@ -126,6 +138,24 @@ impl Vmm {
             self.devices.virtio_interrupt(slot);
         }
         Ok(())
+    }
+
+    /// After an exit's own work: a disk whose last notification left
+    /// requests in its ring (over one exit's budget) serves the next share
+    /// of them at this exit, the same on a replay.
+    pub(super) fn serve_disk_backlog(&mut self, position: Position) -> Result<(), RunError> {
+        if self.disk_served_at == position.exit {
+            return Ok(());
+        }
+        let slot = self
+            .devices
+            .virtio
+            .iter()
+            .position(|v| matches!(v, VirtioSlot::Block(disk) if disk.device().has_backlog()));
+        match slot {
+            Some(slot) => self.queue_notify(slot, 0, position),
+            None => Ok(()),
+        }
     }
 
     /// Reads the virtual clock for `source` at the current position.
@@ -180,22 +210,53 @@ struct DiskInputs<'a> {
     output: &'a mut dyn Outputs,
     position: Position,
     failed: Option<RunError>,
+    /// A backup that goes live when its log ends.
+    may_go_live: bool,
+    /// Its log ended inside this exit: it goes live after it.
+    log_ended: Option<RunError>,
 }
 
 impl DiskInputs<'_> {
-    fn issue(&mut self, op: DiskOp) -> Result<(), String> {
+    fn issue(&mut self, seq: OpSeq, op: DiskOp) -> Result<(), String> {
         let Some(port) = self.port else { return Err("no disk".into()) };
-        if self.output.disk(self.position, &op) {
+        if self.output.holds_disk() {
             if matches!(self.inputs, Inputs::Live(_)) {
-                // Held for the backup: reads must see it meanwhile.
-                port.defer(self.position.exit, &op);
+                // Reads must see it until it is applied; recorded before
+                // the gate can release it to the writer.
+                port.defer(seq, &op);
             }
+            self.output.disk(self.position, seq, &op);
             return Ok(());
         }
         match self.inputs {
             Inputs::Live(_) => port.apply(&op).map_err(|e| e.to_string()),
             // A replay's writes went to the disk when they were recorded.
             Inputs::Replay(_) => Ok(()),
+        }
+    }
+
+    /// A backup whose primary died before logging this read: the data the
+    /// guest must see is the storage with the writes this backup keeps (and
+    /// re-issues when it goes live) laid over. Nothing the primary applied
+    /// can be missing from the two: it applies a write only once this
+    /// backup acknowledged its exit, and this exit it never acknowledged.
+    /// The storage is retried until it answers, as going live would.
+    fn read_for_going_live(&mut self, port: &DiskPort, offset: u64, len: usize) -> Vec<u8> {
+        let mut reported = false;
+        loop {
+            match port.read(offset, len) {
+                Ok(mut data) => {
+                    self.output.lay_kept_writes(offset, &mut data);
+                    return data;
+                }
+                Err(e) => {
+                    if !reported {
+                        eprintln!("ftvmm: backup: cannot read the disk to go live ({e}); retrying");
+                        reported = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            }
         }
     }
 }
@@ -205,12 +266,22 @@ impl DiskIo for DiskInputs<'_> {
         if self.failed.is_some() {
             return Err("earlier failure".into());
         }
-        let result = match (&mut *self.inputs, self.port) {
+        let port = self.port;
+        if let (Some(_), Some(port)) = (&self.log_ended, port) {
+            return Ok(self.read_for_going_live(port, offset, len));
+        }
+        let result = match (&mut *self.inputs, port) {
             (Inputs::Live(live), Some(port)) => match port.read(offset, len) {
                 Ok(data) => live.record(Event::DiskRead { data: data.clone() }).map(|_| data).map_err(log_write_error),
                 Err(e) => return Err(e.to_string()),
             },
-            (Inputs::Replay(r), _) => r.disk_read(len).map_err(RunError::from),
+            (Inputs::Replay(r), _) => match r.disk_read(len).map_err(RunError::from) {
+                Err(e @ RunError::EndOfLog { .. }) if self.may_go_live && port.is_some() => {
+                    self.log_ended = Some(e);
+                    return self.read(offset, len);
+                }
+                other => other,
+            },
             (Inputs::Live(_), None) => return Err("no disk".into()),
         };
         result.map_err(|e| {
@@ -220,12 +291,12 @@ impl DiskIo for DiskInputs<'_> {
         })
     }
 
-    fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), String> {
-        self.issue(DiskOp::Write { offset, data: Arc::new(data) })
+    fn write(&mut self, op: u64, offset: u64, data: Vec<u8>) -> Result<(), String> {
+        self.issue(op, DiskOp::Write { offset, data: Arc::new(data) })
     }
 
-    fn flush(&mut self) -> Result<(), String> {
-        self.issue(DiskOp::Flush)
+    fn flush(&mut self, op: u64) -> Result<(), String> {
+        self.issue(op, DiskOp::Flush)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use crate::arbiter::Arbitration;
 use crate::clock::HostClock;
-use crate::disk::Claim;
+use crate::disk::{Claim, MAX_DEFERRED_BYTES};
 use crate::error::{log_write_error, RunError};
 use crate::ft::{owner_name, Held, LogSink, LogSource, OutputGate, Role, Suppressed};
 use crate::inputs::{Inputs, LiveInputs};
@@ -23,11 +23,45 @@ const SHIP_EVERY: Duration = Duration::from_millis(5);
 impl Vmm {
     /// The VMM is done with exit `position` and resumes the guest: tell the
     /// backup (the lockstep watermark), keep pace with it, keep its view of
-    /// released output current.
+    /// released output current; and keep the disk's unapplied writes within
+    /// their bound.
     pub(super) fn passed(&mut self, position: Position) -> Result<(), RunError> {
-        if let Some(why) = self.disk.as_ref().and_then(|d| d.failure()) {
-            return Err(RunError::Halted(format!("writing the shared disk failed ({why}); halting")));
+        self.check_disk()?;
+        self.tend_role(position)?;
+        self.wait_for_disk_room(position)
+    }
+
+    /// A primary whose storage failed a write halts: what the guest saw
+    /// complete would be lost.
+    fn check_disk(&self) -> Result<(), RunError> {
+        match self.disk.as_ref().and_then(|d| d.failure()) {
+            Some(why) => Err(RunError::Halted(format!("writing the shared disk failed ({why}); halting"))),
+            None => Ok(()),
         }
+    }
+
+    /// Holds the guest at this boundary while its disk writes not yet
+    /// applied exceed [`MAX_DEFERRED_BYTES`], until the storage has caught
+    /// up. Here, between exits, nothing that frees room waits for the guest:
+    /// this exit's watermark is out (held output makes it due at once), so
+    /// the backup's acks release the writes to the writer thread; a lost
+    /// backup releases them once the arbitration is won; a state transfer
+    /// under way (whose final round needs a boundary) is finished here.
+    fn wait_for_disk_room(&mut self, position: Position) -> Result<(), RunError> {
+        while self.disk.as_ref().is_some_and(|d| d.deferred_bytes() > MAX_DEFERRED_BYTES) {
+            self.check_disk()?;
+            if let Some(why) = self.newly_lost_backup() {
+                self.backup_lost(position, &why)?;
+            }
+            self.answer_resync()?;
+            self.tend_protection(true)?;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// The FT role's share of passing an exit (see [`Vmm::passed`]).
+    fn tend_role(&mut self, position: Position) -> Result<(), RunError> {
         // A diverged backup asks for the whole state again (repair).
         self.answer_resync()?;
         // No backup: take one that joins, or finish its state transfer.
@@ -51,12 +85,11 @@ impl Vmm {
                     *shipped = (position.exit, Instant::now());
                 }
                 recorder.passed().map_err(log_write_error)?;
-                if let (LogSink::Primary(link), Role::Primary { gate, delivered, disk_delivered, .. }) =
+                if let (LogSink::Primary(link), Role::Primary { gate, delivered, disk_applied, .. }) =
                     (recorder.sink_mut(), &self.role)
                 {
-                    link.released(
-                        gate.released(delivered.load(Ordering::Acquire), disk_delivered.load(Ordering::Acquire)),
-                    );
+                    link.released(gate.released(delivered.load(Ordering::Acquire)));
+                    link.disk_applied(disk_applied.load(Ordering::Acquire));
                     link.throttle(position.exit);
                 }
                 if let Some(why) = self.newly_lost_backup() {
@@ -65,7 +98,7 @@ impl Vmm {
             }
             Inputs::Replay(r) => {
                 if let LogSource::Backup(link) = r.source_mut() {
-                    self.output.prune(link.released());
+                    self.output.prune(link.released(), link.disk_applied());
                 }
             }
         }
@@ -153,9 +186,11 @@ impl Vmm {
         let Some(endpoint) = endpoint.take() else { return Err(err) };
         let expected = *expected_generation;
         let Inputs::Replay(r) = &mut self.inputs else { return Err(err) };
-        let (released, why) = match r.source_mut() {
-            LogSource::Backup(link) => (link.released(), link.primary_lost().unwrap_or_else(|| "log ended".into())),
-            LogSource::File(_) => (0, "log ended".into()),
+        let (released, disk_applied, why) = match r.source_mut() {
+            LogSource::Backup(link) => {
+                (link.released(), link.disk_applied(), link.primary_lost().unwrap_or_else(|| "log ended".into()))
+            }
+            LogSource::File(_) => (0, 0, "log ended".into()),
         };
         if let Some(at) = self.resynced_at.filter(|at| released < *at) {
             // Outputs up to `at` came from the primary alone (this backup
@@ -180,8 +215,11 @@ impl Vmm {
             // re-emitted frames and the guest's retransmissions go out.
             nic.announce();
         }
+        // The primary's last word on what left it, then: the disk first
+        // (re-issued and flushed), then the outputs that may depend on it.
+        self.output.prune(released, disk_applied);
         self.output
-            .go_live(released, port, self.disk.as_ref(), nic.as_ref().map(|n| n.tx.clone()))
+            .go_live(port, self.disk.as_ref(), nic.as_ref().map(|n| n.tx.clone()))
             .map_err(|err| RunError::Io { what: "re-issuing the primary's disk writes", err })?;
         let host = HostClock::resume_at(self.clock.now_ns());
         let mut live = LiveInputs::new(host, Some(input), None, None);
@@ -210,15 +248,14 @@ impl Vmm {
         let Some(port) = live_outputs.into_port() else {
             return Err(RunError::Io { what: "becoming a primary", err: std::io::Error::other("no serial port") });
         };
-        let disk_delivered = self.disk.as_ref().map_or_else(Default::default, |d| d.delivered());
-        let gate = OutputGate::new(port.sender(), self.disk.as_mut().map(|d| d.releaser()), net);
+        let (gate, disk_applied) = OutputGate::for_primary(&port, self.disk.as_mut(), net);
         gate.acked(u64::MAX);
         eprintln!("ftvmm: live: accepting a backup on {}", listener.local_addr());
         let joiner = Joiner::start(listener, self.header.clone(), self.channel.clone(), true);
         self.role = Role::Primary {
             gate: gate.clone(),
             delivered: port.delivered(),
-            disk_delivered,
+            disk_applied,
             finish_timeout: self.channel.heartbeat_timeout * 5,
             generation,
             shipped: (self.exits, Instant::now()),

@@ -270,6 +270,12 @@ impl Vmm {
         // The new backup has the memory of this exit: the next state sync
         // carries the pages written from here on.
         m.dirty.start(Consumer::Sync).map_err(|e| e.to_string())?;
+        // What has not left this VMM yet goes with the state: the new backup
+        // must hold it to go live without losing it. (The writer may apply
+        // some meanwhile: the backup forgets them as the progress reports
+        // come.)
+        let pending = self.pending_outputs();
+        snapshot::pending_items(&pending, |i| writer.item(&i)).map_err(|e| e.to_string())?;
         writer.item(&StateItem::Machine(Box::new(machine))).map_err(|e| e.to_string())?;
         let digest = self.digest_now(false).map_err(|e| e.to_string())?;
         writer.item(&StateItem::End { digest, memory: false }).map_err(|e| e.to_string())?;

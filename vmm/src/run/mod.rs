@@ -59,6 +59,9 @@ pub struct Outcome {
     pub checks: (u64, Option<u64>),
     /// The state syncs taken (primary, recording) or applied (backup, replay).
     pub syncs: sync::SyncStats,
+    /// Peak bytes of disk writes not yet applied (a primary's), and of
+    /// those kept for going live (a backup's).
+    pub disk_peaks: (u64, u64),
 }
 
 /// A running VM: the machine, its devices, its clock and its inputs.
@@ -73,6 +76,8 @@ pub struct Vmm {
     disk: Option<DiskPort>,
     /// The exit at which an interrupt was last injected (one per exit).
     injected_at: u64,
+    /// The exit at which the disk last served its queue (one share an exit).
+    disk_served_at: u64,
     backup_loss_reported: bool,
     /// RIPs of RDTSC instructions the loader rewrote into TSC port reads.
     rdtsc_sites: HashSet<u64>,
@@ -132,6 +137,7 @@ impl Vmm {
             role,
             disk,
             injected_at: 0,
+            disk_served_at: 0,
             backup_loss_reported: false,
             rdtsc_sites,
             wall_clock_base_ns: header.wall_clock_base_ns,
@@ -238,6 +244,7 @@ impl Vmm {
                 tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", position.rip), kind = %exit.kind());
                 self.check_in(position, exit.kind())?;
                 let action = self.dispatch(exit, position)?;
+                self.serve_disk_backlog(position)?;
                 let output = self.devices.tx.take();
                 if !output.is_empty() {
                     self.output.output(position, output);
@@ -322,6 +329,7 @@ impl Vmm {
             ack_delay,
             checks: self.check_stats(),
             syncs: self.syncs,
+            disk_peaks: (self.disk.as_ref().map_or(0, |d| d.deferred_peak()), self.output.kept_disk_peak()),
         })
     }
 }

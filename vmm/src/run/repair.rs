@@ -81,8 +81,8 @@ impl Vmm {
             replayer.skip_through(exit).map_err(|e| halted(e.to_string()))?;
         }
         // Our own outputs up to the state's exit came from a diverged (or
-        // superseded) execution: the primary's are the real ones.
-        self.output.prune(exit);
+        // superseded) execution: the primary's, which came with the state
+        // (`adopt`), replaced them.
         self.resynced_at = Some(exit);
         eprintln!("ftvmm: backup: resynchronized at exit {exit} (diverged at exit {at}); replaying in lockstep");
         Ok(())

@@ -6,7 +6,7 @@ use crate::clock::{HostClock, VirtualClock};
 use crate::devices::Devices;
 use crate::digest;
 use crate::error::RunError;
-use crate::ft::Role;
+use crate::ft::{PendingOutputs, Role};
 use crate::inputs::Inputs;
 use crate::run::Vmm;
 use crate::snapshot::{self, MachineState, SnapshotError, StateItem, StateReader, StateWriter};
@@ -53,6 +53,23 @@ impl Vmm {
         digest(&self.machine, &self.devices.state(), &self.clock, self.exits)
     }
 
+    /// The outputs the guest has produced that have not yet left this VMM:
+    /// disk ops not yet applied, serial output not yet delivered to a
+    /// console client, held frames. What a state taken now must carry.
+    pub(crate) fn pending_outputs(&self) -> PendingOutputs {
+        let mut pending = match &self.role {
+            Role::Primary { gate, .. } => {
+                let held = gate.pending();
+                let mut serial = gate.port().undelivered();
+                serial.extend(held.serial);
+                PendingOutputs { disk: Vec::new(), serial, frames: held.frames }
+            }
+            _ => PendingOutputs::default(),
+        };
+        pending.disk = self.disk.as_ref().map(|d| d.pending_ops()).unwrap_or_default();
+        pending
+    }
+
     /// Writes a whole snapshot of the VM at this exit to `out`.
     pub fn save_snapshot(&mut self, out: impl Write) -> Result<(), RunError> {
         let io = snapshot_io("writing the snapshot");
@@ -60,6 +77,8 @@ impl Vmm {
         w.item(&self.state_begin()).map_err(snapshot_io("writing the snapshot"))?;
         let machine = self.machine_state()?;
         snapshot::memory_items(&self.machine.mem, self.machine.mem_size, None, |item| w.item(&item)).map_err(io)?;
+        snapshot::pending_items(&self.pending_outputs(), |item| w.item(&item))
+            .map_err(snapshot_io("writing the snapshot"))?;
         w.item(&StateItem::Machine(Box::new(machine))).map_err(snapshot_io("writing the snapshot"))?;
         let digest = self.digest_now(true)?;
         w.item(&StateItem::End { digest, memory: true }).map_err(snapshot_io("writing the snapshot"))?;
@@ -73,6 +92,8 @@ impl Vmm {
         self.clock = restored.clock;
         self.exits = restored.exits;
         self.injected_at = restored.injected_at;
+        // (An exit number of the run before: meaningless after it.)
+        self.disk_served_at = 0;
         if let Inputs::Replay(r) = &mut self.inputs {
             // The log goes on after the state's exit (with a sync, maybe).
             r.resume_after(restored.exits);
@@ -89,12 +110,38 @@ impl Vmm {
         if let Inputs::Live(live) = &mut self.inputs {
             live.host = HostClock::resume_at(self.clock.now_ns());
         }
+        self.take_over_outputs(restored.pending)?;
         let ours = self.digest_now(restored.digest_covers_memory).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
         if ours != restored.digest {
             return Err(SnapshotError::Corrupt(format!(
                 "the restored VM's state digest {ours} is not the snapshot's {}",
                 restored.digest
             )));
+        }
+        Ok(())
+    }
+
+    /// The outputs a restored state had pending: a backup keeps them for
+    /// going live (they replace its own, superseded by the state); a live
+    /// VM puts them out now — the disk ops applied and flushed before the
+    /// guest runs on; a replay, which puts nothing out, ignores them.
+    fn take_over_outputs(&mut self, pending: PendingOutputs) -> Result<(), SnapshotError> {
+        if matches!(self.role, Role::Backup { .. }) {
+            self.output.take_over(pending);
+            return Ok(());
+        }
+        if !matches!(self.inputs, Inputs::Live(_)) {
+            return Ok(());
+        }
+        if let Some(disk) = &self.disk {
+            disk.apply_taken_over(&pending.disk)?;
+        }
+        let position = replay::Position { exit: self.exits, rip: 0 };
+        for (_, bytes) in pending.serial {
+            self.output.output(position, bytes);
+        }
+        for (_, frame) in pending.frames {
+            self.output.frame(position, frame);
         }
         Ok(())
     }
@@ -146,6 +193,8 @@ pub struct Restored {
     pub digest: replay::Digest,
     /// ...of all its state (else of all but memory).
     pub digest_covers_memory: bool,
+    /// The outputs it had produced and not yet put out.
+    pub pending: PendingOutputs,
 }
 
 /// Restores the rest of a snapshot stream (its `Begin` read and checked
@@ -157,12 +206,17 @@ pub fn restore_state(
     reader: &mut StateReader<impl Read>,
 ) -> Result<Restored, SnapshotError> {
     let mut saved = None;
+    let mut pending = PendingOutputs::default();
     loop {
         let item = reader.next_item()?.ok_or(SnapshotError::Truncated)?;
         match item {
             StateItem::Pages { .. } | StateItem::Zeros { .. } => {
                 snapshot::apply_memory(&machine.mem, machine.mem_size, &item)?
             }
+            StateItem::PendingWrite { .. }
+            | StateItem::PendingFlush { .. }
+            | StateItem::PendingSerial { .. }
+            | StateItem::PendingFrame { .. } => snapshot::add_pending(&mut pending, item)?,
             StateItem::Machine(m) => saved = Some(m),
             StateItem::End { digest, memory } => {
                 let m = saved.ok_or_else(|| SnapshotError::Corrupt("no machine state before End".into()))?;
@@ -176,6 +230,7 @@ pub fn restore_state(
                     disk_generation: m.disk_generation,
                     digest,
                     digest_covers_memory: memory,
+                    pending,
                 });
             }
             StateItem::Begin { .. } => return Err(SnapshotError::Corrupt("a second Begin".into())),

@@ -6,7 +6,19 @@
 //! read data into guest memory and asks for its interrupt, all at the
 //! position of that notification exit. DMA therefore happens at positions,
 //! and a replay (whose `DiskIo` answers reads from the log) repeats it
-//! exactly.
+//! exactly. Requests are served in the order of the available ring, so a
+//! flush covers every write before it in the ring.
+//!
+//! One notification moves at most [`MAX_NOTIFY_BYTES`]: the requests beyond
+//! stay in the ring (the device has a backlog) and the run loop lets the
+//! device go on at the guest's following exits, a budget at each, until the
+//! ring is empty. Between those exits the run loop may hold the guest while
+//! the storage catches up, which it could not do inside one exit without
+//! waiting for writes that cannot be released before the exit is passed.
+//!
+//! Each write and flush gets the next number of the device's op count
+//! ([`DiskIo::write`]): the same on both sides of a pair and carried in the
+//! device's state, it is how the storage's progress is counted.
 
 use super::{VirtioDevice, DEVICE_ID_BLOCK, F_VERSION_1};
 use crate::vm::GuestMem;
@@ -20,6 +32,9 @@ pub const SECTOR: u64 = 512;
 /// with IOERR before any disk I/O: the lengths are the guest's, and the VMM
 /// reads, allocates and logs (as one `DiskRead` event) a read's data whole.
 pub const MAX_REQUEST: u64 = 16 << 20;
+/// The most data one notification (or one exit's share of a backlog) may
+/// move; a single request may take it alone up to [`MAX_REQUEST`].
+pub const MAX_NOTIFY_BYTES: u64 = 32 << 20;
 /// Room for 32 requests of three descriptors each (header, data, status) in flight.
 const QUEUE_SIZES: &[u16] = &[256];
 
@@ -34,11 +49,12 @@ const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
-/// The disk I/O a request needs, provided by the run loop.
+/// The disk I/O a request needs, provided by the run loop. Writes and
+/// flushes come with their op number (counted from 1).
 pub trait DiskIo {
     fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, String>;
-    fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), String>;
-    fn flush(&mut self) -> Result<(), String>;
+    fn write(&mut self, op: u64, offset: u64, data: Vec<u8>) -> Result<(), String>;
+    fn flush(&mut self, op: u64) -> Result<(), String>;
 }
 
 /// The disk device.
@@ -46,6 +62,10 @@ pub struct Block {
     capacity: u64,
     /// Requests served, for the digest and for tests.
     requests: u64,
+    /// Writes and flushes issued: the last op number.
+    ops: u64,
+    /// Requests wait in the ring beyond the last notification's budget.
+    backlog: bool,
 }
 
 /// What a saved disk device holds beyond its transport.
@@ -53,12 +73,19 @@ pub struct Block {
 pub struct BlockState {
     capacity: u64,
     requests: u64,
+    ops: u64,
+    backlog: bool,
 }
 
 impl Block {
     /// A disk of `capacity` bytes (rounded down to whole sectors).
     pub fn new(capacity: u64) -> Self {
-        Block { capacity: capacity / SECTOR * SECTOR, requests: 0 }
+        Block { capacity: capacity / SECTOR * SECTOR, requests: 0, ops: 0, backlog: false }
+    }
+
+    /// Whether requests wait in the ring for the next exit's budget.
+    pub fn has_backlog(&self) -> bool {
+        self.backlog
     }
 }
 
@@ -87,7 +114,9 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
+        // The op count goes on: op numbers never repeat within a run.
         self.requests = 0;
+        self.backlog = false;
     }
 
     fn queue_notify(
@@ -99,9 +128,21 @@ impl VirtioDevice for Block {
     ) -> Result<bool, String> {
         let Some(queue) = queues.first_mut() else { return Ok(false) };
         let mut served = false;
+        let mut moved = 0u64;
+        self.backlog = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let descs: Vec<(GuestAddress, u32, bool)> = chain.map(|d| (d.addr(), d.len(), d.is_write_only())).collect();
+            // A request over MAX_REQUEST fails without I/O: it costs nothing.
+            let data: u64 = descs.iter().skip(1).map(|d| u64::from(d.1)).sum();
+            let cost = if data > MAX_REQUEST { 0 } else { data };
+            if moved > 0 && moved + cost > MAX_NOTIFY_BYTES {
+                // Put it back: the next exit's budget takes it.
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                self.backlog = true;
+                break;
+            }
+            moved += cost;
             let written = self.serve(mem, &descs, io);
             queue.add_used(mem, head, written).map_err(|e| format!("completing a request: {e}"))?;
             self.requests += 1;
@@ -111,7 +152,7 @@ impl VirtioDevice for Block {
     }
 
     fn state(&self) -> BlockState {
-        BlockState { capacity: self.capacity, requests: self.requests }
+        BlockState { capacity: self.capacity, requests: self.requests, ops: self.ops, backlog: self.backlog }
     }
 
     fn restore(&mut self, state: BlockState) -> Result<(), String> {
@@ -119,6 +160,8 @@ impl VirtioDevice for Block {
             return Err(format!("saved disk has {} bytes, this one {}", state.capacity, self.capacity));
         }
         self.requests = state.requests;
+        self.ops = state.ops;
+        self.backlog = state.backlog;
         Ok(())
     }
 }
@@ -169,14 +212,20 @@ impl Block {
                     ok &= mem.read_slice(&mut bytes[at..at + len as usize], addr).is_ok();
                     at += len as usize;
                 }
-                if ok && io.write(offset, bytes).is_ok() {
-                    S_OK
-                } else {
+                if !ok {
                     S_IOERR
+                } else {
+                    self.ops += 1;
+                    if io.write(self.ops, offset, bytes).is_ok() {
+                        S_OK
+                    } else {
+                        S_IOERR
+                    }
                 }
             }
             T_FLUSH => {
-                if io.flush().is_ok() {
+                self.ops += 1;
+                if io.flush(self.ops).is_ok() {
                     S_OK
                 } else {
                     S_IOERR

@@ -237,6 +237,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// The device model.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
     /// The driver notified queue `index`: let the device process it.
     pub fn notify(&mut self, index: usize, mem: &GuestMem, io: &mut D::Io<'_>) -> bool {
         let ready = self.queues.get(index).is_some_and(|q| q.ready());
