@@ -190,7 +190,9 @@ fn batch_round_trips() {
     let frame = wire::encode(&msg).unwrap();
     assert_eq!(u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize, frame.len() - 4);
     match wire::decode(&frame[4..]).unwrap() {
-        Message::Batch { seq: 3, watermark: 1, released: 0, records: got, .. } => assert_eq!(got.as_ref(), &records[..]),
+        Message::Batch { seq: 3, watermark: 1, released: 0, records: got, .. } => {
+            assert_eq!(got.as_ref(), &records[..])
+        }
         other => panic!("decoded {other:?}"),
     }
 }
@@ -420,7 +422,10 @@ fn a_silent_primary_is_caught_by_the_heartbeat_timeout() {
     let (release, hold) = mpsc::channel::<()>();
     let (addr, fake) = fake_primary(move |mut s| {
         let records = vec![exit_record(1)];
-        write_raw(&mut s, &Message::Batch { seq: 1, watermark: 1, released: 0, disk_applied: 0, records: Cow::Borrowed(&records) });
+        write_raw(
+            &mut s,
+            &Message::Batch { seq: 1, watermark: 1, released: 0, disk_applied: 0, records: Cow::Borrowed(&records) },
+        );
         // Then silence, with the connection still open (a cut link).
         let _ = hold.recv_timeout(Duration::from_secs(5));
     });
@@ -971,8 +976,14 @@ fn bad_state_frames_end_the_link_with_a_clear_error() {
         (
             vec![
                 wire::encode(&state(0, 10)).unwrap(),
-                wire::encode(&Message::Batch { seq: 1, watermark: 1, released: 0, disk_applied: 0, records: Cow::Owned(vec![]) })
-                    .unwrap(),
+                wire::encode(&Message::Batch {
+                    seq: 1,
+                    watermark: 1,
+                    released: 0,
+                    disk_applied: 0,
+                    records: Cow::Owned(vec![]),
+                })
+                .unwrap(),
             ],
             "before the end of the state",
         ),

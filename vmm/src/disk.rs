@@ -433,7 +433,12 @@ mod tests {
 
     impl Slow {
         fn new(delay: Duration) -> Slow {
-            Slow { delay, data: Arc::new(Mutex::new(vec![0; 1 << 20])), writes: Arc::default(), flushes: Arc::default() }
+            Slow {
+                delay,
+                data: Arc::new(Mutex::new(vec![0; 1 << 20])),
+                writes: Arc::default(),
+                flushes: Arc::default(),
+            }
         }
     }
 

@@ -17,9 +17,9 @@
 //! the state on loses none of them.
 
 use crate::clock::VirtualClock;
+use crate::devices::DevicesState;
 use crate::disk::DiskOp;
 use crate::ft::PendingOutputs;
-use crate::devices::DevicesState;
 use crate::vm::{GuestMem, VcpuState, PAGE_SIZE};
 use replay::Digest;
 use serde::{Deserialize, Serialize};
@@ -197,10 +197,7 @@ fn read_exact_or_truncated(input: &mut impl Read, buf: &mut [u8]) -> Result<(), 
 
 /// The items of `pending`, in order (long writes and serial output in
 /// pieces of at most [`PENDING_PIECE`] bytes). `emit` gets each item.
-pub fn pending_items<E>(
-    pending: &PendingOutputs,
-    mut emit: impl FnMut(StateItem) -> Result<(), E>,
-) -> Result<(), E> {
+pub fn pending_items<E>(pending: &PendingOutputs, mut emit: impl FnMut(StateItem) -> Result<(), E>) -> Result<(), E> {
     for (op, disk_op) in &pending.disk {
         match disk_op {
             DiskOp::Write { offset, data } => {

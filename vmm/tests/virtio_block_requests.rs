@@ -35,6 +35,8 @@ const CAPACITY: u64 = 1 << 40;
 struct Disk {
     reads: Vec<(u64, usize)>,
     writes: Vec<(u64, usize)>,
+    /// The op numbers of writes and flushes, in order.
+    ops: Vec<u64>,
 }
 
 impl DiskIo for Disk {
@@ -42,11 +44,13 @@ impl DiskIo for Disk {
         self.reads.push((offset, len));
         Ok((0..len).map(|i| (i % 251) as u8).collect())
     }
-    fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), String> {
+    fn write(&mut self, op: u64, offset: u64, data: Vec<u8>) -> Result<(), String> {
         self.writes.push((offset, data.len()));
+        self.ops.push(op);
         Ok(())
     }
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self, op: u64) -> Result<(), String> {
+        self.ops.push(op);
         Ok(())
     }
 }
@@ -80,6 +84,28 @@ impl Vm {
         self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
         self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
         self.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    /// Makes a write of `len` bytes at `sector` available without a notify,
+    /// with its own header and status (request `n` of a batch).
+    fn queue_write(&mut self, n: u16, sector: u64, len: u32) {
+        let (header, status) = (HEADER + 0x20 * u64::from(n), STATUS + u64::from(n));
+        self.mem.write_obj(T_OUT, GuestAddress(header)).unwrap();
+        self.mem.write_obj(0u32, GuestAddress(header + 4)).unwrap();
+        self.mem.write_obj(sector, GuestAddress(header + 8)).unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let d = 3 * n;
+        self.desc(d, header, 16, F_NEXT, d + 1);
+        self.desc(d + 1, DATA, len, F_NEXT, d + 2);
+        self.desc(d + 2, status, 1, F_WRITE, 0);
+        let idx = self.requests;
+        self.mem.write_obj(d, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % 16))).unwrap();
+        self.mem.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2)).unwrap();
+        self.requests += 1;
+    }
+
+    fn used(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
     }
 
     /// One request of type `kind` at `sector` with data buffers `bufs`
@@ -145,4 +171,35 @@ fn a_request_moves_at_most_max_request_bytes() {
     assert_eq!(vm.request(&mut disk, T_OUT, 0, &aliased), S_IOERR);
     assert_eq!(disk.reads.len(), 1);
     assert_eq!(disk.writes.len(), 1);
+}
+
+#[test]
+fn one_notify_moves_at_most_its_budget_and_the_rest_follows_in_order() {
+    use vmm::devices::virtio::block::MAX_NOTIFY_BYTES;
+    let mut vm = Vm::new();
+    let mut disk = Disk::default();
+    // Five writes of 16 MiB in one notify: 80 MiB, over the 32 MiB budget.
+    let len = MAX_REQUEST as u32;
+    for n in 0..5 {
+        vm.queue_write(n, u64::from(n) * (MAX_REQUEST / SECTOR), len);
+    }
+    assert!(vm.disk.notify(0, &vm.mem, &mut disk));
+    let per_share = (MAX_NOTIFY_BYTES / MAX_REQUEST) as u16;
+    assert_eq!(vm.used(), per_share, "one notification's share");
+    assert!(vm.disk.device().has_backlog());
+    // The run loop's next exits serve the rest, a share at each.
+    while vm.disk.device().has_backlog() {
+        assert!(vm.disk.notify(0, &vm.mem, &mut disk));
+    }
+    assert_eq!(vm.used(), 5);
+    assert_eq!(disk.ops, vec![1, 2, 3, 4, 5], "ops are numbered one by one, in ring order");
+    let offsets: Vec<u64> = disk.writes.iter().map(|w| w.0).collect();
+    assert_eq!(offsets, (0..5).map(|n| n * MAX_REQUEST).collect::<Vec<_>>());
+    for n in 0..5u64 {
+        let status: u8 = vm.mem.read_obj(GuestAddress(STATUS + n)).unwrap();
+        assert_eq!(status, S_OK);
+    }
+    // The op count goes on across a device reset: numbers never repeat.
+    vm.request(&mut disk, T_OUT, 0, &[(DATA, 512)]);
+    assert_eq!(disk.ops.last(), Some(&6));
 }

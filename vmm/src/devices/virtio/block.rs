@@ -134,7 +134,8 @@ impl VirtioDevice for Block {
             let head = chain.head_index();
             let descs: Vec<(GuestAddress, u32, bool)> = chain.map(|d| (d.addr(), d.len(), d.is_write_only())).collect();
             // A request over MAX_REQUEST fails without I/O: it costs nothing.
-            let data: u64 = descs.iter().skip(1).map(|d| u64::from(d.1)).sum();
+            let data: u64 =
+                descs.get(1..descs.len().saturating_sub(1)).unwrap_or(&[]).iter().map(|d| u64::from(d.1)).sum();
             let cost = if data > MAX_REQUEST { 0 } else { data };
             if moved > 0 && moved + cost > MAX_NOTIFY_BYTES {
                 // Put it back: the next exit's budget takes it.
