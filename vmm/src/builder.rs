@@ -387,6 +387,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         config.inject_divergence_at,
     );
     vmm.sync_after = config.sync_after;
+    vmm.die_before_disk_read = config.die_before_disk_read;
     vmm.channel = channel_config(config, tls.as_ref());
     if let Some(restored) = restored {
         let exit = restored.exits;

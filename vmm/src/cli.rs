@@ -181,6 +181,13 @@ pub struct Cli {
     #[arg(long, value_name = "OP", hide_short_help = true)]
     pub testing_disk_stall_after_op: Option<u64>,
 
+    /// Testing aid for a primary: just before it logs the data of its Nth
+    /// disk read, it hands its backup the log so far and exits at once
+    /// (status 137), as if its host died: the backup's log then ends inside
+    /// the exit of that read.
+    #[arg(long, value_name = "N", hide_short_help = true, value_parser = clap::value_parser!(u64).range(1..))]
+    pub testing_die_before_disk_read: Option<u64>,
+
     /// Mutual TLS on the logging channel (and the state transfer it carries)
     /// and to ftdisk: this VMM's certificate (PEM). Its peers must present
     /// certificates from --tls-ca; a server's must name the address it is
@@ -398,6 +405,7 @@ impl Cli {
             check_every_exits: self.check_every_exits,
             inject_divergence_at: self.inject_divergence_at,
             disk_stall_after_op: self.testing_disk_stall_after_op,
+            die_before_disk_read: self.testing_die_before_disk_read,
             tls,
             ..VmConfig::new(image)
         })))

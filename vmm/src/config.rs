@@ -99,6 +99,8 @@ pub struct VmConfig {
     pub inject_divergence_at: Option<u64>,
     /// Testing aid: a primary's disk writer applies ops up to this one only.
     pub disk_stall_after_op: Option<u64>,
+    /// Testing aid: a primary dies just before logging its Nth disk read.
+    pub die_before_disk_read: Option<u64>,
     /// Mutual TLS on the logging channel and to ftdisk (`None`: plaintext).
     pub tls: Option<credentials::TlsFiles>,
 }
@@ -136,6 +138,7 @@ impl VmConfig {
             check_every_exits: 0,
             inject_divergence_at: None,
             disk_stall_after_op: None,
+            die_before_disk_read: None,
             tls: None,
         }
     }

@@ -103,7 +103,7 @@ impl Vmm {
         // A backup whose log ends inside a disk read goes live right after
         // this exit: it performs the read itself ([`DiskInputs::read`]).
         let may_go_live = matches!(self.role, Role::Backup { endpoint: Some(_), .. });
-        let Vmm { devices, inputs, machine, disk: port, output, .. } = self;
+        let Vmm { devices, inputs, machine, disk: port, output, die_before_disk_read, .. } = self;
         let raise = match devices.virtio.get_mut(slot) {
             Some(VirtioSlot::Block(disk)) => {
                 // Reads from the disk and logged, or from the log.
@@ -115,6 +115,7 @@ impl Vmm {
                     failed: None,
                     may_go_live,
                     log_ended: None,
+                    die_before_read: die_before_disk_read,
                 };
                 let raise = disk.notify(queue, &machine.mem, &mut io);
                 if let Some(e) = io.failed.or(io.log_ended) {
@@ -214,6 +215,8 @@ struct DiskInputs<'a> {
     may_go_live: bool,
     /// Its log ended inside this exit: it goes live after it.
     log_ended: Option<RunError>,
+    /// Testing aid: reads before this primary dies.
+    die_before_read: &'a mut Option<u64>,
 }
 
 impl DiskInputs<'_> {
@@ -272,6 +275,16 @@ impl DiskIo for DiskInputs<'_> {
         }
         let result = match (&mut *self.inputs, port) {
             (Inputs::Live(live), Some(port)) => match port.read(offset, len) {
+                Ok(_) if testing_dies_now(self.die_before_read) => {
+                    // Everything logged so far goes to the backup, this
+                    // read's data not: then the host "dies".
+                    if let Some(r) = &mut live.recorder {
+                        let _ = r.flush();
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    eprintln!("ftvmm: testing: the primary dies before logging a disk read");
+                    std::process::exit(137);
+                }
                 Ok(data) => live.record(Event::DiskRead { data: data.clone() }).map(|_| data).map_err(log_write_error),
                 Err(e) => return Err(e.to_string()),
             },
@@ -297,6 +310,17 @@ impl DiskIo for DiskInputs<'_> {
 
     fn flush(&mut self, op: u64) -> Result<(), String> {
         self.issue(op, DiskOp::Flush)
+    }
+}
+
+/// Counts a disk read down on `left`; true when it reaches zero.
+fn testing_dies_now(left: &mut Option<u64>) -> bool {
+    match left {
+        Some(n) => {
+            *n -= 1;
+            *n == 0
+        }
+        None => false,
     }
 }
 

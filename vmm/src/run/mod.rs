@@ -78,6 +78,9 @@ pub struct Vmm {
     injected_at: u64,
     /// The exit at which the disk last served its queue (one share an exit).
     disk_served_at: u64,
+    /// Testing aid (`--testing-die-before-disk-read`): disk reads to go
+    /// before this primary dies.
+    pub die_before_disk_read: Option<u64>,
     backup_loss_reported: bool,
     /// RIPs of RDTSC instructions the loader rewrote into TSC port reads.
     rdtsc_sites: HashSet<u64>,
@@ -138,6 +141,7 @@ impl Vmm {
             disk,
             injected_at: 0,
             disk_served_at: 0,
+            die_before_disk_read: None,
             backup_loss_reported: false,
             rdtsc_sites,
             wall_clock_base_ns: header.wall_clock_base_ns,
