@@ -9,7 +9,7 @@
 //! SAN would: the primary's writer then lags its guest, so writes are in
 //! flight whenever a host dies.
 
-use ftvmm_tests::{qemu_img, run, spawn_ftdisk, tcp_relay, KillOnDrop, Proc, Scratch, TIMEOUT};
+use ftvmm_tests::{qemu_img, run, spawn_ftdisk, tcp_relay, KillOnDrop, Proc, Scratch};
 use std::time::{Duration, Instant};
 
 const START: Duration = Duration::from_secs(30);
