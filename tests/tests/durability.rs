@@ -60,7 +60,8 @@ fn primary(params: &str, disk: &str, extra: &[&str]) -> (Proc, String) {
     args.extend_from_slice(extra);
     args.extend(guest_args(params, disk));
     let p = Proc::spawn(&args);
-    let addr = p.wait_addr(if extra.contains(&"--no-wait") { "backups may join on" } else { "waiting for a backup on" }, START);
+    let addr = p
+        .wait_addr(if extra.contains(&"--no-wait") { "backups may join on" } else { "waiting for a backup on" }, START);
     (p, addr)
 }
 

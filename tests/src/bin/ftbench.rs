@@ -44,7 +44,14 @@
 //! bytes and the primary's µs per sync, the backup's µs to apply one, and
 //! the log bandwidth the syncs' pages take.
 //!
-//! `--only SECTION` (record-replay, ft, commit, sync, kvstore, join, redis, tls) runs one section.
+//! Disk (`--only disk`): `blkstress` (4 KiB ops, 70% writes, 20% reads
+//! checked against the guest's model, 10% flushes), sequential and random,
+//! at queue depth 1 and 32: IOPS and KiB/s as the guest measures them, alone
+//! on a local image, alone on ftdisk, and on ftdisk with a backup attached;
+//! and the same op mix by the host itself on a raw image (pwrite, pread,
+//! fdatasync), as context.
+//!
+//! `--only SECTION` (record-replay, ft, commit, sync, kvstore, join, redis, tls, disk) runs one section.
 //!
 //! `ftbench soak --minutes N [--load]`: memory over time and false
 //! failovers. It runs a `ticker` pair at 1 kHz with no console client, one
@@ -1117,6 +1124,100 @@ fn soak(minutes: u64, load: bool) {
     println!();
 }
 
+/// The op mix of the disk benchmark (blkstress's keys).
+const DISK_MIX: &str = "write=70 read=20 flush=10";
+/// Ops per blkstress run.
+const DISK_OPS: u64 = 4000;
+
+/// blkstress's own figures from its `done` line: (IOPS, KiB/s).
+fn blkstress_rate(stdout: &str) -> Option<(f64, f64)> {
+    let line = stdout.lines().find(|l| l.starts_with("blkstress: done"))?;
+    let iops = line.split(": ").nth(2)?.split(' ').next()?.parse().ok()?;
+    let kib = line.rsplit(", ").next()?.split(' ').next()?.parse().ok()?;
+    Some((iops, kib))
+}
+
+/// One blkstress run of `params` on `disk`, alone or with a backup.
+fn blkstress_once(params: &str, disk: &str, with_backup: bool) -> (f64, f64) {
+    let guest = ["--guest", "blkstress", "--cmdline", params, "--disk", disk];
+    let r = if with_backup {
+        let p = Proc::spawn(&[&["--primary", "--listen", "127.0.0.1:0"][..], &guest[..]].concat());
+        let addr = p.wait_addr("waiting for a backup on", Duration::from_secs(30));
+        let b = Proc::spawn(&[&["--backup", "--connect", &addr][..], &guest[..]].concat());
+        let r = p.finish(TIMEOUT);
+        assert_eq!(b.finish(TIMEOUT).status, Some(0), "backup failed");
+        r
+    } else {
+        wait(ftvmm(&guest).spawn().expect("spawn ftvmm"), TIMEOUT)
+    };
+    assert_eq!(r.status, Some(0), "blkstress failed: {}{}", r.stdout, r.stderr);
+    blkstress_rate(&r.stdout).unwrap_or_else(|| panic!("no blkstress figures in {}", r.stdout))
+}
+
+/// The same op mix as blkstress by the host on `path`: (IOPS, KiB/s).
+fn host_disk_rate(path: &str, random: bool, ops: u64) -> (f64, f64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open the raw image");
+    let blocks = 4096u64;
+    let mut block = vec![0x5au8; 4096];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = 0u64;
+    let started = Instant::now();
+    for _ in 0..ops {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let at = if random { x % blocks } else { (next + 1) % blocks };
+        next = at;
+        match x % 10 {
+            0..=6 => file.write_all_at(&block, at * 4096).expect("pwrite"),
+            7 | 8 => file.read_exact_at(&mut block, at * 4096).expect("pread"),
+            _ => file.sync_data().expect("fdatasync"),
+        }
+    }
+    let s = started.elapsed().as_secs_f64();
+    (ops as f64 / s, ops as f64 * 4.0 / s)
+}
+
+fn disk_bench(runs: usize) {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split(' ').next().unwrap_or("?").to_string();
+    println!("## Disk: blkstress, 4 KiB ops ({DISK_MIX}), {DISK_OPS} ops a run, median of {runs} runs, load average {load} at the start\n");
+    println!("| pattern, queue depth | alone, local image IOPS (KiB/s) | alone, ftdisk | ftdisk, with a backup | FT ratio | host, raw image |");
+    println!("|---|---|---|---|---|---|");
+    let dir = Scratch::new("bench-disk");
+    let image = dir.path("disk.img");
+    qemu_img(&image, 64 << 20);
+    let (mut server, served) = spawn_ftdisk(&image, "127.0.0.1:0");
+    let shared = format!("ftdisk:{served}");
+    let med = |v: Vec<(f64, f64)>| {
+        let iops = median(v.iter().map(|r| r.0).collect());
+        let kib = median(v.iter().map(|r| r.1).collect());
+        (iops, kib)
+    };
+    let show = |r: (f64, f64)| format!("{:.0} ({:.0})", r.0, r.1);
+    for (pattern, random) in [("sequential", 0), ("random", 100)] {
+        for qd in [1, 32] {
+            let params = format!("seed=1 ops={DISK_OPS} qd={qd} random={random} {DISK_MIX}");
+            let local = med((0..runs).map(|_| blkstress_once(&params, &image, false)).collect());
+            let alone = med((0..runs).map(|_| blkstress_once(&params, &shared, false)).collect());
+            let ft = med((0..runs).map(|_| blkstress_once(&params, &shared, true)).collect());
+            let host = med((0..runs).map(|_| host_disk_rate(&image, random > 0, DISK_OPS)).collect());
+            println!(
+                "| {pattern}, {qd} | {} | {} | {} | {:.2} | {} |",
+                show(local),
+                show(alone),
+                show(ft),
+                ft.0 / alone.0,
+                show(host)
+            );
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    println!();
+}
+
 fn main() {
     require_kvm();
     if std::env::args().nth(1).as_deref() == Some("soak") {
@@ -1137,13 +1238,15 @@ fn main() {
         match (a.as_str(), args.next()) {
             ("--runs", Some(n)) => runs = n.parse().unwrap_or(5).max(1),
             ("--only", Some(s))
-                if ["record-replay", "ft", "commit", "sync", "kvstore", "join", "redis", "tls"]
+                if ["record-replay", "ft", "commit", "sync", "kvstore", "join", "redis", "tls", "disk"]
                     .contains(&s.as_str()) =>
             {
                 only = Some(s)
             }
             _ => {
-                eprintln!("usage: ftbench [--runs N] [--only record-replay|ft|commit|sync|kvstore|join|redis|tls]");
+                eprintln!(
+                    "usage: ftbench [--runs N] [--only record-replay|ft|commit|sync|kvstore|join|redis|tls|disk]"
+                );
                 std::process::exit(2);
             }
         }
@@ -1169,6 +1272,9 @@ fn main() {
     }
     if wanted("redis") {
         redis_bench(runs);
+    }
+    if wanted("disk") {
+        disk_bench(runs);
     }
     // Only when asked for: it repeats the FT runs twice over.
     if only.as_deref() == Some("tls") {
