@@ -15,10 +15,10 @@
 //! no room for the next reply, and then commits the round's writes.
 //!
 //! Persistence: with a virtio disk, every write command is logged (see
-//! `resp::log`) and the round's records are written and flushed before any
-//! of its replies leave the guest (they sit in the sockets' buffers until
-//! the next poll of the stack); at boot the log is replayed. Without a disk
-//! the store lives in memory only. A disk that fails stops the server (exit
+//! `resp::log`) and the round's records are written and flushed (one
+//! notify for both) before any of its replies leave the guest (they sit in
+//! the sockets' buffers until the next poll of the stack); at boot the log
+//! is replayed. Without a disk the store lives in memory only. A disk that fails stops the server (exit
 //! status 3) rather than send replies for writes that are not durable.
 #![no_std]
 #![no_main]
@@ -87,6 +87,11 @@ impl BlockDev for DiskDev {
     }
     fn flush(&mut self) -> bool {
         self.0.flush()
+    }
+    /// A commit's write and flush go to the device with one notify (one
+    /// exit, not two), and are waited for together.
+    fn write_and_flush(&mut self, sector: u64, buf: &[u8]) -> bool {
+        self.0.write_and_flush(sector, buf)
     }
 }
 

@@ -3,8 +3,9 @@
 //!
 //! The log is a byte stream from sector 0. Records are appended to an
 //! in-memory batch; [`Journal::commit`] pads the batch with zeros to a
-//! sector boundary, writes it after the previous batch and flushes. So a
-//! batch always starts on a fresh sector and a commit never rewrites a
+//! sector boundary, writes it after the previous batch and flushes (one
+//! [`BlockDev::write_and_flush`]: the guest's disk sends both with one
+//! notify and waits for them together). So a batch always starts on a fresh sector and a commit never rewrites a
 //! sector an earlier commit wrote: a torn write can only lose the batch it
 //! belongs to. Many commands (all those of one round of the server's loop)
 //! share one commit: group commit.
@@ -66,6 +67,13 @@ pub trait BlockDev {
     fn write(&mut self, sector: u64, buf: &[u8]) -> bool;
     /// Makes the completed writes durable.
     fn flush(&mut self) -> bool;
+    /// Writes `buf` at `sector` and makes it durable: what a commit does.
+    /// A device driver can do both in one round trip (the guest's disk
+    /// submits the write and the flush with one notify); by default, a
+    /// write, then a flush.
+    fn write_and_flush(&mut self, sector: u64, buf: &[u8]) -> bool {
+        self.write(sector, buf) && self.flush()
+    }
 }
 
 /// No disk: for an [`crate::Engine`] that keeps the store in memory only.
@@ -339,7 +347,7 @@ impl<'a, D: BlockDev> Journal<'a, D> {
         self.pending > 0
     }
 
-    /// Writes and flushes the batch.
+    /// Writes and flushes the batch: one [`BlockDev::write_and_flush`].
     pub fn commit(&mut self) -> Result<(), LogError> {
         if self.broken {
             return Err(LogError::Io);
@@ -349,7 +357,7 @@ impl<'a, D: BlockDev> Journal<'a, D> {
         }
         let bytes = self.pending.next_multiple_of(SECTOR);
         self.buf[self.pending..bytes].fill(0);
-        if !self.dev.write(self.next_sector, &self.buf[..bytes]) || !self.dev.flush() {
+        if !self.dev.write_and_flush(self.next_sector, &self.buf[..bytes]) {
             self.broken = true;
             return Err(LogError::Io);
         }
@@ -593,6 +601,56 @@ pub(crate) mod tests {
         let mut s = store(4);
         let (_, loaded) = open(&mut disk, &mut s);
         assert_eq!(loaded, Loaded::default());
+    }
+
+    /// A disk whose write-and-flush is one operation of its own, as the
+    /// guest's virtio disk is (one notify for both).
+    struct OneTrip {
+        disk: MemDisk,
+        trips: usize,
+        fail: bool,
+    }
+
+    impl BlockDev for &mut OneTrip {
+        fn sectors(&self) -> u64 {
+            (self.disk.data.len() / SECTOR) as u64
+        }
+        fn read(&mut self, sector: u64, buf: &mut [u8]) -> bool {
+            (&mut self.disk).read(sector, buf)
+        }
+        fn write(&mut self, _: u64, _: &[u8]) -> bool {
+            panic!("a commit writes with write_and_flush")
+        }
+        fn flush(&mut self) -> bool {
+            panic!("a commit flushes with write_and_flush")
+        }
+        fn write_and_flush(&mut self, sector: u64, buf: &[u8]) -> bool {
+            self.trips += 1;
+            !self.fail && (&mut self.disk).write(sector, buf) && (&mut self.disk).flush()
+        }
+    }
+
+    #[test]
+    fn a_commit_is_one_write_and_flush() {
+        let mut dev = OneTrip { disk: MemDisk::new(64), trips: 0, fail: false };
+        let mut s = store(16);
+        let (mut j, _) = Journal::open(&mut dev, buffer(), &mut s).unwrap();
+        set(&mut j, b"a", b"1");
+        set(&mut j, b"b", b"2");
+        j.commit().unwrap();
+        j.commit().unwrap();
+        set(&mut j, b"c", b"3");
+        j.commit().unwrap();
+        assert_eq!(j.device().trips, 2, "one round trip per non-empty batch");
+        j.device().fail = true;
+        set(&mut j, b"d", b"4");
+        assert_eq!(j.commit(), Err(LogError::Io));
+        assert_eq!(j.append(op::SET, [&b"e"[..], b"5"].into_iter()), Err(LogError::Io));
+        drop(j);
+        let mut s = store(16);
+        let (_, loaded) = open(&mut dev.disk, &mut s);
+        assert_eq!(loaded.records, 3);
+        assert_eq!(s.get(b"c"), Some(&b"3"[..]));
     }
 
     #[test]
