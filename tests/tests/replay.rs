@@ -24,6 +24,7 @@ const CHECKED: &[(&str, &str, &str, bool, bool)] = &[
     ("echo", "", "alpha\nbravo charlie\nx\nquit\n", false, true),
     ("ticker", "ticks=20 hz=50", "one\ntwo three\n", false, true),
     ("kvstore", "", "set a 1\nset b 2\nget a\ndel b\nget b\nquit\n", true, true),
+    ("blkstress", "ops=300 qd=8 seed=3", "", true, true),
 ];
 
 /// Embedded guests the sweep leaves out, and why.
