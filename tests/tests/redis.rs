@@ -1,5 +1,6 @@
 //! The `redis` guest on a real (namespaced) LAN: stock `redis-cli` and
-//! `redis-benchmark` get the right answers; a session whose frames arrive
+//! `redis-benchmark` get the right answers (and, with a virtio disk, find
+//! their writes again after a restart); a session whose frames arrive
 //! at random moments replays to the same output and state digest, and a
 //! primary and its backup end a session with equal digests; bad frames on
 //! the LAN and garbage RESP on a connection have clear outcomes and leave
@@ -204,6 +205,45 @@ fn redis_cli_and_redis_benchmark_get_the_right_answers() {
     assert_eq!(cli(&p, vm, &["DBSIZE"]), "7\n");
     assert_eq!(cli(&p, vm, &["MGET", "greeting", "n", "b"]), "hello world\n42\ntwo words\n");
     assert_alive(&mut p, "after redis-benchmark");
+    shutdown(p, vm);
+}
+
+// ---------------------------------------------------------------------------
+// a'. The write-ahead log on a virtio disk (each commit: one write and its
+// flush, sent with one notify).
+
+#[test]
+fn writes_logged_on_the_disk_survive_a_restart() {
+    let _serial = one_at_a_time();
+    let lab = lab("rd", 92, &[("h", 1)], &["h"]);
+    let vm = "10.92.0.10";
+    let dir = Scratch::new("redis-disk");
+    let disk = dir.path("redis.img");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
+
+    let mut p = start_vm(&lab, "h", vm, &["--disk", &disk]);
+    assert!(p.stdout().contains("disk: 0 keys loaded from 0 records"), "{}", context(&p));
+    assert_eq!(cli(&p, vm, &["SET", "greeting", "hello world"]), "OK\n");
+    assert_eq!(cli(&p, vm, &["MSET", "a", "1", "b", "two words", "gone", "x"]), "OK\n");
+    assert_eq!(cli(&p, vm, &["INCRBY", "n", "40"]), "40\n");
+    assert_eq!(cli(&p, vm, &["INCR", "n"]), "41\n");
+    assert_eq!(cli(&p, vm, &["DEL", "gone"]), "1\n");
+    // Pipelined clients: many records to a commit.
+    let bench = tool(
+        "redis-benchmark",
+        &["-h", vm, "-p", "6379", "-t", "set,incr", "-n", "2000", "-c", "8", "-P", "8", "-q"],
+        Duration::from_secs(300),
+    );
+    assert_eq!(bench.status, Some(0), "redis-benchmark:\n{}\n{}\n{}", bench.stdout, bench.stderr, context(&p));
+    assert_eq!(cli(&p, vm, &["DBSIZE"]), "6\n");
+    assert_alive(&mut p, "after the writes");
+    shutdown(p, vm);
+
+    let p = start_vm(&lab, "h", vm, &["--disk", &disk]);
+    assert!(p.stdout().contains("disk: 6 keys loaded from "), "{}", context(&p));
+    assert_eq!(cli(&p, vm, &["MGET", "greeting", "a", "b", "gone", "n"]), "hello world\n1\ntwo words\n\n41\n");
+    assert_eq!(cli(&p, vm, &["GET", "counter:__rand_int__"]), "2000\n", "every benchmark INCR was logged");
+    assert_eq!(cli(&p, vm, &["DBSIZE"]), "6\n");
     shutdown(p, vm);
 }
 
