@@ -44,8 +44,8 @@
 //! bytes and the primary's µs per sync, the backup's µs to apply one, and
 //! the log bandwidth the syncs' pages take.
 //!
-//! Disk (`--only disk`): `blkstress` (4 KiB ops, 70% writes, 20% reads
-//! checked against the guest's model, 10% flushes), sequential and random,
+//! Disk (`--only disk`): `blkstress` (4 KiB ops, 75% writes, 24% reads
+//! checked against the guest's model, 1% flushes), sequential and random,
 //! at queue depth 1 and 32: IOPS and KiB/s as the guest measures them, alone
 //! on a local image, alone on ftdisk, and on ftdisk with a backup attached;
 //! and the same op mix by the host itself on a raw image (pwrite, pread,
@@ -1124,8 +1124,10 @@ fn soak(minutes: u64, load: bool) {
     println!();
 }
 
-/// The op mix of the disk benchmark (blkstress's keys).
-const DISK_MIX: &str = "write=70 read=20 flush=10";
+/// The op mix of the disk benchmark (blkstress's keys). Flushes are rare:
+/// each prints a `durable K` line, and the UART's byte-per-exit console
+/// would otherwise be what is measured.
+const DISK_MIX: &str = "write=75 read=24 flush=1";
 /// Ops per blkstress run.
 const DISK_OPS: u64 = 4000;
 
@@ -1169,9 +1171,9 @@ fn host_disk_rate(path: &str, random: bool, ops: u64) -> (f64, f64) {
         x ^= x << 17;
         let at = if random { x % blocks } else { (next + 1) % blocks };
         next = at;
-        match x % 10 {
-            0..=6 => file.write_all_at(&block, at * 4096).expect("pwrite"),
-            7 | 8 => file.read_exact_at(&mut block, at * 4096).expect("pread"),
+        match x % 100 {
+            0..=74 => file.write_all_at(&block, at * 4096).expect("pwrite"),
+            75..=98 => file.read_exact_at(&mut block, at * 4096).expect("pread"),
             _ => file.sync_data().expect("fdatasync"),
         }
     }
