@@ -1139,9 +1139,29 @@ fn blkstress_rate(stdout: &str) -> Option<(f64, f64)> {
     Some((iops, kib))
 }
 
-/// One blkstress run of `params` on `disk`, alone or with a backup.
-fn blkstress_once(params: &str, disk: &str, with_backup: bool) -> (f64, f64) {
-    let guest = ["--guest", "blkstress", "--cmdline", params, "--disk", disk];
+/// Where a disk benchmark run keeps its data.
+#[derive(Clone, Copy, PartialEq)]
+enum DiskAt {
+    LocalImage,
+    Ftdisk,
+}
+
+/// One blkstress run of `params` on a fresh image (blkstress's model starts
+/// from zeros), local or served by ftdisk, alone or with a backup.
+fn blkstress_once(params: &str, at: DiskAt, with_backup: bool) -> (f64, f64) {
+    let dir = Scratch::new("bench-disk-run");
+    let image = dir.path("disk.img");
+    qemu_img(&image, 64 << 20);
+    let mut server = None;
+    let disk = match at {
+        DiskAt::LocalImage => image.clone(),
+        DiskAt::Ftdisk => {
+            let (child, served) = spawn_ftdisk(&image, "127.0.0.1:0");
+            server = Some(child);
+            format!("ftdisk:{served}")
+        }
+    };
+    let guest = ["--guest", "blkstress", "--cmdline", params, "--disk", &disk];
     let r = if with_backup {
         let p = Proc::spawn(&[&["--primary", "--listen", "127.0.0.1:0"][..], &guest[..]].concat());
         let addr = p.wait_addr("waiting for a backup on", Duration::from_secs(30));
@@ -1152,6 +1172,10 @@ fn blkstress_once(params: &str, disk: &str, with_backup: bool) -> (f64, f64) {
     } else {
         wait(ftvmm(&guest).spawn().expect("spawn ftvmm"), TIMEOUT)
     };
+    if let Some(mut child) = server {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     assert_eq!(r.status, Some(0), "blkstress failed: {}{}", r.stdout, r.stderr);
     blkstress_rate(&r.stdout).unwrap_or_else(|| panic!("no blkstress figures in {}", r.stdout))
 }
@@ -1188,10 +1212,8 @@ fn disk_bench(runs: usize) {
     println!("| pattern, queue depth | alone, local image IOPS (KiB/s) | alone, ftdisk | ftdisk, with a backup | FT ratio | host, raw image |");
     println!("|---|---|---|---|---|---|");
     let dir = Scratch::new("bench-disk");
-    let image = dir.path("disk.img");
+    let image = dir.path("host.img");
     qemu_img(&image, 64 << 20);
-    let (mut server, served) = spawn_ftdisk(&image, "127.0.0.1:0");
-    let shared = format!("ftdisk:{served}");
     let med = |v: Vec<(f64, f64)>| {
         let iops = median(v.iter().map(|r| r.0).collect());
         let kib = median(v.iter().map(|r| r.1).collect());
@@ -1201,9 +1223,9 @@ fn disk_bench(runs: usize) {
     for (pattern, random) in [("sequential", 0), ("random", 100)] {
         for qd in [1, 32] {
             let params = format!("seed=1 ops={DISK_OPS} qd={qd} random={random} {DISK_MIX}");
-            let local = med((0..runs).map(|_| blkstress_once(&params, &image, false)).collect());
-            let alone = med((0..runs).map(|_| blkstress_once(&params, &shared, false)).collect());
-            let ft = med((0..runs).map(|_| blkstress_once(&params, &shared, true)).collect());
+            let local = med((0..runs).map(|_| blkstress_once(&params, DiskAt::LocalImage, false)).collect());
+            let alone = med((0..runs).map(|_| blkstress_once(&params, DiskAt::Ftdisk, false)).collect());
+            let ft = med((0..runs).map(|_| blkstress_once(&params, DiskAt::Ftdisk, true)).collect());
             let host = med((0..runs).map(|_| host_disk_rate(&image, random > 0, DISK_OPS)).collect());
             println!(
                 "| {pattern}, {qd} | {} | {} | {} | {:.2} | {} |",
@@ -1215,8 +1237,6 @@ fn disk_bench(runs: usize) {
             );
         }
     }
-    let _ = server.kill();
-    let _ = server.wait();
     println!();
 }
 
