@@ -420,18 +420,34 @@ pub struct TickReader {
 }
 
 impl TickReader {
+    /// Reads lines until `until` holds. The whole lines already received
+    /// with the last one count too: the client got them (a console that
+    /// wrote two ticks at once had both delivered), so a reader that
+    /// dropped them would report ticks missing that were not.
     pub fn read_from(&mut self, stream: TcpStream, until: impl Fn(&[(u64, String)]) -> bool) {
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { return };
-            if let Some(rest) = line.strip_prefix("tick ") {
-                let mut parts = rest.split(' ');
-                let n: u64 = parts.next().unwrap().parse().unwrap();
-                self.lines.push((n, parts.next().unwrap_or_default().to_string()));
-                if until(&self.lines) {
-                    return;
-                }
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if !matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+                return;
             }
+            self.take(line.trim_end_matches('\n'));
+            if until(&self.lines) {
+                let buffered = String::from_utf8_lossy(reader.buffer()).into_owned();
+                let whole = buffered.rsplit_once('\n').map_or("", |(whole, _)| whole);
+                whole.lines().for_each(|l| self.take(l));
+                return;
+            }
+        }
+    }
+
+    fn take(&mut self, line: &str) {
+        if let Some(rest) = line.strip_prefix("tick ") {
+            let mut parts = rest.split(' ');
+            let n: u64 = parts.next().unwrap().parse().unwrap();
+            self.lines.push((n, parts.next().unwrap_or_default().to_string()));
         }
     }
 }
