@@ -841,4 +841,47 @@ mod tests {
         Box::new(s).close();
         assert_eq!(&*out.0.lock().unwrap(), b"theirs");
     }
+
+    /// Storage that records, at each write and flush, whether any console
+    /// output had been written by then.
+    struct OrderWitness {
+        console: Shared,
+        seen_output: Arc<Mutex<Vec<bool>>>,
+    }
+
+    impl crate::disk::BlockBackend for OrderWitness {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read(&mut self, _offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+            Ok(vec![0; len])
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) -> std::io::Result<()> {
+            let seen = !self.console.0.lock().unwrap().is_empty();
+            self.seen_output.lock().unwrap().push(seen);
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.write(0, &[])
+        }
+    }
+
+    #[test]
+    fn going_live_re_issues_and_flushes_the_disk_before_any_other_output() {
+        let console = Shared::default();
+        let seen_output = Arc::new(Mutex::new(Vec::new()));
+        let storage = OrderWitness { console: console.clone(), seen_output: seen_output.clone() };
+        let disk = DiskPort::new(Box::new(storage));
+        let mut s = Suppressed::default();
+        s.disk(pos(1), 1, &w(0, 1));
+        s.output(pos(2), b"written\n".to_vec());
+        s.disk(pos(3), 2, &w(512, 2));
+        s.output(pos(4), b"again\n".to_vec());
+        s.go_live(OutputPort::to_writer(Box::new(console.clone())), Some(&disk), None).unwrap();
+        Box::new(s).close();
+        assert_eq!(&*console.0.lock().unwrap(), b"written\nagain\n");
+        // Two writes and the closing flush, all before the first byte out.
+        assert_eq!(*seen_output.lock().unwrap(), vec![false, false, false]);
+        assert_eq!(disk.applied().load(std::sync::atomic::Ordering::Acquire), 2);
+    }
 }
