@@ -675,6 +675,22 @@ impl StateSender {
     pub fn backup_lost(&self) -> Option<String> {
         lock(&self.shared.state).lost.clone()
     }
+
+    /// Blocks until the backup's VMM has consumed every state byte handed
+    /// over so far (so that what is sent next goes out at once); fails once
+    /// the backup is lost.
+    pub fn wait_consumed(&self) -> Result<(), ChannelError> {
+        let mut st = lock(&self.shared.state);
+        loop {
+            if let Some(why) = &st.lost {
+                return Err(cut_short(why));
+            }
+            if st.state.consumed >= st.state.handed {
+                return Ok(());
+            }
+            st = self.shared.changed.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
 }
 
 fn no_state() -> ChannelError {

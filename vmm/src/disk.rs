@@ -309,7 +309,12 @@ impl DiskPort {
     /// The ops deferred and not yet applied, in order: what a backup that
     /// joins now (or a snapshot) must hold to go live without losing any.
     pub fn pending_ops(&self) -> Vec<(OpSeq, DiskOp)> {
-        lock(&self.pending).ops.iter().cloned().collect()
+        self.pending_view().list()
+    }
+
+    /// A handle on the pending ops for another thread (a state transfer's).
+    pub fn pending_view(&self) -> PendingOps {
+        PendingOps(self.pending.clone())
     }
 
     /// A sender that applies released ops in order on a writer thread.
@@ -353,6 +358,16 @@ impl DiskPort {
             let _ = tx.send(None);
             let _ = thread.join();
         }
+    }
+}
+
+/// The ops a [`DiskPort`] has deferred and not yet applied.
+pub struct PendingOps(Arc<Mutex<Pending>>);
+
+impl PendingOps {
+    /// The ops pending now, in order.
+    pub fn list(&self) -> Vec<(OpSeq, DiskOp)> {
+        lock(&self.0).ops.iter().cloned().collect()
     }
 }
 

@@ -131,6 +131,11 @@ impl<W: Write> StateWriter<W> {
         self.out.write_all(&payload)
     }
 
+    /// Flushes what the stream buffered to its writer.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+
     pub fn into_inner(self) -> W {
         self.out
     }

@@ -16,7 +16,9 @@
 //! the next one.
 
 use crate::dirty::{Consumer, DirtyTracker};
+use crate::disk::{OpSeq, PendingOps};
 use crate::error::{log_write_error, RunError};
+use crate::ft::PendingOutputs;
 use crate::ft::{LogSink, OutputGate, Role};
 use crate::inputs::Inputs;
 use crate::run::Vmm;
@@ -102,6 +104,9 @@ pub struct Transfer {
 struct Precopy {
     writer: StateWriter<StateOut>,
     rounds: u32,
+    /// Disk ops up to this one were sent (those then not yet applied):
+    /// the final round sends only later ones.
+    disk_sent_through: OpSeq,
 }
 
 /// Buffers the state stream and sends it in chunks of [`CHUNK`] bytes.
@@ -142,8 +147,10 @@ fn precopy(
     begin: StateItem,
     sender: StateSender,
     done: Arc<AtomicBool>,
+    disk: Option<PendingOps>,
 ) -> Result<Precopy, String> {
     let result = (|| {
+        let waiter = sender.clone();
         let out = StateOut { sender, buf: Vec::with_capacity(CHUNK), sent: 0 };
         let mut w = StateWriter::new(out).map_err(|e| e.to_string())?;
         w.item(&begin).map_err(|e| e.to_string())?;
@@ -158,7 +165,18 @@ fn precopy(
                 break;
             }
         }
-        Ok(Precopy { writer: w, rounds })
+        // The disk ops not yet applied now (the writer may lag slow storage
+        // by many MiB): sent while the guest runs, so that the final pause
+        // carries only those issued after.
+        let ops = disk.map(|d| d.list()).unwrap_or_default();
+        let disk_sent_through = ops.last().map_or(0, |(seq, _)| *seq);
+        let pending = PendingOutputs { disk: ops, ..Default::default() };
+        snapshot::pending_items(&pending, |i| w.item(&i)).map_err(|e| e.to_string())?;
+        // Everything so far reaches the backup before the guest stops: the
+        // final round then waits for nothing but its own bytes.
+        w.flush().map_err(|e| e.to_string())?;
+        waiter.wait_consumed().map_err(|e| e.to_string())?;
+        Ok(Precopy { writer: w, rounds, disk_sent_through })
     })();
     done.store(true, Ordering::Release);
     result
@@ -192,15 +210,16 @@ impl Vmm {
     pub(super) fn start_transfer(&mut self, link: PrimaryLink, resync: bool) -> Result<bool, RunError> {
         self.machine.dirty.start(Consumer::Transfer)?;
         let done = Arc::new(AtomicBool::new(false));
-        let (dirty, mem, size, begin, sender, flag) = (
+        let (dirty, mem, size, begin, sender, flag, disk) = (
             self.machine.dirty.clone(),
             self.machine.mem.clone(),
             self.machine.mem_size,
             self.state_begin(),
             link.state_sender(),
             done.clone(),
+            self.disk.as_ref().map(|d| d.pending_view()),
         );
-        let precopy = std::thread::spawn(move || precopy(dirty, mem, size, begin, sender, flag));
+        let precopy = std::thread::spawn(move || precopy(dirty, mem, size, begin, sender, flag, disk));
         self.transfer = Some(Transfer { link, precopy: Some(precopy), done, started: Instant::now(), resync });
         Ok(false)
     }
@@ -217,7 +236,7 @@ impl Vmm {
             None => Err("no pre-copy".into()),
         };
         self.machine.dirty.stop(Consumer::Transfer)?;
-        let (rounds, sent) = match result {
+        let (rounds, sent, (pending_ops, pending_bytes)) = match result {
             Ok(done) => done,
             Err(why) if t.resync => {
                 // The backup being repaired is gone: as for any lost
@@ -250,18 +269,19 @@ impl Vmm {
         let what = if t.resync { "resynchronized" } else { "joined" };
         eprintln!(
             "ftvmm: primary: backup {what} at exit {exit}: {rounds} pre-copy round(s), {:.1} MiB sent in {:.0} ms, \
-             final pause {:.1} ms; protected",
+             final pause {:.1} ms (with {pending_ops} disk op(s) not yet applied, {} KiB: the rest went with the pre-copy); protected",
             sent as f64 / (1 << 20) as f64,
             t.started.elapsed().as_secs_f64() * 1e3,
-            pause.as_secs_f64() * 1e3
+            pause.as_secs_f64() * 1e3,
+            pending_bytes >> 10
         );
         Ok(())
     }
 
     /// Sends the last dirty pages, the machine state and the digest; ends the
     /// state. Returns (rounds, bytes sent).
-    fn final_round(&mut self, pre: Precopy, t: &Transfer) -> Result<(u32, u64), String> {
-        let Precopy { mut writer, rounds } = pre;
+    fn final_round(&mut self, pre: Precopy, t: &Transfer) -> Result<(u32, u64, (usize, u64)), String> {
+        let Precopy { mut writer, rounds, disk_sent_through } = pre;
         // Completing the exit may write memory (string I/O): before the last dirty log.
         let machine = self.machine_state().map_err(|e| e.to_string())?;
         let m = &self.machine;
@@ -271,10 +291,11 @@ impl Vmm {
         // carries the pages written from here on.
         m.dirty.start(Consumer::Sync).map_err(|e| e.to_string())?;
         // What has not left this VMM yet goes with the state: the new backup
-        // must hold it to go live without losing it. (The writer may apply
-        // some meanwhile: the backup forgets them as the progress reports
-        // come.)
-        let pending = self.pending_outputs();
+        // must hold it to go live without losing it. Disk ops: those issued
+        // since the pre-copy sent the rest. (The writer may apply some
+        // meanwhile: the backup forgets them as the progress reports come.)
+        let mut pending = self.pending_outputs();
+        pending.disk.retain(|(seq, _)| *seq > disk_sent_through);
         snapshot::pending_items(&pending, |i| writer.item(&i)).map_err(|e| e.to_string())?;
         writer.item(&StateItem::Machine(Box::new(machine))).map_err(|e| e.to_string())?;
         let digest = self.digest_now(false).map_err(|e| e.to_string())?;
@@ -282,7 +303,8 @@ impl Vmm {
         let mut out = writer.into_inner();
         out.flush().map_err(|e| e.to_string())?;
         t.link.end_state(self.exits).map_err(|e| e.to_string())?;
-        Ok((rounds, out.sent))
+        let pending_disk = (pending.disk.len(), pending.disk.iter().map(|(_, op)| op.bytes()).sum());
+        Ok((rounds, out.sent, pending_disk))
     }
 
     /// The primary lost its backup and won the arbitration: stop recording
