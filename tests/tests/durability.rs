@@ -240,3 +240,31 @@ fn a_snapshot_carries_the_writes_not_yet_applied() {
     assert_eq!(r.code(), 0, "{}{}", r.stdout, r.stderr);
     verify(&image, params, durable(&r.stdout));
 }
+
+#[test]
+fn a_joined_backup_re_emits_console_output_the_primary_never_delivered() {
+    // No console client while the primary runs alone: its output waits in
+    // the console's backlog. A backup joins, the primary dies at once; the
+    // first client of the new live side gets everything from the first tick.
+    let console = ["--serial", "tcp:127.0.0.1:0", "--heartbeat-ms", "300"];
+    let ticker = ["--guest", "ticker", "--cmdline", "hz=50"];
+    let mut pargs = vec!["--primary", "--no-wait", "--listen", "127.0.0.1:0"];
+    pargs.extend(console);
+    pargs.extend(ticker);
+    let mut p = Proc::spawn(&pargs);
+    let addr = p.wait_addr("backups may join on", START);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut bargs = vec!["--backup", "--connect", &addr];
+    bargs.extend(console);
+    bargs.extend(ticker);
+    let b = Proc::spawn(&bargs);
+    let b_console = b.wait_addr("serial console on", START);
+    b.wait_line("restored at exit", LONG);
+    p.kill();
+    b.wait_line("going live", Duration::from_secs(10));
+    let mut reader = ftvmm_tests::TickReader { lines: Vec::new() };
+    reader.read_from(ftvmm_tests::connect_retry(&b_console), |lines| lines.len() >= 40);
+    let ticks: Vec<u64> = reader.lines.iter().map(|l| l.0).collect();
+    assert_eq!(ticks.first(), Some(&1), "output from before the join is missing: {ticks:?}");
+    ftvmm_tests::check_continuity_across(0, &reader.lines).unwrap_or_else(|e| panic!("{e}: {ticks:?}"));
+}
