@@ -218,6 +218,11 @@ struct GateState {
     /// The backup's acknowledged watermark; `u64::MAX` while there is no
     /// backup (unprotected: then disk progress alone holds output back).
     acked: u64,
+    /// An acknowledgement came from the current backup: it holds the disk
+    /// ops not yet applied (a joining one got them with the state, which
+    /// precedes every batch it acknowledges). Until then, as without a
+    /// backup, disk progress holds output back.
+    backup_acked: bool,
     /// The exit of the last serial output handed to the port.
     handed_serial: u64,
     /// The last disk op pushed, and the last one the storage applied.
@@ -274,8 +279,7 @@ impl GateState {
     /// Whether `h` may leave now: the backup acknowledged its exit, and,
     /// without a backup to hold them, the disk ops before it are applied.
     fn releasable(&self, h: &HeldItem) -> bool {
-        h.exit <= self.acked
-            && (matches!(h.item, Item::Disk(..)) || self.acked != u64::MAX || h.after_disk <= self.applied)
+        h.exit <= self.acked && (matches!(h.item, Item::Disk(..)) || self.backup_acked || h.after_disk <= self.applied)
     }
 }
 
@@ -302,6 +306,7 @@ impl OutputGate {
         let state = GateState {
             held: VecDeque::new(),
             acked: 0,
+            backup_acked: false,
             handed_serial: 0,
             last_disk: 0,
             applied: 0,
@@ -394,6 +399,7 @@ impl OutputGate {
     fn release(&self, watermark: u64, ack: Option<&Acked<'_>>) {
         let mut s = self.state();
         s.acked = s.acked.max(watermark);
+        s.backup_acked = watermark != u64::MAX;
         self.hand_releasable(&mut s, ack);
     }
 
@@ -421,13 +427,13 @@ impl OutputGate {
     }
 
     /// A new backup protects the VM from exit `exit` on (it joined there,
-    /// holding the outputs not yet out: [`OutputGate::pending`]): outputs
-    /// of later exits wait for its acknowledgements, and those waiting for
-    /// the disk alone may go.
+    /// and gets the outputs not yet out with the state): outputs of later
+    /// exits wait for its acknowledgements; those waiting for the disk go
+    /// at its first one (or when the disk catches up).
     pub fn protect_after(&self, exit: u64) {
         let mut s = self.state();
         s.acked = exit;
-        self.hand_releasable(&mut s, None);
+        s.backup_acked = false;
     }
 
     /// The outputs waiting here, as a backup joining now must keep them
@@ -779,20 +785,23 @@ mod tests {
     }
 
     #[test]
-    fn with_a_backup_output_waits_for_the_ack_alone_and_a_join_releases_disk_waits() {
+    fn with_a_backup_output_waits_for_the_ack_alone_and_a_joined_backup_s_first_ack_releases_disk_waits() {
         let port = OutputPort::to_writer(Box::new(Shared::default()));
         let gate = OutputGate::new(port.sender(), None, None);
         gate.acked(u64::MAX);
         gate.disk(4, 1, w(0, 1));
         gate.output(5, b"a".to_vec());
         assert_eq!(gate.held(), 1);
-        // A backup joins at exit 6, holding the unapplied op: the output
-        // no longer needs the storage.
+        // A backup joins at exit 6. Until its first ack it may not have the
+        // state (and the unapplied op in it): the output still waits.
         gate.protect_after(6);
-        assert_eq!(gate.held(), 0);
+        assert_eq!(gate.held(), 1);
         gate.disk(7, 2, w(0, 2));
         gate.output(8, b"b".to_vec());
-        assert_eq!(gate.held(), 2);
+        assert_eq!(gate.held(), 3);
+        assert_eq!(gate.released(u64::MAX), 4);
+        gate.acked(6);
+        assert_eq!(gate.held(), 2, "acknowledged: the backup holds the op, the output may go");
         assert_eq!(gate.released(u64::MAX), 6);
         gate.acked(8);
         assert_eq!(gate.held(), 0, "acknowledged: out, whatever the storage did");
