@@ -28,6 +28,7 @@ impl Vmm {
     pub(super) fn passed(&mut self, position: Position) -> Result<(), RunError> {
         self.check_disk()?;
         self.tend_role(position)?;
+        self.report_join();
         self.wait_for_disk_room(position)
     }
 

@@ -267,15 +267,36 @@ impl Vmm {
         }
         self.backup_loss_reported = false;
         let what = if t.resync { "resynchronized" } else { "joined" };
-        eprintln!(
-            "ftvmm: primary: backup {what} at exit {exit}: {rounds} pre-copy round(s), {:.1} MiB sent in {:.0} ms, \
-             final pause {:.1} ms (with {pending_ops} disk op(s) not yet applied, {} KiB: the rest went with the pre-copy); protected",
-            sent as f64 / (1 << 20) as f64,
-            t.started.elapsed().as_secs_f64() * 1e3,
-            pause.as_secs_f64() * 1e3,
-            pending_bytes >> 10
-        );
+        // Said once the backup acknowledges the log after the state: only
+        // then has it the whole state (and could go live without us).
+        self.join_report = Some((
+            exit,
+            format!(
+                "ftvmm: primary: backup {what} at exit {exit}: {rounds} pre-copy round(s), {:.1} MiB sent in {:.0} ms, \
+                 final pause {:.1} ms (with {pending_ops} disk op(s) not yet applied, {} KiB: the rest went with the \
+                 pre-copy); protected",
+                sent as f64 / (1 << 20) as f64,
+                t.started.elapsed().as_secs_f64() * 1e3,
+                pause.as_secs_f64() * 1e3,
+                pending_bytes >> 10
+            ),
+        ));
         Ok(())
+    }
+
+    /// Says the new backup joined once it has acknowledged the log past the
+    /// state's exit (see [`Vmm::finish_transfer`]).
+    pub(super) fn report_join(&mut self) {
+        let Some((exit, _)) = &self.join_report else { return };
+        let exit = *exit;
+        let Some(link) = self.primary_link() else { return };
+        // (A lost link reports everything acknowledged: that is no join.)
+        let (lost, acked) = (link.backup_lost().is_some(), link.acked() >= exit);
+        if lost || acked {
+            if let Some((_, line)) = self.join_report.take().filter(|_| !lost) {
+                eprintln!("{line}");
+            }
+        }
     }
 
     /// Sends the last dirty pages, the machine state and the digest; ends the

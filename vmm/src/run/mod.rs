@@ -95,6 +95,8 @@ pub struct Vmm {
     pub channel: logging_channel::ChannelConfig,
     /// A state transfer to a joining backup, under way.
     transfer: Option<join::Transfer>,
+    /// A finished transfer's exit and line, said once the backup acknowledges.
+    join_report: Option<(u64, String)>,
     /// The arbiter-only ftdisk go-live arbitration happens on (`--arbiter`).
     pub arbiter: Option<RemoteArbiter>,
     /// Save a snapshot at this exit, to this file (`--save-snapshot`).
@@ -159,6 +161,7 @@ impl Vmm {
             hot: sync::HotPages::default(),
             arbiter: None,
             transfer: None,
+            join_report: None,
             channel: Default::default(),
         }
     }
@@ -301,6 +304,9 @@ impl Vmm {
                         // Let the backup have the whole log, so it can end as we do.
                         if !link.finish(*finish_timeout) {
                             eprintln!("ftvmm: primary: the backup did not acknowledge the end of the log");
+                        } else if let Some((_, line)) = self.join_report.take() {
+                            // It acknowledged the log after its state.
+                            eprintln!("{line}");
                         }
                     }
                 }
