@@ -30,14 +30,14 @@
 //!   1.5 s (its logging channel, storage and the VM's network at once);
 //! - `kill-after-join`: not drawn with the others but instead of half the
 //!   re-protections a fault may still follow: a new backup joins the live
-//!   side (most times under a `slow-storage` started 0.1 to 0.6 s before,
-//!   if the scenario's storage is not slow throughout), and the live side
-//!   is SIGKILLed as soon as the joiner prints `restored at exit` or the
-//!   live side `backup joined at exit` (the side's stderr reader sends the
-//!   signal itself; at once, or 1 to 30 ms later), while the writes it
-//!   released are still in flight: the joined backup must go live with the
-//!   unapplied writes it was handed and re-issue them. (A join cut short
-//!   disarms it; it is counted only if the kill happened.)
+//!   side (three times in four under a `slow-storage` started 0.1 to 0.6 s
+//!   before, if the scenario's storage is not slow throughout), and the
+//!   live side is SIGKILLed as soon as the joiner prints `restored at
+//!   exit` or the live side `backup joined at exit` (the side's stderr
+//!   reader sends the signal itself; at once, or 1 to 30 ms later), while
+//!   the writes it released are still in flight: the joined backup must go
+//!   live with the unapplied writes it was handed and re-issue them. (A
+//!   join cut short disarms it; it is counted only if the kill happened.)
 //!
 //! Timed faults may overlap (a kill only overlaps storage faults, so that
 //! one copy of the VM always survives). After each fault the scenario
@@ -2063,7 +2063,7 @@ impl Scenario {
     /// handed. Ok(true) if the kill happened (a join cut short by a
     /// heartbeat timeout disarms it).
     fn kill_after_join(&mut self, live: usize) -> Result<bool, String> {
-        let slowed = self.storage_base_us > 0 || self.rng.gen_bool(0.3);
+        let slowed = self.storage_base_us > 0 || self.rng.gen_bool(0.25);
         if !slowed {
             self.inject(Fault::SlowStorage, live, None);
             // Let the unapplied writes pile up.
