@@ -299,6 +299,9 @@ struct ProxyState {
     /// Microseconds each chunk waits before it is passed on, in either
     /// direction (slow storage; shared by the scenario's storage proxies).
     delay_us: Option<Arc<AtomicU64>>,
+    /// Bytes read from a client (a side) and not yet passed on to the
+    /// target: its requests (writes) still in the network.
+    in_flight_up: AtomicU64,
 }
 
 impl ProxyState {
@@ -344,6 +347,7 @@ impl Proxy {
             next: AtomicU64::new(0),
             conns: Mutex::default(),
             delay_us,
+            in_flight_up: AtomicU64::new(0),
         });
         let st = state.clone();
         std::thread::spawn(move || {
@@ -372,23 +376,29 @@ impl Proxy {
             lock(&st.conns).insert(id, (c3, s3));
         }
         let st2 = st.clone();
-        let up = std::thread::spawn(move || Proxy::pump(c2, s2, &st2));
-        Proxy::pump(server, client, &st);
+        let up = std::thread::spawn(move || Proxy::pump(c2, s2, &st2, true));
+        Proxy::pump(server, client, &st, false);
         let _ = up.join();
         lock(&st.conns).remove(&id);
     }
 
-    fn pump(mut from: TcpStream, mut to: TcpStream, st: &ProxyState) {
+    /// Passes on what `from` sends to `to` (`up`: from the client to the
+    /// target).
+    fn pump(mut from: TcpStream, mut to: TcpStream, st: &ProxyState, up: bool) {
         let mut buf = vec![0u8; 65536];
         loop {
             let n = from.read(&mut buf).unwrap_or(0);
+            let counted = if up { n as u64 } else { 0 };
+            st.in_flight_up.fetch_add(counted, Ordering::AcqRel);
             if n > 0 {
                 let delay = st.delay_us.as_ref().map_or(0, |d| d.load(Ordering::Acquire));
                 if delay > 0 {
                     std::thread::sleep(Duration::from_micros(delay));
                 }
             }
-            if !st.wait_while_cut() || n == 0 || to.write_all(&buf[..n]).is_err() {
+            let passed = st.wait_while_cut() && n > 0 && to.write_all(&buf[..n]).is_ok();
+            st.in_flight_up.fetch_sub(counted, Ordering::AcqRel);
+            if !passed {
                 break;
             }
         }
@@ -617,6 +627,8 @@ struct Tripwire {
     needle: &'static str,
     victim: u32,
     victim_name: String,
+    /// The victim's way to the ftdisk: what it holds at the kill is told.
+    victim_storage: Arc<Proxy>,
     /// Set before the signal is sent: the harness then counts the victim's
     /// end as its own kill.
     doomed: Arc<AtomicBool>,
@@ -651,8 +663,10 @@ impl Watchers {
             // SAFETY: kill(2) on the pid of a child of ours that has not
             // been reaped (the harness reaps only after seeing `doomed`).
             let r = unsafe { libc::kill(w.victim as libc::pid_t, libc::SIGKILL) };
+            let in_flight = w.victim_storage.state.in_flight_up.load(Ordering::Acquire);
             self.t.say(format!(
-                "harness: {name} printed {:?}: SIGKILL {} (pid {}){}{}",
+                "harness: {name} printed {:?}: SIGKILL {} (pid {}){}{}; {in_flight} bytes from it to the ftdisk \
+                 in its storage proxy",
                 w.needle,
                 w.victim_name,
                 w.victim,
@@ -2090,6 +2104,7 @@ impl Scenario {
             needle,
             victim: self.sides[live].pid,
             victim_name: victim,
+            victim_storage: self.sides[live].storage.clone(),
             doomed: doomed.clone(),
             delay,
         });
