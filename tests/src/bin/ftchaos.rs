@@ -633,6 +633,9 @@ struct Tripwire {
     /// end as its own kill.
     doomed: Arc<AtomicBool>,
     delay: Duration,
+    /// The victim's host dies with it: its storage proxy drops what it
+    /// holds from it (resets its connections) instead of passing it on.
+    host_dies: bool,
 }
 
 /// What every side's stderr reader reports to.
@@ -664,14 +667,18 @@ impl Watchers {
             // been reaped (the harness reaps only after seeing `doomed`).
             let r = unsafe { libc::kill(w.victim as libc::pid_t, libc::SIGKILL) };
             let in_flight = w.victim_storage.state.in_flight_up.load(Ordering::Acquire);
+            if w.host_dies {
+                w.victim_storage.reset();
+            }
             self.t.say(format!(
-                "harness: {name} printed {:?}: SIGKILL {} (pid {}){}{}; {in_flight} bytes from it to the ftdisk \
-                 in its storage proxy",
+                "harness: {name} printed {:?}: SIGKILL {} (pid {}){}{}; the {in_flight} bytes from it to the ftdisk \
+                 in its storage proxy {}",
                 w.needle,
                 w.victim_name,
                 w.victim,
                 if w.delay.is_zero() { String::new() } else { format!(" {:?} later", w.delay) },
-                if r == 0 { "" } else { " (it was gone already)" }
+                if r == 0 { "" } else { " (it was gone already)" },
+                if w.host_dies { "are dropped (its host died)" } else { "go on" }
             ));
         }
     }
@@ -2093,10 +2100,12 @@ impl Scenario {
         };
         let delay =
             if self.rng.gen_bool(0.6) { Duration::ZERO } else { Duration::from_millis(self.rng.gen_range(1..=30)) };
+        let host_dies = self.rng.gen_bool(0.5);
         self.t.say(format!(
-            "harness: FAULT {}: SIGKILL {victim} {} {watch} prints {needle:?}",
+            "harness: FAULT {}: SIGKILL {victim} {} {watch} prints {needle:?}{}",
             Fault::KillAfterJoin.name(),
             if delay.is_zero() { "as soon as".to_string() } else { format!("{delay:?} after") },
+            if host_dies { " (its host dies: what its storage proxy holds from it is dropped)" } else { "" }
         ));
         let doomed = self.sides[live].doomed.clone();
         lock(&self.watchers.tripwires).push(Tripwire {
@@ -2107,6 +2116,7 @@ impl Scenario {
             victim_storage: self.sides[live].storage.clone(),
             doomed: doomed.clone(),
             delay,
+            host_dies,
         });
         let joined = self.reprotect(live);
         if matches!(joined, Ok(true)) {
@@ -2597,6 +2607,51 @@ fn run_scenario(idx: u64, seed: u64, net: Option<Arc<NetLab>>, quiesce_joins: bo
 }
 
 impl Scenario {
+    /// The VM was lost (every side ended before the harness ended them,
+    /// the last by itself): nothing released an output that only a dead
+    /// side held, so a fresh VM on the disk still reads every acknowledged
+    /// write — for each key a version at least the newest acknowledged and
+    /// at most the newest sent.
+    fn check_disk_after_loss(&mut self, report: &ClientReport) {
+        self.t.say("harness: every side is gone: the disk must still hold every acknowledged write");
+        if !lock(&self.ftdisk).running() {
+            let _ = lock(&self.ftdisk).spawn();
+        }
+        let keys: Vec<String> = report.bounds.keys().cloned().collect();
+        let read = match &self.net {
+            None => read_disk(&self.ftdisk_addr, &keys, &self.t),
+            Some(net) => {
+                let host = self.sides.iter().filter_map(|s| s.host.clone()).last().unwrap_or_else(|| "v1".into());
+                net.flush_fdb();
+                read_redis_disk(net, &host, &self.ftdisk_addr, &keys, &self.t)
+            }
+        };
+        let values = match read {
+            Ok(v) => v,
+            Err(e) => return self.violation("disk-check", e),
+        };
+        for (k, v) in keys.iter().zip(values) {
+            let (acked, sent) = report.bounds[k];
+            let ver = if v == "NOTFOUND" {
+                Some(0)
+            } else {
+                v.strip_prefix(&format!("VALUE {k}-v")).and_then(|n| n.parse::<u64>().ok())
+            };
+            match ver {
+                Some(ver) if ver < acked => self.violation(
+                    "lost-write",
+                    format!("after the VM was lost, {k} reads version {ver} from the disk though version {acked} was acknowledged"),
+                ),
+                Some(ver) if ver > sent => self.violation(
+                    "phantom-read",
+                    format!("after the VM was lost, {k} reads version {ver} from the disk, never written (last sent: {sent})"),
+                ),
+                Some(_) => {}
+                None => self.violation("disk-check", format!("{k} reads {v:?} from the disk")),
+            }
+        }
+    }
+
     /// Final reads and `quit`, the endings, the disk, the split-brain check.
     fn finish(&mut self, settled: bool, client: JoinHandle<ClientReport>) {
         // Let the faults end before anything else.
@@ -2635,6 +2690,8 @@ impl Scenario {
             let d = self.describe();
             self.violation("still-running", format!("{} still running 15 s after the VM quit: {d}", still.join(", ")));
         }
+        // Every side gone before the harness ends them: the VM was lost.
+        let none_left = !report.quit && self.sides.iter().all(|s| !s.running());
         for s in &mut self.sides {
             s.kill();
         }
@@ -2713,6 +2770,8 @@ impl Scenario {
                 }
                 Err(e) => self.violation("disk-check", e),
             }
+        } else if none_left {
+            self.check_disk_after_loss(&report);
         }
 
         // Split brain: who answered, and whether a newer owner existed
