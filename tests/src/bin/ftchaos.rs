@@ -85,7 +85,10 @@
 //! - acknowledged writes: a read reflects every write sent before it whose
 //!   acknowledgement the client saw (for kvstore, whichever side sent the
 //!   `OK`), i.e. it reads a version at least as new; the fresh VM on the
-//!   disk reads what the final reads read;
+//!   disk reads what the final reads read; and when the VM was lost (every
+//!   side gone before the end), a fresh VM on the disk still reads, for
+//!   each key, a version at least the newest acknowledged (and at most the
+//!   newest sent);
 //! - reads never go backwards: in the order the replies arrive, a key's
 //!   version never decreases; and no read returns a version not yet sent;
 //!   (redis) the INCR values are consecutive and the connection never
@@ -107,7 +110,11 @@
 //!   the go-live arbitration, or its writes were fenced); any other status
 //!   (3: a divergence, 2, 4...), a side still running 15 s after the VM
 //!   quit, a scenario that does not settle within 30 s or a client left
-//!   without service are violations too.
+//!   without service are violations too;
+//! - joins: a live side killed after it printed `backup joined at exit`
+//!   (kill-after-join) leaves a backup that goes live; its state transfer
+//!   cut short is a `join-lost` violation (before that line, it is the
+//!   double fault a join cut short by a heartbeat timeout is).
 //!
 //! It prints a line per scenario and a summary — scenarios, faults injected
 //! by kind (`faults injected: N (kill-primary 2, slow-storage 1, ...)`),
@@ -2092,6 +2099,7 @@ impl Scenario {
             self.run_workload(d);
         }
         let joiner = self.side_name();
+        let joiner_name = joiner.clone();
         let victim = self.sides[live].name.clone();
         let (watch, needle) = if self.rng.gen_bool(0.5) {
             (joiner, "restored at exit")
@@ -2108,6 +2116,7 @@ impl Scenario {
             if host_dies { " (its host dies: what its storage proxy holds from it is dropped)" } else { "" }
         ));
         let doomed = self.sides[live].doomed.clone();
+        let victim_lines = lock(&self.sides[live].events).len();
         lock(&self.watchers.tripwires).push(Tripwire {
             watch,
             needle,
@@ -2134,6 +2143,24 @@ impl Scenario {
             self.outcome.faults.push(Fault::KillAfterJoin);
         } else {
             self.t.say(format!("harness: {} disarmed: it did not fire", Fault::KillAfterJoin.name()));
+        }
+        // A join cut short is no fault when the live side had not finished
+        // it; but once the live side said the backup joined (and released
+        // what only that backup's copy of the state protects: the outputs
+        // that waited for the disk alone), the backup must be able to go
+        // live on its own.
+        let joined_line = lock(&self.sides[live].events)
+            .get(victim_lines..)
+            .and_then(|new| new.iter().find(|l| l.contains("backup joined at exit")).cloned());
+        let cut_short = self.sides.iter().rev().find(|s| s.name == joiner_name).filter(|s| aborted_join(s));
+        if let (true, Some(line), Some(b)) = (fired, joined_line, cut_short) {
+            let msg = format!(
+                "{} printed {line:?} and was killed; its new backup {} could not go live: {}",
+                self.sides[live].name,
+                b.name,
+                b.error.clone().unwrap_or_default()
+            );
+            self.violation("join-lost", msg);
         }
         joined.map(|_| fired)
     }
@@ -2630,6 +2657,13 @@ impl Scenario {
             Ok(v) => v,
             Err(e) => return self.violation("disk-check", e),
         };
+        let read: Vec<String> = keys.iter().zip(&values).map(|(k, v)| format!("{k}: {v}")).collect();
+        let bounds: Vec<String> = report.bounds.iter().map(|(k, (a, s))| format!("{k}: {a}..={s}")).collect();
+        self.t.say(format!(
+            "harness: the disk holds {}; acknowledged..=sent versions: {}",
+            read.join(", "),
+            bounds.join(", ")
+        ));
         for (k, v) in keys.iter().zip(values) {
             let (acked, sent) = report.bounds[k];
             let ver = if v == "NOTFOUND" {
