@@ -2652,7 +2652,7 @@ impl Scenario {
         let read = match &self.net {
             None => read_disk(&self.ftdisk_addr, &keys, &self.t),
             Some(net) => {
-                let host = self.sides.iter().filter_map(|s| s.host.clone()).last().unwrap_or_else(|| "v1".into());
+                let host = self.sides.iter().rev().find_map(|s| s.host.clone()).unwrap_or_else(|| "v1".into());
                 net.flush_fdb();
                 read_redis_disk(net, &host, &self.ftdisk_addr, &keys, &self.t)
             }
