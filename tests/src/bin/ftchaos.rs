@@ -35,9 +35,12 @@
 //!   live side is SIGKILLed as soon as the joiner prints `restored at
 //!   exit` or the live side `backup joined at exit` (the side's stderr
 //!   reader sends the signal itself; at once, or 1 to 30 ms later), while
-//!   the writes it released are still in flight: the joined backup must go
-//!   live with the unapplied writes it was handed and re-issue them. (A
-//!   join cut short disarms it; it is counted only if the kill happened.)
+//!   the writes it released are still in flight; half the time its host
+//!   dies with it (its storage proxy drops the bytes it holds from it
+//!   instead of passing them on). The joined backup must go live with the
+//!   unapplied writes it was handed and re-issue them. (A join cut short
+//!   before either line disarms it; it is counted only if the kill
+//!   happened.)
 //!
 //! Timed faults may overlap (a kill only overlaps storage faults, so that
 //! one copy of the VM always survives). After each fault the scenario
