@@ -7,8 +7,10 @@
 //! `--seed S+i --scenarios 1`) starts an `ftdisk` on a fresh image, a
 //! primary and a backup (`--heartbeat-ms` 100 to 150, the disk on the
 //! ftdisk, every side with `--listen` so that it accepts backups of its own
-//! once live), and a client that writes and reads throughout. Then 1 to 3
-//! random faults:
+//! once live), and a client that writes and reads throughout. A quarter of
+//! the scenarios run on slow storage throughout (every chunk to and from the
+//! ftdisk delayed 1 to 3 ms, see `slow-storage`). Then 1 to 3 random
+//! faults:
 //!
 //! - `kill-primary`, `kill-backup`: SIGKILL of the live side (only while it
 //!   has a backup in lockstep) or of its backup;
@@ -21,8 +23,24 @@
 //!   later, a new one on the same image and address;
 //! - `cut-storage`: each side reaches the ftdisk through a proxy of its
 //!   own; one side's is cut for 0.1 to 3 s;
+//! - `slow-storage`: for 1 to 4 s, every side's storage proxy delays each
+//!   chunk, in either direction, by 1 to 5 ms more (chosen per fault), as
+//!   a loaded SAN answers: a primary's released writes pile up unapplied;
 //! - `cut-link` (redis only): a VM host's link to the LAN is cut for up to
-//!   1.5 s (its logging channel, storage and the VM's network at once).
+//!   1.5 s (its logging channel, storage and the VM's network at once);
+//! - `kill-after-join`: not drawn with the others but instead of half the
+//!   re-protections a fault may still follow: a new backup joins the live
+//!   side (three times in four under a `slow-storage` started 0.1 to 0.6 s
+//!   before, if the scenario's storage is not slow throughout), and the
+//!   live side is SIGKILLed as soon as the joiner prints `restored at
+//!   exit` or the live side `backup joined at exit` (the side's stderr
+//!   reader sends the signal itself; at once, or 1 to 30 ms later), while
+//!   the writes it released are still in flight; half the time its host
+//!   dies with it (its storage proxy drops the bytes it holds from it
+//!   instead of passing them on). The joined backup must go live with the
+//!   unapplied writes it was handed and re-issue them. (A join cut short
+//!   before either line disarms it; it is counted only if the kill
+//!   happened.)
 //!
 //! Timed faults may overlap (a kill only overlaps storage faults, so that
 //! one copy of the VM always survives). After each fault the scenario
@@ -54,12 +72,15 @@
 //! the end it reads every key and sends `SHUTDOWN` (the VM ends with status
 //! 0), and a fresh VM on the last live side's host reads the disk.
 //!
-//! `--quiesce-joins`: the client sends nothing while a backup joins. (It
-//! was the workaround for a kvstore backup that joined while serial input
-//! was pending in the UART and then diverged — `Serial::from_state`
-//! re-triggered the pending interrupt on top of the restored PIC's — until
-//! `Devices::restore` was fixed; without the flag, every join happens
-//! under load.)
+//! `--quiesce-joins` (for humans; CI runs without it): the client sends
+//! nothing while a backup joins, to tell a join bug that needs input in
+//! flight from one that does not. (It was the workaround for a kvstore
+//! backup that joined while serial input was pending in the UART and then
+//! diverged — `Serial::from_state` re-triggered the pending interrupt on
+//! top of the restored PIC's — until `Devices::restore` was fixed; without
+//! the flag, every join happens under load. With it, a kill-after-join
+//! still finds the writes the client sent before the pause unapplied when
+//! the storage is slow.)
 //!
 //! Checks (each violation is printed with the scenario's seed and its
 //! transcript, and counted):
@@ -67,7 +88,10 @@
 //! - acknowledged writes: a read reflects every write sent before it whose
 //!   acknowledgement the client saw (for kvstore, whichever side sent the
 //!   `OK`), i.e. it reads a version at least as new; the fresh VM on the
-//!   disk reads what the final reads read;
+//!   disk reads what the final reads read; and when the VM was lost (every
+//!   side gone before the end), a fresh VM on the disk still reads, for
+//!   each key, a version at least the newest acknowledged (and at most the
+//!   newest sent);
 //! - reads never go backwards: in the order the replies arrive, a key's
 //!   version never decreases; and no read returns a version not yet sent;
 //!   (redis) the INCR values are consecutive and the connection never
@@ -89,11 +113,17 @@
 //!   the go-live arbitration, or its writes were fenced); any other status
 //!   (3: a divergence, 2, 4...), a side still running 15 s after the VM
 //!   quit, a scenario that does not settle within 30 s or a client left
-//!   without service are violations too.
+//!   without service are violations too;
+//! - joins: a live side killed after it printed `backup joined at exit`
+//!   (kill-after-join) leaves a backup that goes live; its state transfer
+//!   cut short is a `join-lost` violation (before that line, it is the
+//!   double fault a join cut short by a heartbeat timeout is).
 //!
 //! It prints a line per scenario and a summary — scenarios, faults injected
-//! by kind, acknowledged writes, go-lives, re-protections, violations by
-//! kind — and exits with status 1 if there was any violation.
+//! by kind (`faults injected: N (kill-primary 2, slow-storage 1, ...)`),
+//! scenarios on slow storage throughout, acknowledged writes, go-lives,
+//! re-protections, violations by kind — and exits with status 1 if there
+//! was any violation.
 
 use clap::Parser;
 use ftvmm_tests::lab::Lab;
@@ -150,6 +180,9 @@ const OP_TIMEOUT: Duration = Duration::from_millis(800);
 const PROBE_ROUND: Duration = Duration::from_millis(300);
 /// The client's pause between commands.
 const THINK: Duration = Duration::from_millis(4);
+/// How often a re-protection that a fault may still follow is a
+/// kill-after-join.
+const KILL_AFTER_JOIN: f64 = 0.5;
 const SETTLE: Duration = Duration::from_secs(30);
 const START: Duration = Duration::from_secs(30);
 const MEM_MIB: &str = "16";
@@ -273,6 +306,12 @@ struct ProxyState {
     closed: AtomicBool,
     next: AtomicU64,
     conns: Mutex<HashMap<u64, (TcpStream, TcpStream)>>,
+    /// Microseconds each chunk waits before it is passed on, in either
+    /// direction (slow storage; shared by the scenario's storage proxies).
+    delay_us: Option<Arc<AtomicU64>>,
+    /// Bytes read from a client (a side) and not yet passed on to the
+    /// target: its requests (writes) still in the network.
+    in_flight_up: AtomicU64,
 }
 
 impl ProxyState {
@@ -287,7 +326,14 @@ impl ProxyState {
 
 /// Cut, it holds every byte and every close in both directions (and new
 /// connections are not passed on), as a partitioned network would; restored,
-/// it lets them through, or resets every connection.
+/// it lets them through, or resets every connection. A storage proxy may
+/// also be slow: each chunk waits the scenario's current storage delay
+/// before it is passed on (as a loaded SAN answers), in order.
+///
+/// (Not `ftvmm_tests::tcp_relay`: that one listens on 127.0.0.1 only — the
+/// redis lab's hosts reach these on the LAN's bridge —, stops accepting
+/// once its target refuses a connection — an ftdisk restart would end it
+/// —, and can neither hold a close nor reset its connections.)
 struct Proxy {
     addr: String,
     state: Arc<ProxyState>,
@@ -296,6 +342,12 @@ struct Proxy {
 impl Proxy {
     /// A proxy to `target`, listening on `ip` (any port).
     fn new(ip: &str, target: &str) -> Proxy {
+        Proxy::with_delay(ip, target, None)
+    }
+
+    /// A proxy to `target`, listening on `ip`, whose chunks each wait
+    /// `delay_us` microseconds (read at every chunk) if given.
+    fn with_delay(ip: &str, target: &str, delay_us: Option<Arc<AtomicU64>>) -> Proxy {
         let listener = TcpListener::bind(format!("{ip}:0")).expect("bind a proxy");
         let addr = listener.local_addr().expect("proxy address").to_string();
         let state = Arc::new(ProxyState {
@@ -304,6 +356,8 @@ impl Proxy {
             closed: AtomicBool::new(false),
             next: AtomicU64::new(0),
             conns: Mutex::default(),
+            delay_us,
+            in_flight_up: AtomicU64::new(0),
         });
         let st = state.clone();
         std::thread::spawn(move || {
@@ -332,17 +386,29 @@ impl Proxy {
             lock(&st.conns).insert(id, (c3, s3));
         }
         let st2 = st.clone();
-        let up = std::thread::spawn(move || Proxy::pump(c2, s2, &st2));
-        Proxy::pump(server, client, &st);
+        let up = std::thread::spawn(move || Proxy::pump(c2, s2, &st2, true));
+        Proxy::pump(server, client, &st, false);
         let _ = up.join();
         lock(&st.conns).remove(&id);
     }
 
-    fn pump(mut from: TcpStream, mut to: TcpStream, st: &ProxyState) {
+    /// Passes on what `from` sends to `to` (`up`: from the client to the
+    /// target).
+    fn pump(mut from: TcpStream, mut to: TcpStream, st: &ProxyState, up: bool) {
         let mut buf = vec![0u8; 65536];
         loop {
             let n = from.read(&mut buf).unwrap_or(0);
-            if !st.wait_while_cut() || n == 0 || to.write_all(&buf[..n]).is_err() {
+            let counted = if up { n as u64 } else { 0 };
+            st.in_flight_up.fetch_add(counted, Ordering::AcqRel);
+            if n > 0 {
+                let delay = st.delay_us.as_ref().map_or(0, |d| d.load(Ordering::Acquire));
+                if delay > 0 {
+                    std::thread::sleep(Duration::from_micros(delay));
+                }
+            }
+            let passed = st.wait_while_cut() && n > 0 && to.write_all(&buf[..n]).is_ok();
+            st.in_flight_up.fetch_sub(counted, Ordering::AcqRel);
+            if !passed {
                 break;
             }
         }
@@ -562,6 +628,72 @@ impl NetLab {
 // ---------------------------------------------------------------------------
 // The VMM processes.
 
+/// A kill armed on a stderr line: when side `watch` prints a line
+/// containing `needle`, the stderr reader itself SIGKILLs `victim` (after
+/// `delay`), without waiting for the harness's next look (kill-after-join:
+/// the live side dies while the writes it released are still in flight).
+struct Tripwire {
+    watch: String,
+    needle: &'static str,
+    victim: u32,
+    victim_name: String,
+    /// The victim's way to the ftdisk: what it holds at the kill is told.
+    victim_storage: Arc<Proxy>,
+    /// Set before the signal is sent: the harness then counts the victim's
+    /// end as its own kill.
+    doomed: Arc<AtomicBool>,
+    delay: Duration,
+    /// The victim's host dies with it: its storage proxy drops what it
+    /// holds from it (resets its connections) instead of passing it on.
+    host_dies: bool,
+}
+
+/// What every side's stderr reader reports to.
+#[derive(Clone)]
+struct Watchers {
+    t: Transcript,
+    /// Wins as the winners logged them.
+    wins: Arc<Mutex<Vec<Win>>>,
+    tripwires: Arc<Mutex<Vec<Tripwire>>>,
+}
+
+impl Watchers {
+    /// Fires (and disarms) the tripwires that `line` of side `name` trips.
+    fn on_line(&self, name: &str, line: &str) {
+        let fired: Vec<Tripwire> = {
+            let mut wires = lock(&self.tripwires);
+            let (fired, kept) = std::mem::take(&mut *wires)
+                .into_iter()
+                .partition(|w: &Tripwire| w.watch == name && line.contains(w.needle));
+            *wires = kept;
+            fired
+        };
+        for w in fired {
+            if !w.delay.is_zero() {
+                std::thread::sleep(w.delay);
+            }
+            w.doomed.store(true, Ordering::Release);
+            // SAFETY: kill(2) on the pid of a child of ours that has not
+            // been reaped (the harness reaps only after seeing `doomed`).
+            let r = unsafe { libc::kill(w.victim as libc::pid_t, libc::SIGKILL) };
+            let in_flight = w.victim_storage.state.in_flight_up.load(Ordering::Acquire);
+            if w.host_dies {
+                w.victim_storage.reset();
+            }
+            self.t.say(format!(
+                "harness: {name} printed {:?}: SIGKILL {} (pid {}){}{}; the {in_flight} bytes from it to the ftdisk \
+                 in its storage proxy {}",
+                w.needle,
+                w.victim_name,
+                w.victim,
+                if w.delay.is_zero() { String::new() } else { format!(" {:?} later", w.delay) },
+                if r == 0 { "" } else { " (it was gone already)" },
+                if w.host_dies { "are dropped (its host died)" } else { "go on" }
+            ));
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Role {
     Primary,
@@ -598,6 +730,8 @@ struct Side {
     host: Option<String>,
     /// It went live (a failover).
     went_live: bool,
+    /// A tripwire SIGKILLed it (or is about to): its end is the harness's kill.
+    doomed: Arc<AtomicBool>,
 }
 
 impl Side {
@@ -609,9 +743,9 @@ impl Side {
         args: &[String],
         storage: Arc<Proxy>,
         host: Option<(String, String)>,
-        wins: &Arc<Mutex<Vec<Win>>>,
-        t: &Transcript,
+        watchers: &Watchers,
     ) -> Result<Side, String> {
+        let t = &watchers.t;
         let mut cmd = match &host {
             Some((_, ns)) => {
                 let mut c = Command::new("ip");
@@ -632,15 +766,16 @@ impl Side {
         t.say(format!("harness: started {name} (pid {pid}){on}: ftvmm {}", args.join(" ")));
         let err = child.stderr.take().expect("piped stderr");
         let events: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (ev, t2, n, wins) = (events.clone(), t.clone(), name.to_string(), wins.clone());
+        let (ev, w, n) = (events.clone(), watchers.clone(), name.to_string());
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
-                t2.say(format!("{n}: {line}"));
+                w.t.say(format!("{n}: {line}"));
+                w.on_line(&n, &line);
                 if let Some(g) = line.split("(generation ").nth(1).filter(|_| line.contains(" won the ")) {
                     if let Ok(generation) = g.trim_end_matches(')').parse() {
                         let owner = format!("{n} (pid {pid}, by its own log)");
-                        lock(&wins).push(Win { at_us: now_us(), generation, pid, owner, from_side: true });
+                        lock(&w.wins).push(Win { at_us: now_us(), generation, pid, owner, from_side: true });
                     }
                 }
                 lock(&ev).push(line);
@@ -668,6 +803,7 @@ impl Side {
             error: None,
             host: host.map(|(h, _)| h),
             went_live: false,
+            doomed: Arc::default(),
         })
     }
 
@@ -749,6 +885,11 @@ fn refresh(sides: &mut [Side], t: &Transcript) {
             }
         }
         let s = &mut sides[i];
+        if s.running() && s.doomed.load(Ordering::Acquire) {
+            // A tripwire's SIGKILL (before looking at its exit: that is ours).
+            s.kill();
+            t.say(format!("harness: {} killed by a tripwire", s.name));
+        }
         if s.exit.is_none() && !s.killed {
             if let Ok(Some(status)) = s.child.try_wait() {
                 s.exit = Some(status);
@@ -1585,10 +1726,14 @@ enum Fault {
     RestartFtdisk,
     CutStorage,
     CutLink,
+    SlowStorage,
+    /// Injected at a re-protection, not drawn with the others.
+    KillAfterJoin,
 }
 
 impl Fault {
-    const ALL: [Fault; 8] = [
+    /// The faults drawn at random between settled states.
+    const ALL: [Fault; 9] = [
         Fault::KillPrimary,
         Fault::KillBackup,
         Fault::FreezePrimary,
@@ -1597,6 +1742,7 @@ impl Fault {
         Fault::RestartFtdisk,
         Fault::CutStorage,
         Fault::CutLink,
+        Fault::SlowStorage,
     ];
 
     fn name(self) -> &'static str {
@@ -1609,15 +1755,17 @@ impl Fault {
             Fault::RestartFtdisk => "restart-ftdisk",
             Fault::CutStorage => "cut-storage",
             Fault::CutLink => "cut-link",
+            Fault::SlowStorage => "slow-storage",
+            Fault::KillAfterJoin => "kill-after-join",
         }
     }
 
     fn is_storage(self) -> bool {
-        matches!(self, Fault::RestartFtdisk | Fault::CutStorage)
+        matches!(self, Fault::RestartFtdisk | Fault::CutStorage | Fault::SlowStorage)
     }
 
     fn is_kill(self) -> bool {
-        matches!(self, Fault::KillPrimary | Fault::KillBackup)
+        matches!(self, Fault::KillPrimary | Fault::KillBackup | Fault::KillAfterJoin)
     }
 }
 
@@ -1646,6 +1794,8 @@ struct Outcome {
     reprotections: u32,
     aborted_joins: u32,
     violations: Vec<(String, String)>,
+    /// The storage's per-chunk delay throughout the scenario (0: fast).
+    slow_base_ms: u64,
 }
 
 struct Scenario {
@@ -1663,8 +1813,13 @@ struct Scenario {
     quiesce_joins: bool,
     guest: GuestKind,
     net: Option<Arc<NetLab>>,
-    /// Wins as the winners logged them.
-    side_wins: Arc<Mutex<Vec<Win>>>,
+    /// The sides' stderr readers' hooks: wins as the winners logged them,
+    /// the armed tripwires.
+    watchers: Watchers,
+    /// Each storage proxy's current per-chunk delay (µs), shared by all.
+    storage_delay: Arc<AtomicU64>,
+    /// The delay this scenario's storage has throughout (µs; 0: fast).
+    storage_base_us: u64,
     _dir: Scratch,
 }
 
@@ -1715,6 +1870,12 @@ impl Scenario {
                 .collect(),
         };
         args.into_iter().chain(["--heartbeat-ms".into(), hb, "--digest".into(), "--disk".into(), disk]).collect()
+    }
+
+    /// A side's own way to the ftdisk (cut by cut-storage, slowed by
+    /// slow-storage).
+    fn storage_proxy(&self) -> Proxy {
+        Proxy::with_delay(&self.bind_ip(), &self.ftdisk_addr, Some(self.storage_delay.clone()))
     }
 
     fn side_name(&self) -> String {
@@ -1774,11 +1935,11 @@ impl Scenario {
     }
 
     fn start_pair(&mut self) -> Result<(), String> {
-        let storage = Arc::new(Proxy::new(&self.bind_ip(), &self.ftdisk_addr));
+        let storage = Arc::new(self.storage_proxy());
         let host = self.pick_host()?;
         let mut args: Vec<String> = vec!["--primary".into(), "--listen".into(), self.listen_arg(&host)];
         args.extend(self.common_args(&storage));
-        let mut a = Side::spawn(&self.side_name(), Role::Primary, &args, storage, host, &self.side_wins, &self.t)?;
+        let mut a = Side::spawn(&self.side_name(), Role::Primary, &args, storage, host, &self.watchers)?;
         a.gen = Some(1);
         self.sides.push(a);
         self.wait_side(0, START, "listening for a backup", |s| s.listen.is_some())?;
@@ -1794,7 +1955,7 @@ impl Scenario {
     fn add_backup(&mut self, target: usize) -> Result<usize, String> {
         let listen = self.sides[target].listen.clone().ok_or("the target has no --listen address")?;
         let log_proxy = Arc::new(Proxy::new(&self.bind_ip(), &listen));
-        let storage = Arc::new(Proxy::new(&self.bind_ip(), &self.ftdisk_addr));
+        let storage = Arc::new(self.storage_proxy());
         let host = self.pick_host()?;
         let mut args: Vec<String> = vec![
             "--backup".into(),
@@ -1804,7 +1965,7 @@ impl Scenario {
             self.listen_arg(&host),
         ];
         args.extend(self.common_args(&storage));
-        let mut b = Side::spawn(&self.side_name(), Role::Backup, &args, storage, host, &self.side_wins, &self.t)?;
+        let mut b = Side::spawn(&self.side_name(), Role::Backup, &args, storage, host, &self.watchers)?;
         b.target = Some(target);
         b.log_proxy = Some(log_proxy);
         self.sides.push(b);
@@ -1915,7 +2076,7 @@ impl Scenario {
             std::thread::sleep(Duration::from_millis(50));
             self.refresh();
             if aborted_join(&self.sides[b]) {
-                self.t.say(format!("harness: the join was cut short ({e}); not a fault"));
+                self.t.say(format!("harness: the join was cut short ({e})"));
                 self.outcome.aborted_joins += 1;
                 return Ok(false);
             }
@@ -1923,6 +2084,92 @@ impl Scenario {
         result?;
         self.outcome.reprotections += 1;
         Ok(true)
+    }
+
+    /// kill-after-join: a new backup joins `live` (under slow storage most
+    /// times, so that the writes the live side released are still in
+    /// flight), and `live` is SIGKILLed as soon as the joiner prints that it
+    /// restored the state or `live` that the backup joined (at once, or up
+    /// to 30 ms later): the joined backup must go live with what it was
+    /// handed. Ok(true) if the kill happened (a join cut short by a
+    /// heartbeat timeout disarms it).
+    fn kill_after_join(&mut self, live: usize) -> Result<bool, String> {
+        let slowed = self.storage_base_us > 0 || self.rng.gen_bool(0.25);
+        if !slowed {
+            self.inject(Fault::SlowStorage, live, None);
+            // Let the unapplied writes pile up.
+            let d = Duration::from_millis(self.rng.gen_range(100..600));
+            self.run_workload(d);
+        }
+        let joiner = self.side_name();
+        let joiner_name = joiner.clone();
+        let victim = self.sides[live].name.clone();
+        let (watch, needle) = if self.rng.gen_bool(0.5) {
+            (joiner, "restored at exit")
+        } else {
+            (victim.clone(), "backup joined at exit")
+        };
+        let delay =
+            if self.rng.gen_bool(0.6) { Duration::ZERO } else { Duration::from_millis(self.rng.gen_range(1..=30)) };
+        let host_dies = self.rng.gen_bool(0.5);
+        self.t.say(format!(
+            "harness: FAULT {}: SIGKILL {victim} {} {watch} prints {needle:?}{}",
+            Fault::KillAfterJoin.name(),
+            if delay.is_zero() { "as soon as".to_string() } else { format!("{delay:?} after") },
+            if host_dies { " (its host dies: what its storage proxy holds from it is dropped)" } else { "" }
+        ));
+        let doomed = self.sides[live].doomed.clone();
+        let victim_lines = lock(&self.sides[live].events).len();
+        lock(&self.watchers.tripwires).push(Tripwire {
+            watch,
+            needle,
+            victim: self.sides[live].pid,
+            victim_name: victim,
+            victim_storage: self.sides[live].storage.clone(),
+            doomed: doomed.clone(),
+            delay,
+            host_dies,
+        });
+        let joined = self.reprotect(live);
+        if matches!(joined, Ok(true)) {
+            // The live side's line may come after the joiner's.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !doomed.load(Ordering::Acquire) && self.sides[live].running() && Instant::now() < deadline {
+                self.refresh();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        lock(&self.watchers.tripwires).clear();
+        self.refresh();
+        let fired = doomed.load(Ordering::Acquire);
+        if fired {
+            self.outcome.faults.push(Fault::KillAfterJoin);
+        } else {
+            self.t.say(format!("harness: {} disarmed: it did not fire", Fault::KillAfterJoin.name()));
+        }
+        // A join cut short is no fault when the live side had not finished
+        // it; but once the live side said the backup joined (and released
+        // what only that backup's copy of the state protects: the outputs
+        // that waited for the disk alone), the backup must be able to go
+        // live on its own.
+        let joined_line = lock(&self.sides[live].events)
+            .get(victim_lines..)
+            .and_then(|new| new.iter().find(|l| l.contains("backup joined at exit")).cloned());
+        let cut_short = self.sides.iter().rev().find(|s| s.name == joiner_name).filter(|s| aborted_join(s));
+        match (fired, joined_line, cut_short) {
+            (true, Some(line), Some(b)) => {
+                let msg = format!(
+                    "{} printed {line:?} and was killed; its new backup {} could not go live: {}",
+                    self.sides[live].name,
+                    b.name,
+                    b.error.clone().unwrap_or_default()
+                );
+                self.violation("join-lost", msg);
+            }
+            (_, _, Some(_)) => self.t.say("harness: (the live side had not said the backup joined: not reported)"),
+            _ => {}
+        }
+        joined.map(|_| fired)
     }
 
     /// The faults that may be injected now: those that need a backup only
@@ -2028,6 +2275,24 @@ impl Scenario {
                 });
                 self.faults_running.push((fault, h));
             }
+            Fault::SlowStorage => {
+                let d = Duration::from_millis(self.rng.gen_range(1000..=4000));
+                let per_chunk = self.rng.gen_range(1..=5u64) * 1000;
+                let (delay, base) = (self.storage_delay.clone(), self.storage_base_us);
+                t.say(format!(
+                    "harness: FAULT {}: every storage proxy delays each chunk by {} ms for {d:?}",
+                    fault.name(),
+                    (base + per_chunk) as f64 / 1000.0
+                ));
+                delay.store(base + per_chunk, Ordering::Release);
+                let h = std::thread::spawn(move || {
+                    std::thread::sleep(d);
+                    delay.store(base, Ordering::Release);
+                    t.say("harness: the storage is back to its usual speed");
+                });
+                self.faults_running.push((fault, h));
+            }
+            Fault::KillAfterJoin => unreachable!("kill-after-join is a re-protection (Scenario::kill_after_join)"),
             Fault::CutStorage => {
                 let i = match backup {
                     Some(b) if self.rng.gen_bool(0.5) => b,
@@ -2082,9 +2347,18 @@ impl Scenario {
             let backup = self.backup_of(live);
             if backup.is_none() && reprotect && joins_left > 0 {
                 joins_left -= 1;
-                self.reprotect(live)?;
-                // A joined backup must stay in lockstep: give it a moment.
-                self.run_workload(Duration::from_millis(300));
+                if self.rng.gen_bool(KILL_AFTER_JOIN) {
+                    // The join is the fault: the live side dies as it ends.
+                    if self.kill_after_join(live)? {
+                        injected += 1;
+                    }
+                    let d = Duration::from_millis(self.rng.gen_range(300..1200));
+                    self.run_workload(d);
+                } else {
+                    self.reprotect(live)?;
+                    // A joined backup must stay in lockstep: give it a moment.
+                    self.run_workload(Duration::from_millis(300));
+                }
                 continue;
             }
             let choices = self.eligible(backup, false);
@@ -2307,6 +2581,14 @@ fn run_scenario(idx: u64, seed: u64, net: Option<Arc<NetLab>>, quiesce_joins: bo
     let mut rng = StdRng::seed_from_u64(seed);
     let hb = rng.gen_range(100..=150);
     t.say(format!("harness: heartbeat {hb} ms"));
+    // Some scenarios run on slow storage throughout.
+    let storage_base_us = if rng.gen_bool(0.25) { rng.gen_range(1..=3u64) * 1000 } else { 0 };
+    if storage_base_us > 0 {
+        t.say(format!(
+            "harness: slow storage throughout: every storage proxy delays each chunk by {} ms",
+            storage_base_us / 1000
+        ));
+    }
     let view: Arc<Mutex<ClientView>> = Arc::default();
     let (client_tx, client_rx) = mpsc::channel();
     let client = {
@@ -2316,6 +2598,7 @@ fn run_scenario(idx: u64, seed: u64, net: Option<Arc<NetLab>>, quiesce_joins: bo
             GuestKind::Redis => std::thread::spawn(move || redis_client_main(client_rx, view, t, seed)),
         }
     };
+    let outcome = Outcome { slow_base_ms: storage_base_us / 1000, ..Default::default() };
     let mut sc = Scenario {
         seed,
         rng,
@@ -2326,12 +2609,14 @@ fn run_scenario(idx: u64, seed: u64, net: Option<Arc<NetLab>>, quiesce_joins: bo
         sides: Vec::new(),
         client_tx,
         view,
-        outcome: Outcome::default(),
+        outcome,
         faults_running: Vec::new(),
         quiesce_joins,
         guest,
         net,
-        side_wins: Arc::default(),
+        watchers: Watchers { t: t.clone(), wins: Arc::default(), tripwires: Arc::default() },
+        storage_delay: Arc::new(AtomicU64::new(storage_base_us)),
+        storage_base_us,
         _dir: dir,
     };
     let result = sc.run();
@@ -2356,6 +2641,58 @@ fn run_scenario(idx: u64, seed: u64, net: Option<Arc<NetLab>>, quiesce_joins: bo
 }
 
 impl Scenario {
+    /// The VM was lost (every side ended before the harness ended them,
+    /// the last by itself): nothing released an output that only a dead
+    /// side held, so a fresh VM on the disk still reads every acknowledged
+    /// write — for each key a version at least the newest acknowledged and
+    /// at most the newest sent.
+    fn check_disk_after_loss(&mut self, report: &ClientReport) {
+        self.t.say("harness: every side is gone: the disk must still hold every acknowledged write");
+        if !lock(&self.ftdisk).running() {
+            let _ = lock(&self.ftdisk).spawn();
+        }
+        let keys: Vec<String> = report.bounds.keys().cloned().collect();
+        let read = match &self.net {
+            None => read_disk(&self.ftdisk_addr, &keys, &self.t),
+            Some(net) => {
+                let host = self.sides.iter().rev().find_map(|s| s.host.clone()).unwrap_or_else(|| "v1".into());
+                net.flush_fdb();
+                read_redis_disk(net, &host, &self.ftdisk_addr, &keys, &self.t)
+            }
+        };
+        let values = match read {
+            Ok(v) => v,
+            Err(e) => return self.violation("disk-check", e),
+        };
+        let read: Vec<String> = keys.iter().zip(&values).map(|(k, v)| format!("{k}: {v}")).collect();
+        let bounds: Vec<String> = report.bounds.iter().map(|(k, (a, s))| format!("{k}: {a}..={s}")).collect();
+        self.t.say(format!(
+            "harness: the disk holds {}; acknowledged..=sent versions: {}",
+            read.join(", "),
+            bounds.join(", ")
+        ));
+        for (k, v) in keys.iter().zip(values) {
+            let (acked, sent) = report.bounds[k];
+            let ver = if v == "NOTFOUND" {
+                Some(0)
+            } else {
+                v.strip_prefix(&format!("VALUE {k}-v")).and_then(|n| n.parse::<u64>().ok())
+            };
+            match ver {
+                Some(ver) if ver < acked => self.violation(
+                    "lost-write",
+                    format!("after the VM was lost, {k} reads version {ver} from the disk though version {acked} was acknowledged"),
+                ),
+                Some(ver) if ver > sent => self.violation(
+                    "phantom-read",
+                    format!("after the VM was lost, {k} reads version {ver} from the disk, never written (last sent: {sent})"),
+                ),
+                Some(_) => {}
+                None => self.violation("disk-check", format!("{k} reads {v:?} from the disk")),
+            }
+        }
+    }
+
     /// Final reads and `quit`, the endings, the disk, the split-brain check.
     fn finish(&mut self, settled: bool, client: JoinHandle<ClientReport>) {
         // Let the faults end before anything else.
@@ -2394,6 +2731,8 @@ impl Scenario {
             let d = self.describe();
             self.violation("still-running", format!("{} still running 15 s after the VM quit: {d}", still.join(", ")));
         }
+        // Every side gone before the harness ends them: the VM was lost.
+        let none_left = !report.quit && self.sides.iter().all(|s| !s.running());
         for s in &mut self.sides {
             s.kill();
         }
@@ -2472,12 +2811,14 @@ impl Scenario {
                 }
                 Err(e) => self.violation("disk-check", e),
             }
+        } else if none_left {
+            self.check_disk_after_loss(&report);
         }
 
         // Split brain: who answered, and whether a newer owner existed
         // before the command was sent.
         let mut wins = lock(&lock(&self.ftdisk).wins).clone();
-        for w in lock(&self.side_wins).iter() {
+        for w in lock(&self.watchers.wins).iter() {
             if !wins.iter().any(|x| x.generation == w.generation && x.pid == w.pid) {
                 self.t.say(format!("harness: generation {} won by {}: not in the ftdisk's log", w.generation, w.owner));
                 wins.push(w.clone());
@@ -2568,7 +2909,7 @@ fn main() {
     let mut faults: BTreeMap<Fault, u64> = BTreeMap::new();
     let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
     let (mut ran, mut acked, mut violations, mut switches, mut reprotections, mut bad) = (0u64, 0, 0, 0, 0, Vec::new());
-    let (mut aborted_joins, mut failovers) = (0, 0);
+    let (mut aborted_joins, mut failovers, mut slow_throughout) = (0, 0, 0);
     for i in 0..args.scenarios {
         if args.minutes.is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0) {
             println!("ftchaos: --minutes reached; stopping after {ran} scenarios");
@@ -2587,9 +2928,13 @@ fn main() {
             *faults.entry(*f).or_default() += 1;
         }
         let names: Vec<&str> = outcome.faults.iter().map(|f| f.name()).collect();
+        if outcome.slow_base_ms > 0 {
+            slow_throughout += 1;
+        }
         println!(
-            "scenario {i:3} seed {seed}: {:.1} s, faults [{}], {} acknowledged writes, {} go-lives, {} re-protections, {}",
+            "scenario {i:3} seed {seed}: {:.1} s, {}faults [{}], {} acknowledged writes, {} go-lives, {} re-protections, {}",
             s0.elapsed().as_secs_f64(),
+            if outcome.slow_base_ms > 0 { format!("storage {} ms slow, ", outcome.slow_base_ms) } else { String::new() },
             names.join(", "),
             outcome.acked,
             outcome.failovers,
@@ -2620,6 +2965,7 @@ fn main() {
     let total: u64 = faults.values().sum();
     let list: Vec<String> = faults.iter().map(|(f, n)| format!("{} {n}", f.name())).collect();
     println!("  faults injected: {total} ({})", list.join(", "));
+    println!("  scenarios on slow storage throughout: {slow_throughout}");
     println!("  acknowledged writes: {acked}");
     if args.guest == "kvstore" {
         println!("  backups that went live: {failovers}; the client moved to another console {switches} times");
