@@ -118,6 +118,9 @@ impl Vmm {
         if let Some(why) = self.newly_lost_backup() {
             return self.backup_lost(position, &why);
         }
+        // A backup that joined just before the guest went idle acknowledges
+        // while it idles.
+        self.report_join();
         // Keep an eye on the backup (or a joining one) while the guest idles.
         let watch_backup =
             self.primary_link().is_some() || matches!(self.role, crate::ft::Role::Primary { joiner: Some(_), .. });
