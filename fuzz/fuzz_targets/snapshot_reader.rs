@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::Devices;
 use vmm::layout;
 use vmm::snapshot::{apply_memory, MachineState, StateItem, StateReader, MAGIC, VERSION};
-use vmm::vm::{GuestMem, PAGE_SIZE};
+use vmm::memory::{GuestMem, PAGE_SIZE};
 
 const PAGES: u64 = 16;
 

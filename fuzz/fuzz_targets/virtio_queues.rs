@@ -22,7 +22,7 @@ use vmm::devices::virtio::block::{self, Block, DiskIo};
 use vmm::devices::virtio::mmio::{reg, MmioEvent, MmioState, MmioTransport, MmioWindow};
 use vmm::devices::virtio::net::{Net, NetIo, MAX_FRAME, MIN_FRAME};
 use vmm::devices::virtio::VirtioDevice;
-use vmm::vm::GuestMem;
+use vmm::memory::GuestMem;
 
 const MEM_SIZE: u64 = 64 << 10;
 /// The disk behind the `DiskIo` stub: 1 TiB, of which the first 64 KiB are

@@ -24,7 +24,7 @@
 //! Everything the VMM writes lives below 1 MiB; images load at 1 MiB or above.
 
 use crate::layout::{self, BOOT_INFO_ADDR, CMDLINE_ADDR, GDT_ADDR, PML4_ADDR};
-use crate::vm::GuestMem;
+use crate::memory::GuestMem;
 use vm_memory::{Bytes, GuestAddress};
 
 const PDPT_ADDR: u64 = PML4_ADDR + 0x1000;

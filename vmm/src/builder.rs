@@ -14,11 +14,13 @@ use crate::console::Endpoint;
 use crate::devices::Devices;
 use crate::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
 use crate::error::{usage, Error, RunError};
-use crate::ft::{owner_name, Direct, Held, LogSink, LogSource, OutputGate, Outputs, Role, Suppressed};
+use crate::ft::{owner_name, Direct, Held, HostNic, Joiner, OutputGate, Outputs, Role, Suppressed};
 use crate::inputs::{Inputs, LiveInputs};
-use crate::run::{check_begin, restore_state, Joiner, StateIn, Vmm};
+use crate::log_io::{LogSink, LogSource};
+use crate::mac::format_mac;
+use crate::run::{check_begin, restore_state, StateIn, Vmm};
 use crate::snapshot::{SnapshotError, StateReader};
-use crate::tap::{format_mac, HostNic};
+
 use crate::{loader, rdtsc, vm};
 use credentials::Tls;
 use logging_channel::{BackupLink, ChannelConfig, LogStart, PrimaryListener};

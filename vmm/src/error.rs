@@ -25,6 +25,12 @@ pub enum RunError {
     Halted(String),
 }
 
+impl From<crate::memory::MemoryError> for RunError {
+    fn from(e: crate::memory::MemoryError) -> Self {
+        RunError::Vm(e.into())
+    }
+}
+
 impl From<ReplayError> for RunError {
     fn from(e: ReplayError) -> Self {
         match e {

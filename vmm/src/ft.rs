@@ -19,14 +19,13 @@
 
 use crate::console::{Backlog, Endpoint, OutputPort, PortSender};
 use crate::disk::{DiskOp, DiskPort, DiskSender, OpSeq};
-use crate::run::Joiner;
-use crate::tap::{HostNic, TapTx};
-use logging_channel::{Acked, BackupLink, LatencyHistogram, LatencySummary, PrimaryLink, PrimaryListener};
-use replay::{LogError, LogReader, LogWriter, Position, Record, RecordSink, RecordSource};
+use crate::inputs::FrameWaker;
+use crate::tap::{NetSpec, TapError, TapRx, TapTx};
+use logging_channel::{Acked, ChannelConfig, LatencyHistogram, LatencySummary, PrimaryLink, PrimaryListener};
+use replay::{Header, Position};
 use std::collections::VecDeque;
-use std::fs::File;
-use std::io::{BufReader, BufWriter};
 use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,58 +63,93 @@ pub enum Role {
     },
 }
 
+/// Accepts joining backups on a background thread, one when asked.
+pub struct Joiner {
+    incoming: Receiver<PrimaryLink>,
+    want: Sender<()>,
+    pub addr: std::net::SocketAddr,
+}
+
+impl Joiner {
+    /// Starts accepting on `listener`; a backup is accepted each time
+    /// [`Joiner::want_one`] asks (the first one at once if `now`).
+    pub fn start(listener: PrimaryListener, header: Header, config: ChannelConfig, now: bool) -> Joiner {
+        let (links, incoming) = mpsc::channel();
+        let (want, wanted) = mpsc::channel::<()>();
+        let addr = listener.local_addr();
+        std::thread::spawn(move || {
+            while wanted.recv().is_ok() {
+                loop {
+                    match listener.accept_joining(&header, &config) {
+                        Ok(link) => {
+                            if links.send(link).is_err() {
+                                return;
+                            }
+                            break;
+                        }
+                        // A stranger or a mismatched backup: keep waiting.
+                        Err(e) => eprintln!("ftvmm: primary: refused a joining backup: {e}"),
+                    }
+                }
+            }
+        });
+        let joiner = Joiner { incoming, want, addr };
+        if now {
+            joiner.want_one();
+        }
+        joiner
+    }
+
+    /// Accept the next joining backup.
+    pub fn want_one(&self) {
+        let _ = self.want.send(());
+    }
+
+    /// The backup that joined, if one did since the last call.
+    pub fn joined(&self) -> Option<PrimaryLink> {
+        self.incoming.try_recv().ok()
+    }
+}
+
+/// The host side of a VM's NIC: its TAP's receive queue and sender, the
+/// waker of whichever run takes its frames, and the VM's MAC.
+pub struct HostNic {
+    pub rx: Arc<TapRx>,
+    pub tx: TapTx,
+    pub waker: FrameWaker,
+    pub mac: [u8; 6],
+}
+
+/// Frames a TAP's receive queue holds before it drops (as a NIC does).
+pub const RX_QUEUE_FRAMES: usize = 256;
+
+impl HostNic {
+    /// Opens the existing TAP `spec` names.
+    pub fn open(spec: &NetSpec) -> Result<HostNic, TapError> {
+        let waker = FrameWaker::default();
+        let (rx, tx) = crate::tap::Tap::open(&spec.ifname)?.split(RX_QUEUE_FRAMES, waker.callback())?;
+        Ok(HostNic { rx: Arc::new(rx), tx, waker, mac: spec.mac })
+    }
+
+    /// Going live: tells the LAN's bridges where the VM's MAC now is, with
+    /// the RARP frames QEMU's announce-self sends, three times (now, then
+    /// 50 and 150 ms later, in case one is lost).
+    pub fn announce(&self) {
+        let (tx, frame) = (self.tx.clone(), crate::tap::rarp_announce(self.mac));
+        let _ = tx.write(&frame);
+        std::thread::spawn(move || {
+            for delay in [50, 100] {
+                std::thread::sleep(std::time::Duration::from_millis(delay));
+                let _ = tx.write(&frame);
+            }
+        });
+    }
+}
+
 /// How this VMM calls itself in the arbitration record.
 pub fn owner_name(role: &str) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     format!("{role} pid {} on {}", std::process::id(), host.trim())
-}
-
-/// Where recorded records go.
-pub enum LogSink {
-    File(LogWriter<BufWriter<File>>),
-    Primary(PrimaryLink),
-}
-
-impl RecordSink for LogSink {
-    fn append(&mut self, record: &Record) -> std::io::Result<()> {
-        match self {
-            LogSink::File(w) => w.append(record),
-            LogSink::Primary(l) => l.append(record),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            LogSink::File(w) => w.flush(),
-            LogSink::Primary(l) => l.flush(),
-        }
-    }
-    fn passed(&mut self, exit: u64) -> std::io::Result<()> {
-        match self {
-            LogSink::File(w) => w.passed(exit),
-            LogSink::Primary(l) => l.passed(exit),
-        }
-    }
-}
-
-/// Where replayed records come from.
-pub enum LogSource {
-    File(LogReader<BufReader<File>>),
-    Backup(BackupLink),
-}
-
-impl RecordSource for LogSource {
-    fn next_record(&mut self) -> Result<Option<Record>, LogError> {
-        match self {
-            LogSource::File(r) => r.next_record(),
-            LogSource::Backup(l) => l.next_record(),
-        }
-    }
-    fn passed(&mut self, exit: u64) -> Result<bool, LogError> {
-        match self {
-            LogSource::File(r) => r.passed(exit),
-            LogSource::Backup(l) => l.passed(exit),
-        }
-    }
 }
 
 /// Where the guest's outputs go — serial bytes, disk writes, transmitted

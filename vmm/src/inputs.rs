@@ -6,7 +6,7 @@
 //! positions where they were recorded, and nothing from the host.
 
 use crate::clock::HostClock;
-use crate::ft::{LogSink, LogSource};
+use crate::log_io::{LogSink, LogSource};
 use crate::tap::TapRx;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use replay::{Event, Recorder, Replayer};

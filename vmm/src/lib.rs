@@ -15,13 +15,21 @@
 //! - [`vm`] is the KVM VM and its single vCPU, [`boot`] the boot protocol,
 //!   [`cpuid`] the fixed CPU model, [`loader`] and [`rdtsc`] the image loader
 //!   and RDTSC rewriter, [`clock`] the virtual clock;
+//! - [`memory`] is guest memory and its dirty log, below everything that
+//!   uses it; [`mac`] MAC addresses;
 //! - [`devices`] are the device models, the virtio ones on one virtio-mmio
-//!   transport; [`disk`] is the disk's storage, [`console`] the serial port's
-//!   outside world;
-//! - [`inputs`] are the external inputs, live or from a log; [`ft`] the FT
-//!   role, the log's sinks and sources and the output regimes (the output
-//!   rule); [`arbiter`] go-live arbitration; [`digest`] the state digest; [`snapshot`] the state snapshot
-//!   format (files and live state transfer); [`error`] what ends a run.
+//!   transport (they import nothing above [`memory`] and [`layout`]);
+//!   [`disk`] is the disk's storage, [`console`] the serial port's outside
+//!   world, [`tap`] the host's TAP device;
+//! - [`inputs`] are the external inputs, live or from a log ([`log_io`]:
+//!   where the log goes and comes from); [`ft`] the FT role, the host NIC's
+//!   pairing, the joiner and the output regimes (the output rule);
+//!   [`arbiter`] go-live arbitration; [`digest`] the state digest;
+//!   [`snapshot`] the state snapshot format (files and live state
+//!   transfer); [`error`] what ends a run.
+//!
+//! No module imports one that imports it back (`tests/module_graph.rs`
+//! checks it, and that the devices reach nothing above them).
 
 pub mod arbiter;
 pub mod boot;
@@ -34,7 +42,6 @@ pub mod console;
 pub mod cpuid;
 pub mod devices;
 pub mod digest;
-pub mod dirty;
 pub mod disk;
 pub mod error;
 pub mod ft;
@@ -42,6 +49,9 @@ pub mod inputs;
 pub mod kick;
 pub mod layout;
 pub mod loader;
+pub mod log_io;
+pub mod mac;
+pub mod memory;
 pub mod rdtsc;
 pub mod run;
 pub mod snapshot;

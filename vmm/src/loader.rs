@@ -5,7 +5,7 @@
 //! the RDTSC rewriter decodes them.
 
 use crate::layout::IMAGE_MIN_ADDR;
-use crate::vm::GuestMem;
+use crate::memory::GuestMem;
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use object::elf::{FileHeader64, PF_X, PT_LOAD};
 use object::read::elf::{FileHeader, ProgramHeader};

@@ -17,7 +17,7 @@
 //! instructions). The CPUID model also hides the invariant-TSC and
 //! TSC-deadline features, steering guests to the PIT and RTC for timekeeping.
 
-use crate::vm::GuestMem;
+use crate::memory::GuestMem;
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use std::collections::HashSet;
 use vm_memory::{Bytes, GuestAddress};

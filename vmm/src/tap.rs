@@ -15,6 +15,7 @@
 //!   MAC went.
 
 use crate::devices::virtio::net::{MAX_FRAME, MIN_FRAME};
+use crate::mac::{format_mac, parse_mac, DEFAULT_MAC};
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{self, OpenOptions};
@@ -27,10 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
-
-/// The MAC a VM gets when its `--net` flag names none. Both sides of an FT
-/// pair must use the same one: it is part of the VM's configuration.
-pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 /// Longest interface name (IFNAMSIZ less its NUL).
 pub const IFNAME_MAX: usize = 15;
@@ -497,38 +494,6 @@ impl TapTx {
     }
 }
 
-/// Parses a NIC's MAC, `52:54:00:12:34:56`: six pairs of hex digits, a
-/// unicast address (the lowest bit of the first octet clear), not all
-/// zeroes.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("invalid MAC address {s:?}: expected six hex pairs like 52:54:00:12:34:56");
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for octet in mac.iter_mut() {
-        let part = parts.next().ok_or_else(bad)?;
-        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad());
-        }
-        *octet = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-    }
-    if parts.next().is_some() {
-        return Err(bad());
-    }
-    if mac[0] & 1 != 0 {
-        return Err(format!("invalid MAC address {s}: it is a multicast address (lowest bit of the first octet set)"));
-    }
-    if mac == [0; 6] {
-        return Err(format!("invalid MAC address {s}: all zeroes"));
-    }
-    Ok(mac)
-}
-
-/// `52:54:00:12:34:56`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    let [a, b, c, d, e, f] = *mac;
-    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
-}
-
 /// The value of the `--net` flag: `tap:IFNAME[,mac=52:54:00:xx:xx:xx]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetSpec {
@@ -595,65 +560,12 @@ pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
     f
 }
 
-/// The host side of a VM's NIC: its TAP's receive queue and sender, the
-/// waker of whichever run takes its frames, and the VM's MAC.
-pub struct HostNic {
-    pub rx: std::sync::Arc<TapRx>,
-    pub tx: TapTx,
-    pub waker: crate::inputs::FrameWaker,
-    pub mac: [u8; 6],
-}
-
-/// Frames a TAP's receive queue holds before it drops (as a NIC does).
-pub const RX_QUEUE_FRAMES: usize = 256;
-
-impl HostNic {
-    /// Opens the existing TAP `spec` names.
-    pub fn open(spec: &NetSpec) -> Result<HostNic, TapError> {
-        let waker = crate::inputs::FrameWaker::default();
-        let (rx, tx) = Tap::open(&spec.ifname)?.split(RX_QUEUE_FRAMES, waker.callback())?;
-        Ok(HostNic { rx: std::sync::Arc::new(rx), tx, waker, mac: spec.mac })
-    }
-
-    /// Going live: tells the LAN's bridges where the VM's MAC now is, with
-    /// the RARP frames QEMU's announce-self sends, three times (now, then
-    /// 50 and 150 ms later, in case one is lost).
-    pub fn announce(&self) {
-        let (tx, frame) = (self.tx.clone(), rarp_announce(self.mac));
-        let _ = tx.write(&frame);
-        std::thread::spawn(move || {
-            for delay in [50, 100] {
-                std::thread::sleep(std::time::Duration::from_millis(delay));
-                let _ = tx.write(&frame);
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::process::{Command, Stdio};
     use std::sync::atomic::AtomicUsize;
     use std::time::Instant;
-
-    #[test]
-    fn macs_parse_strictly() {
-        assert_eq!(parse_mac("52:54:00:12:34:56"), Ok(DEFAULT_MAC));
-        assert_eq!(parse_mac("02:AB:cd:EF:00:ff"), Ok([2, 0xab, 0xcd, 0xef, 0, 0xff]));
-        for bad in
-            ["", "52:54:00:12:34", "52:54:00:12:34:56:78", "52:54:00:12:34:5", "52:54:00:12:34:567", "5254.0012.3456"]
-        {
-            assert!(parse_mac(bad).unwrap_err().contains("six hex pairs"), "{bad}");
-        }
-        for bad in ["52:54:00:12:34:gg", "52:54:00:12:34:+5", "52-54-00-12-34-56", "52:54:00:12:34:56:"] {
-            assert!(parse_mac(bad).is_err(), "{bad}");
-        }
-        assert!(parse_mac("01:00:5e:00:00:01").unwrap_err().contains("multicast"));
-        assert!(parse_mac("ff:ff:ff:ff:ff:ff").unwrap_err().contains("multicast"));
-        assert!(parse_mac("00:00:00:00:00:00").unwrap_err().contains("zero"));
-        assert_eq!(format_mac(&[0x52, 0x54, 0, 0xab, 0x3, 0xff]), "52:54:00:ab:03:ff");
-    }
 
     #[test]
     fn net_specs_parse_with_clear_errors() {

@@ -6,24 +6,17 @@
 
 use crate::boot;
 use crate::cpuid;
-use crate::dirty::DirtyTracker;
+use crate::memory::dirty::DirtyTracker;
+use crate::memory::{register_memory, GuestMem, MemoryError};
 use kvm_bindings::{
     kvm_enable_cap, kvm_regs, kvm_run, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-
-/// Guest memory. The bitmap records the pages the VMM itself writes (device
-/// DMA), which KVM's dirty log does not see: a state transfer needs both.
-pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
-
-/// Guest page size for dirty tracking and state transfer.
-pub const PAGE_SIZE: u64 = 4096;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 /// IA32_TSC: reads and writes exit to the VMM, which answers from its clock.
 pub const MSR_IA32_TSC: u32 = 0x10;
@@ -56,6 +49,8 @@ pub enum VmError {
     Kvm { what: &'static str, err: kvm_ioctls::Error },
     #[error("guest memory of {0} MiB: {1}")]
     Memory(u64, String),
+    #[error(transparent)]
+    Guest(#[from] MemoryError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -132,7 +127,7 @@ impl Machine {
         };
         // SAFETY: deleting slot 0 (memory_size 0) unmaps nothing of ours.
         unsafe { self.vm.set_user_memory_region(gone) }.map_err(kvm_err("deleting the memory slot"))?;
-        register_memory(&self.vm, host as u64, self.mem_size, logging)
+        Ok(register_memory(&self.vm, host as u64, self.mem_size, logging)?)
     }
 
     /// The vCPU's complete state. Call it at a guest-caused exit: it first
@@ -326,26 +321,6 @@ impl std::fmt::Debug for VcpuState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "VcpuState {{ rip: {:#x}, .. }}", self.regs.rip)
     }
-}
-
-/// (Re)registers guest memory as slot 0, with KVM's dirty log on or off.
-pub(crate) fn register_memory(vm: &VmFd, host_addr: u64, mem_size: u64, dirty_log: bool) -> Result<(), VmError> {
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-        guest_phys_addr: 0,
-        memory_size: mem_size,
-        userspace_addr: host_addr,
-    };
-    // SAFETY: the region is a live mapping of mem_size bytes owned by the
-    // Machine's guest memory, which lives as long as the VM.
-    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("registering guest memory"))
-}
-
-/// The VMM's own record of the guest pages it wrote.
-pub(crate) fn vmm_bitmap(mem: &GuestMem) -> Option<&AtomicBitmap> {
-    // MmapRegion's own bitmap (the region's GuestMemoryRegion::bitmap is a slice of it).
-    mem.iter().next().map(|region| std::ops::Deref::deref(region).bitmap())
 }
 
 fn install_msr_filter(vm: &VmFd) -> Result<(), VmError> {

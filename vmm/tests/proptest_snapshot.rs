@@ -14,8 +14,9 @@ use replay::Digest;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::clock::VirtualClock;
 use vmm::devices::Devices;
+use vmm::memory::{GuestMem, PAGE_SIZE};
 use vmm::snapshot::{apply_memory, MachineState, SnapshotError, StateItem, StateReader, StateWriter};
-use vmm::vm::{GuestMem, VcpuState, PAGE_SIZE};
+use vmm::vm::VcpuState;
 
 const PAGES: u64 = 32;
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];

@@ -131,7 +131,7 @@ fn page_tables_written_from_userspace_reach_the_guest_after_a_shadow_rebuild() {
         m.vcpu.set_sregs(&s).unwrap();
     });
     let rebuilt = sees_new_mapping(&mut m, &|m| m.rebuild_shadow_mmu().unwrap());
-    m.dirty.start(vmm::dirty::Consumer::Sync).unwrap();
+    m.dirty.start(vmm::memory::dirty::Consumer::Sync).unwrap();
     let rebuilt_logging = sees_new_mapping(&mut m, &|m| m.rebuild_shadow_mmu().unwrap());
     eprintln!(
         "shadow paging probe: KVM noticed a userspace page-table write by itself: {nothing}; \
@@ -142,7 +142,7 @@ fn page_tables_written_from_userspace_reach_the_guest_after_a_shadow_rebuild() {
     assert!(rebuilt_logging, "also with the dirty log on");
     // What the tracker collected across the rebuilds includes the page
     // directory the test wrote (the VMM's own writes).
-    let dirty = m.dirty.take(vmm::dirty::Consumer::Sync).unwrap();
+    let dirty = m.dirty.take(vmm::memory::dirty::Consumer::Sync).unwrap();
     let pd_page = PDE_V / 4096;
     assert!(dirty[(pd_page / 64) as usize] & (1 << (pd_page % 64)) != 0, "the page directory is dirty");
     // What a rebuild costs, and the faults it brings back to the loop.

@@ -10,7 +10,7 @@
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::virtio::block::{Block, DiskIo, MAX_REQUEST, SECTOR};
 use vmm::devices::virtio::mmio::{reg, MmioTransport};
-use vmm::vm::GuestMem;
+use vmm::memory::GuestMem;
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;

@@ -7,8 +7,8 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::Net;
 use crate::error::{log_write_error, RunError};
 use crate::inputs::{Inputs, Woken};
+use crate::memory::GuestMem;
 use crate::run::Vmm;
-use crate::vm::GuestMem;
 use replay::{Event, Position, TimeSource};
 use std::time::{Duration, Instant};
 

@@ -15,20 +15,19 @@
 //! A backup that fails mid-transfer leaves the VM running alone, accepting
 //! the next one.
 
-use crate::dirty::{Consumer, DirtyTracker};
 use crate::disk::{OpSeq, PendingOps};
 use crate::error::{log_write_error, RunError};
-use crate::ft::PendingOutputs;
-use crate::ft::{LogSink, OutputGate, Role};
+use crate::ft::{OutputGate, PendingOutputs, Role};
 use crate::inputs::Inputs;
+use crate::log_io::LogSink;
+use crate::memory::dirty::{Consumer, DirtyTracker};
+use crate::memory::{GuestMem, PAGE_SIZE};
 use crate::run::Vmm;
 use crate::snapshot::{self, StateItem, StateWriter};
-use crate::vm::{GuestMem, PAGE_SIZE};
-use logging_channel::{ChannelConfig, PrimaryLink, PrimaryListener, StateSender};
-use replay::{Header, Recorder};
+use logging_channel::{PrimaryLink, StateSender};
+use replay::Recorder;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -40,53 +39,6 @@ pub const MAX_ROUNDS: u32 = 8;
 pub const FINAL_PAGES: u64 = 256;
 /// Bytes of state buffered before they go to the channel.
 const CHUNK: usize = 1 << 20;
-
-/// Accepts joining backups on a background thread, one when asked.
-pub struct Joiner {
-    incoming: Receiver<PrimaryLink>,
-    want: Sender<()>,
-    pub addr: std::net::SocketAddr,
-}
-
-impl Joiner {
-    /// Starts accepting on `listener`; a backup is accepted each time
-    /// [`Joiner::want_one`] asks (the first one at once if `now`).
-    pub fn start(listener: PrimaryListener, header: Header, config: ChannelConfig, now: bool) -> Joiner {
-        let (links, incoming) = mpsc::channel();
-        let (want, wanted) = mpsc::channel::<()>();
-        let addr = listener.local_addr();
-        std::thread::spawn(move || {
-            while wanted.recv().is_ok() {
-                loop {
-                    match listener.accept_joining(&header, &config) {
-                        Ok(link) => {
-                            if links.send(link).is_err() {
-                                return;
-                            }
-                            break;
-                        }
-                        // A stranger or a mismatched backup: keep waiting.
-                        Err(e) => eprintln!("ftvmm: primary: refused a joining backup: {e}"),
-                    }
-                }
-            }
-        });
-        let joiner = Joiner { incoming, want, addr };
-        if now {
-            joiner.want_one();
-        }
-        joiner
-    }
-
-    /// Accept the next joining backup.
-    pub fn want_one(&self) {
-        let _ = self.want.send(());
-    }
-
-    fn joined(&self) -> Option<PrimaryLink> {
-        self.incoming.try_recv().ok()
-    }
-}
 
 /// A state transfer under way.
 pub struct Transfer {

@@ -25,7 +25,7 @@ mod state;
 mod sync;
 
 pub use digest_check::CheckPolicy;
-pub use join::{Joiner, StateIn};
+pub use join::StateIn;
 
 pub use state::{check_begin, restore_state, Restored};
 
@@ -35,8 +35,9 @@ use crate::devices::{Devices, PortAction};
 use crate::digest;
 use crate::disk::DiskPort;
 use crate::error::{log_write_error, RunError};
-use crate::ft::{LogSink, LogSource, Outputs, Role};
+use crate::ft::{Outputs, Role};
 use crate::inputs::Inputs;
+use crate::log_io::{LogSink, LogSource};
 use crate::vm::Machine;
 use exit::GuestExit;
 use logging_channel::LatencySummary;
@@ -233,7 +234,7 @@ impl Vmm {
             if live.recorder.is_some() {
                 // A recording's syncs carry the pages written since the
                 // replay's memory was last equal to ours: from here on.
-                self.machine.dirty.start(crate::dirty::Consumer::Sync)?;
+                self.machine.dirty.start(crate::memory::dirty::Consumer::Sync)?;
             }
         }
         loop {

@@ -22,8 +22,9 @@
 //! arbitration keeps split brain out either way.
 
 use crate::error::RunError;
-use crate::ft::{LogSink, LogSource, Role};
+use crate::ft::Role;
 use crate::inputs::Inputs;
+use crate::log_io::{LogSink, LogSource};
 use crate::run::{check_begin, restore_state, StateIn, Vmm};
 use crate::snapshot::{SnapshotError, StateReader};
 use replay::Divergence;

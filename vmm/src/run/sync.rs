@@ -19,12 +19,13 @@
 //! userspace (docs/platform.md), so when a sync changes a page of the
 //! guest's paging structures the backup makes KVM rebuild its shadow tables.
 
-use crate::dirty::Consumer;
 use crate::error::{log_write_error, RunError};
 use crate::inputs::Inputs;
+use crate::memory::dirty::Consumer;
+use crate::memory::{GuestMem, PAGE_SIZE};
 use crate::run::Vmm;
 use crate::snapshot::{self, StateItem};
-use crate::vm::{GuestMem, VcpuState, VmError, PAGE_SIZE};
+use crate::vm::{VcpuState, VmError};
 use replay::{Divergence, Position, SyncPart};
 use std::collections::HashSet;
 use std::time::Instant;
@@ -69,7 +70,7 @@ impl HotPages {
     /// After a sync found `dirty`: pages rewritten since the last sync
     /// become (or stay) hot; hot pages found unchanged cool down. Only a
     /// hint to the tracker: a sync carries every page reported dirty.
-    fn update(&mut self, mem: &GuestMem, tracker: &crate::dirty::DirtyTracker, dirty: &[u64]) {
+    fn update(&mut self, mem: &GuestMem, tracker: &crate::memory::dirty::DirtyTracker, dirty: &[u64]) {
         let mut page_buf = vec![0u8; PAGE_SIZE as usize];
         for (i, &word) in dirty.iter().enumerate() {
             let mut bits = word;

@@ -21,7 +21,7 @@
 //! device's state, it is how the storage's progress is counted.
 
 use super::{VirtioDevice, DEVICE_ID_BLOCK, F_VERSION_1};
-use crate::vm::GuestMem;
+use crate::memory::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};

@@ -5,7 +5,7 @@
 //! behind it as a [`VirtioDevice`].
 
 use super::{SavedQueue, VirtioDevice};
-use crate::vm::GuestMem;
+use crate::memory::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 

@@ -11,7 +11,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 
-use crate::vm::GuestMem;
+use crate::memory::GuestMem;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};

@@ -29,7 +29,7 @@
 //! driver resets it.
 
 use super::{VirtioDevice, DEVICE_ID_NET, F_VERSION_1};
-use crate::vm::GuestMem;
+use crate::memory::GuestMem;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -369,8 +369,8 @@ impl VirtioDevice for Net {
         if state.mac != self.mac {
             return Err(format!(
                 "saved NIC has MAC {}, this one {}",
-                crate::tap::format_mac(&state.mac),
-                crate::tap::format_mac(&self.mac)
+                crate::mac::format_mac(&state.mac),
+                crate::mac::format_mac(&self.mac)
             ));
         }
         self.counters = state.counters;

@@ -21,7 +21,7 @@
 //! superset: always correct) until the syncs find them unchanged and cool
 //! them again.
 
-use crate::vm::{register_memory, vmm_bitmap, GuestMem, VmError, PAGE_SIZE};
+use super::{register_memory, vmm_bitmap, GuestMem, MemoryError, PAGE_SIZE};
 use kvm_ioctls::VmFd;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -99,7 +99,7 @@ impl DirtyTracker {
 
     /// `consumer` starts (or restarts) tracking: its next [`take`](Self::take)
     /// has the pages written from now on.
-    pub fn start(&self, consumer: Consumer) -> Result<(), VmError> {
+    pub fn start(&self, consumer: Consumer) -> Result<(), MemoryError> {
         let mut inner = self.lock();
         if !inner.logging {
             self.set_logging(true)?;
@@ -115,7 +115,7 @@ impl DirtyTracker {
 
     /// `consumer` stops tracking; KVM's logging goes off with the last one.
     /// Hot pages are the syncs' business: they cool when the syncs stop.
-    pub fn stop(&self, consumer: Consumer) -> Result<(), VmError> {
+    pub fn stop(&self, consumer: Consumer) -> Result<(), MemoryError> {
         let mut inner = self.lock();
         if inner.pending[consumer as usize].take().is_none() {
             return Ok(());
@@ -133,7 +133,7 @@ impl DirtyTracker {
 
     /// The pages written since `consumer` started or last took, as a bitmap
     /// of u64 words (bit i = page i); an inactive consumer gets none.
-    pub fn take(&self, consumer: Consumer) -> Result<Vec<u64>, VmError> {
+    pub fn take(&self, consumer: Consumer) -> Result<Vec<u64>, MemoryError> {
         let mut inner = self.lock();
         self.fetch(&mut inner)?;
         let words = self.words();
@@ -143,20 +143,20 @@ impl DirtyTracker {
     /// Before the memory slot is deleted and re-added (which drops KVM's
     /// log): fetches what is pending; returns whether logging is on, to be
     /// re-enabled with the new slot.
-    pub fn fetch_before_reregister(&self) -> Result<bool, VmError> {
+    pub fn fetch_before_reregister(&self) -> Result<bool, MemoryError> {
         let mut inner = self.lock();
         self.fetch(&mut inner)?;
         Ok(inner.logging)
     }
 
-    fn fetch(&self, inner: &mut Inner) -> Result<(), VmError> {
+    fn fetch(&self, inner: &mut Inner) -> Result<(), MemoryError> {
         if !inner.logging {
             return Ok(());
         }
         let mut words = self
             .vm
             .get_dirty_log(0, self.mem_size as usize)
-            .map_err(|err| VmError::Kvm { what: "reading the dirty log", err })?;
+            .map_err(|err| MemoryError::Kvm { what: "reading the dirty log", err })?;
         if inner.manual {
             // Re-protect what was reported, but the hot pages.
             let mut protect: Vec<u64> = words.iter().zip(&inner.hot).map(|(w, h)| w & !h).collect();
@@ -178,7 +178,7 @@ impl DirtyTracker {
     }
 
     /// KVM_CLEAR_DIRTY_LOG of the pages set in `pages` (all of the slot).
-    fn clear_dirty_log(&self, pages: &mut [u64]) -> Result<(), VmError> {
+    fn clear_dirty_log(&self, pages: &mut [u64]) -> Result<(), MemoryError> {
         // KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)
         const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
         let clear = kvm_bindings::kvm_clear_dirty_log {
@@ -193,16 +193,16 @@ impl DirtyTracker {
         // slot 0 (num_pages) and outlives the call, which only reads it.
         let ret = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &clear) };
         if ret != 0 {
-            return Err(VmError::Kvm { what: "clearing the dirty log", err: kvm_ioctls::Error::last() });
+            return Err(MemoryError::Kvm { what: "clearing the dirty log", err: kvm_ioctls::Error::last() });
         }
         Ok(())
     }
 
-    fn set_logging(&self, on: bool) -> Result<(), VmError> {
+    fn set_logging(&self, on: bool) -> Result<(), MemoryError> {
         let host = self
             .mem
             .get_host_address(GuestAddress(0))
-            .map_err(|e| VmError::Memory(self.mem_size >> 20, e.to_string()))?;
+            .map_err(|e| MemoryError::Mapping { mib: self.mem_size >> 20, why: e.to_string() })?;
         register_memory(&self.vm, host as u64, self.mem_size, on)
     }
 }
