@@ -4,7 +4,7 @@
 //! shared disk's record (`--disk ftdisk:ADDR`), or on an arbiter-only
 //! `ftdisk` (`--arbiter ftdisk:ADDR`) for a pair without a shared disk.
 
-use crate::disk::{Claim, DiskPort};
+use crate::host::disk::{Claim, DiskPort};
 use std::sync::Mutex;
 use std::time::Duration;
 

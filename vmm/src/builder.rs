@@ -10,11 +10,11 @@ use crate::arbiter::{Arbitration, RemoteArbiter};
 use crate::boot::{self, VirtioEntry};
 use crate::clock::{wall_clock_ns, HostClock};
 use crate::config::{DiskSpec, ImageSource, Mode, VmConfig};
-use crate::console::Endpoint;
 use crate::devices::Devices;
-use crate::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
 use crate::error::{usage, Error, RunError};
 use crate::ft::{owner_name, Direct, Held, HostNic, Joiner, OutputGate, Outputs, Role, Suppressed};
+use crate::host::console::Endpoint;
+use crate::host::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
 use crate::inputs::{Inputs, LiveInputs};
 use crate::log_io::{LogSink, LogSource};
 use crate::mac::format_mac;
@@ -93,7 +93,7 @@ fn header(image: &[u8], config: &VmConfig, disk: Option<&DiskPort>) -> Header {
 fn start_serial(
     endpoint: Endpoint,
     input_file: Option<&Path>,
-) -> Result<(Receiver<Vec<u8>>, crate::console::OutputPort), Error> {
+) -> Result<(Receiver<Vec<u8>>, crate::host::console::OutputPort), Error> {
     endpoint.start_with_input(input_file).map_err(|e| {
         let path = input_file.unwrap_or(Path::new("")).display();
         usage(format!("cannot open serial input {path}: {e}"))

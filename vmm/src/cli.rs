@@ -2,9 +2,9 @@
 //! [`VmConfig`]; assembling the VM is the builder's job.
 
 use crate::config::{DiskSpec, ImageSource, Mode, VmConfig};
-use crate::console::SerialSpec;
+use crate::host::console::SerialSpec;
+use crate::host::tap::NetSpec;
 use crate::layout::{CMDLINE_MAX, MAX_MEM_BYTES};
-use crate::tap::NetSpec;
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;

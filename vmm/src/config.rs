@@ -2,8 +2,8 @@
 //! [`crate::run::Vmm`], as plain data. The command line ([`crate::cli`])
 //! parses and validates into it; nothing here knows about flags.
 
-use crate::console::SerialSpec;
-use crate::tap::NetSpec;
+use crate::host::console::SerialSpec;
+use crate::host::tap::NetSpec;
 use std::path::PathBuf;
 use std::time::Duration;
 

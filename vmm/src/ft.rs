@@ -17,10 +17,10 @@
 //! releases an output only once every disk op before it is applied: nobody
 //! else holds those writes.
 
-use crate::console::{Backlog, Endpoint, OutputPort, PortSender};
-use crate::disk::{DiskOp, DiskPort, DiskSender, OpSeq};
+use crate::host::console::{Backlog, Endpoint, OutputPort, PortSender};
+use crate::host::disk::{DiskOp, DiskPort, DiskSender, OpSeq};
+use crate::host::tap::{NetSpec, TapError, TapRx, TapTx};
 use crate::inputs::FrameWaker;
-use crate::tap::{NetSpec, TapError, TapRx, TapTx};
 use logging_channel::{Acked, ChannelConfig, LatencyHistogram, LatencySummary, PrimaryLink, PrimaryListener};
 use replay::{Header, Position};
 use std::collections::VecDeque;
@@ -127,7 +127,7 @@ impl HostNic {
     /// Opens the existing TAP `spec` names.
     pub fn open(spec: &NetSpec) -> Result<HostNic, TapError> {
         let waker = FrameWaker::default();
-        let (rx, tx) = crate::tap::Tap::open(&spec.ifname)?.split(RX_QUEUE_FRAMES, waker.callback())?;
+        let (rx, tx) = crate::host::tap::Tap::open(&spec.ifname)?.split(RX_QUEUE_FRAMES, waker.callback())?;
         Ok(HostNic { rx: Arc::new(rx), tx, waker, mac: spec.mac })
     }
 
@@ -135,7 +135,7 @@ impl HostNic {
     /// the RARP frames QEMU's announce-self sends, three times (now, then
     /// 50 and 150 ms later, in case one is lost).
     pub fn announce(&self) {
-        let (tx, frame) = (self.tx.clone(), crate::tap::rarp_announce(self.mac));
+        let (tx, frame) = (self.tx.clone(), crate::host::tap::rarp_announce(self.mac));
         let _ = tx.write(&frame);
         std::thread::spawn(move || {
             for delay in [50, 100] {
@@ -498,7 +498,7 @@ impl OutputGate {
     }
 
     /// What the disk's writer thread calls after each op it applied.
-    pub fn applied_callback(gate: &Arc<OutputGate>) -> crate::disk::AppliedCallback {
+    pub fn applied_callback(gate: &Arc<OutputGate>) -> crate::host::disk::AppliedCallback {
         let gate = gate.clone();
         Box::new(move |seq| gate.disk_applied(seq))
     }
@@ -565,7 +565,7 @@ pub struct Suppressed {
     serial: Backlog,
     /// Disk writes and flushes, until the primary reports them applied. The
     /// primary holds its guest while its unapplied writes exceed
-    /// [`crate::disk::MAX_DEFERRED_BYTES`], and reports its progress with
+    /// [`crate::host::disk::MAX_DEFERRED_BYTES`], and reports its progress with
     /// every batch, so these stay within that bound (and one notification's
     /// worth): the console plays no part in it.
     disk: VecDeque<(OpSeq, DiskOp)>,
@@ -634,7 +634,7 @@ impl Outputs for Suppressed {
     }
 
     fn lay_kept_writes(&self, offset: u64, data: &mut [u8]) {
-        crate::disk::overlay(self.disk.iter().map(|(_, op)| op), offset, data);
+        crate::host::disk::overlay(self.disk.iter().map(|(_, op)| op), offset, data);
     }
 
     fn kept_disk_peak(&self) -> u64 {
@@ -696,7 +696,7 @@ impl Outputs for Suppressed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::console::MAX_BACKLOG;
+    use crate::host::console::MAX_BACKLOG;
 
     /// A writer whose bytes the test can read back.
     #[derive(Clone, Default)]
@@ -892,7 +892,7 @@ mod tests {
         seen_output: Arc<Mutex<Vec<bool>>>,
     }
 
-    impl crate::disk::BlockBackend for OrderWitness {
+    impl crate::host::disk::BlockBackend for OrderWitness {
         fn size(&self) -> u64 {
             1 << 20
         }

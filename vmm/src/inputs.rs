@@ -6,8 +6,8 @@
 //! positions where they were recorded, and nothing from the host.
 
 use crate::clock::HostClock;
+use crate::host::tap::TapRx;
 use crate::log_io::{LogSink, LogSource};
-use crate::tap::TapRx;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use replay::{Event, Recorder, Replayer};
 use std::collections::VecDeque;

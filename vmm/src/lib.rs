@@ -19,8 +19,8 @@
 //!   uses it; [`mac`] MAC addresses;
 //! - [`devices`] are the device models, the virtio ones on one virtio-mmio
 //!   transport (they import nothing above [`memory`] and [`layout`]);
-//!   [`disk`] is the disk's storage, [`console`] the serial port's outside
-//!   world, [`tap`] the host's TAP device;
+//!   [`host`] holds their outside ends: the disk's storage, the serial
+//!   port's console, the host's TAP device;
 //! - [`inputs`] are the external inputs, live or from a log ([`log_io`]:
 //!   where the log goes and comes from); [`ft`] the FT role, the host NIC's
 //!   pairing, the joiner and the output regimes (the output rule);
@@ -38,13 +38,12 @@ pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod console;
 pub mod cpuid;
 pub mod devices;
 pub mod digest;
-pub mod disk;
 pub mod error;
 pub mod ft;
+pub mod host;
 pub mod inputs;
 pub mod kick;
 pub mod layout;
@@ -55,5 +54,4 @@ pub mod memory;
 pub mod rdtsc;
 pub mod run;
 pub mod snapshot;
-pub mod tap;
 pub mod vm;

@@ -18,8 +18,8 @@
 
 use crate::clock::VirtualClock;
 use crate::devices::DevicesState;
-use crate::disk::DiskOp;
 use crate::ft::PendingOutputs;
+use crate::host::disk::DiskOp;
 use crate::memory::{GuestMem, PAGE_SIZE};
 use crate::vm::VcpuState;
 use replay::Digest;
@@ -447,7 +447,7 @@ mod tests {
         }
         // The pieces of op 7, laid in order, are the whole write.
         let mut disk = vec![0u8; big.len() + 4096];
-        crate::disk::overlay(back.disk.iter().map(|(_, op)| op), 0, &mut disk);
+        crate::host::disk::overlay(back.disk.iter().map(|(_, op)| op), 0, &mut disk);
         assert_eq!(&disk[4096..], &big[..]);
         assert!(back.disk.iter().take(3).all(|(seq, _)| *seq == 7));
         assert_eq!(back.disk[3], (8, DiskOp::Flush));

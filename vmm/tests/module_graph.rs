@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Modules `devices/` may not reach.
-const ABOVE_DEVICES: &[&str] = &["run", "ft", "host", "cli", "builder", "inputs", "console", "tap", "disk"];
+const ABOVE_DEVICES: &[&str] = &["run", "ft", "host", "cli", "builder", "inputs", "log_io", "check"];
 
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")

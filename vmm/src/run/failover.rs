@@ -4,9 +4,9 @@
 
 use crate::arbiter::Arbitration;
 use crate::clock::HostClock;
-use crate::disk::{Claim, MAX_DEFERRED_BYTES};
 use crate::error::{log_write_error, RunError};
 use crate::ft::{owner_name, Held, Joiner, OutputGate, Role, Suppressed};
+use crate::host::disk::{Claim, MAX_DEFERRED_BYTES};
 use crate::inputs::{Inputs, LiveInputs};
 use crate::log_io::{LogSink, LogSource};
 use crate::run::Vmm;
@@ -243,7 +243,7 @@ impl Vmm {
         &mut self,
         listener: logging_channel::PrimaryListener,
         generation: u64,
-        net: Option<crate::tap::TapTx>,
+        net: Option<crate::host::tap::TapTx>,
     ) -> Result<(), RunError> {
         let live_outputs = std::mem::replace(&mut self.output, Box::new(Suppressed::default()));
         let Some(port) = live_outputs.into_port() else {

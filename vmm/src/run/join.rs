@@ -15,9 +15,9 @@
 //! A backup that fails mid-transfer leaves the VM running alone, accepting
 //! the next one.
 
-use crate::disk::{OpSeq, PendingOps};
 use crate::error::{log_write_error, RunError};
 use crate::ft::{OutputGate, PendingOutputs, Role};
+use crate::host::disk::{OpSeq, PendingOps};
 use crate::inputs::Inputs;
 use crate::log_io::LogSink;
 use crate::memory::dirty::{Consumer, DirtyTracker};

@@ -662,7 +662,9 @@ mod tests {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns.0])
             .arg(exe)
-            .args([&format!("tap::tests::{test}"), "--exact", "--test-threads=1", "--nocapture"])
+            // The test's full name: this module's path without the crate's.
+            .args([&format!("{}::{test}", module_path!().split_once("::").map_or("", |(_, m)| m)), "--exact"])
+            .args(["--test-threads=1", "--nocapture"])
             .env(CHILD_ENV, test)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
