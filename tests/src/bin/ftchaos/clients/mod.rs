@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 const NKEYS: usize = 8;
 /// Probe keys `pN` = `pvN`, written into the image before the VM boots.
 pub(crate) const PROBES: u32 = 400;
-
 /// The client's pause between commands.
 const THINK: Duration = Duration::from_millis(4);
 
