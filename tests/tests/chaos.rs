@@ -4,7 +4,7 @@
 //! join —, 1 to 3 faults each: kills, freezes, a cut logging channel, an
 //! ftdisk restart, a side cut from the storage, slow storage, re-protection
 //! after a loss, a live side killed as a new backup's join ends), asserting
-//! that the harness found no violation (see `src/bin/ftchaos.rs` for the
+//! that the harness found no violation (see `src/bin/ftchaos/main.rs` for the
 //! checks) and that the storage-durability faults — `slow-storage` and
 //! `kill-after-join` — did happen.
 //!

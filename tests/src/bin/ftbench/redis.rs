@@ -1,0 +1,199 @@
+//! `--only redis` (root): stock redis-benchmark against the redis guest on
+//! lab hosts, alone and with a backup, the pause a client sees at a
+//! failover, and a real redis-server on this host as context.
+
+use crate::common::{median, Security};
+use ftvmm_tests::lab::Lab;
+use ftvmm_tests::resp::{Reply, RespConn};
+use ftvmm_tests::{ftdisk_bin, Proc, Scratch};
+use std::time::{Duration, Instant};
+
+/// redis-benchmark's CSV: test → (rps, p50 ms, p99 ms).
+fn redis_benchmark(host: &str, port: u16, clients: u32, pipeline: u32, n: u32) -> Vec<(String, f64, f64, f64)> {
+    redis_benchmark_tests(host, port, "set,get,incr", clients, pipeline, n)
+}
+
+/// redis-benchmark -t `tests` -c `clients` -P `pipeline` --csv: test → (rps, p50 ms, p99 ms).
+pub(crate) fn redis_benchmark_tests(
+    host: &str,
+    port: u16,
+    tests: &str,
+    clients: u32,
+    pipeline: u32,
+    n: u32,
+) -> Vec<(String, f64, f64, f64)> {
+    let out = std::process::Command::new("redis-benchmark")
+        .args(["-h", host, "-p", &port.to_string(), "-t", tests, "-n", &n.to_string()])
+        .args(["-c", &clients.to_string(), "-P", &pipeline.to_string(), "--csv"])
+        .output()
+        .expect("redis-benchmark (Debian's redis-tools) is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').map(|x| x.trim_matches('"')).collect();
+            Some((f.first()?.to_string(), f.get(1)?.parse().ok()?, f.get(4)?.parse().ok()?, f.get(6)?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A redis VM on lab hosts: alone on `p`, or with a backup on `b` (and an
+/// arbiter on `s`).
+pub(crate) struct RedisVm {
+    _lab: Lab,
+    pub(crate) procs: Vec<Proc>,
+    _arbiter: Option<std::process::Child>,
+    pub(crate) vm: String,
+}
+
+impl Drop for RedisVm {
+    fn drop(&mut self) {
+        if let Some(a) = &mut self._arbiter {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+fn redis_vm(with_backup: bool, dir: &Scratch) -> RedisVm {
+    redis_vm_with(with_backup, dir, &Security::Plaintext)
+}
+
+/// [`redis_vm`], with `security` on the logging channel and the arbiter.
+pub(crate) fn redis_vm_with(with_backup: bool, dir: &Scratch, security: &Security) -> RedisVm {
+    let net = "10.87.0";
+    let lab = Lab::create("ftbr", net, &[("p", 1), ("b", 2), ("s", 4)], std::process::id()).expect("root for labs");
+    lab.add_tap("p", "fttap").unwrap();
+    lab.add_tap("b", "fttap").unwrap();
+    let vm = format!("{net}.10");
+    let cmdline = format!("ip={vm}/24");
+    let ns = |h: &str| lab.host(h).map(|h| h.ns.clone()).unwrap_or_default();
+    let mut common = vec!["--guest", "redis", "--cmdline", cmdline.as_str(), "--net", "tap:fttap", "--stats"];
+    let (p_tls, b_tls, s_tls) = (security.flags("primary"), security.flags("backup"), security.flags("storage"));
+    let mut procs = Vec::new();
+    let mut arbiter = None;
+    let arb = format!("ftdisk:{net}.4:7100");
+    let listen = format!("{net}.1:7000");
+    if with_backup {
+        let state = dir.path("record");
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns("s")])
+            .arg(ftdisk_bin())
+            .args(["--arbiter-only", "--state", &state, "--listen", &format!("{net}.4:7100")])
+            .args(&s_tls)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ftdisk");
+        std::thread::sleep(Duration::from_millis(300));
+        arbiter = Some(child);
+        common.extend_from_slice(&["--arbiter", arb.as_str()]);
+        let mut pargs = vec!["--primary", "--listen", listen.as_str()];
+        pargs.extend_from_slice(&common);
+        pargs.extend(p_tls.iter().map(String::as_str));
+        let p = Proc::spawn_in(Some(&ns("p")), &pargs);
+        p.wait_line("waiting for a backup", Duration::from_secs(30));
+        let mut bargs = vec!["--backup", "--connect", listen.as_str()];
+        bargs.extend_from_slice(&common);
+        bargs.extend(b_tls.iter().map(String::as_str));
+        let b = Proc::spawn_in(Some(&ns("b")), &bargs);
+        p.wait_line("backup attached", Duration::from_secs(30));
+        procs.push(p);
+        procs.push(b);
+    } else {
+        procs.push(Proc::spawn_in(Some(&ns("p")), &common));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(mut c) = RespConn::connect(&format!("{vm}:6379"), Duration::from_secs(5)) {
+            if c.cmd(&["PING"]).is_ok() {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    RedisVm { _lab: lab, procs, _arbiter: arbiter, vm }
+}
+
+/// The longest pause a client on one connection sees around the primary's
+/// death (`signal`: KILL, or STOP for a silent death).
+fn failover_pause_ms(signal: &str, dir: &Scratch) -> f64 {
+    let vm = redis_vm(true, dir);
+    let mut conn = RespConn::connect(&format!("{}:6379", vm.vm), Duration::from_secs(20)).expect("connect");
+    let mut longest = Duration::ZERO;
+    for i in 0..150 {
+        if i == 50 {
+            let pid = vm.procs[0].child.id().to_string();
+            let _ = std::process::Command::new("kill").args([&format!("-{signal}"), &pid]).status();
+        }
+        let t = Instant::now();
+        match conn.cmd(&["INCR", "c"]) {
+            Ok(Reply::Int(_)) => {}
+            other => panic!("INCR across the failover: {other:?}"),
+        }
+        longest = longest.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    longest.as_secs_f64() * 1e3
+}
+
+pub(crate) fn redis_bench(runs: usize) {
+    if !ftvmm_tests::lab::is_root() {
+        println!("### redis: needs root (network namespaces); skipped\n");
+        return;
+    }
+    let dir = Scratch::new("bench-redis");
+    println!("### redis over virtio-net (redis-benchmark -t set,get,incr -n 20000; client on the lab's bridge)\n");
+    println!("| setup | clients, pipeline | test | ops/s | p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for (c, p) in [(1u32, 1u32), (8, 16)] {
+        let mut alone_rps = Vec::new();
+        for with_backup in [false, true] {
+            let vm = redis_vm(with_backup, &dir);
+            let rows = redis_benchmark(&vm.vm, 6379, c, p, 20_000);
+            let setup = if with_backup { "with a backup" } else { "alone" };
+            for (i, (test, rps, p50, p99)) in rows.iter().enumerate() {
+                println!("| {setup} | -c {c} -P {p} | {test} | {rps:.0} | {p50:.3} | {p99:.3} |");
+                if with_backup {
+                    if let Some(a) = alone_rps.get(i) {
+                        ratios.push((format!("-c {c} -P {p} {test}"), rps / a));
+                    }
+                } else {
+                    alone_rps.push(*rps);
+                }
+            }
+        }
+    }
+    println!();
+    println!(
+        "FT throughput ratio (with a backup ÷ alone): {}",
+        ratios.iter().map(|(t, r)| format!("{t} {r:.2}")).collect::<Vec<_>>().join(", ")
+    );
+    println!();
+    let kill: Vec<f64> = (0..runs).map(|_| failover_pause_ms("KILL", &dir)).collect();
+    let stop: Vec<f64> = (0..runs).map(|_| failover_pause_ms("STOP", &dir)).collect();
+    println!(
+        "Failover pause seen by a client on one connection (median of {runs}): SIGKILL {:.0} ms, silent death (SIGSTOP) {:.0} ms\n",
+        median(kill),
+        median(stop)
+    );
+    // Context: a real redis-server on this host.
+    match std::process::Command::new("redis-server")
+        .args(["--port", "16379", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(mut server) => {
+            std::thread::sleep(Duration::from_millis(500));
+            for (c, p) in [(1u32, 1u32), (8, 16)] {
+                for (test, rps, p50, p99) in redis_benchmark("127.0.0.1", 16379, c, p, 20_000) {
+                    println!("| redis-server on the host | -c {c} -P {p} | {test} | {rps:.0} | {p50:.3} | {p99:.3} |");
+                }
+            }
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        Err(_) => println!("(no redis-server on this host for context: apt-get install redis-server)"),
+    }
+    println!();
+}
