@@ -18,7 +18,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::virtio::block::{self, Block, DiskIo};
+use vmm::devices::virtio::block::{self, Block, DiskIo, DiskIoError};
 use vmm::devices::virtio::mmio::{reg, MmioEvent, MmioState, MmioTransport, MmioWindow};
 use vmm::devices::virtio::net::{Net, NetIo, MAX_FRAME, MIN_FRAME};
 use vmm::devices::virtio::VirtioDevice;
@@ -186,12 +186,12 @@ struct Disk {
 }
 
 impl DiskIo for Disk {
-    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, DiskIoError> {
         assert!(len <= MAX_REQUEST, "a disk read of {len} bytes");
         let end = offset.checked_add(len as u64).expect("a read's end overflows");
         assert!(end <= CAPACITY, "a read of {len} bytes at {offset} beyond the {CAPACITY}-byte disk");
         if self.faults & 1 != 0 {
-            return Err("read fault".into());
+            return Err(DiskIoError::Storage(std::io::Error::other("read fault")));
         }
         let mut data = vec![0u8; len];
         let kept = (offset as usize).min(KEPT)..(end as usize).min(KEPT);
@@ -202,14 +202,14 @@ impl DiskIo for Disk {
         Ok(data)
     }
 
-    fn write(&mut self, op: u64, offset: u64, data: Vec<u8>) -> Result<(), String> {
+    fn write(&mut self, op: u64, offset: u64, data: Vec<u8>) -> Result<(), DiskIoError> {
         assert!(op > self.last_op, "op numbers must grow: {op} after {}", self.last_op);
         self.last_op = op;
         assert!(data.len() <= MAX_REQUEST, "a disk write of {} bytes", data.len());
         let end = offset.checked_add(data.len() as u64).expect("a write's end overflows");
         assert!(end <= CAPACITY, "a write of {} bytes at {offset} beyond the {CAPACITY}-byte disk", data.len());
         if self.faults & 4 != 0 {
-            return Err("write fault".into());
+            return Err(DiskIoError::Storage(std::io::Error::other("write fault")));
         }
         let kept = (offset as usize).min(KEPT)..(end as usize).min(KEPT);
         let n = kept.len();
@@ -217,11 +217,11 @@ impl DiskIo for Disk {
         Ok(())
     }
 
-    fn flush(&mut self, op: u64) -> Result<(), String> {
+    fn flush(&mut self, op: u64) -> Result<(), DiskIoError> {
         assert!(op > self.last_op, "op numbers must grow: {op} after {}", self.last_op);
         self.last_op = op;
         if self.faults & 8 != 0 {
-            return Err("flush fault".into());
+            return Err(DiskIoError::Storage(std::io::Error::other("flush fault")));
         }
         Ok(())
     }
@@ -292,7 +292,8 @@ impl Device for Net {
             let mut outcome = None;
             t.with_device(mem, |net, queues| {
                 let r = net.deliver(queues, mem, &frame);
-                outcome = Some(r.clone());
+                // The outcome as Ok(delivered) or Err(()): the error is the device's.
+                outcome = Some(r.as_ref().map(|d| *d).map_err(|_| ()));
                 r
             });
             let outcome = outcome.expect("a ready device runs");

@@ -2,6 +2,7 @@
 //! [`VmConfig`]; assembling the VM is the builder's job.
 
 use crate::config::{DiskSpec, ImageSource, Mode, VmConfig};
+use crate::error::{usage, Error};
 use crate::host::console::SerialSpec;
 use crate::host::tap::NetSpec;
 use crate::layout::{CMDLINE_MAX, MAX_MEM_BYTES};
@@ -276,21 +277,27 @@ pub struct CheckCli {
     pub disk: Option<PathBuf>,
 }
 
+/// The guest image `--kernel` or `--guest` names (clap requires one), and a
+/// check of `--cmdline`'s length: the same for a run and a check.
+fn guest_image(kernel: Option<PathBuf>, guest: Option<String>, cmdline: &str) -> Result<ImageSource, Error> {
+    if cmdline.len() > CMDLINE_MAX {
+        return Err(usage(format!("--cmdline is longer than {CMDLINE_MAX} bytes")));
+    }
+    match (kernel, guest) {
+        (Some(path), _) => Ok(ImageSource::File(path)),
+        (None, Some(name)) => Ok(ImageSource::Embedded(name)),
+        (None, None) => Err(usage("--guest or --kernel is required")),
+    }
+}
+
 impl CheckCli {
     /// The validated check, or a usage error (exit status 2).
-    pub fn into_config(self) -> Result<crate::check::CheckConfig, String> {
-        if self.cmdline.len() > CMDLINE_MAX {
-            return Err(format!("--cmdline is longer than {CMDLINE_MAX} bytes"));
-        }
-        let image = match (self.kernel, self.guest) {
-            (Some(path), _) => ImageSource::File(path),
-            (None, Some(name)) => ImageSource::Embedded(name),
-            (None, None) => return Err("--guest or --kernel is required".into()),
-        };
+    pub fn into_config(self) -> Result<crate::check::CheckConfig, Error> {
+        let image = guest_image(self.kernel, self.guest, &self.cmdline)?;
         let serial_input = match &self.serial_input {
-            Some(path) => {
-                Some(std::fs::read(path).map_err(|e| format!("cannot read serial input {}: {e}", path.display()))?)
-            }
+            Some(path) => Some(
+                std::fs::read(path).map_err(|e| usage(format!("cannot read serial input {}: {e}", path.display())))?,
+            ),
             None => None,
         };
         Ok(crate::check::CheckConfig {
@@ -320,7 +327,7 @@ pub enum Command {
 /// Parses the whole command line (`ftvmm check ...` or a VM run). A parse
 /// failure is clap's (it prints itself: usage errors with status 2); a
 /// validation failure is a usage error message.
-pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Result<Command, String>, clap::Error> {
+pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Result<Command, Error>, clap::Error> {
     if args.get(1).is_some_and(|a| a == "check") {
         let mut rest = args;
         let program = rest.remove(0);
@@ -333,21 +340,13 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Result<Command, String>, c
 
 impl Cli {
     /// The validated request, or a usage error (exit status 2).
-    pub fn into_command(self) -> Result<Command, String> {
+    pub fn into_command(self) -> Result<Command, Error> {
         if self.list_guests {
             return Ok(Command::ListGuests);
         }
-        if self.cmdline.len() > CMDLINE_MAX {
-            return Err(format!("--cmdline is longer than {CMDLINE_MAX} bytes"));
-        }
-        let image = match (self.kernel, self.guest) {
-            (Some(path), _) => ImageSource::File(path),
-            (None, Some(name)) => ImageSource::Embedded(name),
-            // clap requires one of --guest, --kernel, --list-guests.
-            (None, None) => return Err("--guest or --kernel is required".into()),
-        };
+        let image = guest_image(self.kernel, self.guest, &self.cmdline)?;
         if self.listen.is_some() && !self.primary && !self.backup {
-            return Err("--listen is for --primary or --backup".into());
+            return Err(usage("--listen is for --primary or --backup"));
         }
         let mode = if self.primary {
             Mode::Primary { listen: self.listen.unwrap_or_default(), wait: !self.no_wait }
@@ -368,21 +367,22 @@ impl Cli {
         let arbiter = match self.arbiter {
             Some(spec) => match spec.strip_prefix("ftdisk:") {
                 Some(addr) if !addr.is_empty() => Some(addr.to_string()),
-                _ => return Err(format!("--arbiter {spec:?}: want ftdisk:ADDR")),
+                _ => return Err(usage(format!("--arbiter {spec:?}: want ftdisk:ADDR"))),
             },
             None => None,
         };
-        let tls = credentials::TlsFiles::from_flags(self.tls_cert, self.tls_key, self.tls_ca)?;
+        let tls = credentials::TlsFiles::from_flags(self.tls_cert, self.tls_key, self.tls_ca).map_err(usage)?;
         let arbitrated = arbiter.is_some() || matches!(disk, Some(DiskSpec::Ftdisk(_)));
         if self.net.is_some() && (self.primary || self.backup) && !arbitrated {
-            return Err("--net with --primary/--backup needs go-live arbitration (--disk ftdisk:ADDR or --arbiter \
-                        ftdisk:ADDR): two live copies of one MAC and IP would be split brain on the wire"
-                .into());
+            return Err(usage(
+                "--net with --primary/--backup needs go-live arbitration (--disk ftdisk:ADDR or --arbiter \
+                 ftdisk:ADDR): two live copies of one MAC and IP would be split brain on the wire",
+            ));
         }
         if arbiter.is_some() && matches!(disk, Some(DiskSpec::Ftdisk(_))) {
-            return Err(
-                "--arbiter: the shared disk on ftdisk already arbitrates (and fences); give one or the other".into()
-            );
+            return Err(usage(
+                "--arbiter: the shared disk on ftdisk already arbitrates (and fences); give one or the other",
+            ));
         }
         Ok(Command::Run(Box::new(VmConfig {
             arbiter,

@@ -94,8 +94,17 @@ fn required() -> [(u32, &'static str, u32); 4] {
     ]
 }
 
+/// Why the fixed CPU model cannot be given to the guest here.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuModelError {
+    #[error("this host's KVM lacks features of ftvmm's fixed CPU model: {}", .0.join(", "))]
+    Missing(Vec<String>),
+    #[error("building the CPUID table: {0}")]
+    Table(String),
+}
+
 /// Builds the CPUID table, checking the host's KVM can provide every feature.
-pub fn model(host_supported: &CpuId) -> Result<CpuId, String> {
+pub fn model(host_supported: &CpuId) -> Result<CpuId, CpuModelError> {
     let host = host_supported.as_slice();
     let mut missing = Vec::new();
     for (leaf, reg, mask) in required() {
@@ -106,7 +115,7 @@ pub fn model(host_supported: &CpuId) -> Result<CpuId, String> {
         }
     }
     if !missing.is_empty() {
-        return Err(format!("this host's KVM lacks features of ftvmm's fixed CPU model: {}", missing.join(", ")));
+        return Err(CpuModelError::Missing(missing));
     }
     let entries: Vec<kvm_cpuid_entry2> = leaves()
         .into_iter()
@@ -121,7 +130,7 @@ pub fn model(host_supported: &CpuId) -> Result<CpuId, String> {
             ..Default::default()
         })
         .collect();
-    CpuId::from_entries(&entries).map_err(|e| format!("building the CPUID table: {e:?}"))
+    CpuId::from_entries(&entries).map_err(|e| CpuModelError::Table(format!("{e:?}")))
 }
 
 #[cfg(test)]

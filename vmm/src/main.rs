@@ -31,7 +31,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Command::Run(config)) => config,
-        Err(e) => return fail(&Error::Usage(e)),
+        Err(e) => return fail(&e),
     };
     match run(&config) {
         Ok(status) => ExitCode::from(status),

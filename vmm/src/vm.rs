@@ -98,7 +98,7 @@ impl Machine {
             vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
         }
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("reading supported CPUID"))?;
-        let model = cpuid::model(&supported).map_err(VmError::Cpu)?;
+        let model = cpuid::model(&supported).map_err(|e| VmError::Cpu(e.to_string()))?;
         vcpu.set_cpuid2(&model).map_err(kvm_err("setting the CPUID model"))?;
         let vm = Arc::new(vm);
         let dirty = Arc::new(DirtyTracker::new(vm.clone(), mem.clone(), mem_size));

@@ -8,7 +8,7 @@
 //! No KVM needed: the device is driven through its MMIO transport.
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::virtio::block::{Block, DiskIo, MAX_REQUEST, SECTOR};
+use vmm::devices::virtio::block::{Block, DiskIo, DiskIoError, MAX_REQUEST, SECTOR};
 use vmm::devices::virtio::mmio::{reg, MmioTransport};
 use vmm::memory::GuestMem;
 
@@ -40,16 +40,16 @@ struct Disk {
 }
 
 impl DiskIo for Disk {
-    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, DiskIoError> {
         self.reads.push((offset, len));
         Ok((0..len).map(|i| (i % 251) as u8).collect())
     }
-    fn write(&mut self, op: u64, offset: u64, data: Vec<u8>) -> Result<(), String> {
+    fn write(&mut self, op: u64, offset: u64, data: Vec<u8>) -> Result<(), DiskIoError> {
         self.writes.push((offset, data.len()));
         self.ops.push(op);
         Ok(())
     }
-    fn flush(&mut self, op: u64) -> Result<(), String> {
+    fn flush(&mut self, op: u64) -> Result<(), DiskIoError> {
         self.ops.push(op);
         Ok(())
     }

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use virtio::block::{Block, BlockState};
 use virtio::mmio::{MmioEvent, MmioState, MmioTransport, MmioWindow};
 use virtio::net::{Net, NetState};
+use virtio::RestoreError;
 
 /// What a port write asks of the run loop beyond device state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,15 +260,19 @@ impl Devices {
 
     /// Restores a saved state into these devices (built for the same VM
     /// configuration), or says why it does not fit them.
-    pub fn restore(&mut self, state: DevicesState) -> Result<(), String> {
+    pub fn restore(&mut self, state: DevicesState) -> Result<(), RestoreError> {
         if state.virtio.len() != self.virtio.len() {
-            return Err(format!("saved VM has {} virtio devices, this one {}", state.virtio.len(), self.virtio.len()));
+            return Err(RestoreError::Mismatch {
+                what: "virtio devices",
+                saved: state.virtio.len().to_string(),
+                ours: self.virtio.len().to_string(),
+            });
         }
         for (device, saved) in self.virtio.iter_mut().zip(state.virtio) {
             match (device, saved) {
                 (VirtioSlot::Block(t), VirtioSlotState::Block(s)) => t.restore(s)?,
                 (VirtioSlot::Net(t), VirtioSlotState::Net(s)) => t.restore(s)?,
-                _ => return Err("saved virtio devices are of other kinds than this VM's".into()),
+                _ => return Err(RestoreError::DeviceKinds),
             }
         }
         let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
@@ -286,7 +291,7 @@ impl Devices {
         };
         self.uart =
             serial::Uart::from_state(&uart_state, self.uart_irq.clone(), vm_superio::serial::NoEvents, self.tx.clone())
-                .map_err(|e| format!("saved UART state: {e:?}"))?;
+                .map_err(|e| RestoreError::Uart(format!("{e:?}")))?;
         // from_state raises the interrupt again if one is enabled and
         // pending; the saved PIC already holds the edge the UART raised
         // when it was (edges are forwarded at once), so a second one would

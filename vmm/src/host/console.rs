@@ -37,17 +37,22 @@ pub enum SerialSpec {
 }
 
 impl std::str::FromStr for SerialSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = SerialSpecError;
+    fn from_str(s: &str) -> Result<Self, SerialSpecError> {
         match s {
             "stdio" => Ok(SerialSpec::Stdio),
             _ => match s.strip_prefix("tcp:") {
                 Some(addr) if !addr.is_empty() => Ok(SerialSpec::Tcp(addr.to_string())),
-                _ => Err(format!("{s:?} is neither `stdio` nor `tcp:ADDR`")),
+                _ => Err(SerialSpecError(s.to_string())),
             },
         }
     }
 }
+
+/// A `--serial` value that is neither `stdio` nor `tcp:ADDR`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is neither `stdio` nor `tcp:ADDR`")]
+pub struct SerialSpecError(String);
 
 /// The serial endpoint, bound but not yet serving (a backup binds its
 /// console at start and serves it only once it goes live).

@@ -494,6 +494,21 @@ impl TapTx {
     }
 }
 
+/// Why a `--net` value is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetSpecError {
+    #[error("invalid network backend {0:?}: expected tap:IFNAME[,mac=52:54:00:xx:xx:xx]")]
+    Backend(String),
+    #[error("invalid TAP interface name {name:?}: {why}")]
+    Interface { name: String, why: String },
+    #[error("mac= given twice in {0:?}")]
+    MacTwice(String),
+    #[error("unknown network option {option:?} in {spec:?}: expected tap:IFNAME[,mac=52:54:00:xx:xx:xx]")]
+    Option { option: String, spec: String },
+    #[error(transparent)]
+    Mac(#[from] crate::mac::MacError),
+}
+
 /// The value of the `--net` flag: `tap:IFNAME[,mac=52:54:00:xx:xx:xx]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetSpec {
@@ -502,26 +517,26 @@ pub struct NetSpec {
 }
 
 impl FromStr for NetSpec {
-    type Err = String;
+    type Err = NetSpecError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let usage = "expected tap:IFNAME[,mac=52:54:00:xx:xx:xx]";
+    fn from_str(s: &str) -> Result<Self, NetSpecError> {
         let Some(rest) = s.strip_prefix("tap:") else {
-            return Err(format!("invalid network backend {s:?}: {usage}"));
+            return Err(NetSpecError::Backend(s.to_string()));
         };
         let mut parts = rest.split(',');
         let ifname = parts.next().unwrap_or_default();
-        check_ifname(ifname).map_err(|why| format!("invalid TAP interface name {ifname:?}: {why}"))?;
+        check_ifname(ifname)
+            .map_err(|why| NetSpecError::Interface { name: ifname.to_string(), why: why.to_string() })?;
         let mut mac = None;
         for option in parts {
             match option.split_once('=') {
                 Some(("mac", value)) => {
                     if mac.is_some() {
-                        return Err(format!("mac= given twice in {s:?}"));
+                        return Err(NetSpecError::MacTwice(s.to_string()));
                     }
                     mac = Some(parse_mac(value)?);
                 }
-                _ => return Err(format!("unknown network option {option:?} in {s:?}: {usage}")),
+                _ => return Err(NetSpecError::Option { option: option.to_string(), spec: s.to_string() }),
             }
         }
         Ok(NetSpec { ifname: ifname.to_string(), mac: mac.unwrap_or(DEFAULT_MAC) })
@@ -575,7 +590,7 @@ mod tests {
         assert_eq!(spec.mac, [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
         assert_eq!(spec.to_string(), "tap:ft-tap.1,mac=52:54:00:aa:bb:cc");
         assert_eq!(spec.to_string().parse::<NetSpec>(), Ok(spec));
-        let err = |s: &str| s.parse::<NetSpec>().unwrap_err();
+        let err = |s: &str| s.parse::<NetSpec>().unwrap_err().to_string();
         assert!(err("tap0").contains("expected tap:IFNAME"));
         assert!(err("user:x").contains("expected tap:IFNAME"));
         assert!(err("tap:").contains("empty"));

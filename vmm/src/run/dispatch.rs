@@ -5,7 +5,7 @@
 //! run's inputs (live and logged, or from the log).
 
 use crate::clock::VirtualClock;
-use crate::devices::virtio::block::DiskIo;
+use crate::devices::virtio::block::{DiskIo, DiskIoError};
 use crate::devices::virtio::net::NetIo;
 use crate::devices::{MmioAction, PortAction, VirtioSlot};
 use crate::error::{log_write_error, RunError};
@@ -219,8 +219,8 @@ struct DiskInputs<'a> {
 }
 
 impl DiskInputs<'_> {
-    fn issue(&mut self, seq: OpSeq, op: DiskOp) -> Result<(), String> {
-        let Some(port) = self.port else { return Err("no disk".into()) };
+    fn issue(&mut self, seq: OpSeq, op: DiskOp) -> Result<(), DiskIoError> {
+        let Some(port) = self.port else { return Err(DiskIoError::NoDisk) };
         if self.output.holds_disk() {
             if matches!(self.inputs, Inputs::Live(_)) {
                 // Reads must see it until it is applied; recorded before
@@ -231,7 +231,7 @@ impl DiskInputs<'_> {
             return Ok(());
         }
         match self.inputs {
-            Inputs::Live(_) => port.apply(&op).map_err(|e| e.to_string()),
+            Inputs::Live(_) => Ok(port.apply(&op)?),
             // A replay's writes went to the disk when they were recorded.
             Inputs::Replay(_) => Ok(()),
         }
@@ -264,9 +264,9 @@ impl DiskInputs<'_> {
 }
 
 impl DiskIo for DiskInputs<'_> {
-    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, DiskIoError> {
         if self.failed.is_some() {
-            return Err("earlier failure".into());
+            return Err(DiskIoError::EarlierFailure);
         }
         let port = self.port;
         if let (Some(_), Some(port)) = (&self.log_ended, port) {
@@ -285,7 +285,7 @@ impl DiskIo for DiskInputs<'_> {
                     std::process::exit(137);
                 }
                 Ok(data) => live.record(Event::DiskRead { data: data.clone() }).map(|_| data).map_err(log_write_error),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(DiskIoError::Storage(e)),
             },
             (Inputs::Replay(r), _) => match r.disk_read(len).map_err(RunError::from) {
                 Err(e @ RunError::EndOfLog { .. }) if self.may_go_live && port.is_some() => {
@@ -294,20 +294,20 @@ impl DiskIo for DiskInputs<'_> {
                 }
                 other => other,
             },
-            (Inputs::Live(_), None) => return Err("no disk".into()),
+            (Inputs::Live(_), None) => return Err(DiskIoError::NoDisk),
         };
         result.map_err(|e| {
-            let text = e.to_string();
+            let error = DiskIoError::Log(e.to_string());
             self.failed = Some(e);
-            text
+            error
         })
     }
 
-    fn write(&mut self, op: u64, offset: u64, data: Vec<u8>) -> Result<(), String> {
+    fn write(&mut self, op: u64, offset: u64, data: Vec<u8>) -> Result<(), DiskIoError> {
         self.issue(op, DiskOp::Write { offset, data: Arc::new(data) })
     }
 
-    fn flush(&mut self, op: u64) -> Result<(), String> {
+    fn flush(&mut self, op: u64) -> Result<(), DiskIoError> {
         self.issue(op, DiskOp::Flush)
     }
 }

@@ -40,10 +40,28 @@ pub const FINAL_PAGES: u64 = 256;
 /// Bytes of state buffered before they go to the channel.
 const CHUNK: usize = 1 << 20;
 
+/// Why a state transfer to a backup stopped (the backup is then lost to
+/// this transfer: a joining one leaves the VM running alone).
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("sending the state: {0}")]
+    Send(#[from] std::io::Error),
+    #[error("the logging channel: {0}")]
+    Channel(#[from] logging_channel::ChannelError),
+    #[error("the dirty log: {0}")]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error("taking the VM's state: {0}")]
+    Vm(#[from] RunError),
+    #[error("the pre-copy thread panicked")]
+    Panicked,
+    #[error("no pre-copy")]
+    NoPrecopy,
+}
+
 /// A state transfer under way.
 pub struct Transfer {
     link: PrimaryLink,
-    precopy: Option<JoinHandle<Result<Precopy, String>>>,
+    precopy: Option<JoinHandle<Result<Precopy, TransferError>>>,
     done: Arc<AtomicBool>,
     started: Instant,
     /// A repair of the current backup ([`crate::run::repair`]), not a new
@@ -100,19 +118,19 @@ fn precopy(
     sender: StateSender,
     done: Arc<AtomicBool>,
     disk: Option<PendingOps>,
-) -> Result<Precopy, String> {
+) -> Result<Precopy, TransferError> {
     let result = (|| {
         let waiter = sender.clone();
         let out = StateOut { sender, buf: Vec::with_capacity(CHUNK), sent: 0 };
-        let mut w = StateWriter::new(out).map_err(|e| e.to_string())?;
-        w.item(&begin).map_err(|e| e.to_string())?;
-        snapshot::memory_items(&mem, mem_size, None, |i| w.item(&i)).map_err(|e| e.to_string())?;
+        let mut w = StateWriter::new(out)?;
+        w.item(&begin)?;
+        snapshot::memory_items(&mem, mem_size, None, |i| w.item(&i))?;
         let mut rounds = 0;
         while rounds < MAX_ROUNDS {
-            let dirty = dirty_log.take(Consumer::Transfer).map_err(|e| e.to_string())?;
+            let dirty = dirty_log.take(Consumer::Transfer)?;
             rounds += 1;
             let n = count_pages(&dirty);
-            snapshot::memory_items(&mem, mem_size, Some(&dirty), |i| w.item(&i)).map_err(|e| e.to_string())?;
+            snapshot::memory_items(&mem, mem_size, Some(&dirty), |i| w.item(&i))?;
             if n <= FINAL_PAGES {
                 break;
             }
@@ -123,11 +141,11 @@ fn precopy(
         let ops = disk.map(|d| d.list()).unwrap_or_default();
         let disk_sent_through = ops.last().map_or(0, |(seq, _)| *seq);
         let pending = PendingOutputs { disk: ops, ..Default::default() };
-        snapshot::pending_items(&pending, |i| w.item(&i)).map_err(|e| e.to_string())?;
+        snapshot::pending_items(&pending, |i| w.item(&i))?;
         // Everything so far reaches the backup before the guest stops: the
         // final round then waits for nothing but its own bytes.
-        w.flush().map_err(|e| e.to_string())?;
-        waiter.wait_consumed().map_err(|e| e.to_string())?;
+        w.flush()?;
+        waiter.wait_consumed()?;
         Ok(Precopy { writer: w, rounds, disk_sent_through })
     })();
     done.store(true, Ordering::Release);
@@ -180,12 +198,12 @@ impl Vmm {
     /// the new backup protects the VM.
     fn finish_transfer(&mut self) -> Result<(), RunError> {
         let Some(mut t) = self.transfer.take() else { return Ok(()) };
-        let pre = t.precopy.take().map(|h| h.join().unwrap_or_else(|_| Err("the pre-copy thread panicked".into())));
+        let pre = t.precopy.take().map(|h| h.join().unwrap_or(Err(TransferError::Panicked)));
         let paused = Instant::now();
         let result = match pre {
             Some(Ok(pre)) => self.final_round(pre, &t),
             Some(Err(e)) => Err(e),
-            None => Err("no pre-copy".into()),
+            None => Err(TransferError::NoPrecopy),
         };
         self.machine.dirty.stop(Consumer::Transfer)?;
         let (rounds, sent, (pending_ops, pending_bytes)) = match result {
@@ -253,29 +271,29 @@ impl Vmm {
 
     /// Sends the last dirty pages, the machine state and the digest; ends the
     /// state. Returns (rounds, bytes sent).
-    fn final_round(&mut self, pre: Precopy, t: &Transfer) -> Result<(u32, u64, (usize, u64)), String> {
+    fn final_round(&mut self, pre: Precopy, t: &Transfer) -> Result<(u32, u64, (usize, u64)), TransferError> {
         let Precopy { mut writer, rounds, disk_sent_through } = pre;
         // Completing the exit may write memory (string I/O): before the last dirty log.
-        let machine = self.machine_state().map_err(|e| e.to_string())?;
+        let machine = self.machine_state()?;
         let m = &self.machine;
-        let dirty = m.dirty.take(Consumer::Transfer).map_err(|e| e.to_string())?;
-        snapshot::memory_items(&m.mem, m.mem_size, Some(&dirty), |i| writer.item(&i)).map_err(|e| e.to_string())?;
+        let dirty = m.dirty.take(Consumer::Transfer)?;
+        snapshot::memory_items(&m.mem, m.mem_size, Some(&dirty), |i| writer.item(&i))?;
         // The new backup has the memory of this exit: the next state sync
         // carries the pages written from here on.
-        m.dirty.start(Consumer::Sync).map_err(|e| e.to_string())?;
+        m.dirty.start(Consumer::Sync)?;
         // What has not left this VMM yet goes with the state: the new backup
         // must hold it to go live without losing it. Disk ops: those issued
         // since the pre-copy sent the rest. (The writer may apply some
         // meanwhile: the backup forgets them as the progress reports come.)
         let mut pending = self.pending_outputs();
         pending.disk.retain(|(seq, _)| *seq > disk_sent_through);
-        snapshot::pending_items(&pending, |i| writer.item(&i)).map_err(|e| e.to_string())?;
-        writer.item(&StateItem::Machine(Box::new(machine))).map_err(|e| e.to_string())?;
-        let digest = self.digest_now(false).map_err(|e| e.to_string())?;
-        writer.item(&StateItem::End { digest, memory: false }).map_err(|e| e.to_string())?;
+        snapshot::pending_items(&pending, |i| writer.item(&i))?;
+        writer.item(&StateItem::Machine(Box::new(machine)))?;
+        let digest = self.digest_now(false)?;
+        writer.item(&StateItem::End { digest, memory: false })?;
         let mut out = writer.into_inner();
-        out.flush().map_err(|e| e.to_string())?;
-        t.link.end_state(self.exits).map_err(|e| e.to_string())?;
+        out.flush()?;
+        t.link.end_state(self.exits)?;
         let pending_disk = (pending.disk.len(), pending.disk.iter().map(|(_, op)| op.bytes()).sum());
         Ok((rounds, out.sent, pending_disk))
     }

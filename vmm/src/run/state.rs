@@ -220,7 +220,7 @@ pub fn restore_state(
             StateItem::Machine(m) => saved = Some(m),
             StateItem::End { digest, memory } => {
                 let m = saved.ok_or_else(|| SnapshotError::Corrupt("no machine state before End".into()))?;
-                devices.restore(m.devices).map_err(SnapshotError::Corrupt)?;
+                devices.restore(m.devices).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
                 machine.restore_vcpu(&m.vcpu).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
                 return Ok(Restored {
                     clock: m.clock,

@@ -183,7 +183,7 @@ impl Vmm {
             RunError::Divergence(Divergence {
                 exit: position.exit,
                 expected: "a state sync that applies".into(),
-                got: why,
+                got: why.to_string(),
             })
         })?;
         let rip = self.machine.current_rip()?;
@@ -196,12 +196,11 @@ impl Vmm {
 
     /// Writes a sync's pages and sets its vCPU state (the guest stopped at
     /// the end of an exit, which is completed first).
-    fn apply_sync(&mut self, sync: replay::Sync) -> Result<(), String> {
+    fn apply_sync(&mut self, sync: replay::Sync) -> Result<(), SyncError> {
         let m = &mut self.machine;
-        m.complete_pending_io().map_err(|e| e.to_string())?;
-        let vcpu: VcpuState =
-            bincode::deserialize(&sync.vcpu).map_err(|e| format!("its vCPU state does not decode: {e}"))?;
-        let old_cr3 = m.vcpu.get_sregs().map_err(|e| e.to_string())?.cr3;
+        m.complete_pending_io()?;
+        let vcpu: VcpuState = bincode::deserialize(&sync.vcpu).map_err(|e| SyncError::Vcpu(e.to_string()))?;
+        let old_cr3 = m.vcpu.get_sregs().map_err(|err| VmError::Kvm { what: "reading special registers", err })?.cr3;
         // The paging structures before and after: a change to any of them
         // must reach KVM's shadow tables.
         let mut tables = table_pages(&m.mem, m.mem_size, old_cr3);
@@ -211,28 +210,41 @@ impl Vmm {
             writes.push(match part {
                 SyncPart::Pages { first, data } => StateItem::Pages { first, data },
                 SyncPart::Zeros { first, count } => StateItem::Zeros { first, count },
-                SyncPart::Vcpu { .. } => return Err("a second vCPU state".into()),
+                SyncPart::Vcpu { .. } => return Err(SyncError::SecondVcpu),
             });
         }
         for item in &writes {
             if !changed_tables {
                 changed_tables = touches_tables(&m.mem, item, &tables);
             }
-            snapshot::apply_memory(&m.mem, m.mem_size, item).map_err(|e| e.to_string())?;
+            snapshot::apply_memory(&m.mem, m.mem_size, item)?;
         }
         if !changed_tables && vcpu.sregs.cr3 != old_cr3 {
             tables = table_pages(&m.mem, m.mem_size, vcpu.sregs.cr3);
             changed_tables = tables.len() >= MAX_TABLE_PAGES;
         }
-        m.restore_vcpu(&vcpu).map_err(|e| e.to_string())?;
+        m.restore_vcpu(&vcpu)?;
         if changed_tables {
-            m.rebuild_shadow_mmu().map_err(|e| e.to_string())?;
+            m.rebuild_shadow_mmu()?;
             self.syncs.table_changes += 1;
         }
         // KVM_RUN with immediate_exit: kvm_run (interrupt readiness, the
         // registers) now describes the restored state.
-        self.machine.complete_pending_io().map_err(|e| e.to_string())
+        Ok(self.machine.complete_pending_io()?)
     }
+}
+
+/// Why a state sync from the log cannot be applied (a divergence).
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error("its vCPU state does not decode: {0}")]
+    Vcpu(String),
+    #[error("a second vCPU state")]
+    SecondVcpu,
+    #[error("its pages: {0}")]
+    Pages(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
 }
 
 /// Whether writing `item` changes a page of `tables`.

@@ -20,7 +20,7 @@
 //! ([`DiskIo::write`]): the same on both sides of a pair and carried in the
 //! device's state, it is how the storage's progress is counted.
 
-use super::{VirtioDevice, DEVICE_ID_BLOCK, F_VERSION_1};
+use super::{RestoreError, RingError, VirtioDevice, DEVICE_ID_BLOCK, F_VERSION_1};
 use crate::memory::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
@@ -49,12 +49,26 @@ const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
+/// Why a request's disk I/O failed (the request then completes with
+/// IOERR; the run loop reports what it must).
+#[derive(Debug, thiserror::Error)]
+pub enum DiskIoError {
+    #[error("the VM has no disk")]
+    NoDisk,
+    #[error("the storage failed: {0}")]
+    Storage(#[from] std::io::Error),
+    #[error("the log failed: {0}")]
+    Log(String),
+    #[error("an earlier request of this notification failed")]
+    EarlierFailure,
+}
+
 /// The disk I/O a request needs, provided by the run loop. Writes and
 /// flushes come with their op number (counted from 1).
 pub trait DiskIo {
-    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, String>;
-    fn write(&mut self, op: u64, offset: u64, data: Vec<u8>) -> Result<(), String>;
-    fn flush(&mut self, op: u64) -> Result<(), String>;
+    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, DiskIoError>;
+    fn write(&mut self, op: u64, offset: u64, data: Vec<u8>) -> Result<(), DiskIoError>;
+    fn flush(&mut self, op: u64) -> Result<(), DiskIoError>;
 }
 
 /// The disk device.
@@ -125,7 +139,7 @@ impl VirtioDevice for Block {
         queues: &mut [Queue],
         mem: &GuestMem,
         io: &mut Self::Io<'_>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, RingError> {
         let Some(queue) = queues.first_mut() else { return Ok(false) };
         let mut served = false;
         let mut moved = 0u64;
@@ -145,7 +159,7 @@ impl VirtioDevice for Block {
             }
             moved += cost;
             let written = self.serve(mem, &descs, io);
-            queue.add_used(mem, head, written).map_err(|e| format!("completing a request: {e}"))?;
+            queue.add_used(mem, head, written).map_err(|err| RingError::Used { ring: "request", head, err })?;
             self.requests += 1;
             served = true;
         }
@@ -156,9 +170,13 @@ impl VirtioDevice for Block {
         BlockState { capacity: self.capacity, requests: self.requests, ops: self.ops, backlog: self.backlog }
     }
 
-    fn restore(&mut self, state: BlockState) -> Result<(), String> {
+    fn restore(&mut self, state: BlockState) -> Result<(), RestoreError> {
         if state.capacity != self.capacity {
-            return Err(format!("saved disk has {} bytes, this one {}", state.capacity, self.capacity));
+            return Err(RestoreError::Mismatch {
+                what: "disk bytes",
+                saved: state.capacity.to_string(),
+                ours: self.capacity.to_string(),
+            });
         }
         self.requests = state.requests;
         self.ops = state.ops;

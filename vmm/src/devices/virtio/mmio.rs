@@ -4,7 +4,7 @@
 //! status, config generation and config space. Every virtio device sits
 //! behind it as a [`VirtioDevice`].
 
-use super::{SavedQueue, VirtioDevice};
+use super::{RestoreError, RingError, SavedQueue, VirtioDevice};
 use crate::memory::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
@@ -216,7 +216,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     pub fn with_device(
         &mut self,
         mem: &GuestMem,
-        f: impl FnOnce(&mut D, &mut [Queue]) -> Result<bool, String>,
+        f: impl FnOnce(&mut D, &mut [Queue]) -> Result<bool, RingError>,
     ) -> bool {
         if !self.driver_ok() || self.queues.iter().any(|q| q.ready() && !q.is_valid(mem)) {
             return false;
@@ -256,13 +256,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
-    pub fn restore(&mut self, state: MmioState<D::State>) -> Result<(), String> {
+    pub fn restore(&mut self, state: MmioState<D::State>) -> Result<(), RestoreError> {
         if state.queues.len() != self.queues.len() {
-            return Err(format!(
-                "saved virtio device has {} queues, this one {}",
-                state.queues.len(),
-                self.queues.len()
-            ));
+            return Err(RestoreError::Mismatch {
+                what: "queues on a virtio device",
+                saved: state.queues.len().to_string(),
+                ours: self.queues.len().to_string(),
+            });
         }
         let queues = state.queues.iter().map(SavedQueue::to_queue).collect::<Result<Vec<_>, _>>()?;
         self.device.restore(state.device)?;
@@ -320,14 +320,14 @@ mod tests {
         fn reset(&mut self) {
             self.resets += 1;
         }
-        fn queue_notify(&mut self, index: usize, _: &mut [Queue], _: &GuestMem, _: &mut ()) -> Result<bool, String> {
+        fn queue_notify(&mut self, index: usize, _: &mut [Queue], _: &GuestMem, _: &mut ()) -> Result<bool, RingError> {
             self.notified.push(index);
             Ok(true)
         }
         fn state(&self) -> u32 {
             self.resets
         }
-        fn restore(&mut self, state: u32) -> Result<(), String> {
+        fn restore(&mut self, state: u32) -> Result<(), RestoreError> {
             self.resets = state;
             Ok(())
         }

@@ -23,6 +23,33 @@ pub const F_VERSION_1: u64 = 1 << 32;
 pub const DEVICE_ID_NET: u32 = 1;
 pub const DEVICE_ID_BLOCK: u32 = 2;
 
+/// Why a virtio device stopped serving its queues: the guest broke a ring.
+/// The device then stops until the driver resets it, as the spec's
+/// DEVICE_NEEDS_RESET has it.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("{ring} ring: {err}")]
+    Queue { ring: &'static str, err: virtio_queue::Error },
+    #[error("{ring} ring: chain head {head} outside a queue of {size}")]
+    HeadOutOfRange { ring: &'static str, head: u16, size: u16 },
+    #[error("completing {ring} chain {head}: {err}")]
+    Used { ring: &'static str, head: u16, err: virtio_queue::Error },
+}
+
+/// Why a saved device state cannot be restored into this VM's devices
+/// (a snapshot or a transferred state of another configuration, or corrupt).
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the saved VM has {saved} {what}, this one {ours}")]
+    Mismatch { what: &'static str, saved: String, ours: String },
+    #[error("the saved virtio devices are of other kinds than this VM's")]
+    DeviceKinds,
+    #[error("invalid saved virtqueue: {0}")]
+    Queue(virtio_queue::Error),
+    #[error("invalid saved UART state: {0}")]
+    Uart(String),
+}
+
 /// What a virtio device model provides to the transport.
 pub trait VirtioDevice {
     /// What a queue notification needs from the run loop beyond guest
@@ -50,11 +77,11 @@ pub trait VirtioDevice {
         queues: &mut [Queue],
         mem: &GuestMem,
         io: &mut Self::Io<'_>,
-    ) -> Result<bool, String>;
+    ) -> Result<bool, RingError>;
     /// The device's state, to save or digest.
     fn state(&self) -> Self::State;
     /// Restores a saved state, or says why it cannot be this device's.
-    fn restore(&mut self, state: Self::State) -> Result<(), String>;
+    fn restore(&mut self, state: Self::State) -> Result<(), RestoreError>;
 }
 
 /// One virtqueue's state, as saved (virtio-queue's [`QueueState`] is not
@@ -89,7 +116,7 @@ impl SavedQueue {
     }
 
     /// The queue this state describes, or why it cannot be one.
-    pub fn to_queue(&self) -> Result<Queue, String> {
+    pub fn to_queue(&self) -> Result<Queue, RestoreError> {
         let state = QueueState {
             max_size: self.max_size,
             next_avail: self.next_avail,
@@ -101,6 +128,6 @@ impl SavedQueue {
             avail_ring: self.avail_ring,
             used_ring: self.used_ring,
         };
-        Queue::try_from(state).map_err(|e| format!("invalid saved virtqueue: {e}"))
+        Queue::try_from(state).map_err(RestoreError::Queue)
     }
 }

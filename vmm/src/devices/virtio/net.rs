@@ -28,7 +28,7 @@
 //! broken ring: an `Err`, and the transport stops the device until the
 //! driver resets it.
 
-use super::{VirtioDevice, DEVICE_ID_NET, F_VERSION_1};
+use super::{RestoreError, RingError, VirtioDevice, DEVICE_ID_NET, F_VERSION_1};
 use crate::memory::GuestMem;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
@@ -153,20 +153,20 @@ fn walk(chain: DescriptorChain<&GuestMem>, limit: usize) -> Walk {
 fn next_chain<'m>(
     queue: &mut Queue,
     mem: &'m GuestMem,
-    which: &str,
-) -> Result<Option<DescriptorChain<&'m GuestMem>>, String> {
+    which: &'static str,
+) -> Result<Option<DescriptorChain<&'m GuestMem>>, RingError> {
     let size = queue.size();
-    let mut iter = queue.iter(mem).map_err(|e| format!("{which} ring: {e}"))?;
+    let mut iter = queue.iter(mem).map_err(|err| RingError::Queue { ring: which, err })?;
     match iter.next() {
         Some(chain) if chain.head_index() >= size => {
-            Err(format!("{which} ring: chain head {} outside a queue of {size}", chain.head_index()))
+            Err(RingError::HeadOutOfRange { ring: which, head: chain.head_index(), size })
         }
         chain => Ok(chain),
     }
 }
 
-fn complete(queue: &mut Queue, mem: &GuestMem, head: u16, len: u32, which: &str) -> Result<(), String> {
-    queue.add_used(mem, head, len).map_err(|e| format!("completing {which} chain {head}: {e}"))
+fn complete(queue: &mut Queue, mem: &GuestMem, head: u16, len: u32, which: &'static str) -> Result<(), RingError> {
+    queue.add_used(mem, head, len).map_err(|err| RingError::Used { ring: which, head, err })
 }
 
 fn frame_size_ok(len: usize) -> bool {
@@ -205,7 +205,7 @@ impl Net {
     /// buffer used). A frame that does not fit the chain, or a chain that
     /// is not device-writable guest memory, is dropped and counted and the
     /// chain completed with used length 0: Ok(true). A broken ring: Err.
-    pub fn deliver(&mut self, queues: &mut [Queue], mem: &GuestMem, frame: &[u8]) -> Result<bool, String> {
+    pub fn deliver(&mut self, queues: &mut [Queue], mem: &GuestMem, frame: &[u8]) -> Result<bool, RingError> {
         if !frame_size_ok(frame.len()) {
             self.counters.rx_bad_size += 1;
             return Ok(false);
@@ -264,7 +264,7 @@ impl Net {
     }
 
     /// Transmits every available TX chain.
-    fn process_tx(&mut self, queues: &mut [Queue], mem: &GuestMem, io: &mut dyn NetIo) -> Result<bool, String> {
+    fn process_tx(&mut self, queues: &mut [Queue], mem: &GuestMem, io: &mut dyn NetIo) -> Result<bool, RingError> {
         let Some(queue) = queues.get_mut(TX_QUEUE) else { return Ok(false) };
         let limit = usize::from(queue.size());
         let mut used = false;
@@ -352,7 +352,7 @@ impl VirtioDevice for Net {
         queues: &mut [Queue],
         mem: &GuestMem,
         io: &mut Self::Io<'_>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, RingError> {
         match index {
             TX_QUEUE => self.process_tx(queues, mem, io),
             // RX buffers posted: frames go in when the run loop delivers
@@ -365,13 +365,13 @@ impl VirtioDevice for Net {
         NetState { mac: self.mac, counters: self.counters.clone() }
     }
 
-    fn restore(&mut self, state: NetState) -> Result<(), String> {
+    fn restore(&mut self, state: NetState) -> Result<(), RestoreError> {
         if state.mac != self.mac {
-            return Err(format!(
-                "saved NIC has MAC {}, this one {}",
-                crate::mac::format_mac(&state.mac),
-                crate::mac::format_mac(&self.mac)
-            ));
+            return Err(RestoreError::Mismatch {
+                what: "NIC MAC",
+                saved: crate::mac::format_mac(&state.mac),
+                ours: crate::mac::format_mac(&self.mac),
+            });
         }
         self.counters = state.counters;
         Ok(())
@@ -457,7 +457,7 @@ mod tests {
         (0..len).map(|i| (i * 7 + 3) as u8).collect()
     }
 
-    fn tx(net: &mut Net, qs: &mut [Queue], mem: &GuestMem) -> (Result<bool, String>, Vec<Vec<u8>>) {
+    fn tx(net: &mut Net, qs: &mut [Queue], mem: &GuestMem) -> (Result<bool, RingError>, Vec<Vec<u8>>) {
         let mut sink = Sink::default();
         let r = net.queue_notify(TX_QUEUE, qs, mem, &mut sink);
         (r, sink.0)
@@ -500,15 +500,15 @@ mod tests {
         }
         push_avail(&mem, TX, 16, 3);
         let (r, sent) = tx(&mut net, &mut qs, &mem);
-        assert_eq!(r, Ok(true));
+        assert!(matches!(r, Ok(true)));
         assert_eq!(sent, vec![payload]);
         assert_eq!(used_idx(&mem, TX), 1);
         assert_eq!(used_elem(&mem, TX, 0), (3, 0));
         assert_eq!(net.counters().tx_frames, 1);
         // Nothing more available: nothing used.
-        assert_eq!(tx(&mut net, &mut qs, &mem).0, Ok(false));
+        assert!(matches!(tx(&mut net, &mut qs, &mem).0, Ok(false)));
         // Notifying RX does nothing.
-        assert_eq!(net.queue_notify(RX_QUEUE, &mut qs, &mem, &mut Sink::default()), Ok(false));
+        assert!(matches!(net.queue_notify(RX_QUEUE, &mut qs, &mem, &mut Sink::default()), Ok(false)));
     }
 
     #[test]
@@ -527,7 +527,7 @@ mod tests {
             push_avail(&mem, TX, 16, head);
         }
         let (r, sent) = tx(&mut net, &mut qs, &mem);
-        assert_eq!(r, Ok(true));
+        assert!(matches!(r, Ok(true)));
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].len(), MAX_FRAME);
         assert_eq!(used_idx(&mem, TX), 5);
@@ -544,14 +544,14 @@ mod tests {
         let mut qs = queues(16);
         let mut net = Net::new(MAC);
         assert!(!net.rx_ready(&qs, &mem));
-        assert_eq!(net.deliver(&mut qs, &mem, &frame(60)), Ok(false), "no buffer posted");
+        assert!(matches!(net.deliver(&mut qs, &mem, &frame(60)), Ok(false)), "no buffer posted");
         put_desc(&mem, RX.desc, 7, DATA, 50, F_WRITE | F_NEXT, 2);
         put_desc(&mem, RX.desc, 2, DATA + 0x1000, 1526, F_WRITE, 0);
         push_avail(&mem, RX, 16, 7);
         assert!(net.rx_ready(&qs, &mem));
         assert!(net.rx_ready(&qs, &mem), "rx_ready consumes nothing");
         let f = frame(300);
-        assert_eq!(net.deliver(&mut qs, &mem, &f), Ok(true));
+        assert!(matches!(net.deliver(&mut qs, &mem, &f), Ok(true)));
         assert!(!net.rx_ready(&qs, &mem));
         assert_eq!(used_idx(&mem, RX), 1);
         assert_eq!(used_elem(&mem, RX, 0), (7, (NET_HDR_LEN + 300) as u32));
@@ -564,7 +564,7 @@ mod tests {
         assert_eq!(rest, &f[38..]);
         assert_eq!(net.counters().rx_frames, 1);
         // Nothing posted any more.
-        assert_eq!(net.deliver(&mut qs, &mem, &f), Ok(false));
+        assert!(matches!(net.deliver(&mut qs, &mem, &f), Ok(false)));
     }
 
     #[test]
@@ -581,10 +581,10 @@ mod tests {
             push_avail(&mem, RX, 16, head);
         }
         // Bad frames use no buffer.
-        assert_eq!(net.deliver(&mut qs, &mem, &frame(13)), Ok(false));
-        assert_eq!(net.deliver(&mut qs, &mem, &frame(MAX_FRAME + 1)), Ok(false));
+        assert!(matches!(net.deliver(&mut qs, &mem, &frame(13)), Ok(false)));
+        assert!(matches!(net.deliver(&mut qs, &mem, &frame(MAX_FRAME + 1)), Ok(false)));
         for _ in 0..4 {
-            assert_eq!(net.deliver(&mut qs, &mem, &frame(60)), Ok(true));
+            assert!(matches!(net.deliver(&mut qs, &mem, &frame(60)), Ok(true)));
         }
         assert_eq!(used_idx(&mem, RX), 4);
         let lens: Vec<_> = (0..4).map(|i| used_elem(&mem, RX, i).1).collect();
@@ -616,7 +616,7 @@ mod tests {
             push_avail(&mem, TX, size, head);
         }
         let (r, sent) = tx(&mut net, &mut qs, &mem);
-        assert_eq!(r, Ok(true));
+        assert!(matches!(r, Ok(true)));
         assert!(sent.is_empty());
         assert_eq!(used_idx(&mem, TX), 8);
         let c = net.counters().clone();
@@ -633,14 +633,15 @@ mod tests {
         }
         put_desc(&mem, TX.desc, 0, table, 300 * 16, F_INDIRECT, 0);
         push_avail(&mem, TX, size, 0);
-        assert_eq!(tx(&mut net, &mut qs, &mem), (Ok(true), vec![]));
+        let (r, sent) = tx(&mut net, &mut qs, &mem);
+        assert!(matches!(r, Ok(true)) && sent.is_empty());
         assert_eq!(net.counters().tx_malformed, c.tx_malformed + 1);
 
         // A head outside the queue: a broken ring.
         push_avail(&mem, TX, size, 9);
         let before = net.counters().clone();
         let err = tx(&mut net, &mut qs, &mem).0.unwrap_err();
-        assert!(err.contains("head 9"), "{err}");
+        assert!(err.to_string().contains("head 9"), "{err}");
         assert_eq!(net.counters(), &before);
 
         // An available index far ahead: a broken ring, for TX and RX alike;
@@ -665,7 +666,7 @@ mod tests {
             push_avail(&mem, RX, size, head);
         }
         for _ in 0..3 {
-            assert_eq!(net.deliver(&mut qs, &mem, &frame(60)), Ok(true));
+            assert!(matches!(net.deliver(&mut qs, &mem, &frame(60)), Ok(true)));
         }
         assert_eq!(used_idx(&mem, RX), 3);
         assert!((0..3).all(|i| used_elem(&mem, RX, i).1 == 0));
@@ -681,7 +682,7 @@ mod tests {
         assert_eq!(same.counters().tx_frames, 5);
         let mut other = Net::new([0x52, 0x54, 0, 0, 0, 1]);
         let err = other.restore(saved).unwrap_err();
-        assert!(err.contains("52:54:00:12:34:56"), "{err}");
+        assert!(err.to_string().contains("52:54:00:12:34:56"), "{err}");
         net.reset();
         assert_eq!(net.counters(), &NetCounters::default());
     }
@@ -793,7 +794,7 @@ mod tests {
             }
             for len in frames {
                 let ready = net.rx_ready(&qs, &mem);
-                if net.deliver(&mut qs, &mem, &frame(len)) == Ok(true) {
+                if matches!(net.deliver(&mut qs, &mem, &frame(len)), Ok(true)) {
                     prop_assert!(ready, "a buffer was used, so one was posted");
                 }
             }
