@@ -3,7 +3,7 @@
 //! without a backup that holds them, until the disk ops before it are
 //! applied); with the output-commit latency, hop by hop.
 
-use super::outputs::{send_frame, PendingOutputs};
+use super::{send_frame, PendingOutputs};
 use crate::host::console::OutputPort;
 use crate::host::console::PortSender;
 use crate::host::disk::{DiskOp, DiskPort, DiskSender, OpSeq};

@@ -27,9 +27,11 @@ mod tests;
 pub use gate::{CommitHops, Item, OutputGate};
 pub use joiner::Joiner;
 pub use nic::{HostNic, RX_QUEUE_FRAMES};
-pub use outputs::{Direct, Held, Outputs, PendingOutputs, Suppressed, MAX_SUPPRESSED_FRAMES};
+pub use outputs::{Direct, Held, Outputs, Suppressed, MAX_SUPPRESSED_FRAMES};
 
 use crate::host::console::Endpoint;
+use crate::host::disk::{DiskOp, OpSeq};
+use crate::host::tap::TapTx;
 use logging_channel::PrimaryListener;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -73,4 +75,25 @@ pub enum Role {
 pub fn owner_name(role: &str) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     format!("{role} pid {} on {}", std::process::id(), host.trim())
+}
+
+/// A primary's outputs not yet out of it: disk ops not yet applied, serial
+/// output and frames not yet delivered. They travel with the state to a
+/// backup that joins or resyncs (and in a snapshot), so that whoever may go
+/// live holds every output the guest has produced.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PendingOutputs {
+    pub disk: Vec<(OpSeq, DiskOp)>,
+    pub serial: Vec<(u64, Vec<u8>)>,
+    pub frames: Vec<(u64, Vec<u8>)>,
+}
+
+/// Sends a frame on the TAP. A NIC drops what it cannot send (a full queue
+/// or a down link are counted by the TAP); TCP retransmits.
+fn send_frame(net: Option<&TapTx>, frame: &[u8]) {
+    if let Some(tx) = net {
+        if let Err(e) = tx.write(frame) {
+            tracing::debug!("sending a frame: {e}");
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! the primary's gate) and [`Suppressed`] (a backup's, kept for going live).
 
 use super::gate::OutputGate;
+use super::{send_frame, PendingOutputs};
 use crate::host::console::{Backlog, OutputPort};
 use crate::host::disk::{DiskOp, DiskPort, OpSeq};
 use crate::host::tap::TapTx;
@@ -49,17 +50,6 @@ pub trait Outputs {
     fn close(self: Box<Self>);
 }
 
-/// A primary's outputs not yet out of it: disk ops not yet applied, serial
-/// output and frames not yet delivered. They travel with the state to a
-/// backup that joins or resyncs (and in a snapshot), so that whoever may go
-/// live holds every output the guest has produced.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct PendingOutputs {
-    pub disk: Vec<(OpSeq, DiskOp)>,
-    pub serial: Vec<(u64, Vec<u8>)>,
-    pub frames: Vec<(u64, Vec<u8>)>,
-}
-
 /// Output released at once (a replay has no `net`: it sends no frame).
 pub struct Direct {
     pub port: OutputPort,
@@ -75,16 +65,6 @@ impl Outputs for Direct {
     }
     fn close(self: Box<Self>) {
         self.port.close();
-    }
-}
-
-/// Sends a frame on the TAP. A NIC drops what it cannot send (a full queue
-/// or a down link are counted by the TAP); TCP retransmits.
-pub(super) fn send_frame(net: Option<&TapTx>, frame: &[u8]) {
-    if let Some(tx) = net {
-        if let Err(e) = tx.write(frame) {
-            tracing::debug!("sending a frame: {e}");
-        }
     }
 }
 
