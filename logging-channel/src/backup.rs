@@ -411,7 +411,15 @@ async fn run(stream: Stream, peer: SocketAddr, shared: Arc<Shared>, config: Chan
             reason
         }
         Err(e) => {
-            warn!(%peer, "lost the primary: {e}");
+            // The primary's connection ending (its host died, its VMM was
+            // killed) is what a backup is there for, and the VMM says so on
+            // its own line (`backup: primary lost (...)`): not a warning.
+            // Anything else that ends the link is one.
+            if matches!(e, ChannelError::Closed | ChannelError::Truncated(_)) {
+                info!(%peer, "lost the primary: {e}");
+            } else {
+                warn!(%peer, "lost the primary: {e}");
+            }
             format!("lost the primary at {peer}: {e}")
         }
     };
