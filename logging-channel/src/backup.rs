@@ -411,11 +411,12 @@ async fn run(stream: Stream, peer: SocketAddr, shared: Arc<Shared>, config: Chan
             reason
         }
         Err(e) => {
-            // The primary's connection ending (its host died, its VMM was
-            // killed) is what a backup is there for, and the VMM says so on
-            // its own line (`backup: primary lost (...)`): not a warning.
-            // Anything else that ends the link is one.
-            if matches!(e, ChannelError::Closed | ChannelError::Truncated(_)) {
+            // The primary's death, as a backup notices it (its connection
+            // ended, or it fell silent past the heartbeat timeout), is what
+            // a backup is there for, and the VMM reports it on its own line
+            // (`backup: primary lost (...)`): not a warning. Anything else
+            // that ends the link (a protocol error, a socket error) is one.
+            if matches!(e, ChannelError::Closed | ChannelError::Truncated(_) | ChannelError::Timeout(_)) {
                 info!(%peer, "lost the primary: {e}");
             } else {
                 warn!(%peer, "lost the primary: {e}");
