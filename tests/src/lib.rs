@@ -53,7 +53,29 @@ pub fn spawn_ftdisk(image: &str, addr: &str) -> (Child, String) {
 /// A running `ftdisk` with `args` (`--image PATH`, or `--arbiter-only
 /// --state PATH`) on `addr`, and the address it serves on.
 pub fn spawn_ftdisk_with(args: &[&str], addr: &str) -> (Child, String) {
-    let mut child = Command::new(ftdisk_bin())
+    spawn_ftdisk_in(None, args, addr)
+}
+
+/// A running arbiter-only `ftdisk` keeping its record in `state`, on
+/// `addr`, inside network namespace `ns` (None: here); it is killed when
+/// dropped. Returns once it serves, with the address it serves on.
+pub fn spawn_arbiter(ns: Option<&str>, state: &str, addr: &str) -> (KillOnDrop, String) {
+    let (child, served) = spawn_ftdisk_in(ns, &["--arbiter-only", "--state", state], addr);
+    (KillOnDrop(child), served)
+}
+
+/// [`spawn_ftdisk_with`] inside network namespace `ns` (None: here).
+pub fn spawn_ftdisk_in(ns: Option<&str>, args: &[&str], addr: &str) -> (Child, String) {
+    // `ip netns exec` becomes ftdisk: the child is ftdisk either way.
+    let mut command = match ns {
+        None => Command::new(ftdisk_bin()),
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns]).arg(ftdisk_bin());
+            command
+        }
+    };
+    let mut child = command
         .args(args)
         .args(["--listen", addr])
         .stdin(Stdio::null())
