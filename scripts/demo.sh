@@ -60,8 +60,14 @@ cargo build --release --bin ftvmm --bin ftdisk --bin ftclient --bin ftlab --bin 
 BIN=$PWD/target/release
 WORK=$(mktemp -d)
 
+# The servers and VMMs started in the background (see start_in).
+SERVERS=()
 cleanup() {
-    jobs -p | xargs -r kill -9 2>/dev/null || true
+    [ ${#SERVERS[@]} -eq 0 ] || kill -9 "${SERVERS[@]}" 2>/dev/null || true
+    # A client still running (the demo failed): killed, and waited for
+    # with its job notice (`Killed`) thrown away.
+    local pid
+    for pid in $(jobs -p); do kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
     "$BIN/ftlab" down ftdemo
     rm -rf "$WORK"
 }
@@ -69,6 +75,16 @@ trap cleanup EXIT
 # The lab's namespaces and bridge: whatever an earlier run left is removed first.
 "$BIN/ftlab" up ftdemo 10.77.0 primary=1 backup=2 client=3 storage=4 third=5 fourth=6 --owner $$ >/dev/null
 in_host() { local h=$1; shift; ip netns exec "ftdemo-$h" "$@"; }
+# start_in HOST CMD...: CMD in the background on HOST (its stderr is the
+# caller's redirection). A direct child of this shell (`ip netns exec`
+# becomes CMD) and disowned: the demo kills hosts on purpose, and bash would
+# report each death as a `Killed` job line.
+start_in() {
+    local h=$1; shift
+    ip netns exec "ftdemo-$h" "$@" &
+    SERVERS+=($!)
+    disown $!
+}
 kill_host() {
     echo "== killing the $1 host: SIGKILL to its VMM, its link cut"
     ip netns pids "ftdemo-$1" | xargs -r kill -9
@@ -94,7 +110,7 @@ else
     STORAGE_TLS=()
 fi
 qemu-img create -q -f raw "$WORK/shared.img" 16M
-in_host storage "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 "${STORAGE_TLS[@]}" 2>"$WORK/storage.err" &
+start_in storage "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 "${STORAGE_TLS[@]}" 2>"$WORK/storage.err"
 sleep 0.3
 DISK=(--disk ftdisk:$S:7100)
 
@@ -105,8 +121,8 @@ if [ "$MODE" = net ]; then
     "$BIN/ftlab" tap ftdemo backup fttap
     VMARGS=(--guest redis --cmdline "ip=$VM/24" --net tap:fttap,mac=52:54:00:77:00:10 "${DISK[@]}")
     echo "== the VM $VM runs on the primary host, its backup on the backup host; the disk (and the arbitration record) on the storage host"
-    in_host backup "$BIN/ftvmm" --backup "${VMARGS[@]}" --connect $P:7000 $(tls backup) 2>"$WORK/backup.err" &
-    in_host primary "$BIN/ftvmm" --primary "${VMARGS[@]}" --listen $P:7000 $(tls primary) 2>"$WORK/primary.err" &
+    start_in backup "$BIN/ftvmm" --backup "${VMARGS[@]}" --connect $P:7000 $(tls backup) 2>"$WORK/backup.err"
+    start_in primary "$BIN/ftvmm" --primary "${VMARGS[@]}" --listen $P:7000 $(tls primary) 2>"$WORK/primary.err"
     for i in $(seq 100); do in_host client redis-cli -h $VM ping >/dev/null 2>&1 && break; sleep 0.1; done
     echo "== stock clients on the client host: redis-cli and redis-benchmark against $VM"
     in_host client redis-cli -h $VM set greeting "hello from a fault-tolerant VM" | sed 's/^/   /'
@@ -128,11 +144,11 @@ if [ "$MODE" = reprotect ]; then
     # Each VM host listens for a backup of its own once it is live.
     hosts=(primary backup third fourth)
     ips=(10.77.0.1 10.77.0.2 10.77.0.5 10.77.0.6)
-    in_host primary "$BIN/ftvmm" --primary --guest kvstore "${DISK[@]}" --listen ${ips[0]}:7000 \
-        --serial tcp:${ips[0]}:7001 $(tls primary) 2>"$WORK/primary.err" &
+    start_in primary "$BIN/ftvmm" --primary --guest kvstore "${DISK[@]}" --listen ${ips[0]}:7000 \
+        --serial tcp:${ips[0]}:7001 $(tls primary) 2>"$WORK/primary.err"
     start_backup() { # INDEX: a backup of host INDEX-1
-        in_host "${hosts[$1]}" "$BIN/ftvmm" --backup --guest kvstore "${DISK[@]}" --connect "${ips[$1 - 1]}:7000" \
-            --listen "${ips[$1]}:7000" --serial "tcp:${ips[$1]}:7001" $(tls "${hosts[$1]}") 2>"$WORK/${hosts[$1]}.err" &
+        start_in "${hosts[$1]}" "$BIN/ftvmm" --backup --guest kvstore "${DISK[@]}" --connect "${ips[$1 - 1]}:7000" \
+            --listen "${ips[$1]}:7000" --serial "tcp:${ips[$1]}:7001" $(tls "${hosts[$1]}") 2>"$WORK/${hosts[$1]}.err"
     }
     start_backup 1
     in_host client "$BIN/ftclient" --kv $(( (KILL_AFTER + 22) * 40 )) \
@@ -157,8 +173,8 @@ if [ "$MODE" = reprotect ]; then
 fi
 
 P=10.77.0.1 B=10.77.0.2
-in_host backup "$BIN/ftvmm" --backup --guest "$MODE" "${DISK[@]}" --connect $P:7000 --serial tcp:$B:7001 $(tls backup) 2>"$WORK/backup.err" &
-in_host primary "$BIN/ftvmm" --primary --guest "$MODE" "${DISK[@]}" --listen $P:7000 --serial tcp:$P:7001 $(tls primary) 2>"$WORK/primary.err" &
+start_in backup "$BIN/ftvmm" --backup --guest "$MODE" "${DISK[@]}" --connect $P:7000 --serial tcp:$B:7001 $(tls backup) 2>"$WORK/backup.err"
+start_in primary "$BIN/ftvmm" --primary --guest "$MODE" "${DISK[@]}" --listen $P:7000 --serial tcp:$P:7001 $(tls primary) 2>"$WORK/primary.err"
 if [ "$MODE" = kvstore ]; then
     in_host client "$BIN/ftclient" --kv $(( (KILL_AFTER + 3) * 40 )) $P:7001 $B:7001 &
 else

@@ -20,6 +20,7 @@
 //! Only TLS 1.3 and 1.2 with rustls' safe defaults, over the `ring` provider.
 //!
 //! [`issue`] makes test credentials (a CA and host certificates) with rcgen.
+//! [`cli`] is the command-line frame that `ftdisk` and `ftcert` share.
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -30,6 +31,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub mod cli;
 pub mod issue;
 
 pub use rustls;

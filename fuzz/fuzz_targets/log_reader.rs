@@ -5,54 +5,32 @@
 //!
 //! The input is the log itself, or (first byte 1) its frames' payloads,
 //! each `length: u16 LE | payload`, which the target frames with a correct
-//! length and CRC behind the magic and version: a fuzzer cannot forge a
-//! CRC-32, and the records' decoding is behind it.
+//! length and CRC behind the magic and version (`ftvmm_fuzz`: a fuzzer
+//! cannot forge a CRC-32, and the records' decoding is behind it).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use replay::{LogReader, LogWriter, RecordSink, RecordSource, FORMAT_VERSION, MAGIC};
 
 fuzz_target!(|data: &[u8]| {
-    match data.split_first() {
-        Some((1, payloads)) => read(&frame(payloads)),
-        _ => read(data),
-    }
+    let head = [&MAGIC[..], &FORMAT_VERSION.to_le_bytes()].concat();
+    read(&ftvmm_fuzz::stream_or_framed(data, &head, frame));
 });
 
-/// A log of the payloads in `input` (`length: u16 LE | payload`)*, the
-/// last one cut short if the input is.
-fn frame(mut input: &[u8]) -> Vec<u8> {
-    let mut log = MAGIC.to_vec();
-    log.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    while input.len() >= 2 {
-        let len = usize::from(u16::from_le_bytes([input[0], input[1]])).min(input.len() - 2);
-        let payload = &input[2..2 + len];
-        input = &input[2 + len..];
-        let mut n = payload.len() as u64;
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            log.push(if n == 0 { byte } else { byte | 0x80 });
-            if n == 0 {
-                break;
-            }
-        }
-        log.extend_from_slice(payload);
-        log.extend_from_slice(&crc32(payload).to_le_bytes());
-    }
-    log
-}
-
-/// CRC-32 (IEEE), as crc32fast computes it.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+/// Appends one log frame of `payload`: its length (LEB128), the payload,
+/// its CRC-32.
+fn frame(log: &mut Vec<u8>, payload: &[u8]) {
+    let mut n = payload.len() as u64;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        log.push(if n == 0 { byte } else { byte | 0x80 });
+        if n == 0 {
+            break;
         }
     }
-    !crc
+    log.extend_from_slice(payload);
+    log.extend_from_slice(&ftvmm_fuzz::crc32(payload).to_le_bytes());
 }
 
 fn read(data: &[u8]) {

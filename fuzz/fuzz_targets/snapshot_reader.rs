@@ -8,8 +8,8 @@
 //!
 //! The input is the stream itself, or (first byte 1) its items' payloads,
 //! each `length: u16 LE | payload`, which the target frames with a correct
-//! length and CRC behind the magic and version: a fuzzer cannot forge a
-//! CRC-32, and the items' decoding is behind it.
+//! length and CRC behind the magic and version (`ftvmm_fuzz`: a fuzzer
+//! cannot forge a CRC-32, and the items' decoding is behind it).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -22,38 +22,16 @@ use vmm::memory::{GuestMem, PAGE_SIZE};
 const PAGES: u64 = 16;
 
 fuzz_target!(|data: &[u8]| {
-    match data.split_first() {
-        Some((1, payloads)) => read(&frame(payloads)),
-        _ => read(data),
-    }
+    let head = [&MAGIC[..], &VERSION.to_le_bytes()].concat();
+    read(&ftvmm_fuzz::stream_or_framed(data, &head, frame));
 });
 
-/// A stream of the payloads in `input` (`length: u16 LE | payload`)*, the
-/// last one cut short if the input is.
-fn frame(mut input: &[u8]) -> Vec<u8> {
-    let mut stream = MAGIC.to_vec();
-    stream.extend_from_slice(&VERSION.to_le_bytes());
-    while input.len() >= 2 {
-        let len = usize::from(u16::from_le_bytes([input[0], input[1]])).min(input.len() - 2);
-        let payload = &input[2..2 + len];
-        input = &input[2 + len..];
-        stream.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        stream.extend_from_slice(&crc32(payload).to_le_bytes());
-        stream.extend_from_slice(payload);
-    }
-    stream
-}
-
-/// CRC-32 (IEEE), as crc32fast computes it.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
+/// Appends one item of `payload`: its length (u32 LE), its CRC-32, the
+/// payload.
+fn frame(stream: &mut Vec<u8>, payload: &[u8]) {
+    stream.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    stream.extend_from_slice(&ftvmm_fuzz::crc32(payload).to_le_bytes());
+    stream.extend_from_slice(payload);
 }
 
 fn read(data: &[u8]) {

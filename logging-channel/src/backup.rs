@@ -411,7 +411,11 @@ async fn run(stream: Stream, peer: SocketAddr, shared: Arc<Shared>, config: Chan
             reason
         }
         Err(e) => {
-            warn!(%peer, "lost the primary: {e}");
+            if primary_died(&e) {
+                info!(%peer, "lost the primary: {e}");
+            } else {
+                warn!(%peer, "lost the primary: {e}");
+            }
             format!("lost the primary at {peer}: {e}")
         }
     };
@@ -420,6 +424,24 @@ async fn run(stream: Stream, peer: SocketAddr, shared: Arc<Shared>, config: Chan
         st.lost.get_or_insert(reason);
     }
     shared.arrived.notify_all();
+}
+
+/// Whether `e`, which ended the link, is the primary's death as a backup
+/// notices it: its connection ended (a FIN, a reset, a TLS stream without
+/// close_notify), or it fell silent past the heartbeat timeout. That is what
+/// a backup is there for, and the VMM reports it on its own line (`backup:
+/// primary lost (...)`), so it is logged as information, not a warning;
+/// anything else that ends the link (a protocol error, another socket
+/// error) is a warning.
+fn primary_died(e: &ChannelError) -> bool {
+    match e {
+        ChannelError::Closed | ChannelError::Truncated(_) | ChannelError::Timeout(_) => true,
+        ChannelError::Io { source, .. } => matches!(
+            source.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
+        ),
+        _ => false,
+    }
 }
 
 /// Receives the state and the batches and queues them; returns why the

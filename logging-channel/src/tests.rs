@@ -67,6 +67,60 @@ fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// A call that must block until the test releases what it waits for, run
+/// on a thread of its own. That it blocks is checked twice, so that neither
+/// a slow machine nor a fast one can pass a call that returns at once:
+/// [`Blocked::assert_blocked`] waits 300 ms from a moment when the thread is
+/// known to run (not from its spawn, which a loaded machine may delay past
+/// any wait), and [`Blocked::returned`] checks that the call returned only
+/// after [`Blocked::release`] was called, however long anything took.
+struct Blocked<T> {
+    what: &'static str,
+    released: Arc<std::sync::atomic::AtomicBool>,
+    done: mpsc::Receiver<(T, bool)>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl<T: Send + 'static> Blocked<T> {
+    /// Starts `call` on its own thread and returns once that thread runs.
+    fn start(what: &'static str, call: impl FnOnce() -> T + Send + 'static) -> Self {
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (running_tx, running) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
+        let thread = {
+            let released = released.clone();
+            thread::spawn(move || {
+                running_tx.send(()).unwrap();
+                let value = call();
+                let after_release = released.load(std::sync::atomic::Ordering::SeqCst);
+                let _ = done_tx.send((value, after_release));
+            })
+        };
+        running.recv_timeout(Duration::from_secs(30)).expect("the calling thread never ran");
+        Blocked { what, released, done, thread }
+    }
+
+    /// The call has not returned 300 ms on.
+    fn assert_blocked(&self) {
+        assert!(self.done.recv_timeout(Duration::from_millis(300)).is_err(), "{} did not block", self.what);
+    }
+
+    /// To be called just before the test does what unblocks the call.
+    fn release(&self) {
+        self.released.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits up to `limit` for the call to return; checks it returned only
+    /// after [`Blocked::release`], and gives its value.
+    fn returned(self, limit: Duration) -> T {
+        let (value, after_release) =
+            self.done.recv_timeout(limit).unwrap_or_else(|_| panic!("{} did not return within {limit:?}", self.what));
+        assert!(after_release, "{} returned before what it waits for happened", self.what);
+        self.thread.join().unwrap();
+        value
+    }
+}
+
 /// Reads one frame from a raw socket.
 fn read_raw_frame(s: &mut TcpStream) -> Message<'static> {
     let mut len = [0u8; 4];
@@ -460,9 +514,16 @@ fn bad_peers_at_accept_are_logged_and_skipped() {
     let addr = listener.local_addr();
     let capture = Capture::default();
     let subscriber = capture.subscriber();
-    let accepting = thread::spawn(move || {
-        tracing::subscriber::with_default(subscriber, || listener.accept(&header(), &fast()).map(|_| ()))
-    });
+    // A handshake timeout of 10 s: the silent peer below would hold a good
+    // backup up that long if handshakes were taken one at a time.
+    let config = ChannelConfig { heartbeat_timeout: Duration::from_secs(2), ..ChannelConfig::default() };
+    assert_eq!(config.handshake_timeout(), Duration::from_secs(10));
+    let accepting = {
+        let config = config.clone();
+        thread::spawn(move || {
+            tracing::subscriber::with_default(subscriber, || listener.accept(&header(), &config).map(|_| ()))
+        })
+    };
     let good = |version: u32| {
         let mut p = MAGIC.to_vec();
         p.extend(version.to_le_bytes());
@@ -486,10 +547,14 @@ fn bad_peers_at_accept_are_logged_and_skipped() {
     // A silent peer does not hold up a good backup behind it.
     let _silent = TcpStream::connect(addr).unwrap();
     let start = Instant::now();
-    let (_backup, _) = BackupLink::connect(&addr.to_string(), &header(), &fast(), Duration::from_secs(2)).unwrap();
+    let (_backup, _) = BackupLink::connect(&addr.to_string(), &header(), &config, Duration::from_secs(5)).unwrap();
     accepting.join().unwrap().unwrap();
-    assert!(start.elapsed() < Duration::from_millis(900));
+    // Well under the 10 s the silent peer could hold it up, however loaded
+    // the machine; and the silent peer's handshake never timed out.
+    let took = start.elapsed();
+    assert!(took < config.handshake_timeout() / 2, "the good backup was accepted after {took:?}");
     let log = capture.text();
+    assert!(!log.contains("no handshake"), "the silent peer held the accept up:\n{log}");
     for want in [
         "bad magic",
         "protocol version 7",
@@ -594,15 +659,11 @@ fn throttle_blocks_until_acks_catch_up() {
     }
     primary.throttle(5); // within the lag: returns at once
     let primary = Arc::new(primary);
-    let (done, throttled) = mpsc::channel();
     let throttling = {
         let primary = primary.clone();
-        thread::spawn(move || {
-            primary.throttle(100);
-            done.send(()).unwrap();
-        })
+        Blocked::start("throttle", move || primary.throttle(100))
     };
-    assert!(throttled.recv_timeout(Duration::from_millis(300)).is_err(), "throttle did not block");
+    throttling.assert_blocked();
     let mut last = None;
     while last.map(|(_, w)| w) != Some(100) {
         if let Message::Batch { seq, watermark, .. } = read_raw_frame(&mut fake) {
@@ -610,9 +671,9 @@ fn throttle_blocks_until_acks_catch_up() {
         }
     }
     let (seq, watermark) = last.unwrap();
+    throttling.release();
     write_raw(&mut fake, &Message::Ack { seq, watermark });
-    throttled.recv_timeout(MARGIN).unwrap();
-    throttling.join().unwrap();
+    throttling.returned(MARGIN);
     assert_eq!(primary.acked(), 100);
 }
 
@@ -832,20 +893,18 @@ fn send_state_blocks_at_the_window_until_the_backup_consumes() {
         ChannelConfig { heartbeat_timeout: Duration::from_secs(3), state_window: 1 << 20, ..ChannelConfig::default() };
     let (primary, mut fake) = primary_with_fake_joining_backup(&config);
     let sender = primary.state_sender();
-    let (done, sent) = mpsc::channel();
     // One chunk larger than the window: sent in pieces as room appears.
-    let sending = thread::spawn(move || {
-        done.send(sender.send_state(state_bytes(0, 3 << 20))).unwrap();
-    });
+    let sending = Blocked::start("send_state", move || sender.send_state(state_bytes(0, 3 << 20)));
     read_raw_state(&mut fake, 0, 1 << 20);
-    assert!(sent.recv_timeout(Duration::from_millis(300)).is_err(), "send_state did not block");
+    sending.assert_blocked();
     assert_eq!(primary.peak_unconsumed_state(), 1 << 20);
     write_raw(&mut fake, &Message::StateAck { consumed: 1 << 20 });
     read_raw_state(&mut fake, 1 << 20, 2 << 20);
+    // The last megabyte may go only once the second is acknowledged.
+    sending.release();
     write_raw(&mut fake, &Message::StateAck { consumed: 2 << 20 });
     read_raw_state(&mut fake, 2 << 20, 3 << 20);
-    sent.recv_timeout(MARGIN).unwrap().unwrap();
-    sending.join().unwrap();
+    sending.returned(MARGIN).unwrap();
     assert_eq!(primary.peak_unconsumed_state(), 1 << 20);
     primary.end_state(9).unwrap();
     assert!(matches!(read_raw_non_heartbeat(&mut fake), Message::StateEnd { exit: 9, len } if len == 3 << 20));
@@ -1088,15 +1147,11 @@ fn a_joining_link_throttles_by_exits_from_the_state_exit() {
     }
     primary.throttle(1_000_010); // 10 exits after the state: within the lag
     let primary = Arc::new(primary);
-    let (done, throttled) = mpsc::channel();
     let throttling = {
         let primary = primary.clone();
-        thread::spawn(move || {
-            primary.throttle(1_000_020);
-            done.send(()).unwrap();
-        })
+        Blocked::start("throttle", move || primary.throttle(1_000_020))
     };
-    assert!(throttled.recv_timeout(Duration::from_millis(300)).is_err(), "throttle did not block");
+    throttling.assert_blocked();
     read_raw_state(&mut fake, 0, 100);
     assert!(matches!(read_raw_non_heartbeat(&mut fake), Message::StateEnd { exit: 1_000_000, len: 100 }));
     let mut last = None;
@@ -1107,9 +1162,9 @@ fn a_joining_link_throttles_by_exits_from_the_state_exit() {
         }
     }
     let (seq, watermark) = last.unwrap();
+    throttling.release();
     write_raw(&mut fake, &Message::Ack { seq, watermark });
-    throttled.recv_timeout(MARGIN).unwrap();
-    throttling.join().unwrap();
+    throttling.returned(MARGIN);
     assert_eq!(primary.acked(), 1_000_020);
 }
 
@@ -1124,31 +1179,26 @@ fn throttle_bounds_the_bytes_queued_for_a_stalled_backup() {
     };
     let (mut primary, stalled) = primary_with_fake_backup(&config);
     let start = Instant::now();
-    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let vcpu = {
-        let progress = progress.clone();
-        thread::spawn(move || {
-            let mut exit = 0;
-            while primary.backup_lost().is_none() {
-                exit += 1;
-                primary.append(&exit_record(exit)).unwrap();
-                primary.append(&disk_read_record(exit, 64 << 10)).unwrap();
-                primary.passed(exit).unwrap();
-                progress.store(exit, std::sync::atomic::Ordering::Relaxed);
-                primary.throttle(exit);
-                assert!(exit < 1000, "throttle never blocked");
+    let vcpu = thread::spawn(move || {
+        let mut exit = 0;
+        loop {
+            exit += 1;
+            primary.append(&exit_record(exit)).unwrap();
+            primary.append(&disk_read_record(exit, 64 << 10)).unwrap();
+            primary.passed(exit).unwrap();
+            primary.throttle(exit);
+            // Each throttle within the lag returns at once; the one that
+            // blocks returns only when the backup is declared lost.
+            if primary.backup_lost().is_some() {
+                return (primary, exit);
             }
-            primary
-        })
-    };
-    thread::sleep(Duration::from_millis(300));
-    let blocked_at = progress.load(std::sync::atomic::Ordering::Relaxed);
-    thread::sleep(Duration::from_millis(300));
-    assert_eq!(progress.load(std::sync::atomic::Ordering::Relaxed), blocked_at, "throttle did not block");
-    // 1 MiB of 64 KiB disk reads, and the exit that went over.
-    assert!((16..=18).contains(&blocked_at), "{blocked_at} exits before throttling");
-    // Once the backup is declared lost, throttle returns.
-    let primary = vcpu.join().unwrap();
+            assert!(exit < 1000, "throttle never blocked");
+        }
+    });
+    let (primary, blocked_at) = vcpu.join().unwrap();
+    // 1 MiB of 64 KiB disk reads, and the exit that went over: however
+    // slowly this thread ran, it blocked there and nowhere before.
+    assert!((16..=18).contains(&blocked_at), "throttle blocked at exit {blocked_at}");
     assert!(start.elapsed() < config.heartbeat_timeout + MARGIN, "{:?}", start.elapsed());
     let why = primary.backup_lost().unwrap();
     assert!(why.contains("no traffic from the backup"), "{why}");

@@ -211,3 +211,68 @@ fn a_primary_whose_certificate_does_not_name_the_address_is_refused() {
         Ok(_) => panic!("the backup accepted a primary certificate for another address"),
     }
 }
+
+/// A TCP relay to `to` for one connection, whose [`Relay::cut`] ends both
+/// sides with a FIN and nothing else (no TLS close_notify), as a host that
+/// dies does.
+struct Relay {
+    addr: String,
+    sockets: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    fn start(to: String) -> Relay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let sockets = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = sockets.clone();
+        thread::spawn(move || {
+            let (a, _) = listener.accept().unwrap();
+            let b = TcpStream::connect(&to).unwrap();
+            let copies =
+                [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b.try_clone().unwrap(), a.try_clone().unwrap())];
+            // Kept open until the test ends: a socket closed with unread
+            // bytes would send a reset, not the FIN a dead host's kernel
+            // sends.
+            kept.lock().unwrap().extend([a, b]);
+            for (mut from, mut to) in copies {
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                });
+            }
+        });
+        Relay { addr, sockets }
+    }
+
+    fn cut(&self) {
+        for s in self.sockets.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_tls_primary_that_dies_without_close_notify_reads_as_a_closed_connection() {
+    let dir = scratch("death");
+    let tls = credentials(&dir.0, &[("primary", LOCAL), ("backup", LOCAL)]);
+    let listener = PrimaryListener::bind("127.0.0.1:0").unwrap();
+    let relay = Relay::start(listener.local_addr().to_string());
+    let primary_config = with_tls(&tls[0]);
+    let accepting = thread::spawn(move || listener.accept(&header(), &primary_config).unwrap());
+    let (mut backup, _) =
+        BackupLink::connect(&relay.addr, &header(), &with_tls(&tls[1]), Duration::from_secs(5)).unwrap();
+    let mut primary = accepting.join().unwrap();
+    primary.append(&serial_record(1, b"hello")).unwrap();
+    primary.passed(1).unwrap();
+    assert_eq!(backup.next_record().unwrap(), Some(serial_record(1, b"hello")));
+    // The primary's host dies: its kernel closes the TCP connection, and
+    // no TLS close_notify is sent.
+    relay.cut();
+    assert_eq!(backup.next_record().unwrap(), None);
+    let why = backup.primary_lost().unwrap();
+    // As on a plaintext link, and without rustls' explanation of a missing
+    // close_notify (and its documentation link).
+    assert!(why.contains("the peer closed the connection"), "{why}");
+    assert!(!why.contains("close_notify") && !why.contains("https://"), "{why}");
+    drop(primary);
+}

@@ -93,10 +93,20 @@ pub(crate) async fn connect(tcp: TcpStream, addr: &str, tls: Option<&Tls>) -> Re
 }
 
 impl AsyncRead for Stream {
+    /// On TLS, a peer that goes away without a close_notify (its process
+    /// was killed, its host died) ends the stream as a TCP peer's FIN does:
+    /// rustls reports it as an `UnexpectedEof` error, read here as the end
+    /// of the stream. Nothing is lost by that: the channel's own framing
+    /// tells a clean end (the primary's `Done`) from one cut short, on TLS
+    /// as on TCP, so the peer's death reads the same in both (`the peer
+    /// closed the connection`, or `... in the middle of a frame`).
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Stream::Tls { tls, .. } => Pin::new(&mut **tls).poll_read(cx, buf),
+            Stream::Tls { tls, .. } => match ready!(Pin::new(&mut **tls).poll_read(cx, buf)) {
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
+                read => Poll::Ready(read),
+            },
         }
     }
 }

@@ -154,31 +154,9 @@ impl DiskClient {
         }
     }
 
-    /// The server's address, as given to [`DiskClient::connect`].
-    pub fn addr(&self) -> &str {
-        &self.link.addr
-    }
-
     /// The disk's size in bytes, a multiple of [`SECTOR_SIZE`].
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    /// This client's session id (for logs).
-    pub fn session(&self) -> u64 {
-        self.link.session
-    }
-
-    /// How long one call keeps retrying across connection failures.
-    pub fn retry_for(&self) -> Duration {
-        self.link.retry_for
-    }
-
-    /// Sets how long one call keeps retrying across connection failures
-    /// before it fails with [`ClientError::Unreachable`]; it also bounds how
-    /// long one call waits for an answer.
-    pub fn set_retry_for(&mut self, retry_for: Duration) {
-        self.link.retry_for = retry_for;
     }
 
     /// Reads `len` bytes at `offset`, in requests of at most [`MAX_IO`] bytes.
@@ -237,34 +215,6 @@ impl DiskClient {
         }
     }
 
-    /// The go-live arbitration: if the record's generation is
-    /// `expected_generation`, it becomes `expected_generation + 1` with
-    /// `owner` as the owner, and the caller has won. `owner` must be unique
-    /// to this VMM (e.g. `role@host`), non-empty, at most
-    /// [`crate::MAX_OWNER_LEN`] bytes and without control characters.
-    ///
-    /// If the connection fails after the request went out, the client sends
-    /// it again (same session, same sequence number): a server that executed
-    /// it answers from memory. A server that forgot it (it restarted, say)
-    /// executes it again, which then loses against our own first win: an
-    /// answer `Lost` that shows `owner` at `expected_generation + 1` after
-    /// such a retry is reported as Won.
-    pub fn test_and_set(&mut self, expected_generation: u64, owner: &str) -> Result<TasOutcome, ClientError> {
-        self.link.test_and_set(expected_generation, owner)
-    }
-
-    /// The arbitration record: the owner generation and the owner's name
-    /// (empty while the generation is 0).
-    pub fn owner(&mut self) -> Result<(u64, String), ClientError> {
-        self.link.owner()
-    }
-
-    /// The arbitration record's owner generation (0 until the first
-    /// test-and-set won).
-    pub fn generation(&mut self) -> Result<u64, ClientError> {
-        self.link.owner().map(|(generation, _)| generation)
-    }
-
     fn check_range(&self, offset: u64, len: usize) -> Result<(), ClientError> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.size => Ok(()),
@@ -287,49 +237,73 @@ impl Arbiter {
         Ok(Arbiter { link, kind })
     }
 
-    /// The server's address, as given to [`Arbiter::connect`].
-    pub fn addr(&self) -> &str {
-        &self.link.addr
-    }
-
     /// What the server serves (as it said when this client connected).
     pub fn kind(&self) -> ServerKind {
         self.kind
     }
-
-    /// This client's session id (for logs).
-    pub fn session(&self) -> u64 {
-        self.link.session
-    }
-
-    /// How long one call keeps retrying across connection failures.
-    pub fn retry_for(&self) -> Duration {
-        self.link.retry_for
-    }
-
-    /// Sets how long one call keeps retrying across connection failures
-    /// before it fails with [`ClientError::Unreachable`].
-    pub fn set_retry_for(&mut self, retry_for: Duration) {
-        self.link.retry_for = retry_for;
-    }
-
-    /// The arbitration record: the owner generation and the owner's name
-    /// (empty while the generation is 0).
-    pub fn owner(&mut self) -> Result<(u64, String), ClientError> {
-        self.link.owner()
-    }
-
-    /// The arbitration record's owner generation (0 until the first
-    /// test-and-set won).
-    pub fn generation(&mut self) -> Result<u64, ClientError> {
-        self.link.owner().map(|(generation, _)| generation)
-    }
-
-    /// The go-live test-and-set, exactly as [`DiskClient::test_and_set`].
-    pub fn test_and_set(&mut self, expected_generation: u64, owner: &str) -> Result<TasOutcome, ClientError> {
-        self.link.test_and_set(expected_generation, owner)
-    }
 }
+
+/// The methods both clients have, one session on one server each: its
+/// address, session and retry time, and the arbitration record.
+macro_rules! session_methods {
+    ($($client:ident),*) => {$(
+        impl $client {
+            #[doc = concat!("The server's address, as given to [`", stringify!($client), "::connect`].")]
+            pub fn addr(&self) -> &str {
+                &self.link.addr
+            }
+
+            /// This client's session id (for logs).
+            pub fn session(&self) -> u64 {
+                self.link.session
+            }
+
+            /// How long one call keeps retrying across connection failures.
+            pub fn retry_for(&self) -> Duration {
+                self.link.retry_for
+            }
+
+            /// Sets how long one call keeps retrying across connection
+            /// failures before it fails with [`ClientError::Unreachable`]; it
+            /// also bounds how long one call waits for an answer.
+            pub fn set_retry_for(&mut self, retry_for: Duration) {
+                self.link.retry_for = retry_for;
+            }
+
+            /// The go-live arbitration: if the record's generation is
+            /// `expected_generation`, it becomes `expected_generation + 1`
+            /// with `owner` as the owner, and the caller has won. `owner`
+            /// must be unique to this VMM (e.g. `role@host`), non-empty, at
+            /// most [`crate::MAX_OWNER_LEN`] bytes and without control
+            /// characters.
+            ///
+            /// If the connection fails after the request went out, the
+            /// client sends it again (same session, same sequence number): a
+            /// server that executed it answers from memory. A server that
+            /// forgot it (it restarted, say) executes it again, which then
+            /// loses against our own first win: an answer `Lost` that shows
+            /// `owner` at `expected_generation + 1` after such a retry is
+            /// reported as Won.
+            pub fn test_and_set(&mut self, expected_generation: u64, owner: &str) -> Result<TasOutcome, ClientError> {
+                self.link.test_and_set(expected_generation, owner)
+            }
+
+            /// The arbitration record: the owner generation and the owner's
+            /// name (empty while the generation is 0).
+            pub fn owner(&mut self) -> Result<(u64, String), ClientError> {
+                self.link.owner()
+            }
+
+            /// The arbitration record's owner generation (0 until the first
+            /// test-and-set won).
+            pub fn generation(&mut self) -> Result<u64, ClientError> {
+                self.link.owner().map(|(generation, _)| generation)
+            }
+        }
+    )*};
+}
+
+session_methods!(DiskClient, Arbiter);
 
 impl Link {
     /// A new session on the server at `addr`, and what the server serves.

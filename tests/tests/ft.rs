@@ -94,20 +94,16 @@ fn continuity_checker_catches_gaps_and_reordering() {
     assert!(check_continuity_across(1, &l(&[1, 2, 3, 2, 3, 2, 3])).is_err());
 }
 
-fn failover_trial(rng: &mut impl Rng, trial: u32, hosts: Option<&Hosts>) {
-    // On two hosts (network namespaces) when root, else on loopback.
-    let (p_ip, b_ip) =
-        hosts.map_or(("127.0.0.1".into(), "127.0.0.1".into()), |h| (h.primary_ip.clone(), h.backup_ip.clone()));
-    if let Some(h) = hosts {
-        h.restore_primary_link();
-    }
+fn failover_trial(rng: &mut impl Rng, trial: u32, hosts: &Hosts) {
+    let (p_ip, b_ip) = (&hosts.primary_ip, &hosts.backup_ip);
+    hosts.restore_primary_link();
     let (listen, p_serial, b_serial) = (format!("{p_ip}:0"), format!("tcp:{p_ip}:0"), format!("tcp:{b_ip}:0"));
     let p_args = ["--primary", "--guest", "ticker", "--cmdline", "hz=50", "--listen", &listen, "--serial", &p_serial];
-    let mut p = Proc::spawn_in(hosts.map(|h| h.primary_ns()).as_deref(), &p_args);
+    let mut p = Proc::spawn_in(Some(&hosts.primary_ns()), &p_args);
     let addr = p.wait_addr("waiting for a backup on", START);
     let p_console = p.wait_addr("serial console on", START);
     let b_args = ["--backup", "--guest", "ticker", "--cmdline", "hz=50", "--connect", &addr, "--serial", &b_serial];
-    let mut b = Proc::spawn_in(hosts.map(|h| h.backup_ns()).as_deref(), &b_args);
+    let mut b = Proc::spawn_in(Some(&hosts.backup_ns()), &b_args);
     let b_console = b.wait_addr("serial console on", START);
     p.wait_line("backup attached", START);
 
@@ -119,9 +115,7 @@ fn failover_trial(rng: &mut impl Rng, trial: u32, hosts: Option<&Hosts>) {
     // Kill at a random moment, not only right after a line.
     std::thread::sleep(Duration::from_micros(rng.gen_range(0..20_000)));
     p.kill();
-    if let Some(h) = hosts {
-        h.cut_primary_link();
-    }
+    hosts.cut_primary_link();
     b.wait_line("going live", Duration::from_secs(5));
     let stream = connect_retry(&b_console);
     reader.read_from(stream, |lines| lines.last().is_some_and(|l| l.0 >= killed_at + 20));
@@ -131,17 +125,20 @@ fn failover_trial(rng: &mut impl Rng, trial: u32, hosts: Option<&Hosts>) {
     b.kill();
 }
 
+/// On two hosts (network namespaces: root, as CI is; without root the test
+/// fails saying so, it does not fall back to loopback).
 #[test]
 fn failover_loses_no_tick_and_reorders_none() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
     let hosts = Hosts::create(78);
-    eprintln!(
-        "failover trials on {}",
-        if hosts.is_some() { "two network-namespace hosts" } else { "loopback (not root)" }
-    );
     for trial in 0..20 {
-        failover_trial(&mut rng, trial, hosts.as_ref());
+        failover_trial(&mut rng, trial, &hosts);
     }
+}
+
+/// The number of a `tick N H` line.
+fn tick_number(line: &str) -> Option<u64> {
+    line.strip_prefix("tick ")?.split(' ').next()?.parse().ok()
 }
 
 #[test]
@@ -151,31 +148,39 @@ fn a_lost_backup_releases_the_primarys_output_within_the_heartbeat_timeout() {
     let mut b = backup("ticker", &addr, &["--cmdline", "hz=50", "--heartbeat-ms", "150"]);
     p.wait_line("backup attached", START);
     let stream = connect_retry(&console);
+    // Without the heartbeat timeout the output would be held for good:
+    // this read timeout is what would end the test then.
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut lines = BufReader::new(stream).lines();
-    for _ in 0..10 {
-        lines.next().unwrap().unwrap();
+    let mut ticks = Vec::new();
+    while ticks.len() < 10 {
+        ticks.extend(tick_number(&lines.next().unwrap().unwrap()));
     }
     // Stop the backup without a word (SIGSTOP: no FIN, no RST): only the
     // heartbeat timeout can tell. Output is held meanwhile, then released.
     let pid = b.child.id().to_string();
     std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
-    let stopped = Instant::now();
-    let mut last_gap = Duration::ZERO;
+    let mut longest_gap = Duration::ZERO;
     let mut previous = Instant::now();
-    let mut after = 0;
-    while after < 30 {
+    while ticks.len() < 40 {
         let line = lines.next().expect("primary keeps printing").expect("line");
-        if line.starts_with("tick ") {
+        if let Some(n) = tick_number(&line) {
             let now = Instant::now();
-            last_gap = last_gap.max(now - previous);
+            longest_gap = longest_gap.max(now - previous);
             previous = now;
-            after += 1;
+            ticks.push(n);
         }
     }
-    assert!(last_gap < Duration::from_millis(150 + 600), "output held {last_gap:?} after the backup stopped");
-    p.wait_line("backup lost", Duration::from_secs(2));
-    assert!(stopped.elapsed() < Duration::from_secs(5));
+    // What ended the hold: the primary declared the backup lost after
+    // 150 ms without traffic, as configured.
+    let lost = p.wait_line("backup lost", Duration::from_secs(2));
+    assert!(lost.contains("150ms (heartbeat timeout)"), "{lost}");
+    // Held, then released whole: no tick lost, none repeated or reordered.
+    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "ticks across the hold: {ticks:?}");
+    // The hold lasts the heartbeat timeout plus the wake-ups that follow
+    // it; 3 s (20 timeouts) leaves a loaded 2-core machine room while
+    // still telling the 150 ms timeout from a hold that lasts.
+    assert!(longest_gap < Duration::from_secs(3), "output held {longest_gap:?} after the backup stopped");
     b.kill();
 }
 

@@ -48,30 +48,7 @@ impl NetPair {
         let dir = Scratch::new("netft");
         let (pns, bns, sns) =
             (lab.host("p").unwrap().ns.clone(), lab.host("b").unwrap().ns.clone(), lab.host("s").unwrap().ns.clone());
-        let ftdisk = ftvmm_tests::ftdisk_bin().display().to_string();
-        let state = dir.path("record");
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &sns,
-                &ftdisk,
-                "--arbiter-only",
-                "--state",
-                &state,
-                "--listen",
-                &format!("{net}.4:7100"),
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn ftdisk");
-        std::thread::sleep(Duration::from_millis(300));
-        if let Ok(Some(s)) = child.try_wait() {
-            panic!("the arbiter exited: {s}");
-        }
-        let arbiter = KillOnDrop(child);
+        let (arbiter, _) = ftvmm_tests::spawn_arbiter(Some(&sns), &dir.path("record"), &format!("{net}.4:7100"));
         let vm = format!("{net}.10");
         let cmdline = format!("ip={vm}/24");
         let arb = format!("ftdisk:{net}.4:7100");
@@ -236,16 +213,7 @@ fn one_client_connection_survives_three_failovers_in_a_row() {
     }
     let dir = Scratch::new("netchain");
     let sns = lab.host("s").unwrap().ns.clone();
-    let state = dir.path("record");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &sns])
-        .arg(ftvmm_tests::ftdisk_bin())
-        .args(["--arbiter-only", "--state", &state, "--listen", &format!("{net}.4:7100")])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn ftdisk");
-    let _arbiter = KillOnDrop(child);
-    std::thread::sleep(Duration::from_millis(300));
+    let (_arbiter, _) = ftvmm_tests::spawn_arbiter(Some(&sns), &dir.path("record"), &format!("{net}.4:7100"));
     let (vm, arb) = (format!("{net}.10"), format!("ftdisk:{net}.4:7100"));
     let cmdline = format!("ip={vm}/24");
     let common =

@@ -69,8 +69,7 @@ fn a_pair_whose_macs_differ_is_refused() {
     lab.add_tap("p", "fttap").unwrap();
     lab.add_tap("b", "fttap").unwrap();
     let dir = ftvmm_tests::Scratch::new("macs");
-    let (mut arbiter, addr) =
-        ftvmm_tests::spawn_ftdisk_with(&["--arbiter-only", "--state", &dir.path("record")], "10.82.0.254:0");
+    let (_arbiter, addr) = ftvmm_tests::spawn_arbiter(None, &dir.path("record"), "10.82.0.254:0");
     let arb = format!("ftdisk:{addr}");
     let (pns, bns) = (lab.host("p").unwrap().ns.clone(), lab.host("b").unwrap().ns.clone());
     let p = Proc::spawn_in(
@@ -104,5 +103,4 @@ fn a_pair_whose_macs_differ_is_refused() {
     );
     assert_eq!(b.code(), 2, "{}", b.stderr);
     assert!(b.stderr.contains("net_mac"), "the refusal names the MAC: {}", b.stderr);
-    let _ = arbiter.kill();
 }

@@ -415,20 +415,8 @@ impl Pair {
         let lab = lab(tag, subnet, &[("p", 1), ("b", 2), ("s", 4)], &["p", "b"]);
         let dir = Scratch::new("redis-pair");
         let ns = |h: &str| lab.host(h).unwrap().ns.clone();
-        let ftdisk = ftvmm_tests::ftdisk_bin().display().to_string();
         let arbiter_addr = format!("{net}.4:7100");
-        let state = dir.path("record");
-        let mut arbiter = Command::new("ip")
-            .args(["netns", "exec", &ns("s"), &ftdisk, "--arbiter-only", "--state", &state, "--listen", &arbiter_addr])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn ftdisk");
-        std::thread::sleep(Duration::from_millis(300));
-        if let Ok(Some(s)) = arbiter.try_wait() {
-            panic!("the arbiter exited: {s}");
-        }
+        let (arbiter, _) = ftvmm_tests::spawn_arbiter(Some(&ns("s")), &dir.path("record"), &arbiter_addr);
         let cmdline = format!("ip={vm}/24");
         let arb = format!("ftdisk:{arbiter_addr}");
         let common = [
@@ -451,7 +439,7 @@ impl Pair {
         let mut bargs = vec!["--backup", "--connect", &listen];
         bargs.extend_from_slice(&common);
         let backup = Proc::spawn_in(Some(&ns("b")), &bargs);
-        let pair = Pair { primary, backup, _arbiter: KillOnDrop(arbiter), _lab: lab, _dir: dir };
+        let pair = Pair { primary, backup, _arbiter: arbiter, _lab: lab, _dir: dir };
         let deadline = Instant::now() + START;
         while !pair.primary.stderr().iter().any(|l| l.contains("backup attached")) {
             assert!(

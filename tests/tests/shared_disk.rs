@@ -2,7 +2,7 @@
 //! logging channel is cut (split brain), and a storage server restarting
 //! under load.
 
-use ftvmm_tests::{qemu_img, spawn_ftdisk, spawn_ftdisk_with, Proc, Scratch};
+use ftvmm_tests::{qemu_img, spawn_arbiter, spawn_ftdisk, Proc, Scratch};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -108,12 +108,11 @@ fn a_cut_logging_channel_leaves_exactly_one_side_live() {
 #[test]
 fn a_cut_logging_channel_leaves_exactly_one_side_live_with_an_arbiter_and_no_disk() {
     let dir = Scratch::new("split-brain-arbiter");
-    let (mut arbiter, addr) = spawn_ftdisk_with(&["--arbiter-only", "--state", &dir.path("record")], "127.0.0.1:0");
+    let (_arbiter, addr) = spawn_arbiter(None, &dir.path("record"), "127.0.0.1:0");
     let arbiter_flag = format!("ftdisk:{addr}");
     for trial in 0..50 {
         split_brain_trial(&["--arbiter", &arbiter_flag], "won the arbiter", trial);
     }
-    let _ = arbiter.kill();
 }
 
 #[test]

@@ -80,20 +80,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
-        }
-    };
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ftdisk: error: {e}");
-            ExitCode::from(2)
-        }
-    }
+    credentials::cli::main("ftdisk", run)
 }
 
 /// The TLS configuration and allow list the flags ask for (`None`:

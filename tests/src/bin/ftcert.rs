@@ -1,7 +1,7 @@
 //! `ftcert`: makes test TLS credentials for ftvmm and ftdisk — a CA and a
 //! certificate per host, each a PEM certificate and key in one directory —
 //! so that the demo and the tests run with TLS from a clean clone. For real
-//! deployments use certificates from your own CA (README, "TLS").
+//! deployments use certificates from your own CA (docs/tls.md).
 
 use clap::Parser;
 use credentials::issue::Authority;
@@ -61,18 +61,5 @@ fn run(cli: &Cli) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
-        }
-    };
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ftcert: error: {e}");
-            ExitCode::from(2)
-        }
-    }
+    credentials::cli::main("ftcert", run)
 }
