@@ -154,7 +154,7 @@ pub struct Cli {
     /// network thread sleeps waiting for the peer (the primary for an ack
     /// while a batch is in flight, the backup for the next batch): shorter
     /// output-commit latency for a core's worth of spinning. 0, the
-    /// default, never spins (see the README's benchmark for the trade).
+    /// default, never spins (see docs/benchmarks.md, "Output commit, hop by hop", for the trade).
     #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub poll_us: u64,
 

@@ -13,8 +13,8 @@
 //! start of the position's input delivery, before any other input of that
 //! position is applied, on both sides. Hashing all of memory needs no dirty
 //! log (the dirty log belongs to state syncs and live transfers), so a check
-//! is independent of them; its cost is one BLAKE3 pass over memory (see the
-//! README's figures), which the default period keeps small.
+//! is independent of them; its cost is one BLAKE3 pass over memory (see
+//! docs/design.md, "Digest checks"), which the default period keeps small.
 
 use crate::error::{log_write_error, RunError};
 use crate::inputs::Inputs;
