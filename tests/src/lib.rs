@@ -46,14 +46,15 @@ pub fn ftdisk_bin() -> PathBuf {
 
 /// A running `ftdisk` serving `image` on `addr` (port 0: any), and the
 /// address it serves on.
-pub fn spawn_ftdisk(image: &str, addr: &str) -> (Child, String) {
+pub fn spawn_ftdisk(image: &str, addr: &str) -> (KillOnDrop, String) {
     spawn_ftdisk_with(&["--image", image], addr)
 }
 
 /// A running `ftdisk` with `args` (`--image PATH`, or `--arbiter-only
 /// --state PATH`) on `addr`, and the address it serves on.
-pub fn spawn_ftdisk_with(args: &[&str], addr: &str) -> (Child, String) {
-    spawn_ftdisk_in(None, args, addr)
+pub fn spawn_ftdisk_with(args: &[&str], addr: &str) -> (KillOnDrop, String) {
+    let (child, served) = spawn_ftdisk_in(None, args, addr);
+    (KillOnDrop(child), served)
 }
 
 /// A running arbiter-only `ftdisk` keeping its record in `state`, on
@@ -522,6 +523,19 @@ pub fn check_continuity_across(switches: usize, lines: &[(u64, String)]) -> Resu
 
 /// A helper process (an ftdisk arbiter, a load) killed and reaped when dropped.
 pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

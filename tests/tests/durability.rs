@@ -33,7 +33,7 @@ impl SlowStorage {
             std::thread::sleep(delay);
             true
         });
-        SlowStorage { _server: KillOnDrop(server), disk: format!("ftdisk:{relay}"), image }
+        SlowStorage { _server: server, disk: format!("ftdisk:{relay}"), image }
     }
 }
 

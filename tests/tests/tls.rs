@@ -50,7 +50,7 @@ fn a_tls_pair_on_tls_storage_is_in_lockstep_and_fails_over() {
     let storage = tls(&dir, "storage");
     let (ftdisk, addr) =
         spawn_ftdisk_with(&args(&[&["--image", &image][..], &allow[..]].concat(), &storage), "127.0.0.1:0");
-    let _ftdisk = ftvmm_tests::KillOnDrop(ftdisk);
+    let _ftdisk = ftdisk;
     let disk = format!("ftdisk:{addr}");
     let input = dir.path("kv.in");
     std::fs::write(&input, "set a 1\nset b 2\nget a\nquit\n").unwrap();
@@ -89,7 +89,7 @@ fn a_tls_pair_on_tls_storage_is_in_lockstep_and_fails_over() {
         &args(&[&["--arbiter-only", "--state", &state][..], &allow[..]].concat(), &storage),
         "127.0.0.1:0",
     );
-    let _arbiter = ftvmm_tests::KillOnDrop(arbiter);
+    let _arbiter = arbiter;
     let arbiter_flag = format!("ftdisk:{arbiter_addr}");
     let common = ["--guest", "ticker", "--cmdline", "hz=50", "--arbiter", &arbiter_flag, "--serial", "tcp:127.0.0.1:0"];
     let mut p = Proc::spawn(&args(&[&["--primary", "--listen", "127.0.0.1:0"][..], &common[..]].concat(), &p_tls));
@@ -172,7 +172,7 @@ fn ftdisk_refuses_an_unlisted_certificate_and_the_image_is_unchanged() {
         &args(&["--image", &image, "--tls-allow-file", &allow_file], &tls(&dir, "storage")),
         "127.0.0.1:0",
     );
-    let _ftdisk = ftvmm_tests::KillOnDrop(ftdisk);
+    let _ftdisk = ftdisk;
     let disk = format!("ftdisk:{addr}");
     let input = dir.path("kv.in");
     std::fs::write(&input, "set secret 42\nquit\n").unwrap();
