@@ -209,7 +209,7 @@ fn wire(
                 None
             };
             let (input, port) = start_serial(endpoint, config.serial_input.as_deref())?;
-            let (gate, disk_applied) = OutputGate::for_primary(&port, disk, nic.as_ref().map(|n| n.tx.clone()));
+            let gate = OutputGate::for_primary(&port, disk, nic.as_ref().map(|n| n.tx.clone()));
             match &link {
                 Some(link) => link.on_ack(OutputGate::ack_callback(&gate)),
                 // Unprotected until a backup joins: nothing is held.
@@ -224,7 +224,6 @@ fn wire(
             let role = Role::Primary {
                 gate: gate.clone(),
                 delivered: port.delivered(),
-                disk_applied,
                 finish_timeout: channel.heartbeat_timeout * 5,
                 generation: header.disk_generation,
                 shipped: (0, std::time::Instant::now()),

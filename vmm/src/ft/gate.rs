@@ -10,7 +10,6 @@ use crate::host::disk::{DiskOp, DiskPort, DiskSender, OpSeq};
 use crate::host::tap::TapTx;
 use logging_channel::{Acked, LatencyHistogram, LatencySummary};
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -103,19 +102,15 @@ impl GateState {
 impl OutputGate {
     /// A primary's gate over its serial `port`, its disk (whose writer
     /// thread it starts, and which reports back each applied op) and its
-    /// NIC; with the disk's applied-op counter.
-    pub fn for_primary(
-        port: &OutputPort,
-        disk: Option<&mut DiskPort>,
-        net: Option<TapTx>,
-    ) -> (Arc<OutputGate>, Arc<AtomicU64>) {
+    /// NIC.
+    pub fn for_primary(port: &OutputPort, disk: Option<&mut DiskPort>, net: Option<TapTx>) -> Arc<OutputGate> {
         match disk {
             Some(disk) => {
                 let gate = OutputGate::new(port.sender(), Some(disk.releaser()), net);
                 disk.on_applied(OutputGate::applied_callback(&gate));
-                (gate, disk.applied())
+                gate
             }
-            None => (OutputGate::new(port.sender(), None, net), Arc::default()),
+            None => OutputGate::new(port.sender(), None, net),
         }
     }
 

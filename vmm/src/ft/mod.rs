@@ -46,8 +46,6 @@ pub enum Role {
         gate: Arc<OutputGate>,
         /// The exit up to which serial output has reached the outside world.
         delivered: Arc<AtomicU64>,
-        /// Every disk op numbered up to this has been applied.
-        disk_applied: Arc<AtomicU64>,
         finish_timeout: Duration,
         /// Our owner generation of the shared disk (0: none).
         generation: u64,

@@ -233,5 +233,5 @@ fn going_live_re_issues_and_flushes_the_disk_before_any_other_output() {
     assert_eq!(&*console.0.lock().unwrap(), b"written\nagain\n");
     // Two writes and the closing flush, all before the first byte out.
     assert_eq!(*seen_output.lock().unwrap(), vec![false, false, false]);
-    assert_eq!(disk.applied().load(std::sync::atomic::Ordering::Acquire), 2);
+    assert_eq!(disk.applied_through(), 2);
 }

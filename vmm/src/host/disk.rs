@@ -342,9 +342,9 @@ impl DiskPort {
         *lock(&self.on_applied) = Some(f);
     }
 
-    /// Every op numbered up to this has been applied.
-    pub fn applied(&self) -> Arc<AtomicU64> {
-        self.applied.clone()
+    /// The last op number up to which every op has been applied.
+    pub fn applied_through(&self) -> OpSeq {
+        self.applied.load(Ordering::Acquire)
     }
 
     /// Why the writer thread stopped, if a write failed.
@@ -497,7 +497,7 @@ mod tests {
         port.close();
         assert_eq!(port.deferred_bytes(), 0);
         assert!(port.pending_ops().is_empty(), "an applied op stayed in the overlay");
-        assert_eq!(port.applied().load(Ordering::Acquire), 2000);
+        assert_eq!(port.applied_through(), 2000);
         // A later write to the same sectors is what a read sees.
         assert_eq!(port.read(0, 512).unwrap(), vec![1984u64 as u8; 512]);
     }
@@ -559,7 +559,7 @@ mod tests {
             sender.send(seq, op);
         }
         port.close();
-        assert_eq!(port.applied().load(Ordering::Acquire), 1);
+        assert_eq!(port.applied_through(), 1);
         assert_eq!(reported.load(Ordering::Acquire), 1);
         let pending: Vec<u64> = port.pending_ops().iter().map(|(s, _)| *s).collect();
         assert_eq!(pending, vec![2, 3]);
@@ -568,7 +568,7 @@ mod tests {
         port.apply_taken_over(&port.pending_ops()).unwrap();
         assert_eq!(storage.writes.load(Ordering::Relaxed), 2);
         assert_eq!(storage.flushes.load(Ordering::Relaxed), 2, "the taken-over flush, then one more");
-        assert_eq!(port.applied().load(Ordering::Acquire), 3);
+        assert_eq!(port.applied_through(), 3);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::arbiter::Arbitration;
 use crate::clock::HostClock;
 use crate::error::{log_write_error, RunError};
 use crate::ft::{owner_name, Held, Joiner, OutputGate, Role, Suppressed};
-use crate::host::disk::{Claim, MAX_DEFERRED_BYTES};
+use crate::host::disk::{Claim, DiskPort, MAX_DEFERRED_BYTES};
 use crate::inputs::{Inputs, LiveInputs};
 use crate::log_io::{LogSink, LogSource};
 use crate::run::Vmm;
@@ -86,11 +86,11 @@ impl Vmm {
                     *shipped = (position.exit, Instant::now());
                 }
                 recorder.passed().map_err(log_write_error)?;
-                if let (LogSink::Primary(link), Role::Primary { gate, delivered, disk_applied, .. }) =
+                if let (LogSink::Primary(link), Role::Primary { gate, delivered, .. }) =
                     (recorder.sink_mut(), &self.role)
                 {
                     link.released(gate.released(delivered.load(Ordering::Acquire)));
-                    link.disk_applied(disk_applied.load(Ordering::Acquire));
+                    link.disk_applied(self.disk.as_ref().map_or(0, DiskPort::applied_through));
                     link.throttle(position.exit);
                 }
                 if let Some(why) = self.newly_lost_backup() {
@@ -249,14 +249,13 @@ impl Vmm {
         let Some(port) = live_outputs.into_port() else {
             return Err(RunError::Io { what: "becoming a primary", err: std::io::Error::other("no serial port") });
         };
-        let (gate, disk_applied) = OutputGate::for_primary(&port, self.disk.as_mut(), net);
+        let gate = OutputGate::for_primary(&port, self.disk.as_mut(), net);
         gate.acked(u64::MAX);
         eprintln!("ftvmm: live: accepting a backup on {}", listener.local_addr());
         let joiner = Joiner::start(listener, self.header.clone(), self.channel.clone(), true);
         self.role = Role::Primary {
             gate: gate.clone(),
             delivered: port.delivered(),
-            disk_applied,
             finish_timeout: self.channel.heartbeat_timeout * 5,
             generation,
             shipped: (self.exits, Instant::now()),
