@@ -16,7 +16,7 @@ use rand::Rng;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -75,8 +75,13 @@ fn read_redis_disk(
         let _ = conn.send(&["SHUTDOWN"]);
         Ok(values)
     })();
-    let status = ftvmm_tests::wait_timeout(&mut child, Duration::from_secs(20));
-    let values = result?;
+    fresh_vm_ended(&mut child, result)
+}
+
+/// What a fresh VM read, once it has ended by itself with status 0.
+fn fresh_vm_ended(child: &mut Child, read: Result<Vec<String>, String>) -> Result<Vec<String>, String> {
+    let status = ftvmm_tests::wait_timeout(child, Duration::from_secs(20));
+    let values = read?;
     match status.and_then(|s| s.code()) {
         Some(0) => Ok(values),
         other => Err(format!("the fresh VM ended with {other:?}")),
@@ -139,12 +144,7 @@ fn read_disk(ftdisk_addr: &str, keys: &[String], t: &Transcript) -> Result<Vec<S
         }
         Ok(values)
     })();
-    let status = ftvmm_tests::wait_timeout(&mut child, Duration::from_secs(20));
-    let values = result?;
-    match status.and_then(|s| s.code()) {
-        Some(0) => Ok(values),
-        other => Err(format!("the fresh VM ended with {other:?}")),
-    }
+    fresh_vm_ended(&mut child, result)
 }
 
 impl Scenario {
