@@ -12,13 +12,14 @@ use crate::clock::{wall_clock_ns, HostClock};
 use crate::config::{DiskSpec, ImageSource, Mode, VmConfig};
 use crate::devices::Devices;
 use crate::error::{usage, Error, RunError};
-use crate::ft::{owner_name, Direct, Held, HostNic, Joiner, OutputGate, Outputs, Role, Suppressed};
+use crate::ft::{owner_name, receive_state, FtRole, Held, HostNic, Joiner, OutputGate, Role, Suppressed};
 use crate::host::console::Endpoint;
 use crate::host::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
 use crate::inputs::{Inputs, LiveInputs};
 use crate::log_io::{LogSink, LogSource};
 use crate::mac::format_mac;
-use crate::run::{check_begin, restore_state, StateIn, Vmm};
+use crate::output::{Direct, Outputs};
+use crate::run::{check_begin, restore_state, Alone, RoleHooks, Vmm};
 use crate::snapshot::{SnapshotError, StateReader};
 
 use crate::{loader, rdtsc, vm};
@@ -26,7 +27,7 @@ use credentials::Tls;
 use logging_channel::{BackupLink, ChannelConfig, LogStart, PrimaryListener};
 use replay::{Header, LogReader, LogWriter, Recorder, Replayer};
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter};
+use std::io::{BufReader, BufWriter};
 use std::path::Path;
 use std::sync::mpsc::Receiver;
 
@@ -104,7 +105,8 @@ fn start_serial(
 struct Wiring {
     inputs: Inputs,
     output: Box<dyn Outputs>,
-    role: Role,
+    /// Its part in fault tolerance (None: alone).
+    role: Option<Role>,
     /// A backup joining a running VM: its state comes over the channel.
     joining: bool,
 }
@@ -150,7 +152,7 @@ fn wire(
                 inputs: Inputs::Replay(replayer),
                 // A replay sends no frame.
                 output: Box::new(Direct { port: endpoint.start_output_only(), net: None }),
-                role: Role::Solo,
+                role: None,
                 joining: false,
             }
         }
@@ -166,6 +168,9 @@ fn wire(
             let (link, primary) = BackupLink::connect(connect, header, &channel, config.connect_timeout)
                 .map_err(|e| usage(format!("backup: logging channel to {connect}: {e}")))?;
             header.wall_clock_base_ns = primary.header.wall_clock_base_ns;
+            // The primary's generation of the shared disk, to claim it from
+            // when going live (a joining backup's comes with the state).
+            header.disk_generation = primary.header.disk_generation;
             let joining = primary.start == LogStart::State;
             if joining {
                 eprintln!("ftvmm: backup: joining the running VM at {connect}: receiving its state");
@@ -183,13 +188,7 @@ fn wire(
             Wiring {
                 inputs: Inputs::Replay(Replayer::new(LogSource::Backup(link))),
                 output: Box::new(Suppressed::default()),
-                role: Role::Backup {
-                    endpoint: Some(endpoint),
-                    serial_input: config.serial_input.clone(),
-                    expected_generation: primary.header.disk_generation,
-                    nic,
-                    listener,
-                },
+                role: Some(Role::backup(endpoint, config.serial_input.clone(), nic, listener)),
                 joining,
             }
         }
@@ -221,15 +220,13 @@ fn wire(
             if let Some(nic) = &nic {
                 live.attach_nic(nic.rx.clone(), &nic.waker);
             }
-            let role = Role::Primary {
-                gate: gate.clone(),
-                delivered: port.delivered(),
-                finish_timeout: channel.heartbeat_timeout * 5,
-                generation: header.disk_generation,
-                shipped: (0, std::time::Instant::now()),
-                joiner: Some(joiner),
-            };
-            Wiring { inputs: Inputs::Live(Box::new(live)), output: Box::new(Held { gate, port }), role, joining: false }
+            let role = Role::primary(&gate, &port, &channel, joiner, 0);
+            Wiring {
+                inputs: Inputs::Live(Box::new(live)),
+                output: Box::new(Held { gate, port }),
+                role: Some(role),
+                joining: false,
+            }
         }
         Mode::Solo { record } => {
             header.wall_clock_base_ns = wall_clock_ns();
@@ -253,7 +250,7 @@ fn wire(
                 live.attach_nic(nic.rx.clone(), &nic.waker);
             }
             let output = Direct { port, net: nic.as_ref().map(|n| n.tx.clone()) };
-            Wiring { inputs: Inputs::Live(Box::new(live)), output: Box::new(output), role: Role::Solo, joining: false }
+            Wiring { inputs: Inputs::Live(Box::new(live)), output: Box::new(output), role: None, joining: false }
         }
     };
     Ok(wiring)
@@ -375,23 +372,31 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         }
         _ if joining => {
             let from = "backup: joining the running VM".to_string();
-            let restored = receive_state(&mut inputs, &header, mem_size, &mut machine, &mut devices)
+            let link = inputs.backup_link().ok_or_else(|| usage(format!("{from}: not a backup")))?;
+            let restored = receive_state(link, &header, mem_size, &mut machine, &mut devices)
                 .map_err(|e| usage(format!("{from}: {e}")))?;
             (Some(restored), from)
         }
         _ => (None, String::new()),
     };
+    let role: Box<dyn RoleHooks> = match role {
+        Some(role) => Box::new(FtRole::new(role, arbiter, channel_config(config, tls.as_ref()))),
+        None => Box::new(Alone),
+    };
     let mut vmm = Vmm::new(machine, devices, inputs, output, role, disk, rdtsc_sites, header, config.wants_digest());
-    vmm.arbiter = arbiter;
     vmm.set_checks(
         crate::run::CheckPolicy { every_ms: config.check_every_ms, every_exits: config.check_every_exits },
         config.inject_divergence_at,
     );
     vmm.sync_after = config.sync_after;
     vmm.die_before_disk_read = config.die_before_disk_read;
-    vmm.channel = channel_config(config, tls.as_ref());
     if let Some(restored) = restored {
         let exit = restored.exits;
+        if joining {
+            // The primary's generation now (it may have changed since the
+            // handshake: a primary that lost a backup claims anew).
+            vmm.header.disk_generation = restored.disk_generation;
+        }
         vmm.adopt(restored).map_err(|e| usage(format!("{from}: {e}")))?;
         eprintln!("ftvmm: {from}: restored at exit {exit}");
     }
@@ -405,30 +410,4 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
 /// it replays only from that snapshot.
 fn restored_config(config: &str, exit: u64) -> String {
     format!("{config} restored_at_exit={exit}")
-}
-
-/// A joining backup: the running primary's state, from the logging channel.
-fn receive_state(
-    inputs: &mut Inputs,
-    header: &Header,
-    mem_size: u64,
-    machine: &mut vm::Machine,
-    devices: &mut Devices,
-) -> Result<crate::run::Restored, SnapshotError> {
-    let Inputs::Replay(replayer) = inputs else {
-        return Err(SnapshotError::Corrupt("not a backup".into()));
-    };
-    let LogSource::Backup(link) = replayer.source_mut() else {
-        return Err(SnapshotError::Corrupt("not a backup".into()));
-    };
-    let mut reader = StateReader::new(BufReader::with_capacity(1 << 20, StateIn::new(link)))?;
-    check_begin(reader.next_item()?, header, mem_size)?;
-    let restored = restore_state(machine, devices, &mut reader)?;
-    // The channel's end of the state, after the stream's End item.
-    let mut rest = reader.into_inner();
-    if rest.fill_buf()?.is_empty() && rest.into_inner().finish()? {
-        Ok(restored)
-    } else {
-        Err(SnapshotError::Corrupt("data after the state's End item".into()))
-    }
 }

@@ -194,3 +194,29 @@ pub enum Inputs {
     Live(Box<LiveInputs>),
     Replay(Replayer<LogSource>),
 }
+
+impl Inputs {
+    /// The logging channel to a backup, if these are a primary's inputs
+    /// (live, recorded to a backup).
+    pub fn primary_link(&mut self) -> Option<&mut logging_channel::PrimaryLink> {
+        match self {
+            Inputs::Live(live) => match live.recorder.as_mut()?.sink_mut() {
+                LogSink::Primary(link) => Some(link),
+                LogSink::File(_) => None,
+            },
+            Inputs::Replay(_) => None,
+        }
+    }
+
+    /// The logging channel from the primary, if these are a backup's
+    /// inputs (a replay of the primary's log).
+    pub fn backup_link(&mut self) -> Option<&mut logging_channel::BackupLink> {
+        match self {
+            Inputs::Replay(r) => match r.source_mut() {
+                LogSource::Backup(link) => Some(link),
+                LogSource::File(_) => None,
+            },
+            Inputs::Live(_) => None,
+        }
+    }
+}

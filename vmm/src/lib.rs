@@ -9,8 +9,9 @@
 //!   `main.rs` uses it);
 //! - [`builder`] turns a configuration into a ready [`run::Vmm`]: the disk,
 //!   the serial endpoint, the log or the peer, the machine, the image;
-//! - [`run`] is the run loop: exit dispatch to the devices, input delivery
-//!   at positions, and the FT role's bookkeeping and going live;
+//! - [`run`] is the run loop, mechanism only: exit dispatch to the devices,
+//!   input delivery at positions, syncs, snapshots, digest checks; it asks
+//!   the FT role through [`run::RoleHooks`] and knows no role;
 //! - [`layout`] is the platform's table of addresses, ports and IRQs;
 //! - [`vm`] is the KVM VM and its single vCPU, [`boot`] the boot protocol,
 //!   [`cpuid`] the fixed CPU model, [`loader`] and [`rdtsc`] the image loader
@@ -22,14 +23,18 @@
 //!   [`host`] holds their outside ends: the disk's storage, the serial
 //!   port's console, the host's TAP device;
 //! - [`inputs`] are the external inputs, live or from a log ([`log_io`]:
-//!   where the log goes and comes from); [`ft`] the FT role, the host NIC's
-//!   pairing, the joiner and the output regimes (the output rule);
+//!   where the log goes and comes from); [`output`] where the outputs go
+//!   (the regimes' trait, the direct one); [`ft`] fault tolerance: the
+//!   role, failover and arbitration, join, repair, the output gate and the
+//!   held and suppressed regimes, the host NIC's pairing;
 //!   [`arbiter`] go-live arbitration; [`digest`] the state digest;
 //!   [`snapshot`] the state snapshot format (files and live state
 //!   transfer); [`error`] what ends a run.
 //!
-//! No module imports one that imports it back (`tests/module_graph.rs`
-//! checks it, and that the devices reach nothing above them).
+//! No module imports one that imports it back, no top-level module (a
+//! folder counts as one) reaches one that reaches it back: `ft` uses `run`,
+//! never the reverse (`tests/module_graph.rs` checks it, that the devices
+//! reach nothing above them, and that only `ft` looks inside the role).
 
 pub mod arbiter;
 pub mod boot;
@@ -51,6 +56,7 @@ pub mod loader;
 pub mod log_io;
 pub mod mac;
 pub mod memory;
+pub mod output;
 pub mod rdtsc;
 pub mod run;
 pub mod snapshot;

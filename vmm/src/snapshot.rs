@@ -18,9 +18,9 @@
 
 use crate::clock::VirtualClock;
 use crate::devices::DevicesState;
-use crate::ft::PendingOutputs;
 use crate::host::disk::DiskOp;
 use crate::memory::{GuestMem, PAGE_SIZE};
+use crate::output::PendingOutputs;
 use crate::vm::VcpuState;
 use replay::Digest;
 use serde::{Deserialize, Serialize};

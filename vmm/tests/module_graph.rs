@@ -1,7 +1,8 @@
 //! The shape of `vmm/src`, checked: no import cycle between its modules
 //! (a parent and its own child may use each other: `run/`'s files split one
-//! `impl Vmm`), and the device models import nothing above them — not the
-//! run loop, the FT role, the host-facing pieces or the command line.
+//! `impl Vmm`), the device models import nothing above them — not the
+//! run loop, the FT role, the host-facing pieces or the command line —, and
+//! no code outside `ft/` looks inside the FT role.
 //!
 //! Each `.rs` file is a module; every `crate::...` path (in `use` lines and
 //! in code, groups `crate::{a, b::c}` included) and every `super::...` path
@@ -205,11 +206,8 @@ fn find_cycle(edges: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
     None
 }
 
-#[test]
-fn vmm_src_has_no_import_cycle() {
-    let mut edges = graph();
-    assert!(edges.len() > 20, "the graph looks wrong: {edges:?}");
-    // Every cycle, one at a time (each found one's last edge dropped).
+/// Every cycle, one at a time (each found one's last edge dropped).
+fn all_cycles(mut edges: BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
     let mut cycles = Vec::new();
     while let Some(cycle) = find_cycle(&edges) {
         cycles.push(cycle.join(" -> "));
@@ -218,7 +216,36 @@ fn vmm_src_has_no_import_cycle() {
             tos.remove(b);
         }
     }
+    cycles
+}
+
+#[test]
+fn vmm_src_has_no_import_cycle() {
+    let edges = graph();
+    assert!(edges.len() > 20, "the graph looks wrong: {edges:?}");
+    let cycles = all_cycles(edges);
     assert!(cycles.is_empty(), "import cycles in vmm/src:\n{}", cycles.join("\n"));
+}
+
+/// The graph between top-level modules (`run/`, `ft/`, `devices/` each
+/// one node): a cycle through a folder's files is a cycle between folders.
+fn top_level(edges: &BTreeMap<String, BTreeSet<String>>) -> BTreeMap<String, BTreeSet<String>> {
+    let top = |m: &str| m.split("::").next().unwrap_or_default().to_string();
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (from, tos) in edges {
+        for to in tos {
+            if top(from) != top(to) {
+                out.entry(top(from)).or_default().insert(top(to));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn no_cycle_between_top_level_modules() {
+    let cycles = all_cycles(top_level(&graph()));
+    assert!(cycles.is_empty(), "import cycles between vmm/src's top-level modules:\n{}", cycles.join("\n"));
 }
 
 #[test]
@@ -237,6 +264,30 @@ fn devices_import_nothing_above_them() {
         }
     }
     assert!(bad.is_empty(), "device models reach above them: {bad:?}");
+}
+
+/// The FT role's variants, which only `ft/` may name: everything else asks
+/// the role through `run::RoleHooks` or builds one with its constructors.
+const ROLE_VARIANTS: &[&str] = &["Role::Solo", "Role::Primary", "Role::Backup"];
+
+#[test]
+fn only_ft_looks_inside_the_role() {
+    let mut all = Vec::new();
+    files(&src(), &mut all);
+    let mut bad = Vec::new();
+    for file in all {
+        let module = module_of(&file);
+        if module == "ft" || module.starts_with("ft::") {
+            continue;
+        }
+        let text = code(&std::fs::read_to_string(&file).expect("read source"));
+        for variant in ROLE_VARIANTS {
+            if text.contains(variant) {
+                bad.push(format!("{module} names {variant}"));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "code outside ft/ looks inside the FT role: {bad:?}");
 }
 
 #[test]

@@ -3,11 +3,11 @@
 //! without a backup that holds them, until the disk ops before it are
 //! applied); with the output-commit latency, hop by hop.
 
-use super::{send_frame, PendingOutputs};
 use crate::host::console::OutputPort;
 use crate::host::console::PortSender;
 use crate::host::disk::{DiskOp, DiskPort, DiskSender, OpSeq};
 use crate::host::tap::TapTx;
+use crate::output::{send_frame, PendingOutputs};
 use logging_channel::{Acked, LatencyHistogram, LatencySummary};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

@@ -1,45 +1,60 @@
-//! Fault tolerance glue: the VMM's role in a pair ([`Role`]), where the log
-//! goes and comes from (a file, or the logging channel), and the outputs'
-//! three regimes:
-//! - [`Direct`]: released at once (a run alone, a recording, a replay, and a
-//!   backup after it went live);
-//! - [`Held`]: the primary's output rule — each output waits until the
-//!   backup has acknowledged the log up to the position that produced it;
-//! - [`Suppressed`]: the backup's, while it replays — kept until the primary
-//!   reports it released, and re-emitted when the backup goes live.
+//! Fault tolerance: the VMM's role in a pair and everything it does as one.
+//! The run loop ([`crate::run`]) asks the role at the points that matter
+//! through [`RoleHooks`]; [`FtRole`] answers:
+//! - the role's state ([`Role`]: a primary, a backup, or alone after going
+//!   live) — nothing outside this module looks inside it;
+//! - the outputs' fault-tolerant regimes ([`outputs`]): [`Held`], the
+//!   primary's output rule — each output waits in the [`OutputGate`] until
+//!   the backup has acknowledged the log up to the position that produced
+//!   it; [`Suppressed`], the backup's while it replays — kept until the
+//!   primary reports it released, re-emitted when the backup goes live
+//!   (a VM alone uses [`crate::output::Direct`]);
+//! - [`failover`]: the primary's watermark and acks, a lost backup, the
+//!   go-live arbitration, and a backup going live where its primary's log
+//!   ends (with [`HostNic`]'s MAC announcement);
+//! - [`join`]: re-protection, a new backup joining by live state transfer
+//!   (accepted by the [`Joiner`]);
+//! - [`repair`]: a diverged backup restoring the primary's whole state.
 //!
-//! Disk ops are outputs too, counted by op number ([`OpSeq`]), not by exit:
+//! Disk ops are outputs too, counted by op number (`OpSeq`), not by exit:
 //! the primary reports how far its storage has applied them, the backup
 //! keeps every op above that, and a backup that joins (or resyncs) receives
-//! the primary's unapplied ops with the state ([`PendingOutputs`]). Going
+//! the primary's unapplied ops with the state (`PendingOutputs`). Going
 //! live, the backup re-issues its kept ops and flushes before it re-emits
 //! any other output, which may depend on them. A primary without a backup
 //! releases an output only once every disk op before it is applied: nobody
 //! else holds those writes.
 
+mod failover;
 mod gate;
+mod join;
 mod joiner;
 mod nic;
 mod outputs;
+mod repair;
 #[cfg(test)]
 mod tests;
 
 pub use gate::{CommitHops, Item, OutputGate};
+pub use join::receive_state;
 pub use joiner::Joiner;
 pub use nic::{HostNic, RX_QUEUE_FRAMES};
-pub use outputs::{Direct, Held, Outputs, Suppressed, MAX_SUPPRESSED_FRAMES};
+pub use outputs::{Held, Suppressed, MAX_SUPPRESSED_FRAMES};
 
-use crate::host::console::Endpoint;
-use crate::host::disk::{DiskOp, OpSeq};
-use crate::host::tap::TapTx;
-use logging_channel::PrimaryListener;
+use crate::arbiter::RemoteArbiter;
+use crate::error::RunError;
+use crate::host::console::{Endpoint, OutputPort};
+use crate::log_io::LogSink;
+use crate::run::{Idle, RoleHooks, Vmm};
+use logging_channel::{ChannelConfig, LatencySummary, PrimaryListener};
+use replay::{Divergence, Position};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The VMM's part in fault tolerance.
 pub enum Role {
-    /// Alone: a plain run, a recording or a replay (or a former backup, live).
+    /// Alone: a former backup, live (without `--listen`).
     Solo,
     /// The primary: inputs go to the backup, outputs wait for its acks.
     Primary {
@@ -47,8 +62,6 @@ pub enum Role {
         /// The exit up to which serial output has reached the outside world.
         delivered: Arc<AtomicU64>,
         finish_timeout: Duration,
-        /// Our owner generation of the shared disk (0: none).
-        generation: u64,
         /// When the watermark was last shipped: (exit, time).
         shipped: (u64, Instant),
         /// Accepts a new backup whenever the VM has none (re-protection).
@@ -60,8 +73,6 @@ pub enum Role {
     Backup {
         endpoint: Option<Endpoint>,
         serial_input: Option<std::path::PathBuf>,
-        /// The primary's generation of the shared disk, to claim it from.
-        expected_generation: u64,
         /// The NIC's host side, its TAP drained until the backup goes live.
         nic: Option<HostNic>,
         /// Once live, accept backups of its own here (`--listen`).
@@ -69,29 +80,145 @@ pub enum Role {
     },
 }
 
+impl Role {
+    /// A primary at exit `exit`: outputs through `gate` to `port`'s
+    /// console, accepting backups with `joiner` (and `channel`'s settings).
+    pub fn primary(
+        gate: &Arc<OutputGate>,
+        port: &OutputPort,
+        channel: &ChannelConfig,
+        joiner: Joiner,
+        exit: u64,
+    ) -> Role {
+        Role::Primary {
+            gate: gate.clone(),
+            delivered: port.delivered(),
+            finish_timeout: channel.heartbeat_timeout * 5,
+            shipped: (exit, Instant::now()),
+            joiner: Some(joiner),
+        }
+    }
+
+    /// A backup that goes live on `endpoint` (its serial input from
+    /// `serial_input` if given), with the NIC's host side `nic`, accepting
+    /// backups of its own on `listener` once live.
+    pub fn backup(
+        endpoint: Endpoint,
+        serial_input: Option<std::path::PathBuf>,
+        nic: Option<HostNic>,
+        listener: Option<PrimaryListener>,
+    ) -> Role {
+        Role::Backup { endpoint: Some(endpoint), serial_input, nic, listener }
+    }
+}
+
+/// A primary's or a backup's role, with what it keeps across exits. (The
+/// shared disk's owner generation is the VM's: its header's.)
+pub struct FtRole {
+    role: Role,
+    /// The arbiter-only ftdisk go-live arbitration happens on (`--arbiter`).
+    arbiter: Option<RemoteArbiter>,
+    /// The logging channel's settings, for backups that join later.
+    channel: ChannelConfig,
+    /// A state transfer to a joining (or resyncing) backup, under way.
+    transfer: Option<join::Transfer>,
+    /// A finished transfer's exit and line, said once the backup acknowledges.
+    join_report: Option<(u64, String)>,
+    /// The primary has said it lost its current backup (once).
+    backup_loss_reported: bool,
+    /// A backup's last repair: the exit of the state it restored. It may go
+    /// live only once the primary reports the outputs up to it released.
+    resynced_at: Option<u64>,
+}
+
+impl FtRole {
+    /// `role`, arbitrating on `arbiter` (else on the shared disk, if any),
+    /// accepting later backups with `channel`'s settings.
+    pub fn new(role: Role, arbiter: Option<RemoteArbiter>, channel: ChannelConfig) -> FtRole {
+        FtRole {
+            role,
+            arbiter,
+            channel,
+            transfer: None,
+            join_report: None,
+            backup_loss_reported: false,
+            resynced_at: None,
+        }
+    }
+}
+
+impl RoleHooks for FtRole {
+    fn passed(&mut self, vm: &mut Vmm, position: Position) -> Result<(), RunError> {
+        self.tend_role(vm, position)?;
+        self.report_join(vm);
+        Ok(())
+    }
+
+    fn holding_for_disk(&mut self, vm: &mut Vmm, position: Position) -> Result<(), RunError> {
+        // A lost backup's writes are released once the arbitration is won;
+        // a transfer under way (whose final round needs a boundary) ends here.
+        if let Some(why) = self.newly_lost_backup(vm) {
+            self.backup_lost(vm, position, &why)?;
+        }
+        self.answer_resync(vm)?;
+        self.tend_protection(vm, true)?;
+        Ok(())
+    }
+
+    fn end_of_log(&mut self, vm: &mut Vmm, err: RunError) -> Result<(), RunError> {
+        self.go_live(vm, err)
+    }
+
+    fn diverged(&mut self, vm: &mut Vmm, divergence: Divergence) -> Result<(), RunError> {
+        if !self.can_resync(vm) {
+            return Err(RunError::Divergence(divergence));
+        }
+        self.resync(vm, divergence)
+    }
+
+    fn idling(&mut self, vm: &mut Vmm, position: Position) -> Result<Idle, RunError> {
+        if self.tend_protection(vm, false)? {
+            // A joining backup's state is ready for its final round, which
+            // needs an exit boundary: let the idle guest resume.
+            return Ok(Idle::Resume);
+        }
+        if let Some(why) = self.newly_lost_backup(vm) {
+            self.backup_lost(vm, position, &why)?;
+        }
+        // A backup that joined just before the guest went idle acknowledges
+        // while it idles.
+        self.report_join(vm);
+        // Keep an eye on the backup (or a joining one) while the guest idles.
+        let watch_peer =
+            vm.inputs.primary_link().is_some() || matches!(self.role, Role::Primary { joiner: Some(_), .. });
+        Ok(Idle::Wait { watch_peer })
+    }
+
+    fn may_go_live(&self) -> bool {
+        matches!(self.role, Role::Backup { endpoint: Some(_), .. })
+    }
+
+    fn log_complete(&mut self, sink: LogSink) {
+        let (LogSink::Primary(link), Role::Primary { finish_timeout, .. }) = (sink, &self.role) else { return };
+        // Let the backup have the whole log, so it can end as we do.
+        if !link.finish(*finish_timeout) {
+            eprintln!("ftvmm: primary: the backup did not acknowledge the end of the log");
+        } else if let Some((_, line)) = self.join_report.take() {
+            // It acknowledged the log after its state.
+            eprintln!("{line}");
+        }
+    }
+
+    fn commit_stats(&self) -> (Option<LatencySummary>, Vec<(&'static str, LatencySummary)>) {
+        match &self.role {
+            Role::Primary { gate, .. } => (gate.latency_stats(), gate.hop_stats()),
+            _ => (None, Vec::new()),
+        }
+    }
+}
+
 /// How this VMM calls itself in the arbitration record.
 pub fn owner_name(role: &str) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     format!("{role} pid {} on {}", std::process::id(), host.trim())
-}
-
-/// A primary's outputs not yet out of it: disk ops not yet applied, serial
-/// output and frames not yet delivered. They travel with the state to a
-/// backup that joins or resyncs (and in a snapshot), so that whoever may go
-/// live holds every output the guest has produced.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct PendingOutputs {
-    pub disk: Vec<(OpSeq, DiskOp)>,
-    pub serial: Vec<(u64, Vec<u8>)>,
-    pub frames: Vec<(u64, Vec<u8>)>,
-}
-
-/// Sends a frame on the TAP. A NIC drops what it cannot send (a full queue
-/// or a down link are counted by the TAP); TCP retransmits.
-fn send_frame(net: Option<&TapTx>, frame: &[u8]) {
-    if let Some(tx) = net {
-        if let Err(e) = tx.write(frame) {
-            tracing::debug!("sending a frame: {e}");
-        }
-    }
 }

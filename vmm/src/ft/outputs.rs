@@ -1,72 +1,14 @@
-//! The outputs' regimes: [`Direct`] (released at once), [`Held`] (through
-//! the primary's gate) and [`Suppressed`] (a backup's, kept for going live).
+//! The fault-tolerant outputs' regimes: [`Held`] (through the primary's
+//! gate) and [`Suppressed`] (a backup's, kept for going live).
 
 use super::gate::OutputGate;
-use super::{send_frame, PendingOutputs};
 use crate::host::console::{Backlog, OutputPort};
 use crate::host::disk::{DiskOp, DiskPort, OpSeq};
 use crate::host::tap::TapTx;
+use crate::output::{send_frame, Outputs, PendingOutputs};
 use replay::Position;
 use std::collections::VecDeque;
 use std::sync::Arc;
-
-/// Where the guest's outputs go — serial bytes, disk writes, transmitted
-/// frames —, each with the position at which the guest produced it.
-pub trait Outputs {
-    fn output(&mut self, position: Position, bytes: Vec<u8>);
-    /// An Ethernet frame the guest transmitted.
-    fn frame(&mut self, position: Position, frame: Vec<u8>);
-    /// Whether disk ops are outputs here, taken by [`Outputs::disk`]; else
-    /// the caller applies them at once (no output rule applies).
-    fn holds_disk(&self) -> bool {
-        false
-    }
-    /// Disk op number `seq` (a write or a flush), when [`Outputs::holds_disk`].
-    fn disk(&mut self, _position: Position, _seq: OpSeq, _op: &DiskOp) {}
-    /// The backup goes live: re-issue the disk ops it keeps on `disk` (and
-    /// flush), then re-emit what the primary may not have released —
-    /// serial output to `port`, frames on `net` —, then pass output through.
-    fn go_live(&mut self, _port: OutputPort, _disk: Option<&DiskPort>, _net: Option<TapTx>) -> std::io::Result<()> {
-        Ok(())
-    }
-    /// The primary reported outputs up to exit `released` as released and
-    /// disk ops up to `disk_applied` as applied.
-    fn prune(&mut self, _released: u64, _disk_applied: OpSeq) {}
-    /// A backup that received the VM's state: the primary's outputs not yet
-    /// out of it, which this backup now keeps as if it had produced them.
-    fn take_over(&mut self, _pending: PendingOutputs) {}
-    /// Lays the disk writes kept for going live over `data`, read from the
-    /// storage at `offset`: what the guest reads once they are re-issued.
-    fn lay_kept_writes(&self, _offset: u64, _data: &mut [u8]) {}
-    /// Peak bytes of disk writes kept for going live (a backup's).
-    fn kept_disk_peak(&self) -> u64 {
-        0
-    }
-    /// After [`Outputs::go_live`]: the serial port the outputs now go to.
-    fn into_port(self: Box<Self>) -> Option<OutputPort> {
-        None
-    }
-    /// Waits until everything released so far has been written out.
-    fn close(self: Box<Self>);
-}
-
-/// Output released at once (a replay has no `net`: it sends no frame).
-pub struct Direct {
-    pub port: OutputPort,
-    pub net: Option<TapTx>,
-}
-
-impl Outputs for Direct {
-    fn output(&mut self, position: Position, bytes: Vec<u8>) {
-        self.port.sender().send(position.exit, bytes);
-    }
-    fn frame(&mut self, _position: Position, frame: Vec<u8>) {
-        send_frame(self.net.as_ref(), &frame);
-    }
-    fn close(self: Box<Self>) {
-        self.port.close();
-    }
-}
 
 /// The primary's serial output, through the gate.
 pub struct Held {
@@ -86,6 +28,14 @@ impl Outputs for Held {
     }
     fn frame(&mut self, position: Position, frame: Vec<u8>) {
         self.gate.frame(position.exit, frame);
+    }
+    fn pending(&self) -> PendingOutputs {
+        // Serial output released but not yet delivered to a console client
+        // comes before what the gate still holds.
+        let held = self.gate.pending();
+        let mut serial = self.gate.port().undelivered();
+        serial.extend(held.serial);
+        PendingOutputs { disk: Vec::new(), serial, frames: held.frames }
     }
     fn close(self: Box<Self>) {
         let Held { gate, port } = *self;
@@ -155,7 +105,7 @@ impl Outputs for Suppressed {
         }
     }
 
-    fn take_over(&mut self, pending: PendingOutputs) {
+    fn take_over(&mut self, pending: PendingOutputs) -> Option<PendingOutputs> {
         // Ours up to the state's exit are superseded (a resync) or none (a
         // join): the primary's are what the world has not seen yet.
         self.serial = Backlog::default();
@@ -171,6 +121,7 @@ impl Outputs for Suppressed {
         for (seq, op) in pending.disk {
             self.keep_disk(seq, op);
         }
+        None
     }
 
     fn lay_kept_writes(&self, offset: u64, data: &mut [u8]) {

@@ -3,6 +3,7 @@
 use super::*;
 use crate::host::console::{OutputPort, MAX_BACKLOG};
 use crate::host::disk::{DiskOp, DiskPort};
+use crate::output::{Outputs, PendingOutputs};
 use replay::Position;
 use std::sync::{Arc, Mutex};
 

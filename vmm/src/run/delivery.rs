@@ -8,7 +8,7 @@ use crate::devices::virtio::net::Net;
 use crate::error::{log_write_error, RunError};
 use crate::inputs::{Inputs, Woken};
 use crate::memory::GuestMem;
-use crate::run::Vmm;
+use crate::run::{Idle, Vmm};
 use replay::{Event, Position, TimeSource};
 use std::time::{Duration, Instant};
 
@@ -69,13 +69,11 @@ impl Vmm {
             if !idle {
                 return Ok(false);
             }
-            if self.tend_protection(false)? {
-                // A joining backup's state is ready for its final round,
-                // which needs an exit boundary: let the idle guest resume
-                // without an interrupt (a spurious wake-up; it idles again).
-                return Ok(false);
+            match self.with_role(|role, vm| role.idling(vm, position))? {
+                // (A spurious wake-up: the guest idles again.)
+                Idle::Resume => return Ok(false),
+                Idle::Wait { watch_peer } => self.wait_for_host_input(position, watch_peer)?,
             }
-            self.wait_for_host_input(position)?;
         }
     }
 
@@ -113,17 +111,9 @@ impl Vmm {
         Ok(())
     }
 
-    /// The guest idles: block until the host has an input for it.
-    fn wait_for_host_input(&mut self, position: Position) -> Result<(), RunError> {
-        if let Some(why) = self.newly_lost_backup() {
-            return self.backup_lost(position, &why);
-        }
-        // A backup that joined just before the guest went idle acknowledges
-        // while it idles.
-        self.report_join();
-        // Keep an eye on the backup (or a joining one) while the guest idles.
-        let watch_backup =
-            self.primary_link().is_some() || matches!(self.role, crate::ft::Role::Primary { joiner: Some(_), .. });
+    /// The guest idles: block until the host has an input for it (waking
+    /// every few milliseconds when `watch_peer`, for the role).
+    fn wait_for_host_input(&mut self, position: Position, watch_backup: bool) -> Result<(), RunError> {
         let Inputs::Live(live) = &mut self.inputs else {
             return Ok(());
         };

@@ -9,10 +9,10 @@ use crate::devices::virtio::block::{DiskIo, DiskIoError};
 use crate::devices::virtio::net::NetIo;
 use crate::devices::{MmioAction, PortAction, VirtioSlot};
 use crate::error::{log_write_error, RunError};
-use crate::ft::{Outputs, Role};
 use crate::host::disk::{DiskOp, DiskPort, OpSeq};
 use crate::inputs::Inputs;
 use crate::layout;
+use crate::output::Outputs;
 use crate::run::exit::GuestExit;
 use crate::run::Vmm;
 use crate::vm::{VmError, MSR_IA32_TSC};
@@ -101,7 +101,7 @@ impl Vmm {
     fn queue_notify(&mut self, slot: usize, queue: usize, position: Position) -> Result<(), RunError> {
         // A backup whose log ends inside a disk read goes live right after
         // this exit: it performs the read itself ([`DiskInputs::read`]).
-        let may_go_live = matches!(self.role, Role::Backup { endpoint: Some(_), .. });
+        let may_go_live = self.role.may_go_live();
         let Vmm { devices, inputs, machine, disk: port, output, die_before_disk_read, .. } = self;
         let raise = match devices.virtio.get_mut(slot) {
             Some(VirtioSlot::Block(disk)) => {

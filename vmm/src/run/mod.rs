@@ -11,33 +11,34 @@
 //!    timer; replay: the logged events of this position, in their order);
 //! 5. a pending PIC interrupt is injected if the guest can take it now, or an
 //!    interrupt window is requested so that it is injected at the next exit;
-//! 6. the FT role's bookkeeping ([`failover`]): the watermark, released
-//!    output, a lost peer.
+//! 6. the FT role's bookkeeping, through [`RoleHooks`] (the watermark,
+//!    released output, a lost peer: [`crate::ft`]).
+//!
+//! The role is asked at every point where fault tolerance changes what
+//! happens ([`role`]): an exit passed, the end of the log, a divergence, an
+//! idle guest, the end of the run. No code here knows which role it is.
 
 mod delivery;
 mod digest_check;
 mod dispatch;
 mod exit;
-mod failover;
-mod join;
-mod repair;
+mod role;
 mod state;
 mod sync;
 
 pub use digest_check::CheckPolicy;
-pub use join::StateIn;
+pub use role::{Alone, Idle, RoleHooks};
 
 pub use state::{check_begin, restore_state, Restored};
 
-use crate::arbiter::{Arbitration, RemoteArbiter};
 use crate::clock::{VirtualClock, TSC_HZ};
 use crate::devices::{Devices, PortAction};
 use crate::digest;
 use crate::error::{log_write_error, RunError};
-use crate::ft::{Outputs, Role};
-use crate::host::disk::DiskPort;
+use crate::host::disk::{DiskPort, MAX_DEFERRED_BYTES};
 use crate::inputs::Inputs;
-use crate::log_io::{LogSink, LogSource};
+use crate::log_io::LogSource;
+use crate::output::Outputs;
 use crate::vm::Machine;
 use exit::GuestExit;
 use logging_channel::LatencySummary;
@@ -71,10 +72,11 @@ pub struct Vmm {
     pub devices: Devices,
     pub clock: VirtualClock,
     pub inputs: Inputs,
-    output: Box<dyn Outputs>,
-    role: Role,
+    pub(crate) output: Box<dyn Outputs>,
+    /// The VMM's part in fault tolerance (taken out while it is asked).
+    role: Box<dyn RoleHooks>,
     /// The disk's storage, if the VM has a disk.
-    disk: Option<DiskPort>,
+    pub(crate) disk: Option<DiskPort>,
     /// The exit at which an interrupt was last injected (one per exit).
     injected_at: u64,
     /// The exit at which the disk last served its queue (one share an exit).
@@ -82,32 +84,22 @@ pub struct Vmm {
     /// Testing aid (`--testing-die-before-disk-read`): disk reads to go
     /// before this primary dies.
     pub die_before_disk_read: Option<u64>,
-    backup_loss_reported: bool,
     /// RIPs of RDTSC instructions the loader rewrote into TSC port reads.
     rdtsc_sites: HashSet<u64>,
     /// Wall-clock time at boot, the RTC's base.
     wall_clock_base_ns: u64,
-    /// What identifies this VM to a log, a peer or a snapshot.
-    header: Header,
+    /// What identifies this VM to a log, a peer or a snapshot; its
+    /// `disk_generation` is the VM's current owner generation of the shared
+    /// disk (the primary's, on a backup).
+    pub(crate) header: Header,
     exits: u64,
     /// Compute the final state digest (for `--digest`, recording and replay).
     want_digest: bool,
-    /// The logging channel's settings, for backups that join later.
-    pub channel: logging_channel::ChannelConfig,
-    /// A state transfer to a joining backup, under way.
-    transfer: Option<join::Transfer>,
-    /// A finished transfer's exit and line, said once the backup acknowledges.
-    join_report: Option<(u64, String)>,
-    /// The arbiter-only ftdisk go-live arbitration happens on (`--arbiter`).
-    pub arbiter: Option<RemoteArbiter>,
     /// Save a snapshot at this exit, to this file (`--save-snapshot`).
     save_at: Option<(u64, std::path::PathBuf)>,
     /// Periodic digest checks (`--check-every-ms`, `--check-every-exits`)
     /// and the `--inject-divergence-at` testing aid.
     checks: digest_check::Checks,
-    /// A backup's last repair: the exit of the state it restored. It may go
-    /// live only once the primary reports the outputs up to it released.
-    resynced_at: Option<u64>,
     /// Kick the guest after this long without an exit when an interrupt is due.
     pub sync_after: std::time::Duration,
     /// Kicks the vCPU thread out of the guest (created when the run starts).
@@ -115,7 +107,7 @@ pub struct Vmm {
     /// When the guest last exited (or was synced): its stretch began.
     stretch_started: std::time::Instant,
     /// The position of the last state sync.
-    synced_at: u64,
+    pub(crate) synced_at: u64,
     syncs: sync::SyncStats,
     /// The pages the syncs keep writable (a primary's).
     hot: sync::HotPages,
@@ -128,7 +120,7 @@ impl Vmm {
         devices: Devices,
         inputs: Inputs,
         output: Box<dyn Outputs>,
-        role: Role,
+        role: Box<dyn RoleHooks>,
         disk: Option<DiskPort>,
         rdtsc_sites: HashSet<u64>,
         header: Header,
@@ -145,7 +137,6 @@ impl Vmm {
             injected_at: 0,
             disk_served_at: 0,
             die_before_disk_read: None,
-            backup_loss_reported: false,
             rdtsc_sites,
             wall_clock_base_ns: header.wall_clock_base_ns,
             header,
@@ -153,28 +144,69 @@ impl Vmm {
             want_digest,
             save_at: None,
             checks: digest_check::Checks::new(CheckPolicy::OFF, None),
-            resynced_at: None,
             sync_after: std::time::Duration::from_millis(1),
             kicker: None,
             stretch_started: std::time::Instant::now(),
             synced_at: 0,
             syncs: sync::SyncStats::default(),
             hot: sync::HotPages::default(),
-            arbiter: None,
-            transfer: None,
-            join_report: None,
-            channel: Default::default(),
         }
     }
 
-    /// Where going live is arbitrated: the arbiter, else a shared disk on
-    /// ftdisk (a local disk file answers that it cannot arbitrate).
-    pub(crate) fn arbitration(&self) -> Arbitration<'_> {
-        match (&self.arbiter, &self.disk) {
-            (Some(a), _) => Arbitration::Remote(a),
-            (None, Some(d)) => Arbitration::Disk(d),
-            (None, None) => Arbitration::None,
+    /// Asks the role: `hook` gets it and the VM. (The role is out of the
+    /// VM meanwhile; no hook asks it again.)
+    fn with_role<T>(&mut self, hook: impl FnOnce(&mut dyn RoleHooks, &mut Vmm) -> T) -> T {
+        let mut role = std::mem::replace(&mut self.role, Box::new(Alone));
+        let out = hook(role.as_mut(), self);
+        self.role = role;
+        out
+    }
+
+    /// A replay ran out of log: the role says whether the VM carries on
+    /// (a backup goes live) or the run ends with `err`.
+    fn end_of_log(&mut self, err: RunError) -> Result<(), RunError> {
+        self.with_role(|role, vm| role.end_of_log(vm, err))
+    }
+
+    /// Stops the state syncs (a primary without a backup: the next one's
+    /// joining restarts them).
+    pub(crate) fn stop_syncs(&mut self) -> Result<(), RunError> {
+        self.machine.dirty.stop(crate::memory::dirty::Consumer::Sync)?;
+        self.hot = Default::default();
+        Ok(())
+    }
+
+    /// The VMM is done with exit `position` and resumes the guest: the
+    /// role's bookkeeping, and the disk's unapplied writes kept within
+    /// their bound.
+    fn passed(&mut self, position: Position) -> Result<(), RunError> {
+        self.check_disk()?;
+        self.with_role(|role, vm| role.passed(vm, position))?;
+        self.wait_for_disk_room(position)
+    }
+
+    /// A VMM whose storage failed a write halts: what the guest saw
+    /// complete would be lost.
+    fn check_disk(&self) -> Result<(), RunError> {
+        match self.disk.as_ref().and_then(|d| d.failure()) {
+            Some(why) => Err(RunError::Halted(format!("writing the shared disk failed ({why}); halting"))),
+            None => Ok(()),
         }
+    }
+
+    /// Holds the guest at this boundary while its disk writes not yet
+    /// applied exceed [`MAX_DEFERRED_BYTES`], until the storage has caught
+    /// up. Here, between exits, nothing that frees room waits for the guest:
+    /// this exit's watermark is out (held output makes it due at once), so
+    /// the backup's acks release the writes to the writer thread; the role
+    /// does the rest ([`RoleHooks::holding_for_disk`]).
+    fn wait_for_disk_room(&mut self, position: Position) -> Result<(), RunError> {
+        while self.disk.as_ref().is_some_and(|d| d.deferred_bytes() > MAX_DEFERRED_BYTES) {
+            self.check_disk()?;
+            self.with_role(|role, vm| role.holding_for_disk(vm, position))?;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Saves a snapshot to `path` once exit `exit` has been handled.
@@ -203,8 +235,8 @@ impl Vmm {
         let result = loop {
             match self.run_loop() {
                 // A backup repairs a divergence and replays on.
-                Err(RunError::Divergence(d)) if self.can_resync() => {
-                    if let Err(e) = self.resync(d) {
+                Err(RunError::Divergence(d)) => {
+                    if let Err(e) = self.with_role(|role, vm| role.diverged(vm, d)) {
                         break Err(e);
                     }
                 }
@@ -300,16 +332,7 @@ impl Vmm {
                 if let (Some(mut r), Some(d)) = (live.recorder.take(), digest) {
                     r.end(status, d).map_err(log_write_error)?;
                     r.passed().map_err(log_write_error)?;
-                    if let (LogSink::Primary(link), Role::Primary { finish_timeout, .. }) = (r.into_sink(), &self.role)
-                    {
-                        // Let the backup have the whole log, so it can end as we do.
-                        if !link.finish(*finish_timeout) {
-                            eprintln!("ftvmm: primary: the backup did not acknowledge the end of the log");
-                        } else if let Some((_, line)) = self.join_report.take() {
-                            // It acknowledged the log after its state.
-                            eprintln!("{line}");
-                        }
-                    }
+                    self.role.log_complete(r.into_sink());
                 }
             }
             Inputs::Replay(r) => {
@@ -319,10 +342,7 @@ impl Vmm {
                 }
             }
         }
-        let (commit_latency, commit_hops) = match &self.role {
-            Role::Primary { gate, .. } => (gate.latency_stats(), gate.hop_stats()),
-            _ => (None, Vec::new()),
-        };
+        let (commit_latency, commit_hops) = self.role.commit_stats();
         // (A backup that went live has dropped its link, and its figures.)
         let ack_delay = match &mut self.inputs {
             Inputs::Replay(r) => match r.source_mut() {

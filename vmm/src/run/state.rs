@@ -6,8 +6,8 @@ use crate::clock::{HostClock, VirtualClock};
 use crate::devices::Devices;
 use crate::digest;
 use crate::error::RunError;
-use crate::ft::{PendingOutputs, Role};
 use crate::inputs::Inputs;
+use crate::output::PendingOutputs;
 use crate::run::Vmm;
 use crate::snapshot::{self, MachineState, SnapshotError, StateItem, StateReader, StateWriter};
 use crate::vm::Machine;
@@ -31,11 +31,7 @@ impl Vmm {
     /// Everything of the VM's state but memory, at this exit (it completes
     /// the exit just answered first, so the registers are final).
     pub(crate) fn machine_state(&mut self) -> Result<MachineState, RunError> {
-        let disk_generation = match &self.role {
-            Role::Primary { generation, .. } => *generation,
-            Role::Backup { expected_generation, .. } => *expected_generation,
-            Role::Solo => self.header.disk_generation,
-        };
+        let disk_generation = self.header.disk_generation;
         Ok(MachineState {
             vcpu: self.machine.save_vcpu()?,
             devices: self.devices.state(),
@@ -57,15 +53,7 @@ impl Vmm {
     /// disk ops not yet applied, serial output not yet delivered to a
     /// console client, held frames. What a state taken now must carry.
     pub(crate) fn pending_outputs(&self) -> PendingOutputs {
-        let mut pending = match &self.role {
-            Role::Primary { gate, .. } => {
-                let held = gate.pending();
-                let mut serial = gate.port().undelivered();
-                serial.extend(held.serial);
-                PendingOutputs { disk: Vec::new(), serial, frames: held.frames }
-            }
-            _ => PendingOutputs::default(),
-        };
+        let mut pending = self.output.pending();
         pending.disk = self.disk.as_ref().map(|d| d.pending_ops()).unwrap_or_default();
         pending
     }
@@ -87,7 +75,9 @@ impl Vmm {
 
     /// Takes on the position, clock and bookkeeping of a state restored into
     /// its machine and devices ([`restore_state`]), and checks the whole
-    /// against the snapshot's digest.
+    /// against the snapshot's digest. (Not its disk generation: a backup
+    /// takes its primary's from [`Restored::disk_generation`]; a VM that
+    /// claimed the disk at boot keeps its own.)
     pub fn adopt(&mut self, restored: Restored) -> Result<(), SnapshotError> {
         self.clock = restored.clock;
         self.exits = restored.exits;
@@ -100,11 +90,6 @@ impl Vmm {
         }
         self.wall_clock_base_ns = restored.wall_clock_base_ns;
         self.header.wall_clock_base_ns = restored.wall_clock_base_ns;
-        match &mut self.role {
-            Role::Backup { expected_generation, .. } => *expected_generation = restored.disk_generation,
-            Role::Primary { generation, .. } => *generation = restored.disk_generation,
-            Role::Solo => {}
-        }
         // Live inputs read the host clock from here on, where the snapshot's
         // virtual time was.
         if let Inputs::Live(live) = &mut self.inputs {
@@ -126,10 +111,7 @@ impl Vmm {
     /// VM puts them out now — the disk ops applied and flushed before the
     /// guest runs on; a replay, which puts nothing out, ignores them.
     fn take_over_outputs(&mut self, pending: PendingOutputs) -> Result<(), SnapshotError> {
-        if matches!(self.role, Role::Backup { .. }) {
-            self.output.take_over(pending);
-            return Ok(());
-        }
+        let Some(pending) = self.output.take_over(pending) else { return Ok(()) };
         if !matches!(self.inputs, Inputs::Live(_)) {
             return Ok(());
         }

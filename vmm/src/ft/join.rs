@@ -15,18 +15,21 @@
 //! A backup that fails mid-transfer leaves the VM running alone, accepting
 //! the next one.
 
+use super::{FtRole, OutputGate, Role};
+use crate::devices::Devices;
 use crate::error::{log_write_error, RunError};
-use crate::ft::{OutputGate, PendingOutputs, Role};
 use crate::host::disk::{OpSeq, PendingOps};
 use crate::inputs::Inputs;
 use crate::log_io::LogSink;
 use crate::memory::dirty::{Consumer, DirtyTracker};
 use crate::memory::{GuestMem, PAGE_SIZE};
-use crate::run::Vmm;
-use crate::snapshot::{self, StateItem, StateWriter};
-use logging_channel::{PrimaryLink, StateSender};
-use replay::Recorder;
-use std::io::Write;
+use crate::output::PendingOutputs;
+use crate::run::{check_begin, restore_state, Restored, Vmm};
+use crate::snapshot::{self, SnapshotError, StateItem, StateReader, StateWriter};
+use crate::vm::Machine;
+use logging_channel::{BackupLink, PrimaryLink, StateSender};
+use replay::{Header, Recorder};
+use std::io::{BufRead, BufReader, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -64,7 +67,7 @@ pub struct Transfer {
     precopy: Option<JoinHandle<Result<Precopy, TransferError>>>,
     done: Arc<AtomicBool>,
     started: Instant,
-    /// A repair of the current backup ([`crate::run::repair`]), not a new
+    /// A repair of the current backup ([`super::repair`]), not a new
     /// one joining: its outputs are held meanwhile, and losing it is losing
     /// the backup.
     resync: bool,
@@ -152,42 +155,42 @@ fn precopy(
     result
 }
 
-impl Vmm {
+impl FtRole {
     /// For a primary without a backup: start a transfer to a backup that
     /// joined, and, `at_boundary` (the current exit fully handled), finish
     /// one whose pre-copy is done. Returns whether a finish waits for a
     /// boundary.
-    pub(super) fn tend_protection(&mut self, at_boundary: bool) -> Result<bool, RunError> {
-        if !matches!(self.role, Role::Primary { joiner: Some(_), .. }) || self.primary_link().is_some() {
+    pub(super) fn tend_protection(&mut self, vm: &mut Vmm, at_boundary: bool) -> Result<bool, RunError> {
+        if !matches!(self.role, Role::Primary { joiner: Some(_), .. }) || vm.inputs.primary_link().is_some() {
             return Ok(false);
         }
         if let Some(t) = &self.transfer {
             let done = t.done.load(Ordering::Acquire);
             if done && at_boundary {
-                self.finish_transfer()?;
+                self.finish_transfer(vm)?;
                 return Ok(false);
             }
             return Ok(done);
         }
         let Role::Primary { joiner: Some(joiner), .. } = &self.role else { return Ok(false) };
         let Some(link) = joiner.joined() else { return Ok(false) };
-        eprintln!("ftvmm: primary: a backup joins at exit {}; copying the VM's state", self.exits);
-        self.start_transfer(link, false)
+        eprintln!("ftvmm: primary: a backup joins at exit {}; copying the VM's state", vm.exits());
+        self.start_transfer(vm, link, false)
     }
 
     /// Starts the pre-copy of the whole state to the backup on `link` (a
     /// joining one, or, `resync`, the current one being repaired).
-    pub(super) fn start_transfer(&mut self, link: PrimaryLink, resync: bool) -> Result<bool, RunError> {
-        self.machine.dirty.start(Consumer::Transfer)?;
+    pub(super) fn start_transfer(&mut self, vm: &mut Vmm, link: PrimaryLink, resync: bool) -> Result<bool, RunError> {
+        vm.machine.dirty.start(Consumer::Transfer)?;
         let done = Arc::new(AtomicBool::new(false));
         let (dirty, mem, size, begin, sender, flag, disk) = (
-            self.machine.dirty.clone(),
-            self.machine.mem.clone(),
-            self.machine.mem_size,
-            self.state_begin(),
+            vm.machine.dirty.clone(),
+            vm.machine.mem.clone(),
+            vm.machine.mem_size,
+            vm.state_begin(),
             link.state_sender(),
             done.clone(),
-            self.disk.as_ref().map(|d| d.pending_view()),
+            vm.disk.as_ref().map(|d| d.pending_view()),
         );
         let precopy = std::thread::spawn(move || precopy(dirty, mem, size, begin, sender, flag, disk));
         self.transfer = Some(Transfer { link, precopy: Some(precopy), done, started: Instant::now(), resync });
@@ -196,24 +199,24 @@ impl Vmm {
 
     /// The final round, with the guest stopped at this exit; from here on
     /// the new backup protects the VM.
-    fn finish_transfer(&mut self) -> Result<(), RunError> {
+    fn finish_transfer(&mut self, vm: &mut Vmm) -> Result<(), RunError> {
         let Some(mut t) = self.transfer.take() else { return Ok(()) };
         let pre = t.precopy.take().map(|h| h.join().unwrap_or(Err(TransferError::Panicked)));
         let paused = Instant::now();
         let result = match pre {
-            Some(Ok(pre)) => self.final_round(pre, &t),
+            Some(Ok(pre)) => final_round(vm, pre, &t),
             Some(Err(e)) => Err(e),
             None => Err(TransferError::NoPrecopy),
         };
-        self.machine.dirty.stop(Consumer::Transfer)?;
+        vm.machine.dirty.stop(Consumer::Transfer)?;
         let (rounds, sent, (pending_ops, pending_bytes)) = match result {
             Ok(done) => done,
             Err(why) if t.resync => {
                 // The backup being repaired is gone: as for any lost
                 // backup, win the arbitration before releasing its outputs.
-                let position = replay::Position { exit: self.exits, rip: 0 };
+                let position = replay::Position { exit: vm.exits(), rip: 0 };
                 self.backup_loss_reported = true;
-                return self.backup_lost(position, &format!("lost during its resynchronization: {why}"));
+                return self.backup_lost(vm, position, &format!("lost during its resynchronization: {why}"));
             }
             Err(why) => {
                 eprintln!(
@@ -226,13 +229,13 @@ impl Vmm {
             }
         };
         let pause = paused.elapsed();
-        let exit = self.exits;
+        let exit = vm.exits();
         let Role::Primary { gate, shipped, .. } = &mut self.role else { return Ok(()) };
         // Outputs of later exits wait for the new backup's acks.
         gate.protect_after(exit);
         *shipped = (exit, Instant::now());
         t.link.on_ack(OutputGate::ack_callback(gate));
-        if let Inputs::Live(live) = &mut self.inputs {
+        if let Inputs::Live(live) = &mut vm.inputs {
             live.recorder = Some(Recorder::new(LogSink::Primary(t.link)));
         }
         self.backup_loss_reported = false;
@@ -255,11 +258,11 @@ impl Vmm {
     }
 
     /// Says the new backup joined once it has acknowledged the log past the
-    /// state's exit (see [`Vmm::finish_transfer`]).
-    pub(super) fn report_join(&mut self) {
+    /// state's exit (see [`FtRole::finish_transfer`]).
+    pub(super) fn report_join(&mut self, vm: &mut Vmm) {
         let Some((exit, _)) = &self.join_report else { return };
         let exit = *exit;
-        let Some(link) = self.primary_link() else { return };
+        let Some(link) = vm.inputs.primary_link() else { return };
         // (A lost link reports everything acknowledged: that is no join.)
         let (lost, acked) = (link.backup_lost().is_some(), link.acked() >= exit);
         if lost || acked {
@@ -269,46 +272,16 @@ impl Vmm {
         }
     }
 
-    /// Sends the last dirty pages, the machine state and the digest; ends the
-    /// state. Returns (rounds, bytes sent).
-    fn final_round(&mut self, pre: Precopy, t: &Transfer) -> Result<(u32, u64, (usize, u64)), TransferError> {
-        let Precopy { mut writer, rounds, disk_sent_through } = pre;
-        // Completing the exit may write memory (string I/O): before the last dirty log.
-        let machine = self.machine_state()?;
-        let m = &self.machine;
-        let dirty = m.dirty.take(Consumer::Transfer)?;
-        snapshot::memory_items(&m.mem, m.mem_size, Some(&dirty), |i| writer.item(&i))?;
-        // The new backup has the memory of this exit: the next state sync
-        // carries the pages written from here on.
-        m.dirty.start(Consumer::Sync)?;
-        // What has not left this VMM yet goes with the state: the new backup
-        // must hold it to go live without losing it. Disk ops: those issued
-        // since the pre-copy sent the rest. (The writer may apply some
-        // meanwhile: the backup forgets them as the progress reports come.)
-        let mut pending = self.pending_outputs();
-        pending.disk.retain(|(seq, _)| *seq > disk_sent_through);
-        snapshot::pending_items(&pending, |i| writer.item(&i))?;
-        writer.item(&StateItem::Machine(Box::new(machine)))?;
-        let digest = self.digest_now(false)?;
-        writer.item(&StateItem::End { digest, memory: false })?;
-        let mut out = writer.into_inner();
-        out.flush()?;
-        t.link.end_state(self.exits)?;
-        let pending_disk = (pending.disk.len(), pending.disk.iter().map(|(_, op)| op.bytes()).sum());
-        Ok((rounds, out.sent, pending_disk))
-    }
-
     /// The primary lost its backup and won the arbitration: stop recording
     /// to the dead link, and accept the next backup.
-    pub(super) fn unprotected(&mut self) -> Result<(), RunError> {
-        if let Inputs::Live(live) = &mut self.inputs {
+    pub(super) fn unprotected(&mut self, vm: &mut Vmm) -> Result<(), RunError> {
+        if let Inputs::Live(live) = &mut vm.inputs {
             if let Some(mut r) = live.recorder.take() {
                 r.flush().map_err(log_write_error).ok();
             }
         }
         // No syncs without a backup: the next one's joining restarts them.
-        self.machine.dirty.stop(Consumer::Sync)?;
-        self.hot = Default::default();
+        vm.stop_syncs()?;
         if let Role::Primary { joiner: Some(j), .. } = &self.role {
             eprintln!("ftvmm: primary: accepting a new backup on {}", j.addr);
             j.want_one();
@@ -317,22 +290,72 @@ impl Vmm {
     }
 }
 
+/// Sends the last dirty pages, the machine state and the digest; ends the
+/// state. Returns (rounds, bytes sent).
+fn final_round(vm: &mut Vmm, pre: Precopy, t: &Transfer) -> Result<(u32, u64, (usize, u64)), TransferError> {
+    let Precopy { mut writer, rounds, disk_sent_through } = pre;
+    // Completing the exit may write memory (string I/O): before the last dirty log.
+    let machine = vm.machine_state()?;
+    let m = &vm.machine;
+    let dirty = m.dirty.take(Consumer::Transfer)?;
+    snapshot::memory_items(&m.mem, m.mem_size, Some(&dirty), |i| writer.item(&i))?;
+    // The new backup has the memory of this exit: the next state sync
+    // carries the pages written from here on.
+    m.dirty.start(Consumer::Sync)?;
+    // What has not left this VMM yet goes with the state: the new backup
+    // must hold it to go live without losing it. Disk ops: those issued
+    // since the pre-copy sent the rest. (The writer may apply some
+    // meanwhile: the backup forgets them as the progress reports come.)
+    let mut pending = vm.pending_outputs();
+    pending.disk.retain(|(seq, _)| *seq > disk_sent_through);
+    snapshot::pending_items(&pending, |i| writer.item(&i))?;
+    writer.item(&StateItem::Machine(Box::new(machine)))?;
+    let digest = vm.digest_now(false)?;
+    writer.item(&StateItem::End { digest, memory: false })?;
+    let mut out = writer.into_inner();
+    out.flush()?;
+    t.link.end_state(vm.exits())?;
+    let pending_disk = (pending.disk.len(), pending.disk.iter().map(|(_, op)| op.bytes()).sum());
+    Ok((rounds, out.sent, pending_disk))
+}
+
+/// The primary's whole state, from the logging channel (a backup joining,
+/// or repairing a divergence), restored into `machine` and `devices`.
+pub fn receive_state(
+    link: &mut BackupLink,
+    header: &Header,
+    mem_size: u64,
+    machine: &mut Machine,
+    devices: &mut Devices,
+) -> Result<Restored, SnapshotError> {
+    let mut reader = StateReader::new(BufReader::with_capacity(1 << 20, StateIn::new(link)))?;
+    check_begin(reader.next_item()?, header, mem_size)?;
+    let restored = restore_state(machine, devices, &mut reader)?;
+    // The channel's end of the state, after the stream's End item.
+    let mut rest = reader.into_inner();
+    if rest.fill_buf()?.is_empty() && rest.into_inner().finish()? {
+        Ok(restored)
+    } else {
+        Err(SnapshotError::Corrupt("data after the state's End item".into()))
+    }
+}
+
 /// Reads a state stream from the logging channel (a joining backup).
-pub struct StateIn<'a> {
-    pub link: &'a mut logging_channel::BackupLink,
+struct StateIn<'a> {
+    link: &'a mut BackupLink,
     buf: Vec<u8>,
     at: usize,
 }
 
 impl<'a> StateIn<'a> {
-    pub fn new(link: &'a mut logging_channel::BackupLink) -> Self {
+    fn new(link: &'a mut BackupLink) -> Self {
         StateIn { link, buf: Vec::new(), at: 0 }
     }
 }
 
 impl StateIn<'_> {
     /// Reads the channel's end of the state; false if data comes first.
-    pub fn finish(&mut self) -> std::io::Result<bool> {
+    fn finish(&mut self) -> std::io::Result<bool> {
         if self.at < self.buf.len() {
             return Ok(false);
         }
