@@ -65,6 +65,28 @@ pub fn spawn_arbiter(ns: Option<&str>, state: &str, addr: &str) -> (KillOnDrop, 
     (KillOnDrop(child), served)
 }
 
+/// A primary and a backup of the `redis` guest at `vm` (an address on the
+/// lab network `net`, e.g. `10.88.0`) with a TAP `fttap` each, in network
+/// namespaces `[primary, backup, arbiter]` (lab hosts .1, .2 and .4),
+/// arbitrated by an arbiter-only ftdisk on the third; `extra`: more ftvmm
+/// flags for both. The backup is started, not yet attached.
+pub fn spawn_redis_pair(ns: [&str; 3], net: &str, vm: &str, dir: &Scratch, extra: &[&str]) -> (Proc, Proc, KillOnDrop) {
+    let arbiter_addr = format!("{net}.4:7100");
+    let (arbiter, _) = spawn_arbiter(Some(ns[2]), &dir.path("record"), &arbiter_addr);
+    let cmdline = format!("ip={vm}/24");
+    let arb = format!("ftdisk:{arbiter_addr}");
+    let mut common = vec!["--guest", "redis", "--cmdline", &cmdline, "--net", "tap:fttap", "--arbiter", &arb];
+    common.extend_from_slice(extra);
+    let listen = format!("{net}.1:7000");
+    let mut pargs = vec!["--primary", "--listen", &listen];
+    pargs.extend_from_slice(&common);
+    let primary = Proc::spawn_in(Some(ns[0]), &pargs);
+    let mut bargs = vec!["--backup", "--connect", &listen];
+    bargs.extend_from_slice(&common);
+    let backup = Proc::spawn_in(Some(ns[1]), &bargs);
+    (primary, backup, arbiter)
+}
+
 /// [`spawn_ftdisk_with`] inside network namespace `ns` (None: here).
 pub fn spawn_ftdisk_in(ns: Option<&str>, args: &[&str], addr: &str) -> (Child, String) {
     // `ip netns exec` becomes ftdisk: the child is ftdisk either way.

@@ -48,30 +48,9 @@ impl NetPair {
         let dir = Scratch::new("netft");
         let (pns, bns, sns) =
             (lab.host("p").unwrap().ns.clone(), lab.host("b").unwrap().ns.clone(), lab.host("s").unwrap().ns.clone());
-        let (arbiter, _) = ftvmm_tests::spawn_arbiter(Some(&sns), &dir.path("record"), &format!("{net}.4:7100"));
         let vm = format!("{net}.10");
-        let cmdline = format!("ip={vm}/24");
-        let arb = format!("ftdisk:{net}.4:7100");
-        let common = [
-            "--guest",
-            "redis",
-            "--cmdline",
-            &cmdline,
-            "--net",
-            "tap:fttap",
-            "--arbiter",
-            &arb,
-            "--heartbeat-ms",
-            "100",
-        ];
-        let listen = format!("{net}.1:7000");
-        let mut pargs = vec!["--primary", "--listen", &listen];
-        pargs.extend_from_slice(&common);
-        let primary = Proc::spawn_in(Some(&pns), &pargs);
-        primary.wait_line("waiting for a backup", START);
-        let mut bargs = vec!["--backup", "--connect", &listen];
-        bargs.extend_from_slice(&common);
-        let backup = Proc::spawn_in(Some(&bns), &bargs);
+        let (primary, backup, arbiter) =
+            ftvmm_tests::spawn_redis_pair([&pns, &bns, &sns], &net, &vm, &dir, &["--heartbeat-ms", "100"]);
         primary.wait_line("backup attached", START);
         NetPair { lab, primary, backup, _arbiter: arbiter, vm, _dir: dir }
     }

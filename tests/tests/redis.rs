@@ -415,30 +415,13 @@ impl Pair {
         let lab = lab(tag, subnet, &[("p", 1), ("b", 2), ("s", 4)], &["p", "b"]);
         let dir = Scratch::new("redis-pair");
         let ns = |h: &str| lab.host(h).unwrap().ns.clone();
-        let arbiter_addr = format!("{net}.4:7100");
-        let (arbiter, _) = ftvmm_tests::spawn_arbiter(Some(&ns("s")), &dir.path("record"), &arbiter_addr);
-        let cmdline = format!("ip={vm}/24");
-        let arb = format!("ftdisk:{arbiter_addr}");
-        let common = [
-            "--guest",
-            "redis",
-            "--cmdline",
-            &cmdline,
-            "--net",
-            NET,
-            "--arbiter",
-            &arb,
-            "--heartbeat-ms",
-            "300",
-            "--digest",
-        ];
-        let listen = format!("{net}.1:7000");
-        let mut pargs = vec!["--primary", "--listen", &listen];
-        pargs.extend_from_slice(&common);
-        let primary = Proc::spawn_in(Some(&ns("p")), &pargs);
-        let mut bargs = vec!["--backup", "--connect", &listen];
-        bargs.extend_from_slice(&common);
-        let backup = Proc::spawn_in(Some(&ns("b")), &bargs);
+        let (primary, backup, arbiter) = ftvmm_tests::spawn_redis_pair(
+            [&ns("p"), &ns("b"), &ns("s")],
+            &net,
+            vm,
+            &dir,
+            &["--heartbeat-ms", "300", "--digest"],
+        );
         let pair = Pair { primary, backup, _arbiter: arbiter, _lab: lab, _dir: dir };
         let deadline = Instant::now() + START;
         while !pair.primary.stderr().iter().any(|l| l.contains("backup attached")) {
