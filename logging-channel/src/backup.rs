@@ -2,7 +2,7 @@
 //! its state and records, handing them to the VMM and the replayer.
 
 use crate::wire::{self, BusyPoll, Message, Watched};
-use crate::{lock, new_runtime, ChannelConfig, ChannelError, LatencyHistogram, LatencySummary, LogStart};
+use crate::{lock, new_runtime, ChannelConfig, ChannelCounters, ChannelError, LatencyHistogram, LatencySummary, LogStart};
 use replay::{Header, LogError, Record, RecordSource};
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -457,7 +457,9 @@ async fn read_frames(
     // The next batch is likely on its way: watch for it before sleeping.
     // Not while an ack waits to be written: the writer shares this thread.
     let busy = BusyPoll { fd, budget: config.busy_poll_budget(), worth_it: Box::new(|| !ack_due.get()) };
-    let mut rd = BufReader::new(Watched::new(rd, config.heartbeat_timeout, "the primary").busy_polling(busy));
+    let watched = Watched::new(rd, config.heartbeat_timeout, "the primary")
+        .counting_missed(config.counters.clone(), config.heartbeat_interval());
+    let mut rd = BufReader::new(watched.busy_polling(busy));
     let mut buf = Vec::new();
     let mut expected = 1u64;
     let mut consumed = shared.consumed.subscribe();
@@ -511,6 +513,7 @@ async fn read_frames(
                     )));
                 }
                 let piece = data.0.into_owned();
+                ChannelCounters::add(&config.counters.state_bytes_received, buf.len() as u64 + 4);
                 if piece.is_empty() {
                     continue;
                 }
@@ -552,6 +555,8 @@ async fn read_frames(
                 info!("the primary restarts its state (resync)");
             }
             Message::Batch { seq, watermark, released, disk_applied, records } => {
+                ChannelCounters::add(&config.counters.records_received, records.len() as u64);
+                ChannelCounters::add(&config.counters.log_bytes_received, buf.len() as u64 + 4);
                 if state_open {
                     return Err(ChannelError::Protocol(
                         "a batch of records arrived before the end of the state".into(),

@@ -89,6 +89,8 @@ pub use primary::{Acked, BatchTimes, PrimaryLink, PrimaryListener, StateSender};
 pub use wire::fuzz_wire;
 
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Version of the protocol spoken here; a peer speaking another is refused.
@@ -112,6 +114,33 @@ pub enum LogStart {
     /// [`BackupLink::next_state_chunk`], then replays from the exit after the
     /// state's. A backup joining a running VM ([`PrimaryListener::accept_joining`]).
     State,
+}
+
+/// What a VMM's links have carried, counted (for its metrics): every link
+/// made with one [`ChannelConfig`] adds to the same counters, so they run
+/// on across backups and joins.
+#[derive(Debug, Default)]
+pub struct ChannelCounters {
+    /// Log records sent (a primary's) and their batches' bytes on the wire.
+    pub records_sent: AtomicU64,
+    pub log_bytes_sent: AtomicU64,
+    /// State bytes sent on the wire (joins and resyncs).
+    pub state_bytes_sent: AtomicU64,
+    /// Log records received (a backup's) and their batches' bytes.
+    pub records_received: AtomicU64,
+    pub log_bytes_received: AtomicU64,
+    /// State bytes received.
+    pub state_bytes_received: AtomicU64,
+    /// Heartbeat intervals the peer let pass without a word beyond the
+    /// one allowed (each silence of n intervals counts n - 1; the silence
+    /// that declares the peer lost counts too).
+    pub heartbeats_missed: AtomicU64,
+}
+
+impl ChannelCounters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// Timing and flow-control settings of a link.
@@ -140,6 +169,8 @@ pub struct ChannelConfig {
     /// to the CA, the backup only a primary whose certificate does and names
     /// the address it connects to. `None`: plaintext, unauthenticated.
     pub tls: Option<credentials::Tls>,
+    /// Where the links made with this configuration count what they carry.
+    pub counters: Arc<ChannelCounters>,
 }
 
 impl Default for ChannelConfig {
@@ -151,6 +182,7 @@ impl Default for ChannelConfig {
             state_window: 8 << 20,
             poll: Duration::ZERO,
             tls: None,
+            counters: Arc::default(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Framing and messages: what goes over the socket, and nothing about when.
 
-use crate::{ChannelError, LogStart, MAGIC, MAX_FRAME, PROTOCOL_VERSION};
+use crate::{ChannelCounters, ChannelError, LogStart, MAGIC, MAX_FRAME, PROTOCOL_VERSION};
 use bincode::Options;
 use replay::{Header, Record};
 use serde::{Deserialize, Serialize};
@@ -9,6 +9,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -151,6 +152,8 @@ pub(crate) struct Watched<'a, R> {
     last_traffic: Instant,
     /// Fires at or before `last_traffic + limit`; pushed back lazily.
     alarm: Pin<Box<Sleep>>,
+    /// Where silences are counted in heartbeat intervals, and the interval.
+    missed: Option<(Arc<ChannelCounters>, Duration)>,
 }
 
 impl<'a, R> Watched<'a, R> {
@@ -163,6 +166,22 @@ impl<'a, R> Watched<'a, R> {
             peer,
             last_traffic: now,
             alarm: Box::pin(tokio::time::sleep_until(now + limit)),
+            missed: None,
+        }
+    }
+
+    /// Counts the peer's silences, in heartbeat intervals, into `counters`.
+    pub(crate) fn counting_missed(mut self, counters: Arc<ChannelCounters>, interval: Duration) -> Self {
+        self.missed = Some((counters, interval.max(Duration::from_millis(1))));
+        self
+    }
+
+    /// A silence of `gap` ended (or ended the link): the intervals in it
+    /// beyond the one a heartbeat may take.
+    fn count_silence(&self, gap: Duration) {
+        if let Some((counters, interval)) = &self.missed {
+            let intervals = (gap.as_nanos() / interval.as_nanos()) as u64;
+            ChannelCounters::add(&counters.heartbeats_missed, intervals.saturating_sub(1));
         }
     }
 
@@ -228,7 +247,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Watched<'_, R> {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
-                    this.last_traffic = Instant::now();
+                    let now = Instant::now();
+                    this.count_silence(now - this.last_traffic);
+                    this.last_traffic = now;
                 }
                 Poll::Ready(Ok(()))
             }
@@ -243,6 +264,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Watched<'_, R> {
                 }
                 let due = this.last_traffic + this.limit;
                 if Instant::now() >= due {
+                    this.count_silence(this.limit);
                     let why = format!("no traffic from {} for {:?} (heartbeat timeout)", this.peer, this.limit);
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, Silence(why))));
                 }

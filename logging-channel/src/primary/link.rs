@@ -127,6 +127,11 @@ impl PrimaryLink {
         })
     }
 
+    /// The backup's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.shared.peer
+    }
+
     /// How this link's log starts: [`LogStart::State`] for a link from
     /// [`PrimaryListener::accept_joining`](super::PrimaryListener::accept_joining).
     pub fn log_start(&self) -> LogStart {

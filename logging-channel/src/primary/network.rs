@@ -7,7 +7,7 @@ use super::link::{Acked, BatchTimes};
 use super::state_sender::carries_state;
 use super::{weight, Shared};
 use crate::wire::{self, BusyPoll, Bytes, Message, Watched};
-use crate::{lock, ChannelError, LogStart};
+use crate::{lock, ChannelCounters, ChannelError, LogStart};
 use replay::Record;
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
@@ -103,7 +103,9 @@ async fn read_acks(rd: OwnedReadHalf, fd: RawFd, shared: &Shared, local: &Local)
             !local.in_flight.borrow().is_empty() && shared.state.try_lock().is_ok_and(|st| st.pending.is_empty())
         }),
     };
-    let mut rd = BufReader::new(Watched::new(rd, shared.config.heartbeat_timeout, "the backup").busy_polling(busy));
+    let watched = Watched::new(rd, shared.config.heartbeat_timeout, "the backup")
+        .counting_missed(shared.config.counters.clone(), shared.config.heartbeat_interval());
+    let mut rd = BufReader::new(watched.busy_polling(busy));
     let mut buf = Vec::new();
     loop {
         let msg = wire::read_frame(&mut rd, &mut buf).await?;
@@ -230,6 +232,7 @@ async fn write_batches(mut wr: OwnedWriteHalf, shared: &Shared, local: &Local) -
                 local.state_sent.set(offset + piece.len() as u64);
                 drop(piece);
                 wr.write_all(&frame).await.map_err(|e| ChannelError::io("sending the state to the backup", e))?;
+                ChannelCounters::add(&shared.config.counters.state_bytes_sent, frame.len() as u64);
                 wrote = true;
                 continue;
             }
@@ -298,6 +301,8 @@ async fn write_batches(mut wr: OwnedWriteHalf, shared: &Shared, local: &Local) -
             sent_records += n as u64;
             sent_bytes += outgoing.drain(..n).map(|r| weight(&r)).sum::<u64>();
             wr.write_all(&frame).await.map_err(|e| ChannelError::io("sending to the backup", e))?;
+            ChannelCounters::add(&shared.config.counters.records_sent, n as u64);
+            ChannelCounters::add(&shared.config.counters.log_bytes_sent, frame.len() as u64);
             // In flight once written: the ack reader runs on this thread, so
             // no ack for it can be read before this.
             local.in_flight.borrow_mut().push_back(Sent {
