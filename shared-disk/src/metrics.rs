@@ -196,10 +196,8 @@ impl DiskMetrics {
             "disk": { "owner": s.owner, "generation": s.generation, "size_bytes": s.size },
             "sessions": { "open": s.sessions_open, "kept": s.sessions_kept, "total": s.sessions_total },
             "connections": s.connections,
-            "requests": s.requests.iter().sum::<u64>(),
-            "test_and_sets_won": s.test_and_sets_won,
-            "test_and_sets_lost": s.test_and_sets_lost,
-            "fenced_writes": s.fenced_writes,
+            "requests": { "total": s.requests.iter().sum::<u64>(), "fenced_writes": s.fenced_writes },
+            "test_and_sets": { "won": s.test_and_sets_won, "lost": s.test_and_sets_lost },
         })
     }
 }

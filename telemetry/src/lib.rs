@@ -52,8 +52,9 @@
 //! # The `/status` document
 //!
 //! One JSON object. Every field is optional: [`render_status`] shows what
-//! is there and skips what is not (a field that is `null` reads as
-//! absent), so a program fills what it knows. Times are seconds (floats
+//! is there and skips what is not (and fields of the wrong type), so a
+//! program fills what it knows. `null` reads as absent, except for `peer`
+//! (shown as "none": there is no peer) and `last_failover` ("never"). Times are seconds (floats
 //! where a fraction matters), instants are Unix times in seconds.
 //!
 //! | field | type | meaning |
@@ -81,6 +82,8 @@
 //! | `disk.size_bytes` | integer | ftdisk: the image's size (0: arbiter only) |
 //! | `sessions.open`, `.kept`, `.total` | integer | ftdisk: client sessions in use by an open connection, kept, created since start |
 //! | `connections` | integer | ftdisk: connections open now |
+//! | `requests.total`, `requests.fenced_writes` | integer | ftdisk: requests received since start, and writes refused by fencing |
+//! | `test_and_sets.won`, `.lost` | integer | ftdisk: go-live claims executed, by result |
 //!
 //! Fields the renderer does not know are shown at the end, `key: value`,
 //! when they are scalars (so a program can add a line without touching

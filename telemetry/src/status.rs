@@ -68,6 +68,8 @@ const KNOWN: &[&str] = &[
     "disk",
     "sessions",
     "connections",
+    "requests",
+    "test_and_sets",
 ];
 
 /// The status as lines of `label  value`; `now_unix` is the local clock,
@@ -169,6 +171,25 @@ pub fn render_status_at(status: &Value, now_unix: f64) -> String {
     }
     if let Some(n) = num(doc, "connections") {
         add("connections", count(n));
+    }
+    if let Some(requests) = doc.get("requests").and_then(Value::as_object) {
+        let mut parts = Vec::new();
+        if let Some(n) = num(requests, "total") {
+            parts.push(format!("{} since start", count(n)));
+        }
+        if let Some(n) = num(requests, "fenced_writes") {
+            parts.push(format!("{} fenced writes", count(n)));
+        }
+        if !parts.is_empty() {
+            add("requests", parts.join(", "));
+        }
+    }
+    if let Some(tas) = doc.get("test_and_sets").and_then(Value::as_object) {
+        let parts: Vec<String> =
+            ["won", "lost"].iter().filter_map(|key| num(tas, key).map(|n| format!("{} {key}", count(n)))).collect();
+        if !parts.is_empty() {
+            add("test-and-sets", parts.join(", "));
+        }
     }
     if let Some(uptime) = num(doc, "uptime_seconds") {
         add("uptime", duration(uptime));
@@ -362,14 +383,17 @@ extra_line  shown at the end
             "program": "ftdisk", "role": "disk",
             "disk": {"owner": "backup@b", "generation": 2, "size_bytes": 67_108_864},
             "sessions": {"open": 1, "kept": 3, "total": 3}, "connections": 1,
+            "requests": {"total": 120, "fenced_writes": 2}, "test_and_sets": {"won": 1, "lost": 1},
             "peer": null, "last_failover": null, "lag": {}, "commit_latency": {"count": 0, "window_seconds": 60}
         });
         let text = render_status_at(&doc, 0.0);
-        assert!(text.contains("disk         owned by backup@b (generation 2), 64.0 MiB image\n"), "{text}");
-        assert!(text.contains("sessions     1 open, 3 kept, 3 since start\n"), "{text}");
-        assert!(text.contains("peer         none\n"), "{text}");
-        assert!(text.contains("failover     never\n"), "{text}");
-        assert!(text.contains("commit       no outputs in the last 60 s\n"), "{text}");
+        assert!(text.contains("disk           owned by backup@b (generation 2), 64.0 MiB image\n"), "{text}");
+        assert!(text.contains("sessions       1 open, 3 kept, 3 since start\n"), "{text}");
+        assert!(text.contains("requests       120 since start, 2 fenced writes\n"), "{text}");
+        assert!(text.contains("test-and-sets  1 won, 1 lost\n"), "{text}");
+        assert!(text.contains("peer           none\n"), "{text}");
+        assert!(text.contains("failover       never\n"), "{text}");
+        assert!(text.contains("commit         no outputs in the last 60 s\n"), "{text}");
         assert!(!text.contains("lag"), "{text}");
         assert_eq!(render_status_at(&json!({}), 0.0), "(the status document is empty)\n");
         assert!(render_status_at(&json!([1, 2]), 0.0).starts_with("(not a status document"));

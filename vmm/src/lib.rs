@@ -26,7 +26,8 @@
 //!   pairing, the joiner and the output regimes (the output rule);
 //!   [`arbiter`] go-live arbitration; [`digest`] the state digest;
 //!   [`snapshot`] the state snapshot format (files and live state
-//!   transfer); [`error`] what ends a run.
+//!   transfer); [`error`] what ends a run; [`status`] the `ftvmm status`
+//!   command (a client of another process's metrics server).
 //!
 //! No module imports one that imports it back (`tests/module_graph.rs`
 //! checks it, and that the devices reach nothing above them).
@@ -54,4 +55,5 @@ pub mod memory;
 pub mod rdtsc;
 pub mod run;
 pub mod snapshot;
+pub mod status;
 pub mod vm;

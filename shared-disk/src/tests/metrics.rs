@@ -71,7 +71,8 @@ fn counts_requests_fencing_test_and_sets_and_sessions() {
     assert_eq!(status["disk"]["owner"], "backup@b");
     assert_eq!(status["disk"]["generation"], 1);
     assert_eq!(status["sessions"]["open"], 2);
-    assert_eq!(status["test_and_sets_won"], 1);
+    assert_eq!(status["test_and_sets"]["won"], 1);
+    assert_eq!(status["requests"]["fenced_writes"], 1);
 
     // Connections that close are no longer open; their sessions are kept.
     drop(c);
