@@ -191,3 +191,71 @@ fn ftvmm_status_of_a_real_ftdisk() {
         assert!(shown.stdout.contains(line), "no {line:?} in\n{}", shown.stdout);
     }
 }
+
+/// The YAML block of docs/observability.md whose first line is `# NAME`.
+fn doc_block(doc: &str, name: &str) -> String {
+    let start = doc.find(&format!("```yaml\n# {name}\n")).unwrap_or_else(|| panic!("no {name} block in the doc"));
+    let body = &doc[start + "```yaml\n".len()..];
+    body[..body.find("```").expect("an unterminated block")].to_string()
+}
+
+/// The example scrape configuration and alert rules of
+/// docs/observability.md are valid, and the not-protected alert fires
+/// after 60 s without a protected side, not before.
+#[test]
+fn the_documented_prometheus_config_and_alerts_hold() {
+    let promtool = ftvmm_tests::prometheus::prometheus_bin().with_file_name("promtool");
+    assert!(
+        promtool.is_file(),
+        "promtool is missing beside prometheus: `.ci/run` installs the Debian package prometheus"
+    );
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/observability.md"))
+        .expect("read docs/observability.md");
+    let dir = Scratch::new("metrics-promtool");
+    std::fs::write(dir.path("prometheus.yml"), doc_block(&doc, "prometheus.yml")).expect("write");
+    std::fs::write(dir.path("ftvmm-rules.yml"), doc_block(&doc, "ftvmm-rules.yml")).expect("write");
+    std::fs::write(
+        dir.path("test.yml"),
+        r#"rule_files: [ftvmm-rules.yml]
+evaluation_interval: 5s
+tests:
+  - interval: 5s
+    input_series:
+      # The primary is protected for 10 s, then not; the backup never is.
+      - series: 'ftvmm_ft_state{state="protected",vm="kvstore",job="ftvmm",instance="10.0.0.1:9400"}'
+        values: '1 1 0x30'
+      - series: 'ftvmm_ft_state{state="protected",vm="kvstore",job="ftvmm",instance="10.0.0.2:9400"}'
+        values: '0x32'
+      - series: 'ftdisk_fenced_writes_total{job="ftdisk",instance="10.0.0.3:9400"}'
+        values: '0 0 0 1 1 1'
+    alert_rule_test:
+      - eval_time: 60s
+        alertname: FtvmmNotProtected
+        exp_alerts: []
+      - eval_time: 75s
+        alertname: FtvmmNotProtected
+        exp_alerts:
+          - exp_labels: {severity: page, vm: kvstore}
+            exp_annotations:
+              summary: 'VM kvstore has run unprotected for more than 60 s'
+              description: 'No VMM of the pair is protected: see `ftvmm status` on each of its hosts.'
+      - eval_time: 20s
+        alertname: FtdiskFencedWrites
+        exp_alerts:
+          - exp_labels: {severity: warn, job: ftdisk, instance: '10.0.0.3:9400'}
+            exp_annotations:
+              summary: 'ftdisk at 10.0.0.3:9400 refused writes from a VMM that no longer owns the disk'
+"#,
+    )
+    .expect("write");
+    for args in [&["check", "config", "prometheus.yml"][..], &["test", "rules", "test.yml"]] {
+        let out = std::process::Command::new(&promtool).args(args).current_dir(&dir.0).output().expect("run promtool");
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
