@@ -18,7 +18,9 @@
 //!   `ftvmm status ADDR` prints);
 //! - [`LatencyWindow`] ([`window`]): latencies of the last minute (p50,
 //!   p99, max, count) in bounded memory, for `/status`; and [`RateWindow`],
-//!   a per-second rate of a counter over the last few seconds.
+//!   a per-second rate of a counter over the last few seconds;
+//! - [`StateSet`] ([`state`]): one of a fixed list of states (the FT
+//!   state), exposed as a gauge per state, 1 for the current one.
 //!
 //! The crate re-exports [`prometheus_client`], so a program registers its
 //! metrics with the same version the server encodes.
@@ -91,12 +93,14 @@
 
 pub mod http;
 pub mod server;
+pub mod state;
 pub mod status;
 pub mod window;
 
 pub use http::{http_get, HttpResponse, MAX_RESPONSE};
 pub use prometheus_client;
 pub use server::{MetricsServer, StatusFn, MAX_REQUEST_HEAD, QUEUED, REQUEST_TIMEOUT, WORKERS};
+pub use state::StateSet;
 pub use status::{fetch_status, render_status, render_status_at};
 pub use window::{LatencyWindow, RateWindow, WindowSummary};
 
