@@ -36,6 +36,11 @@
 //!   after a lost connection is applied once and never overtaken by its own
 //!   original (still queued in the server, or still in the network).
 //!
+//! - its metrics ([`metrics`]): counters of requests by kind, fencing,
+//!   test-and-sets won and lost, sessions and connections, kept as atomics
+//!   ([`Server::metrics`]), exposed to Prometheus and as a `/status`
+//!   document by `ftdisk --metrics ADDR`;
+//!
 //! - transport security ([`secure`]): optionally mutual TLS on every
 //!   connection (`ftdisk --tls-cert --tls-key --tls-ca`,
 //!   [`Server::start_secured`], [`DiskClient::connect_secured`],
@@ -119,6 +124,7 @@
 //! an `IMAGE.owner` written by a version-1 server is read as it is.
 
 mod client;
+pub mod metrics;
 mod owner;
 pub mod proto;
 pub mod secure;
@@ -130,6 +136,7 @@ mod timed;
 mod tests;
 
 pub use client::{Arbiter, ClientError, DiskClient, ServerKind, TasOutcome, DEFAULT_RETRY_FOR};
+pub use metrics::{DiskCollector, DiskMetrics, DiskSnapshot};
 pub use proto::{DiskError, Op, Reply, Request, Response};
 pub use secure::{read_allow_file, Access};
 pub use server::{

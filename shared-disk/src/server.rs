@@ -19,6 +19,7 @@
 //! threads), and at most [`crate::session::MAX_SESSIONS`] sessions of
 //! [`crate::session::REPLY_CACHE`] remembered answers each.
 
+use crate::metrics::{kind_index, DiskMetrics};
 use crate::owner::{self, OwnerRecord};
 use crate::proto::{self, DiskError, Op, Reply, Request, Response, WireError};
 use crate::secure::{self, Access};
@@ -152,7 +153,9 @@ struct Store {
 
 struct Shared {
     store: Store,
-    sessions: Sessions,
+    sessions: Arc<Sessions>,
+    /// What it counts (also what [`ServerStats`] reports).
+    metrics: Arc<DiskMetrics>,
     timeouts: Timeouts,
     /// TLS and authorization; `None`: plaintext, anyone may do anything.
     access: Option<Access>,
@@ -162,9 +165,6 @@ struct Shared {
     conns: Mutex<HashMap<u64, Conn>>,
     executed: AtomicU64,
     writes_applied: AtomicU64,
-    remembered: AtomicU64,
-    refused: AtomicU64,
-    panics: AtomicU64,
 }
 
 struct Conn {
@@ -245,18 +245,23 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|e| ServerError::Io { what: "reading the listen address".into(), source: e })?;
+        let sessions = Arc::new(Sessions::new());
+        let (generation, owner) = {
+            let record = store.record.read().unwrap_or_else(PoisonError::into_inner);
+            (record.generation, record.owner.clone())
+        };
+        let size = store.image.as_ref().map_or(0, |image| image.size);
+        let metrics = Arc::new(DiskMetrics::new(sessions.clone(), generation, owner, size));
         let shared = Arc::new(Shared {
             store,
-            sessions: Sessions::new(),
+            sessions,
+            metrics,
             timeouts,
             access,
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             executed: AtomicU64::new(0),
             writes_applied: AtomicU64::new(0),
-            remembered: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            panics: AtomicU64::new(0),
         });
         let for_thread = shared.clone();
         let accept = std::thread::Builder::new()
@@ -288,12 +293,18 @@ impl Server {
         ServerStats {
             executed: s.executed.load(Ordering::Relaxed),
             writes_applied: s.writes_applied.load(Ordering::Relaxed),
-            answered_from_memory: s.remembered.load(Ordering::Relaxed),
-            refused_stale: s.refused.load(Ordering::Relaxed),
+            answered_from_memory: s.metrics.retries_answered.load(Ordering::Relaxed),
+            refused_stale: s.metrics.stale.load(Ordering::Relaxed),
             sessions,
             sessions_evicted,
-            connection_panics: s.panics.load(Ordering::Relaxed),
+            connection_panics: s.metrics.panics.load(Ordering::Relaxed),
         }
+    }
+
+    /// Its counters, for metrics ([`crate::metrics`]): they go on being
+    /// readable after the server stops (they hold no file).
+    pub fn metrics(&self) -> Arc<DiskMetrics> {
+        self.shared.metrics.clone()
     }
 
     /// Connections being served now.
@@ -444,6 +455,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         // A finished thread has dropped everything it held: no need to join.
         conns.retain(|_, conn| !conn.thread.is_finished());
         if conns.len() >= MAX_CONNECTIONS {
+            shared.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
             warn!(%peer, "refusing a connection: {MAX_CONNECTIONS} are open already");
             continue;
         }
@@ -451,7 +463,8 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         next_id += 1;
         let for_thread = shared.clone();
         let spawned = std::thread::Builder::new().name(format!("ftdisk-conn-{id}")).spawn(move || {
-            let _count = CountPanic(&for_thread.panics);
+            let _count = CountPanic(&for_thread.metrics.panics);
+            let _open = CountOpen::new(&for_thread.metrics.connections);
             serve_connection(&for_thread, stream, peer);
             if let Some(conn) = lock(&for_thread.conns).get_mut(&id) {
                 conn.stream = None;
@@ -459,6 +472,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         });
         match spawned {
             Ok(thread) => {
+                shared.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
                 conns.insert(id, Conn { stream: Some(handle), thread });
             }
             Err(e) => warn!(%peer, "refusing a connection: cannot start its thread: {e}"),
@@ -475,6 +489,22 @@ impl Drop for CountPanic<'_> {
         if std::thread::panicking() {
             self.0.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Counts a connection as open while it lives.
+struct CountOpen<'a>(&'a AtomicU64);
+
+impl<'a> CountOpen<'a> {
+    fn new(open: &'a AtomicU64) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        CountOpen(open)
+    }
+}
+
+impl Drop for CountOpen<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -538,6 +568,8 @@ fn converse(shared: &Shared, stream: &TcpStream, peer: SocketAddr) -> Result<(),
             buf = Vec::with_capacity(RETAINED_BUFFER);
         }
         let seq = request.seq;
+        let kind = kind_index(&request.op);
+        shared.metrics.requests[kind].fetch_add(1, Ordering::Relaxed);
         let result = match (&name, authorized || !request.op.needs_authorization()) {
             (_, true) => shared.handle(request, &mut session),
             // Refused before its session sees it: nothing is executed.
@@ -547,6 +579,9 @@ fn converse(shared: &Shared, stream: &TcpStream, peer: SocketAddr) -> Result<(),
                 Err(DiskError::Forbidden { name })
             }
         };
+        if result.is_err() {
+            shared.metrics.errors[kind].fetch_add(1, Ordering::Relaxed);
+        }
         let frame = proto::encode(&Response { seq, result })?;
         // Not reading the next request until this answer is out bounds what
         // a client that does not read can make us hold.
@@ -572,17 +607,50 @@ impl Shared {
             }
         };
         let kind = op.kind();
+        // What the metrics need of the op, which `execute` consumes.
+        let written = match &op {
+            Op::Write { data, .. } => Some(data.len() as u64),
+            _ => None,
+        };
+        let claimant = match &op {
+            Op::TestAndSet { owner, .. } => Some(owner.clone()),
+            _ => None,
+        };
+        let is_flush = matches!(op, Op::Flush { .. });
         let (result, disposition) = slot.handle(seq, op, |op| self.store.execute(op, &self.writes_applied));
+        let m = &self.metrics;
         match disposition {
             Disposition::Executed | Disposition::ReadAgain => {
                 self.executed.fetch_add(1, Ordering::Relaxed);
+                match (&result, written) {
+                    (Ok(Reply::Data(data)), _) => {
+                        m.bytes_read.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    (Ok(Reply::Done), Some(len)) => {
+                        m.bytes_written.fetch_add(len, Ordering::Relaxed);
+                    }
+                    (Err(DiskError::Fenced { .. }), Some(_)) => {
+                        m.fenced_writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (Err(DiskError::Fenced { .. }), None) if is_flush => {
+                        m.fenced_flushes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (Ok(Reply::Won { generation }), _) => {
+                        m.tas_won.fetch_add(1, Ordering::Relaxed);
+                        m.set_owner(*generation, claimant.unwrap_or_default());
+                    }
+                    (Ok(Reply::Lost { .. }), _) => {
+                        m.tas_lost.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
             }
             Disposition::Remembered => {
-                self.remembered.fetch_add(1, Ordering::Relaxed);
+                m.retries_answered.fetch_add(1, Ordering::Relaxed);
                 debug!(session = format_args!("{id:016x}"), seq, "{kind} retried: answered from memory");
             }
             Disposition::Refused => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
+                m.stale.fetch_add(1, Ordering::Relaxed);
             }
         }
         if let Err(e) = &result {

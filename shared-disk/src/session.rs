@@ -74,6 +74,8 @@ pub(crate) struct Sessions {
     /// Orders uses, for least-recently-used eviction.
     clock: AtomicU64,
     evicted: AtomicU64,
+    /// Sessions created since the server started.
+    created: AtomicU64,
 }
 
 /// One session.
@@ -101,12 +103,28 @@ enum Outcome {
 
 impl Sessions {
     pub(crate) fn new() -> Self {
-        Sessions { table: Mutex::new(HashMap::new()), clock: AtomicU64::new(0), evicted: AtomicU64::new(0) }
+        Sessions {
+            table: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            created: AtomicU64::new(0),
+        }
     }
 
     /// How many sessions are kept, and how many were evicted so far.
     pub(crate) fn counts(&self) -> (usize, u64) {
         (lock(&self.table).len(), self.evicted.load(Ordering::Relaxed))
+    }
+
+    /// How many sessions were created since the server started.
+    pub(crate) fn created(&self) -> u64 {
+        self.created.load(Ordering::Relaxed)
+    }
+
+    /// How many sessions an open connection uses now (holds a reference to,
+    /// besides the table's).
+    pub(crate) fn in_use(&self) -> usize {
+        lock(&self.table).values().filter(|slot| Arc::strong_count(slot) > 1).count()
     }
 
     /// The slot of session `id`, created if new. The caller keeps the
@@ -137,6 +155,7 @@ impl Sessions {
             info!(session = format_args!("{victim:016x}"), "forgot the least recently used session: the table is full");
         }
         let slot = Arc::new(Slot { id, last_used: AtomicU64::new(0), state: Mutex::new(State::default()) });
+        self.created.fetch_add(1, Ordering::Relaxed);
         self.touch(&slot);
         table.insert(id, slot.clone());
         Ok(slot)

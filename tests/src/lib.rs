@@ -1,9 +1,12 @@
 //! ftvmm-tests: end-to-end tests of the `ftvmm` binary on real `/dev/kvm`
 //! (`tests/*.rs`), the helpers they share (this file), and the `ftbench`
 //! benchmark. Tests run the release binary the README's test command builds.
-//! [`lab`] makes network-namespace hosts (also for the demo, via `ftlab`).
+//! [`lab`] makes network-namespace hosts (also for the demo, via `ftlab`);
+//! [`prometheus`] runs a real Prometheus server that scrapes what a test
+//! starts.
 
 pub mod lab;
+pub mod prometheus;
 pub mod resp;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -85,6 +88,37 @@ pub fn spawn_redis_pair(ns: [&str; 3], net: &str, vm: &str, dir: &Scratch, extra
     bargs.extend_from_slice(&common);
     let backup = Proc::spawn_in(Some(ns[1]), &bargs);
     (primary, backup, arbiter)
+}
+
+/// A running `ftdisk` with `args` on `addr` and its metrics on
+/// `--metrics 127.0.0.1:0`: the guard, the address it serves the disk on,
+/// and that of its metrics server.
+pub fn spawn_ftdisk_with_metrics(args: &[&str], addr: &str) -> (KillOnDrop, String, String) {
+    let mut child = Command::new(ftdisk_bin())
+        .args(args)
+        .args(["--listen", addr, "--metrics", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ftdisk");
+    let err = child.stderr.take().expect("piped stderr");
+    let guard = KillOnDrop(child);
+    let mut lines = BufReader::new(err).lines();
+    let (mut served, mut metrics) = (None, None);
+    for line in lines.by_ref().map_while(Result::ok) {
+        if let Some(url) = line.strip_prefix("ftdisk: metrics on http://") {
+            metrics = url.strip_suffix("/metrics").map(str::to_string);
+        }
+        if line.starts_with("ftdisk: serving") {
+            served = line.rsplit(' ').next().map(str::to_string);
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let served = served.unwrap_or_else(|| panic!("ftdisk never said it was serving"));
+    let metrics = metrics.unwrap_or_else(|| panic!("ftdisk never said where its metrics are"));
+    (guard, served, metrics)
 }
 
 /// [`spawn_ftdisk_with`] inside network namespace `ns` (None: here).

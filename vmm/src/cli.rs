@@ -23,6 +23,7 @@ use std::time::Duration;
 /// rather than go live from a diverged state.
 ///
 /// `ftvmm check --help`: does a guest image replay deterministically?
+/// `ftvmm status --help`: the state of a running ftvmm or ftdisk.
 #[derive(Debug, Parser)]
 #[command(name = "ftvmm", version, about, long_about)]
 pub struct Cli {
@@ -277,6 +278,47 @@ pub struct CheckCli {
     pub disk: Option<PathBuf>,
 }
 
+/// `ftvmm status`: the state of a running ftvmm or ftdisk, from the
+/// /status of its --metrics address.
+///
+/// Shows one screen: role, state and why, since when, peer, lag, log
+/// bandwidth, output-commit latency over the last minute, exits per
+/// second, the last failover (ftdisk: the disk's owner and generation,
+/// sessions, connections) — what the server reports.
+///
+/// Exit status: 0 when it showed a status; 1 when the server cannot be
+/// reached or did not answer with a status (one line on stderr); 2 for a
+/// usage error.
+#[derive(Debug, Parser)]
+#[command(name = "ftvmm status", version, about, long_about)]
+pub struct StatusCli {
+    /// The --metrics address of an ftvmm or ftdisk (host:port).
+    #[arg(value_name = "ADDR")]
+    pub addr: String,
+
+    /// Refresh the screen every --interval seconds, like top, until
+    /// interrupted (a server that stops answering is retried).
+    #[arg(long)]
+    pub watch: bool,
+
+    /// Print the status as the server's JSON (with --watch: one line per
+    /// refresh), for scripts.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Seconds between refreshes with --watch (0.1 to 3600).
+    #[arg(long, value_name = "SECS", default_value_t = 2.0, value_parser = refresh_interval)]
+    pub interval: f64,
+}
+
+/// A `--interval`: seconds, 0.1 to 3600.
+fn refresh_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if (0.1..=3600.0).contains(&secs) => Ok(secs),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 3600")),
+    }
+}
+
 /// The guest image `--kernel` or `--guest` names (clap requires one), and a
 /// check of `--cmdline`'s length: the same for a run and a check.
 fn guest_image(kernel: Option<PathBuf>, guest: Option<String>, cmdline: &str) -> Result<ImageSource, Error> {
@@ -322,9 +364,12 @@ pub enum Command {
     Run(Box<VmConfig>),
     /// `ftvmm check ...`.
     Check(Box<crate::check::CheckConfig>),
+    /// `ftvmm status ...`.
+    Status(crate::status::StatusConfig),
 }
 
-/// Parses the whole command line (`ftvmm check ...` or a VM run). A parse
+/// Parses the whole command line (`ftvmm check ...`, `ftvmm status ...` or
+/// a VM run). A parse
 /// failure is clap's (it prints itself: usage errors with status 2); a
 /// validation failure is a usage error message.
 pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Result<Command, Error>, clap::Error> {
@@ -334,6 +379,18 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Result<Command, Error>, cl
         rest[0] = format!("{} check", program.to_string_lossy()).into();
         let check = CheckCli::try_parse_from(rest)?;
         return Ok(check.into_config().map(|c| Command::Check(Box::new(c))));
+    }
+    if args.get(1).is_some_and(|a| a == "status") {
+        let mut rest = args;
+        let program = rest.remove(0);
+        rest[0] = format!("{} status", program.to_string_lossy()).into();
+        let s = StatusCli::try_parse_from(rest)?;
+        return Ok(Ok(Command::Status(crate::status::StatusConfig {
+            addr: s.addr,
+            watch: s.watch,
+            json: s.json,
+            interval: Duration::from_secs_f64(s.interval),
+        })));
     }
     Ok(Cli::try_parse_from(args)?.into_command())
 }

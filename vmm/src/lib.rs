@@ -29,7 +29,8 @@
 //!   held and suppressed regimes, the host NIC's pairing;
 //!   [`arbiter`] go-live arbitration; [`digest`] the state digest;
 //!   [`snapshot`] the state snapshot format (files and live state
-//!   transfer); [`error`] what ends a run.
+//!   transfer); [`error`] what ends a run; [`status`] the `ftvmm status`
+//!   command (a client of another process's metrics server).
 //!
 //! No module imports one that imports it back, no top-level module (a
 //! folder counts as one) reaches one that reaches it back: `ft` uses `run`,
@@ -60,4 +61,5 @@ pub mod output;
 pub mod rdtsc;
 pub mod run;
 pub mod snapshot;
+pub mod status;
 pub mod vm;

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
     };
     let config = match command {
         Ok(Command::Check(check)) => return ExitCode::from(vmm::check::run(&check)),
+        Ok(Command::Status(status)) => return ExitCode::from(vmm::status::run(&status)),
         Ok(Command::ListGuests) => {
             for g in guest_images::GUESTS {
                 println!("{:<10} {}", g.name, g.description);

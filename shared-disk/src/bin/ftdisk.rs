@@ -4,11 +4,14 @@
 
 use clap::{ArgGroup, Parser};
 use credentials::{Tls, TlsFiles};
-use shared_disk::{read_allow_file, Access};
+use shared_disk::{read_allow_file, Access, DiskCollector};
 use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use telemetry::prometheus_client::registry::Registry;
+use telemetry::MetricsServer;
 
 /// Serves a raw disk image shared by an ftvmm primary and backup, with
 /// test-and-set go-live arbitration and write fencing; the arbitration
@@ -69,6 +72,12 @@ struct Cli {
     /// a comment line); adds to --tls-allow.
     #[arg(long, value_name = "PATH")]
     tls_allow_file: Option<PathBuf>,
+    /// Serve metrics over HTTP on ADDR (e.g. 127.0.0.1:9400; port 0 picks
+    /// a free port): Prometheus's text format on /metrics, a JSON status on
+    /// /status (what `ftvmm status ADDR` shows). Plain HTTP, no
+    /// authentication: listen on a management network or loopback.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -124,25 +133,35 @@ fn access(cli: &Cli) -> Result<Option<Access>, String> {
 fn run(cli: &Cli) -> Result<(), String> {
     let access = access(cli)?;
     let listener = TcpListener::bind(&cli.listen).map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
-    let server = match (&cli.image, &cli.state) {
+    let (server, serving) = match (&cli.image, &cli.state) {
         (Some(image), None) => {
             let server = shared_disk::Server::start_secured(image, listener, access).map_err(|e| e.to_string())?;
-            eprintln!("ftdisk: serving {} ({} bytes) on {}", image.display(), server.size(), server.local_addr());
-            server
+            let serving = format!("{} ({} bytes)", image.display(), server.size());
+            (server, serving)
         }
         (None, Some(state)) if cli.arbiter_only => {
             let server =
                 shared_disk::Server::start_arbiter_secured(state, listener, access).map_err(|e| e.to_string())?;
-            eprintln!(
-                "ftdisk: serving the arbitration record {} (arbiter only) on {}",
-                state.display(),
-                server.local_addr()
-            );
-            server
+            (server, format!("the arbitration record {} (arbiter only)", state.display()))
         }
         // clap enforces one mode and --state only with --arbiter-only.
         _ => return Err("give either --image PATH or --arbiter-only --state PATH".into()),
     };
+    // Started before the server says it serves, so that a bad --metrics
+    // address is an error at startup, not a server without its metrics.
+    let _metrics = match &cli.metrics {
+        Some(addr) => {
+            let counters = server.metrics();
+            let mut registry = Registry::default();
+            registry.register_collector(Box::new(DiskCollector(counters.clone())));
+            let metrics = MetricsServer::start(addr, Arc::new(registry), Arc::new(move || counters.status_json()))
+                .map_err(|e| e.to_string())?;
+            eprintln!("ftdisk: metrics on http://{}/metrics", metrics.local_addr());
+            Some(metrics)
+        }
+        None => None,
+    };
+    eprintln!("ftdisk: serving {serving} on {}", server.local_addr());
     server.wait();
     Err("the accept thread ended".into())
 }

@@ -4,6 +4,7 @@
 
 mod arbiter;
 mod bounds;
+mod metrics;
 mod props;
 mod proxy;
 mod sessions;
