@@ -2,7 +2,9 @@
 //! its state and records, handing them to the VMM and the replayer.
 
 use crate::wire::{self, BusyPoll, Message, Watched};
-use crate::{lock, new_runtime, ChannelConfig, ChannelCounters, ChannelError, LatencyHistogram, LatencySummary, LogStart};
+use crate::{
+    lock, new_runtime, ChannelConfig, ChannelCounters, ChannelError, LatencyHistogram, LatencySummary, LogStart,
+};
 use replay::{Header, LogError, Record, RecordSource};
 use std::cell::Cell;
 use std::collections::VecDeque;

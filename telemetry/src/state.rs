@@ -38,6 +38,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub struct StateSet {
     name: &'static str,
     help: &'static str,
+    /// The label that names the state (`state`, unless [`StateSet::labelled`]).
+    label: &'static str,
     states: &'static [&'static str],
     current: AtomicUsize,
 }
@@ -47,8 +49,18 @@ impl StateSet {
     /// in the first of them (panics if `states` is empty: a programming
     /// error).
     pub fn new(name: &'static str, help: &'static str, states: &'static [&'static str]) -> Self {
+        StateSet::labelled(name, help, "state", states)
+    }
+
+    /// The same, its label named `label` (e.g. `reason`).
+    pub fn labelled(
+        name: &'static str,
+        help: &'static str,
+        label: &'static str,
+        states: &'static [&'static str],
+    ) -> Self {
         assert!(!states.is_empty(), "a state set needs at least one state");
-        StateSet { name, help, states, current: AtomicUsize::new(0) }
+        StateSet { name, help, label, states, current: AtomicUsize::new(0) }
     }
 
     /// Makes `state` the current one; false (and no change) if it is not
@@ -79,7 +91,7 @@ impl Collector for StateSet {
         let current = self.get();
         let mut metric = encoder.encode_descriptor(self.name, self.help, None, MetricType::Gauge)?;
         for state in self.states {
-            let labels = [("state", *state)];
+            let labels = [(self.label, *state)];
             metric.encode_family(&labels)?.encode_gauge(&i64::from(*state == current))?;
         }
         Ok(())

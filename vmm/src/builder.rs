@@ -12,15 +12,20 @@ use crate::clock::{wall_clock_ns, HostClock};
 use crate::config::{DiskSpec, ImageSource, Mode, VmConfig};
 use crate::devices::Devices;
 use crate::error::{usage, Error, RunError};
-use crate::ft::{owner_name, receive_state, FtRole, Held, HostNic, Joiner, OutputGate, Role, Suppressed};
+use crate::ft::status::{REASON_NAMES, STATE_NAMES};
+use crate::ft::{
+    owner_name, receive_state, FtRole, FtState, FtStatus, Held, HostNic, Joiner, OutputGate, Reason, Role, Suppressed,
+};
 use crate::host::console::Endpoint;
 use crate::host::disk::{BlockBackend, Claim, DiskPort, FileBackend, FtdiskBackend};
 use crate::inputs::{Inputs, LiveInputs};
 use crate::log_io::{LogSink, LogSource};
 use crate::mac::format_mac;
+use crate::metrics::VmMetrics;
 use crate::output::{Direct, Outputs};
 use crate::run::{check_begin, restore_state, Alone, RoleHooks, Vmm};
 use crate::snapshot::{SnapshotError, StateReader};
+use crate::watch::{self, Watched};
 
 use crate::{loader, rdtsc, vm};
 use credentials::Tls;
@@ -30,6 +35,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter};
 use std::path::Path;
 use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 
 /// The guest image, and a name for messages.
 fn image(source: &ImageSource) -> Result<(String, Vec<u8>), Error> {
@@ -109,9 +115,12 @@ struct Wiring {
     role: Option<Role>,
     /// A backup joining a running VM: its state comes over the channel.
     joining: bool,
+    /// Its FT state as it starts.
+    status: Arc<FtStatus>,
 }
 
 /// Opens the log or reaches the peer, and wires inputs and outputs.
+#[allow(clippy::too_many_arguments)]
 fn wire(
     config: &VmConfig,
     header: &mut Header,
@@ -119,9 +128,11 @@ fn wire(
     disk: Option<&mut DiskPort>,
     restored_at: Option<u64>,
     nic: Option<HostNic>,
-    tls: Option<&Tls>,
+    channel: &ChannelConfig,
+    metrics: &Arc<VmMetrics>,
 ) -> Result<Wiring, Error> {
-    let channel = channel_config(config, tls);
+    let status =
+        |role, state, reason, detail: &str| Arc::new(FtStatus::new(role, state, reason, detail, metrics.clone()));
     let wiring = match &config.mode {
         Mode::Replay { log } => {
             let file = File::open(log).map_err(|e| usage(format!("cannot open log {}: {e}", log.display())))?;
@@ -154,6 +165,7 @@ fn wire(
                 output: Box::new(Direct { port: endpoint.start_output_only(), net: None }),
                 role: None,
                 joining: false,
+                status: status("solo", FtState::NotConfigured, Reason::None, ""),
             }
         }
         Mode::Backup { connect, listen } => {
@@ -165,18 +177,31 @@ fn wire(
                 ),
                 None => None,
             };
-            let (link, primary) = BackupLink::connect(connect, header, &channel, config.connect_timeout)
+            let (link, primary) = BackupLink::connect(connect, header, channel, config.connect_timeout)
                 .map_err(|e| usage(format!("backup: logging channel to {connect}: {e}")))?;
             header.wall_clock_base_ns = primary.header.wall_clock_base_ns;
             // The primary's generation of the shared disk, to claim it from
             // when going live (a joining backup's comes with the state).
             header.disk_generation = primary.header.disk_generation;
             let joining = primary.start == LogStart::State;
-            if joining {
+            let status = if joining {
                 eprintln!("ftvmm: backup: joining the running VM at {connect}: receiving its state");
+                status(
+                    "backup",
+                    FtState::Joining,
+                    Reason::Initializing,
+                    &format!("receiving the state of the VM at {connect}"),
+                )
             } else {
                 eprintln!("ftvmm: backup: attached to the primary at {connect}; replaying in lockstep");
-            }
+                status(
+                    "backup",
+                    FtState::Replaying,
+                    Reason::BackupAttached,
+                    &format!("replaying the primary at {connect}"),
+                )
+            };
+            status.set_peer(Some(connect.to_string()));
             if let Some(path) = &config.serial_input {
                 // Checked now, used when the backup goes live.
                 File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?;
@@ -190,6 +215,7 @@ fn wire(
                 output: Box::new(Suppressed::default()),
                 role: Some(Role::backup(endpoint, config.serial_input.clone(), nic, listener)),
                 joining,
+                status,
             }
         }
         Mode::Primary { listen, wait } => {
@@ -199,7 +225,7 @@ fn wire(
             let link = if *wait {
                 eprintln!("ftvmm: primary: waiting for a backup on {}", listener.local_addr());
                 let link = listener
-                    .accept(header, &channel)
+                    .accept(header, channel)
                     .map_err(|e| usage(format!("primary: logging channel on {listen}: {e}")))?;
                 eprintln!("ftvmm: primary: backup attached; booting");
                 Some(link)
@@ -207,25 +233,40 @@ fn wire(
                 eprintln!("ftvmm: primary: booting without a backup; backups may join on {}", listener.local_addr());
                 None
             };
+            let status = match &link {
+                Some(link) => {
+                    let s =
+                        status("primary", FtState::Protected, Reason::BackupAttached, "the backup attached at boot");
+                    s.set_peer(Some(link.peer().to_string()));
+                    s
+                }
+                None => status(
+                    "primary",
+                    FtState::NeedsSecondary,
+                    Reason::Initializing,
+                    &format!("booted without a backup; backups may join on {}", listener.local_addr()),
+                ),
+            };
             let (input, port) = start_serial(endpoint, config.serial_input.as_deref())?;
-            let gate = OutputGate::for_primary(&port, disk, nic.as_ref().map(|n| n.tx.clone()));
+            let gate = OutputGate::for_primary(&port, disk, nic.as_ref().map(|n| n.tx.clone()), metrics.clone());
             match &link {
                 Some(link) => link.on_ack(OutputGate::ack_callback(&gate)),
                 // Unprotected until a backup joins: nothing is held.
                 None => gate.acked(u64::MAX),
             }
-            let joiner = Joiner::start(listener, header.clone(), channel.clone(), link.is_none());
+            let joiner = Joiner::start(listener, header.clone(), channel.clone(), link.is_none(), status.clone());
             let recorder = link.map(|link| Recorder::new(LogSink::Primary(link)));
             let mut live = LiveInputs::new(HostClock::start(), Some(input), recorder, None);
             if let Some(nic) = &nic {
                 live.attach_nic(nic.rx.clone(), &nic.waker);
             }
-            let role = Role::primary(&gate, &port, &channel, joiner, 0);
+            let role = Role::primary(&gate, &port, channel, joiner, 0);
             Wiring {
                 inputs: Inputs::Live(Box::new(live)),
                 output: Box::new(Held { gate, port }),
                 role: Some(role),
                 joining: false,
+                status,
             }
         }
         Mode::Solo { record } => {
@@ -250,7 +291,13 @@ fn wire(
                 live.attach_nic(nic.rx.clone(), &nic.waker);
             }
             let output = Direct { port, net: nic.as_ref().map(|n| n.tx.clone()) };
-            Wiring { inputs: Inputs::Live(Box::new(live)), output: Box::new(output), role: None, joining: false }
+            Wiring {
+                inputs: Inputs::Live(Box::new(live)),
+                output: Box::new(output),
+                role: None,
+                joining: false,
+                status: status("solo", FtState::NotConfigured, Reason::None, ""),
+            }
         }
     };
     Ok(wiring)
@@ -339,8 +386,13 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         }
         _ => None,
     };
-    let Wiring { mut inputs, output, role, joining } =
-        wire(config, &mut header, endpoint, disk.as_mut(), restored_at, nic, tls.as_ref())?;
+    let (metrics, registry) = VmMetrics::new(&STATE_NAMES, &REASON_NAMES);
+    // One channel configuration: every link counts into its counters.
+    let channel = channel_config(config, tls.as_ref());
+    let watched_nic = nic.as_ref().map(|n| (n.rx.clone(), n.tx.clone()));
+    let watched_disk = disk.as_ref().map(|d| (d.counters(), d.pending_view()));
+    let Wiring { mut inputs, output, role, joining, status } =
+        wire(config, &mut header, endpoint, disk.as_mut(), restored_at, nic, &channel, &metrics)?;
     if unarbitrated && matches!(config.mode, Mode::Primary { .. } | Mode::Backup { .. }) {
         eprintln!(
             "ftvmm: warning: no go-live arbitration (neither --disk ftdisk:ADDR nor --arbiter ftdisk:ADDR): \
@@ -380,10 +432,11 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         _ => (None, String::new()),
     };
     let role: Box<dyn RoleHooks> = match role {
-        Some(role) => Box::new(FtRole::new(role, arbiter, channel_config(config, tls.as_ref()))),
+        Some(role) => Box::new(FtRole::new(role, arbiter, channel.clone(), status.clone())),
         None => Box::new(Alone),
     };
     let mut vmm = Vmm::new(machine, devices, inputs, output, role, disk, rdtsc_sites, header, config.wants_digest());
+    vmm.set_metrics(metrics.clone());
     vmm.set_checks(
         crate::run::CheckPolicy { every_ms: config.check_every_ms, every_exits: config.check_every_exits },
         config.inject_divergence_at,
@@ -399,6 +452,16 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         }
         vmm.adopt(restored).map_err(|e| usage(format!("{from}: {e}")))?;
         eprintln!("ftvmm: {from}: restored at exit {exit}");
+        if joining {
+            status.set(FtState::Replaying, Reason::BackupJoined, format!("joined at exit {exit}"));
+        }
+    }
+    if let Some(addr) = &config.metrics {
+        let watched = Watched { status, channel: channel.counters.clone(), nic: watched_nic, disk: watched_disk };
+        let server =
+            watch::serve(addr, metrics, registry, watched).map_err(|e| usage(format!("--metrics {addr}: {e}")))?;
+        eprintln!("ftvmm: metrics on http://{}/metrics", server.local_addr());
+        vmm.keep_serving(server);
     }
     if let Some((exit, path)) = &config.save_snapshot {
         vmm.save_snapshot_at(*exit, path.clone());

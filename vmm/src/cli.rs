@@ -129,6 +129,13 @@ pub struct Cli {
     #[arg(long)]
     pub stats: bool,
 
+    /// Serve Prometheus metrics (`/metrics`) and the VM's status
+    /// (`/status`, what `ftvmm status ADDR` shows) over plain HTTP on ADDR
+    /// (host:port; port 0 picks one, said on stderr). Unauthenticated:
+    /// listen on loopback or a management network.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+
     /// Save a snapshot of the whole VM (memory, vCPU, devices, clock) to
     /// PATH when the guest reaches exit --save-at-exit, and run on.
     #[arg(long, value_name = "PATH", requires = "save_at_exit")]
@@ -456,6 +463,7 @@ impl Cli {
             perturb_seed: self.perturb_seed,
             digest: self.digest,
             stats: self.stats,
+            metrics: self.metrics,
             save_snapshot: self.save_at_exit.zip(self.save_snapshot),
             restore: self.restore,
             check_every_ms: self.check_every_ms,

@@ -87,6 +87,8 @@ pub struct VmConfig {
     pub digest: bool,
     /// Print exit and output-commit statistics.
     pub stats: bool,
+    /// Serve metrics and status here (`--metrics`).
+    pub metrics: Option<String>,
     /// Save a snapshot when the guest reaches this exit, to this file.
     pub save_snapshot: Option<(u64, PathBuf)>,
     /// Start from this snapshot file instead of booting the image.
@@ -132,6 +134,7 @@ impl VmConfig {
             perturb_seed: None,
             digest: false,
             stats: false,
+            metrics: None,
             save_snapshot: None,
             restore: None,
             check_every_ms: DEFAULT_CHECK_EVERY_MS,

@@ -3,7 +3,7 @@
 //! or the shared disk); and a backup going live where its primary's log
 //! ends — what happens when the primary dies.
 
-use super::{owner_name, FtRole, Held, Joiner, OutputGate, Role, Suppressed};
+use super::{owner_name, FtRole, FtState, Held, Joiner, OutputGate, Reason, Role, Suppressed};
 use crate::arbiter::Arbitration;
 use crate::clock::HostClock;
 use crate::error::{log_write_error, RunError};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 /// at least every this many exits...
 const SHIP_EVERY_EXITS: u64 = 64;
 /// ...and at least this often.
-const SHIP_EVERY: Duration = Duration::from_millis(5);
+pub(super) const SHIP_EVERY: Duration = Duration::from_millis(5);
 
 impl FtRole {
     /// The role's share of passing an exit: tell the backup (the lockstep
@@ -48,6 +48,7 @@ impl FtRole {
                     *shipped = (position.exit, Instant::now());
                 }
                 recorder.passed().map_err(log_write_error)?;
+                self.shipped(position.exit);
                 if let (Some(link), Role::Primary { gate, delivered, .. }) = (vm.inputs.primary_link(), &self.role) {
                     link.released(gate.released(delivered.load(Ordering::Acquire)));
                     link.disk_applied(vm.disk.as_ref().map_or(0, DiskPort::applied_through));
@@ -87,6 +88,13 @@ impl FtRole {
             vm.header.disk_generation = generation;
         }
         eprintln!("ftvmm: primary: running alone");
+        self.status.metrics.backups_lost.inc();
+        self.status.set_peer(None);
+        self.status.set(
+            FtState::NeedsSecondary,
+            Reason::LostConnection,
+            format!("backup lost ({why}) at exit {}; running alone", position.exit),
+        );
         gate.acked(u64::MAX);
         self.unprotected(vm)
     }
@@ -122,6 +130,11 @@ impl FtRole {
                     return Ok(Some(generation));
                 }
                 Ok(Some(Claim::Lost { generation, owner })) => {
+                    self.status.set(
+                        FtState::Halted,
+                        Reason::LostArbitration,
+                        format!("{owner} won (generation {generation})"),
+                    );
                     return Err(RunError::Halted(format!(
                         "{role}: lost the go-live arbitration to {owner} (generation {generation}); halting"
                     )));
@@ -156,6 +169,13 @@ impl FtRole {
         if let Some(at) = self.resynced_at.filter(|at| released < *at) {
             // Outputs up to `at` came from the primary alone (this backup
             // restored their effects): going live would lose those it held.
+            self.status.set(
+                FtState::Halted,
+                Reason::DivergenceHalted,
+                format!(
+                    "primary lost before it released the outputs up to exit {at}, where this backup resynchronized"
+                ),
+            );
             return Err(RunError::Halted(format!(
                 "backup: primary lost ({why}) at exit {} before it released the outputs up to exit {at}, where this                  backup resynchronized (it released up to exit {released}); going live would lose them: halting",
                 vm.exits()
@@ -165,6 +185,11 @@ impl FtRole {
         let nic = nic.take();
         let listener = listener.take();
         eprintln!("ftvmm: backup: primary lost ({why}) at exit {}", vm.exits());
+        self.status.set(
+            FtState::GoingLive,
+            Reason::PrimaryLost,
+            format!("primary lost ({why}) at exit {}", vm.exits()),
+        );
         if let Some(generation) = self.arbitrate(vm, "backup")? {
             vm.header.disk_generation = generation;
         }
@@ -191,6 +216,14 @@ impl FtRole {
         }
         vm.inputs = Inputs::Live(Box::new(live));
         self.role = Role::Solo;
+        self.status.metrics.failovers.inc();
+        self.status.set_role("solo");
+        self.status.set_peer(None);
+        self.status.set(
+            FtState::NeedsSecondary,
+            Reason::WentLive,
+            format!("went live at exit {} after the primary was lost ({why})", vm.exits()),
+        );
         if let Some(listener) = listener {
             self.become_primary(vm, listener, nic.as_ref().map(|n| n.tx.clone()))?;
         }
@@ -210,10 +243,11 @@ impl FtRole {
         let Some(port) = live_outputs.into_port() else {
             return Err(RunError::Io { what: "becoming a primary", err: std::io::Error::other("no serial port") });
         };
-        let gate = OutputGate::for_primary(&port, vm.disk.as_mut(), net);
+        let gate = OutputGate::for_primary(&port, vm.disk.as_mut(), net, vm.metrics.clone());
         gate.acked(u64::MAX);
         eprintln!("ftvmm: live: accepting a backup on {}", listener.local_addr());
-        let joiner = Joiner::start(listener, vm.header.clone(), self.channel.clone(), true);
+        self.status.set_role("primary");
+        let joiner = Joiner::start(listener, vm.header.clone(), self.channel.clone(), true, self.status.clone());
         self.role = Role::primary(&gate, &port, &self.channel, joiner, vm.exits());
         vm.output = Box::new(Held { gate, port });
         Ok(())

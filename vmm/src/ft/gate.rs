@@ -7,6 +7,7 @@ use crate::host::console::OutputPort;
 use crate::host::console::PortSender;
 use crate::host::disk::{DiskOp, DiskPort, DiskSender, OpSeq};
 use crate::host::tap::TapTx;
+use crate::metrics::VmMetrics;
 use crate::output::{send_frame, PendingOutputs};
 use logging_channel::{Acked, LatencyHistogram, LatencySummary};
 use std::collections::VecDeque;
@@ -21,12 +22,24 @@ pub enum Item {
     Frame(Vec<u8>),
 }
 
+impl Item {
+    /// Its bytes (a disk write's data; a flush, none).
+    fn bytes(&self) -> u64 {
+        match self {
+            Item::Serial(b) | Item::Frame(b) => b.len() as u64,
+            Item::Disk(_, op) => op.bytes(),
+        }
+    }
+}
+
 /// The primary's output rule: outputs wait for the backup's acknowledgement.
 pub struct OutputGate {
     inner: Mutex<GateState>,
     port: PortSender,
     disk: Option<DiskSender>,
     net: Option<TapTx>,
+    /// Where each output's commit latency is observed (`--metrics`).
+    metrics: Option<Arc<VmMetrics>>,
 }
 
 struct GateState {
@@ -103,18 +116,33 @@ impl OutputGate {
     /// A primary's gate over its serial `port`, its disk (whose writer
     /// thread it starts, and which reports back each applied op) and its
     /// NIC.
-    pub fn for_primary(port: &OutputPort, disk: Option<&mut DiskPort>, net: Option<TapTx>) -> Arc<OutputGate> {
+    /// Each output's commit latency is observed in `metrics`.
+    pub fn for_primary(
+        port: &OutputPort,
+        disk: Option<&mut DiskPort>,
+        net: Option<TapTx>,
+        metrics: Arc<VmMetrics>,
+    ) -> Arc<OutputGate> {
         match disk {
             Some(disk) => {
-                let gate = OutputGate::new(port.sender(), Some(disk.releaser()), net);
+                let gate = OutputGate::observed(port.sender(), Some(disk.releaser()), net, Some(metrics));
                 disk.on_applied(OutputGate::applied_callback(&gate));
                 gate
             }
-            None => OutputGate::new(port.sender(), None, net),
+            None => OutputGate::observed(port.sender(), None, net, Some(metrics)),
         }
     }
 
     pub fn new(port: PortSender, disk: Option<DiskSender>, net: Option<TapTx>) -> Arc<Self> {
+        OutputGate::observed(port, disk, net, None)
+    }
+
+    fn observed(
+        port: PortSender,
+        disk: Option<DiskSender>,
+        net: Option<TapTx>,
+        metrics: Option<Arc<VmMetrics>>,
+    ) -> Arc<Self> {
         let state = GateState {
             held: VecDeque::new(),
             acked: 0,
@@ -124,7 +152,7 @@ impl OutputGate {
             applied: 0,
             hops: CommitHops::default(),
         };
-        Arc::new(OutputGate { inner: Mutex::new(state), port, disk, net })
+        Arc::new(OutputGate { inner: Mutex::new(state), port, disk, net, metrics })
     }
 
     fn hand(&self, s: &mut GateState, exit: u64, item: Item) {
@@ -224,6 +252,9 @@ impl OutputGate {
             // Released without a backup (lost, or not there): not measured.
             if s.acked != u64::MAX {
                 hops.held.record_between(produced, now);
+                if let Some(m) = &self.metrics {
+                    m.committed(now.saturating_duration_since(produced));
+                }
             }
             if let Some(a) = ack {
                 // The first batch that covered it (acks coalesce).
@@ -284,6 +315,13 @@ impl OutputGate {
     /// Outputs still waiting for an acknowledgement.
     pub fn held(&self) -> usize {
         self.state().held.len()
+    }
+
+    /// The outputs held now, and their bytes.
+    pub fn held_figures(&self) -> (usize, u64) {
+        let s = self.state();
+        let bytes = s.held.iter().map(|h| h.item.bytes()).sum();
+        (s.held.len(), bytes)
     }
 
     /// Output-commit latency — how long outputs were held for the backup's

@@ -15,7 +15,7 @@
 //! A backup that fails mid-transfer leaves the VM running alone, accepting
 //! the next one.
 
-use super::{FtRole, OutputGate, Role};
+use super::{FtRole, FtState, OutputGate, Reason, Role};
 use crate::devices::Devices;
 use crate::error::{log_write_error, RunError};
 use crate::host::disk::{OpSeq, PendingOps};
@@ -175,6 +175,12 @@ impl FtRole {
         let Role::Primary { joiner: Some(joiner), .. } = &self.role else { return Ok(false) };
         let Some(link) = joiner.joined() else { return Ok(false) };
         eprintln!("ftvmm: primary: a backup joins at exit {}; copying the VM's state", vm.exits());
+        self.status.set_peer(Some(link.peer().to_string()));
+        self.status.set(
+            FtState::Starting,
+            Reason::Initializing,
+            format!("a backup joins from {} at exit {}: copying the VM's state", link.peer(), vm.exits()),
+        );
         self.start_transfer(vm, link, false)
     }
 
@@ -222,6 +228,12 @@ impl FtRole {
                 eprintln!(
                     "ftvmm: primary: the joining backup was lost during the state transfer ({why}); running alone"
                 );
+                self.status.set_peer(None);
+                self.status.set(
+                    FtState::NeedsSecondary,
+                    Reason::LostConnection,
+                    format!("the joining backup was lost during the state transfer ({why})"),
+                );
                 if let Role::Primary { joiner: Some(j), .. } = &self.role {
                     j.want_one();
                 }
@@ -240,6 +252,7 @@ impl FtRole {
         }
         self.backup_loss_reported = false;
         let what = if t.resync { "resynchronized" } else { "joined" };
+        self.join_resync = t.resync;
         // Said once the backup acknowledges the log after the state: only
         // then has it the whole state (and could go live without us).
         self.join_report = Some((
@@ -268,6 +281,18 @@ impl FtRole {
         if lost || acked {
             if let Some((_, line)) = self.join_report.take().filter(|_| !lost) {
                 eprintln!("{line}");
+                let m = &self.status.metrics;
+                let (counter, reason) = if self.join_resync {
+                    (&m.resyncs, Reason::Resynchronized)
+                } else {
+                    (&m.joins, Reason::BackupJoined)
+                };
+                counter.inc();
+                self.status.set(
+                    FtState::Protected,
+                    reason,
+                    format!("the backup acknowledged the state of exit {exit}"),
+                );
             }
         }
     }

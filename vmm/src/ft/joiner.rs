@@ -1,9 +1,11 @@
 //! Accepting joining backups on a background thread, one when the VM has
 //! none (re-protection).
 
+use super::status::{FtState, FtStatus, Reason};
 use logging_channel::{ChannelConfig, PrimaryLink, PrimaryListener};
 use replay::Header;
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 
 /// Accepts joining backups on a background thread, one when asked.
 pub struct Joiner {
@@ -15,7 +17,15 @@ pub struct Joiner {
 impl Joiner {
     /// Starts accepting on `listener`; a backup is accepted each time
     /// [`Joiner::want_one`] asks (the first one at once if `now`).
-    pub fn start(listener: PrimaryListener, header: Header, config: ChannelConfig, now: bool) -> Joiner {
+    /// A refused backup is counted in `status` (and is its reason while the
+    /// VM needs one).
+    pub fn start(
+        listener: PrimaryListener,
+        header: Header,
+        config: ChannelConfig,
+        now: bool,
+        status: Arc<FtStatus>,
+    ) -> Joiner {
         let (links, incoming) = mpsc::channel();
         let (want, wanted) = mpsc::channel::<()>();
         let addr = listener.local_addr();
@@ -30,7 +40,17 @@ impl Joiner {
                             break;
                         }
                         // A stranger or a mismatched backup: keep waiting.
-                        Err(e) => eprintln!("ftvmm: primary: refused a joining backup: {e}"),
+                        Err(e) => {
+                            eprintln!("ftvmm: primary: refused a joining backup: {e}");
+                            status.metrics.backups_refused.inc();
+                            if status.state() == FtState::NeedsSecondary {
+                                status.set(
+                                    FtState::NeedsSecondary,
+                                    Reason::BackupRefused,
+                                    format!("refused a backup: {e}"),
+                                );
+                            }
+                        }
                     }
                 }
             }

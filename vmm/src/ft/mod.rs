@@ -32,6 +32,7 @@ mod joiner;
 mod nic;
 mod outputs;
 mod repair;
+pub mod status;
 #[cfg(test)]
 mod tests;
 
@@ -40,6 +41,7 @@ pub use join::receive_state;
 pub use joiner::Joiner;
 pub use nic::{HostNic, RX_QUEUE_FRAMES};
 pub use outputs::{Held, Suppressed, MAX_SUPPRESSED_FRAMES};
+pub use status::{FtState, FtStatus, Reason};
 
 use crate::arbiter::RemoteArbiter;
 use crate::error::RunError;
@@ -48,7 +50,8 @@ use crate::log_io::LogSink;
 use crate::run::{Idle, RoleHooks, Vmm};
 use logging_channel::{ChannelConfig, LatencySummary, PrimaryListener};
 use replay::{Divergence, Position};
-use std::sync::atomic::AtomicU64;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -124,26 +127,94 @@ pub struct FtRole {
     transfer: Option<join::Transfer>,
     /// A finished transfer's exit and line, said once the backup acknowledges.
     join_report: Option<(u64, String)>,
+    /// Whether that transfer repaired the current backup (a resync).
+    join_resync: bool,
     /// The primary has said it lost its current backup (once).
     backup_loss_reported: bool,
     /// A backup's last repair: the exit of the state it restored. It may go
     /// live only once the primary reports the outputs up to it released.
     resynced_at: Option<u64>,
+    /// The FT state operators watch, and the metrics behind it.
+    status: Arc<FtStatus>,
+    /// Watermarks shipped and not yet acknowledged, with when (the most
+    /// recent [`MAX_LAG_MARKS`]): the backup's lag in seconds.
+    lag_marks: VecDeque<(u64, Instant)>,
+    /// When the primary's figures (lag, held output) were last sampled.
+    sampled_at: Instant,
 }
+
+/// Watermarks remembered for the lag in seconds (one per shipment, at
+/// most every [`failover::SHIP_EVERY`] or so: seconds of them).
+const MAX_LAG_MARKS: usize = 4096;
+/// How often the primary's figures are sampled into the metrics.
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 impl FtRole {
     /// `role`, arbitrating on `arbiter` (else on the shared disk, if any),
     /// accepting later backups with `channel`'s settings.
-    pub fn new(role: Role, arbiter: Option<RemoteArbiter>, channel: ChannelConfig) -> FtRole {
+    /// `status`: its FT state, already set as the VMM starts.
+    pub fn new(role: Role, arbiter: Option<RemoteArbiter>, channel: ChannelConfig, status: Arc<FtStatus>) -> FtRole {
         FtRole {
             role,
             arbiter,
             channel,
             transfer: None,
             join_report: None,
+            join_resync: false,
             backup_loss_reported: false,
             resynced_at: None,
+            status,
+            lag_marks: VecDeque::new(),
+            sampled_at: Instant::now(),
         }
+    }
+
+    /// The figures of the last seconds (exits and log bytes per second)
+    /// and a primary's into the metrics, at most every [`SAMPLE_EVERY`]:
+    /// the backup's lag in exits and seconds (from the
+    /// shipped watermarks not yet acknowledged), the held outputs, the
+    /// commit hops.
+    fn sample(&mut self, vm: &mut Vmm) {
+        if self.sampled_at.elapsed() < SAMPLE_EVERY {
+            return;
+        }
+        self.sampled_at = Instant::now();
+        let m = &self.status.metrics;
+        let c = &self.channel.counters;
+        let log_bytes = c.log_bytes_sent.load(Ordering::Relaxed) + c.log_bytes_received.load(Ordering::Relaxed);
+        m.observe_rates(log_bytes);
+        let Role::Primary { gate, .. } = &self.role else { return };
+        let (held, bytes) = gate.held_figures();
+        m.held_outputs.set(held as i64);
+        m.held_output_bytes.set(bytes as i64);
+        for (hop, (_, p50, p99, _)) in gate.hop_stats() {
+            for (quantile, us) in [("0.5", p50), ("0.99", p99)] {
+                m.commit_hop_seconds.get_or_create(&crate::metrics::HopLabels { hop, quantile }).set(us as f64 / 1e6);
+            }
+        }
+        let acked = vm.inputs.primary_link().map(|link| link.acked());
+        match acked {
+            Some(acked) => {
+                while self.lag_marks.front().is_some_and(|(exit, _)| *exit <= acked) {
+                    self.lag_marks.pop_front();
+                }
+                m.lag_exits.set(vm.exits().saturating_sub(acked) as i64);
+                m.lag_seconds.set(self.lag_marks.front().map_or(0.0, |(_, at)| at.elapsed().as_secs_f64()));
+            }
+            None => {
+                self.lag_marks.clear();
+                m.lag_exits.set(0);
+                m.lag_seconds.set(0.0);
+            }
+        }
+    }
+
+    /// The primary shipped the watermark `exit` now.
+    fn shipped(&mut self, exit: u64) {
+        if self.lag_marks.len() == MAX_LAG_MARKS {
+            self.lag_marks.pop_front();
+        }
+        self.lag_marks.push_back((exit, Instant::now()));
     }
 }
 
@@ -151,6 +222,7 @@ impl RoleHooks for FtRole {
     fn passed(&mut self, vm: &mut Vmm, position: Position) -> Result<(), RunError> {
         self.tend_role(vm, position)?;
         self.report_join(vm);
+        self.sample(vm);
         Ok(())
     }
 
@@ -173,7 +245,21 @@ impl RoleHooks for FtRole {
         if !self.can_resync(vm) {
             return Err(RunError::Divergence(divergence));
         }
-        self.resync(vm, divergence)
+        self.status.metrics.divergences.inc();
+        self.status.set(FtState::Resynchronizing, Reason::Divergence, divergence.to_string());
+        let repaired = self.resync(vm, divergence);
+        match &repaired {
+            Ok(()) => {
+                self.status.metrics.resyncs.inc();
+                self.status.set(
+                    FtState::Replaying,
+                    Reason::Resynchronized,
+                    format!("resynchronized at exit {}", vm.exits()),
+                );
+            }
+            Err(e) => self.status.set(FtState::Halted, Reason::DivergenceHalted, e.to_string()),
+        }
+        repaired
     }
 
     fn idling(&mut self, vm: &mut Vmm, position: Position) -> Result<Idle, RunError> {
@@ -188,6 +274,7 @@ impl RoleHooks for FtRole {
         // A backup that joined just before the guest went idle acknowledges
         // while it idles.
         self.report_join(vm);
+        self.sample(vm);
         // Keep an eye on the backup (or a joining one) while the guest idles.
         let watch_peer =
             vm.inputs.primary_link().is_some() || matches!(self.role, Role::Primary { joiner: Some(_), .. });

@@ -22,7 +22,7 @@
 //! arbitration keeps split brain out either way.
 
 use super::join::receive_state;
-use super::{FtRole, Role};
+use super::{FtRole, FtState, Reason, Role};
 use crate::error::RunError;
 use crate::inputs::Inputs;
 use crate::log_io::LogSink;
@@ -87,6 +87,12 @@ impl FtRole {
             "ftvmm: primary: the backup diverged at exit {exit}; sending it the whole state from exit {} \
              (outputs stay held until it acknowledges again)",
             vm.exits()
+        );
+        self.status.metrics.divergences.inc();
+        self.status.set(
+            FtState::Resynchronizing,
+            Reason::Divergence,
+            format!("the backup diverged at exit {exit}: sending it the whole state"),
         );
         link.restart_state();
         self.start_transfer(vm, link, true)?;

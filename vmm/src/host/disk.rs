@@ -217,6 +217,31 @@ pub struct DiskPort {
     /// Testing aid (`--testing-disk-stall-after-op`): the writer applies ops
     /// up to this one and no more, as if its host died right after.
     stall_after: Option<OpSeq>,
+    counters: Arc<DiskCounters>,
+}
+
+/// What the storage has done, counted (for the metrics).
+#[derive(Debug, Default)]
+pub struct DiskCounters {
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub writes: AtomicU64,
+    pub written_bytes: AtomicU64,
+    pub flushes: AtomicU64,
+}
+
+impl DiskCounters {
+    fn applied(&self, op: &DiskOp) {
+        match op {
+            DiskOp::Write { data, .. } => {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                self.written_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            DiskOp::Flush => {
+                self.flushes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -235,7 +260,13 @@ impl DiskPort {
             on_applied: Arc::default(),
             failed: Arc::default(),
             stall_after: None,
+            counters: Arc::default(),
         }
+    }
+
+    /// The storage's counters, to be read from another thread.
+    pub fn counters(&self) -> Arc<DiskCounters> {
+        self.counters.clone()
     }
 
     pub fn size(&self) -> u64 {
@@ -253,6 +284,8 @@ impl DiskPort {
         let pending = lock(&self.pending);
         let mut data = lock(&self.backend).read(offset, len)?;
         overlay(pending.ops.iter().map(|(_, op)| op), offset, &mut data);
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.counters.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
         Ok(data)
     }
 
@@ -268,7 +301,7 @@ impl DiskPort {
 
     /// Applies `op` now.
     pub fn apply(&self, op: &DiskOp) -> std::io::Result<()> {
-        apply(&mut **lock(&self.backend), op)
+        apply(&mut **lock(&self.backend), op, &self.counters)
     }
 
     /// Applies `ops` now, in order, and then flushes the storage: ops this
@@ -277,7 +310,7 @@ impl DiskPort {
     pub fn apply_taken_over(&self, ops: &[(OpSeq, DiskOp)]) -> std::io::Result<()> {
         let mut backend = lock(&self.backend);
         for (_, op) in ops {
-            apply(&mut **backend, op)?;
+            apply(&mut **backend, op, &self.counters)?;
         }
         backend.flush()?;
         if let Some((seq, _)) = ops.last() {
@@ -330,6 +363,7 @@ impl DiskPort {
             on_applied: self.on_applied.clone(),
             failed: self.failed.clone(),
             stall_after: self.stall_after,
+            counters: self.counters.clone(),
         };
         let thread = std::thread::spawn(move || writer.run(rx));
         self.writer = Some((tx.clone(), thread));
@@ -362,20 +396,28 @@ impl DiskPort {
 }
 
 /// The ops a [`DiskPort`] has deferred and not yet applied.
+#[derive(Clone)]
 pub struct PendingOps(Arc<Mutex<Pending>>);
 
 impl PendingOps {
+    /// Bytes of the writes pending now.
+    pub fn bytes(&self) -> u64 {
+        lock(&self.0).bytes
+    }
+
     /// The ops pending now, in order.
     pub fn list(&self) -> Vec<(OpSeq, DiskOp)> {
         lock(&self.0).ops.iter().cloned().collect()
     }
 }
 
-fn apply(backend: &mut dyn BlockBackend, op: &DiskOp) -> std::io::Result<()> {
+fn apply(backend: &mut dyn BlockBackend, op: &DiskOp, counters: &DiskCounters) -> std::io::Result<()> {
     match op {
-        DiskOp::Write { offset, data } => backend.write(*offset, data),
-        DiskOp::Flush => backend.flush(),
+        DiskOp::Write { offset, data } => backend.write(*offset, data)?,
+        DiskOp::Flush => backend.flush()?,
     }
+    counters.applied(op);
+    Ok(())
 }
 
 /// The writer thread's share of a [`DiskPort`].
@@ -386,6 +428,7 @@ struct Writer {
     on_applied: Arc<Mutex<Option<AppliedCallback>>>,
     failed: Arc<Mutex<Option<String>>>,
     stall_after: Option<OpSeq>,
+    counters: Arc<DiskCounters>,
 }
 
 impl Writer {
@@ -397,7 +440,7 @@ impl Writer {
             }
             // The storage lock alone while applying: reads wait for this op,
             // the guest's next ops are deferred meanwhile.
-            let result = apply(&mut **lock(&self.backend), &op);
+            let result = apply(&mut **lock(&self.backend), &op, &self.counters);
             if let Err(e) = result {
                 *lock(&self.failed) = Some(e.to_string());
                 return;

@@ -110,6 +110,7 @@ impl Vmm {
         let started = Instant::now();
         let digest = self.digest_now(true)?;
         self.checks.made += 1;
+        self.metrics.digest_checks.inc();
         self.checks.spent_us += u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         Ok(digest)
     }

@@ -2,6 +2,8 @@
 //! exits that end the VM instead (triple fault, emulation failure...).
 
 use crate::error::RunError;
+use crate::layout;
+use crate::metrics::ExitClass;
 use crate::run::Vmm;
 use crate::vm::VmError;
 use kvm_ioctls::VcpuExit;
@@ -57,6 +59,28 @@ impl GuestExit {
             GuestExit::Sync => unreachable!("a sync is a position, not an exit: the run loop takes it apart"),
         }
     }
+}
+
+impl GuestExit {
+    /// What it counts as in the metrics.
+    pub(super) fn class(&self) -> ExitClass {
+        match *self {
+            GuestExit::IoIn { port, .. } if is_clock_port(port) => ExitClass::ClockRead,
+            GuestExit::IoOut { port, .. } if is_clock_port(port) => ExitClass::ClockRead,
+            GuestExit::IoIn { .. } | GuestExit::IoOut { .. } => ExitClass::Port,
+            GuestExit::MmioRead { .. } | GuestExit::MmioWrite { .. } => ExitClass::Mmio,
+            GuestExit::Hlt => ExitClass::Idle,
+            GuestExit::RdMsr { .. } | GuestExit::WrMsr { .. } => ExitClass::Msr,
+            GuestExit::IrqWindow => ExitClass::InterruptWindow,
+            GuestExit::Sync => ExitClass::Sync,
+        }
+    }
+}
+
+/// The ports a guest reads the time through: the TSC port (a rewritten
+/// RDTSC), the PIT's and the RTC's.
+fn is_clock_port(port: u16) -> bool {
+    port == layout::TSC_PORT || layout::PIT_PORTS.contains(&port) || layout::CMOS_PORTS.contains(&port)
 }
 
 impl Vmm {

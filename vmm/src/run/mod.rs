@@ -38,12 +38,14 @@ use crate::error::{log_write_error, RunError};
 use crate::host::disk::{DiskPort, MAX_DEFERRED_BYTES};
 use crate::inputs::Inputs;
 use crate::log_io::LogSource;
+use crate::metrics::VmMetrics;
 use crate::output::Outputs;
 use crate::vm::Machine;
 use exit::GuestExit;
 use logging_channel::LatencySummary;
 use replay::{Divergence, ExitKind, Header, Position};
 use std::collections::HashSet;
+use std::sync::Arc;
 
 /// How a run ended when the guest ended it.
 #[derive(Debug, Clone)]
@@ -111,6 +113,10 @@ pub struct Vmm {
     syncs: sync::SyncStats,
     /// The pages the syncs keep writable (a primary's).
     hot: sync::HotPages,
+    /// What operators watch (`--metrics`): counted as the run goes.
+    pub(crate) metrics: Arc<VmMetrics>,
+    /// The metrics server, serving for as long as the VM runs.
+    watcher: Option<telemetry::MetricsServer>,
 }
 
 impl Vmm {
@@ -150,7 +156,19 @@ impl Vmm {
             synced_at: 0,
             syncs: sync::SyncStats::default(),
             hot: sync::HotPages::default(),
+            metrics: VmMetrics::new(&[""], &[""]).0,
+            watcher: None,
         }
+    }
+
+    /// Keeps `server` serving the VM's metrics while it runs.
+    pub fn keep_serving(&mut self, server: telemetry::MetricsServer) {
+        self.watcher = Some(server);
+    }
+
+    /// Counts into `metrics` (the builder's, served by `--metrics`).
+    pub fn set_metrics(&mut self, metrics: Arc<VmMetrics>) {
+        self.metrics = metrics;
     }
 
     /// Asks the role: `hook` gets it and the VM. (The role is out of the
@@ -272,6 +290,7 @@ impl Vmm {
         loop {
             let exit = self.next_exit()?;
             self.exits += 1;
+            self.metrics.exit(exit.class());
             let (position, action) = if let GuestExit::Sync = exit {
                 // A sync is a position of its own (recorded here on a live
                 // run; already applied from the log on a replay).

@@ -158,8 +158,16 @@ impl Vmm {
         })
         .map_err(log_write_error)?;
         recorder.sync(position, SyncPart::Vcpu { state }).map_err(log_write_error)?;
-        self.syncs.add(page_bytes, started);
+        self.count_sync(page_bytes, started);
         Ok(())
+    }
+
+    /// One more state sync, in the stats and the metrics.
+    fn count_sync(&mut self, page_bytes: u64, started: Instant) {
+        self.syncs.add(page_bytes, started);
+        self.metrics.syncs.inc();
+        self.metrics.sync_bytes.inc_by(page_bytes);
+        self.metrics.sync_seconds.inc_by(started.elapsed().as_secs_f64());
     }
 
     /// The lockstep hold of a replay, before it resumes the vCPU: if the log
@@ -190,7 +198,7 @@ impl Vmm {
         if rip != position.rip {
             return Err(self.diverged(format_args!("the state sync at {position}"), format_args!("rip {rip:#x}")));
         }
-        self.syncs.add(page_bytes, started);
+        self.count_sync(page_bytes, started);
         Ok(true)
     }
 
