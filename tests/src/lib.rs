@@ -121,6 +121,41 @@ pub fn spawn_ftdisk_with_metrics(args: &[&str], addr: &str) -> (KillOnDrop, Stri
     (guard, served, metrics)
 }
 
+/// The address a VMM started with `--metrics` serves on (from its
+/// "metrics on http://ADDR/metrics" line).
+pub fn metrics_addr(p: &Proc) -> String {
+    let line = p.wait_line("metrics on http://", Duration::from_secs(60));
+    line.rsplit("http://").next().unwrap_or_default().trim_end_matches("/metrics").to_string()
+}
+
+/// A `/metrics` text, scraped from `addr`.
+pub fn scrape(addr: &str) -> String {
+    let answer = telemetry::http_get(addr, "/metrics", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("scraping {addr}: {e}"));
+    assert_eq!(answer.status, 200, "scraping {addr}");
+    String::from_utf8_lossy(&answer.body).into_owned()
+}
+
+/// The value of the series `series` (its name and labels, exactly as
+/// exposed) in a `/metrics` text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+}
+
+/// Scrapes `addr` until `series` has a value for which `want` holds, and
+/// returns it; panics after `timeout` with the last text.
+pub fn wait_metric(addr: &str, series: &str, timeout: Duration, want: impl Fn(f64) -> bool) -> f64 {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let text = scrape(addr);
+        if let Some(v) = metric(&text, series).filter(|v| want(*v)) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{series} at {addr} never had the wanted value:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// [`spawn_ftdisk_with`] inside network namespace `ns` (None: here).
 pub fn spawn_ftdisk_in(ns: Option<&str>, args: &[&str], addr: &str) -> (Child, String) {
     // `ip netns exec` becomes ftdisk: the child is ftdisk either way.

@@ -8,7 +8,9 @@
 //! both sides before and after the kill.
 
 use ftvmm_tests::prometheus::Prometheus;
-use ftvmm_tests::{ftvmm, qemu_img, require_kvm, spawn_ftdisk_with_metrics, Proc, Scratch};
+use ftvmm_tests::{
+    ftvmm, metric as value, metrics_addr, qemu_img, require_kvm, scrape, spawn_ftdisk_with_metrics, Proc, Scratch,
+};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -52,27 +54,10 @@ const FAMILIES: &[&str] = &[
     "ftvmm_disk_pending_writes_bytes",
 ];
 
-/// The value of the series `series` (name and labels, exactly as
-/// exposed) in a `/metrics` text.
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
-}
-
-fn scrape(addr: &str) -> String {
-    let answer = telemetry::http_get(addr, "/metrics", Duration::from_secs(5)).expect("scrape a VMM");
-    assert_eq!(answer.status, 200);
-    String::from_utf8_lossy(&answer.body).into_owned()
-}
-
 fn status(addr: &str) -> String {
     let out = ftvmm(&["status", addr]).output().expect("run ftvmm status");
     assert!(out.status.success(), "ftvmm status {addr}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn metrics_addr(p: &Proc) -> String {
-    let line = p.wait_line("metrics on http://", START);
-    line.rsplit("http://").next().unwrap_or_default().trim_end_matches("/metrics").to_string()
 }
 
 #[test]

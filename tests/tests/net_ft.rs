@@ -49,8 +49,9 @@ impl NetPair {
         let (pns, bns, sns) =
             (lab.host("p").unwrap().ns.clone(), lab.host("b").unwrap().ns.clone(), lab.host("s").unwrap().ns.clone());
         let vm = format!("{net}.10");
-        let (primary, backup, arbiter) =
-            ftvmm_tests::spawn_redis_pair([&pns, &bns, &sns], &net, &vm, &dir, &["--heartbeat-ms", "100"]);
+        // Metrics on each host's own address (the test reaches both).
+        let extra = ["--heartbeat-ms", "100", "--metrics", "0.0.0.0:9400"];
+        let (primary, backup, arbiter) = ftvmm_tests::spawn_redis_pair([&pns, &bns, &sns], &net, &vm, &dir, &extra);
         primary.wait_line("backup attached", START);
         NetPair { lab, primary, backup, _arbiter: arbiter, vm, _dir: dir }
     }
@@ -176,6 +177,15 @@ fn the_backup_sends_nothing_on_its_tap_while_it_replays() {
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(pair.backup_tap_frames(), 0, "the backup wrote frames to its TAP while replaying");
+    // Each side's TAP counters are served (none dropped on a quiet LAN).
+    let net = pair.vm.trim_end_matches(".10");
+    for host in [1, 2] {
+        let text = ftvmm_tests::scrape(&format!("{net}.{host}:9400"));
+        for reason in ["rx_queue_full", "rx_bad_size", "tx_queue_full", "tx_link_down"] {
+            let series = format!(r#"ftvmm_tap_dropped_frames_total{{reason="{reason}"}}"#);
+            assert_eq!(ftvmm_tests::metric(&text, &series), Some(0.0), "host .{host}: {series}:\n{text}");
+        }
+    }
 }
 
 /// Re-protection with the network: the same client TCP connection survives

@@ -3,7 +3,7 @@
 //! sync from its primary and replays on; a backup whose primary dies during
 //! the repair halts instead of going live from a diverged state.
 
-use ftvmm_tests::{run, Proc, Scratch, TIMEOUT};
+use ftvmm_tests::{metrics_addr, run, wait_metric, Proc, Scratch, TIMEOUT};
 use std::time::{Duration, Instant};
 
 const START: Duration = Duration::from_secs(20);
@@ -29,6 +29,8 @@ fn primary(cmdline: &str) -> (Proc, String) {
         &period,
         "--heartbeat-ms",
         HEARTBEAT_MS,
+        "--metrics",
+        "127.0.0.1:0",
     ]);
     let addr = p.wait_addr("waiting for a backup on", START);
     (p, addr)
@@ -49,6 +51,8 @@ fn backup(cmdline: &str, addr: &str, inject_at: u64) -> Proc {
         &at,
         "--heartbeat-ms",
         HEARTBEAT_MS,
+        "--metrics",
+        "127.0.0.1:0",
     ])
 }
 
@@ -100,15 +104,15 @@ fn a_replay_of_a_log_file_finds_an_injected_divergence_at_the_next_check() {
     let log = dir.path("timer.log");
     let period = PERIOD.to_string();
     let rec = run(
-        &["--guest", "timer", "--cmdline", "ticks=40", "--record", &log, "--digest", "--check-every-exits", &period],
+        &["--guest", "timer", "--cmdline", "ticks=200", "--record", &log, "--digest", "--check-every-exits", &period],
         TIMEOUT,
     );
     assert_eq!(rec.code(), 0, "{}", rec.stderr);
-    let clean = run(&["--guest", "timer", "--cmdline", "ticks=40", "--replay", &log, "--digest"], TIMEOUT);
+    let clean = run(&["--guest", "timer", "--cmdline", "ticks=200", "--replay", &log, "--digest"], TIMEOUT);
     assert_eq!(clean.code(), 0, "{}", clean.stderr);
     assert_eq!(clean.digest(), rec.digest());
     let flipped =
-        run(&["--guest", "timer", "--cmdline", "ticks=40", "--replay", &log, "--inject-divergence-at", "250"], TIMEOUT);
+        run(&["--guest", "timer", "--cmdline", "ticks=200", "--replay", &log, "--inject-divergence-at", "250"], TIMEOUT);
     assert_eq!(flipped.code(), 3, "{}", flipped.stderr);
     assert!(flipped.stderr.contains("divergence at exit 400: expected state digest"), "{}", flipped.stderr);
 }
@@ -119,7 +123,17 @@ fn a_repaired_backup_still_takes_over_when_its_primary_dies() {
     // repair that may take seconds on a loaded machine.
     let (mut p, addr) = primary("ticks=3000");
     let b = backup("ticks=3000", &addr, 300);
+    let (pm, bm) = (metrics_addr(&p), metrics_addr(&b));
     b.wait_line("resynchronized at exit", TIMEOUT);
+    // What an operator sees of the repair, on both sides.
+    let resynced = r#"ftvmm_ft_state_reason{reason="resynchronized"}"#;
+    for (addr, state) in [(&bm, r#"ftvmm_ft_state{state="replaying"}"#), (&pm, r#"ftvmm_ft_state{state="protected"}"#)]
+    {
+        wait_metric(addr, "ftvmm_divergences_total", TIMEOUT, |v| v >= 1.0);
+        wait_metric(addr, "ftvmm_resyncs_total", TIMEOUT, |v| v >= 1.0);
+        wait_metric(addr, state, TIMEOUT, |v| v == 1.0);
+        wait_metric(addr, resynced, TIMEOUT, |v| v == 1.0);
+    }
     // Long enough for an ack past the state's exit and the primary's
     // released report to reach the backup.
     std::thread::sleep(Duration::from_millis(500));
@@ -173,6 +187,8 @@ fn a_nondeterministic_guest_under_ft_is_repaired_at_every_divergence() {
         "500",
         "--heartbeat-ms",
         HEARTBEAT_MS,
+        "--metrics",
+        "127.0.0.1:0",
     ]);
     let addr = p.wait_addr("waiting for a backup on", START);
     let b = Proc::spawn(&[
@@ -190,8 +206,9 @@ fn a_nondeterministic_guest_under_ft_is_repaired_at_every_divergence() {
     let (p, b) = (p.finish(TIMEOUT), b.finish(TIMEOUT));
     assert_eq!(p.code(), 0, "primary: {}", p.stderr);
     assert_eq!(b.code(), 0, "backup: {}", b.stderr);
-    let diverged = b.stderr.lines().filter(|l| l.contains("; resynchronizing")).count();
-    let repaired = b.stderr.lines().filter(|l| l.contains("resynchronized at exit")).count();
+    let said = |what: &str| b.stderr.lines().filter(|l| l.contains(what) && !l.contains("FT state")).count();
+    let diverged = said("; resynchronizing");
+    let repaired = said("resynchronized at exit");
     // One per round, unless a slow repair's state already covers the next
     // round's reading; every divergence is repaired.
     assert!(

@@ -225,15 +225,27 @@ fn a_joining_backup_of_another_vm_is_refused_and_the_primary_keeps_accepting() {
         "--cmdline",
         "ticks=1500",
         "--digest",
+        "--metrics",
+        "127.0.0.1:0",
     ]);
     let addr = p.wait_addr("backups may join on", START);
+    let metrics = ftvmm_tests::metrics_addr(&p);
     let wrong = ftvmm_tests::run(
         &["--backup", "--connect", &addr, "--guest", "timer", "--cmdline", "ticks=1499"],
         Duration::from_secs(30),
     );
     wrong.assert_error(2, "configuration");
+    // The operator sees the refusal: counted, and the reason the VM still
+    // needs a secondary.
+    ftvmm_tests::wait_metric(&metrics, "ftvmm_backups_refused_total", JOIN, |v| v == 1.0);
+    ftvmm_tests::wait_metric(&metrics, r#"ftvmm_ft_state_reason{reason="backup_refused"}"#, JOIN, |v| v == 1.0);
+    assert_eq!(ftvmm_tests::metric(&ftvmm_tests::scrape(&metrics), "ftvmm_protected"), Some(0.0));
     let b = Proc::spawn(&["--backup", "--connect", &addr, "--guest", "timer", "--cmdline", "ticks=1500", "--digest"]);
     p.wait_line("backup joined at exit", JOIN);
+    // Joined: counted, protected, and the state transfer's bytes counted.
+    ftvmm_tests::wait_metric(&metrics, "ftvmm_joins_total", JOIN, |v| v == 1.0);
+    ftvmm_tests::wait_metric(&metrics, r#"ftvmm_ft_state{state="protected"}"#, JOIN, |v| v == 1.0);
+    ftvmm_tests::wait_metric(&metrics, "ftvmm_state_transfer_sent_bytes_total", JOIN, |v| v > 1e6);
     let (p, b) = (p.finish(JOIN), b.finish(JOIN));
     assert_eq!(digest(&p), digest(&b));
 }
