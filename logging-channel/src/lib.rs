@@ -131,6 +131,9 @@ pub struct ChannelCounters {
     pub log_bytes_received: AtomicU64,
     /// State bytes received.
     pub state_bytes_received: AtomicU64,
+    /// Would-be backups refused: a failed handshake (a stranger, another
+    /// VM's backup, a bad certificate) or a join that could not start.
+    pub peers_refused: AtomicU64,
     /// Heartbeat intervals the peer let pass without a word beyond the
     /// one allowed (each silence of n intervals counts n - 1; the silence
     /// that declares the peer lost counts too).
@@ -138,7 +141,7 @@ pub struct ChannelCounters {
 }
 
 impl ChannelCounters {
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 }

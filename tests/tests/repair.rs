@@ -111,8 +111,10 @@ fn a_replay_of_a_log_file_finds_an_injected_divergence_at_the_next_check() {
     let clean = run(&["--guest", "timer", "--cmdline", "ticks=200", "--replay", &log, "--digest"], TIMEOUT);
     assert_eq!(clean.code(), 0, "{}", clean.stderr);
     assert_eq!(clean.digest(), rec.digest());
-    let flipped =
-        run(&["--guest", "timer", "--cmdline", "ticks=200", "--replay", &log, "--inject-divergence-at", "250"], TIMEOUT);
+    let flipped = run(
+        &["--guest", "timer", "--cmdline", "ticks=200", "--replay", &log, "--inject-divergence-at", "250"],
+        TIMEOUT,
+    );
     assert_eq!(flipped.code(), 3, "{}", flipped.stderr);
     assert!(flipped.stderr.contains("divergence at exit 400: expected state digest"), "{}", flipped.stderr);
 }

@@ -254,7 +254,7 @@ fn wire(
                 // Unprotected until a backup joins: nothing is held.
                 None => gate.acked(u64::MAX),
             }
-            let joiner = Joiner::start(listener, header.clone(), channel.clone(), link.is_none(), status.clone());
+            let joiner = Joiner::start(listener, header.clone(), channel.clone(), link.is_none());
             let recorder = link.map(|link| Recorder::new(LogSink::Primary(link)));
             let mut live = LiveInputs::new(HostClock::start(), Some(input), recorder, None);
             if let Some(nic) = &nic {

@@ -145,7 +145,6 @@ pub struct VmMetrics {
     pub resyncs: Counter,
     pub divergences: Counter,
     pub backups_lost: Counter,
-    pub backups_refused: Counter,
     pub digest_checks: Counter,
     pub syncs: Counter,
     pub sync_bytes: Counter,
@@ -198,7 +197,6 @@ impl VmMetrics {
             resyncs: Counter::default(),
             divergences: Counter::default(),
             backups_lost: Counter::default(),
-            backups_refused: Counter::default(),
             digest_checks: Counter::default(),
             syncs: Counter::default(),
             sync_bytes: Counter::default(),
@@ -240,11 +238,6 @@ impl VmMetrics {
             m.divergences.clone(),
         );
         r.register("ftvmm_backups_lost", "Backups the primary lost.", m.backups_lost.clone());
-        r.register(
-            "ftvmm_backups_refused",
-            "Joining backups refused (strangers or mismatched).",
-            m.backups_refused.clone(),
-        );
         r.register("ftvmm_digest_checks", "State digest checks logged or verified.", m.digest_checks.clone());
         r.register("ftvmm_state_syncs", "State syncs taken (primary) or applied (backup).", m.syncs.clone());
         r.register_with_unit(

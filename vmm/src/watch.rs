@@ -34,7 +34,7 @@ fn read(counter: &AtomicU64) -> f64 {
 fn add_probes(metrics: &VmMetrics, watched: &Watched) {
     let c = &watched.channel;
     type Field = fn(&ChannelCounters) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, Option<Unit>, Field); 7] = [
+    let counters: [(&'static str, &'static str, Option<Unit>, Field); 8] = [
         ("ftvmm_log_records_sent", "Log records sent to the backup.", None, |c| &c.records_sent),
         ("ftvmm_log_sent", "Log bytes sent to the backup (batches on the wire).", Some(Unit::Bytes), |c| {
             &c.log_bytes_sent
@@ -47,6 +47,12 @@ fn add_probes(metrics: &VmMetrics, watched: &Watched) {
         ("ftvmm_state_transfer_received", "State bytes received from the primary.", Some(Unit::Bytes), |c| {
             &c.state_bytes_received
         }),
+        (
+            "ftvmm_backups_refused",
+            "Would-be backups refused (a failed handshake: a stranger, another VM's).",
+            None,
+            |c| &c.peers_refused,
+        ),
         ("ftvmm_heartbeats_missed", "Heartbeat intervals the peer let pass in silence (beyond one).", None, |c| {
             &c.heartbeats_missed
         }),

@@ -5,7 +5,7 @@
 use super::PrimaryLink;
 use crate::transport::{self, Stream};
 use crate::wire::{self, Message};
-use crate::{new_runtime, ChannelConfig, ChannelError, LogStart};
+use crate::{new_runtime, ChannelConfig, ChannelCounters, ChannelError, LogStart};
 use replay::Header;
 use std::io;
 use std::net::SocketAddr;
@@ -111,7 +111,10 @@ async fn accept_loop(
             },
             Some(joined) = handshakes.join_next(), if !handshakes.is_empty() => match joined {
                 Ok((peer, Ok(stream))) => return Ok((stream, peer)),
-                Ok((peer, Err(e))) => warn!(%peer, "a backup connection failed the handshake, still waiting: {e}"),
+                Ok((peer, Err(e))) => {
+                    ChannelCounters::add(&config.counters.peers_refused, 1);
+                    warn!(%peer, "a backup connection failed the handshake, still waiting: {e}");
+                }
                 Err(e) => warn!("a backup handshake task failed: {e}"),
             },
         }

@@ -247,7 +247,7 @@ impl FtRole {
         gate.acked(u64::MAX);
         eprintln!("ftvmm: live: accepting a backup on {}", listener.local_addr());
         self.status.set_role("primary");
-        let joiner = Joiner::start(listener, vm.header.clone(), self.channel.clone(), true, self.status.clone());
+        let joiner = Joiner::start(listener, vm.header.clone(), self.channel.clone(), true);
         self.role = Role::primary(&gate, &port, &self.channel, joiner, vm.exits());
         vm.output = Box::new(Held { gate, port });
         Ok(())

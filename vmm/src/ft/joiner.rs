@@ -1,11 +1,9 @@
 //! Accepting joining backups on a background thread, one when the VM has
 //! none (re-protection).
 
-use super::status::{FtState, FtStatus, Reason};
-use logging_channel::{ChannelConfig, PrimaryLink, PrimaryListener};
+use logging_channel::{ChannelConfig, ChannelCounters, PrimaryLink, PrimaryListener};
 use replay::Header;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
 
 /// Accepts joining backups on a background thread, one when asked.
 pub struct Joiner {
@@ -17,15 +15,8 @@ pub struct Joiner {
 impl Joiner {
     /// Starts accepting on `listener`; a backup is accepted each time
     /// [`Joiner::want_one`] asks (the first one at once if `now`).
-    /// A refused backup is counted in `status` (and is its reason while the
-    /// VM needs one).
-    pub fn start(
-        listener: PrimaryListener,
-        header: Header,
-        config: ChannelConfig,
-        now: bool,
-        status: Arc<FtStatus>,
-    ) -> Joiner {
+    /// A refused backup is counted in `config`'s counters.
+    pub fn start(listener: PrimaryListener, header: Header, config: ChannelConfig, now: bool) -> Joiner {
         let (links, incoming) = mpsc::channel();
         let (want, wanted) = mpsc::channel::<()>();
         let addr = listener.local_addr();
@@ -42,14 +33,7 @@ impl Joiner {
                         // A stranger or a mismatched backup: keep waiting.
                         Err(e) => {
                             eprintln!("ftvmm: primary: refused a joining backup: {e}");
-                            status.metrics.backups_refused.inc();
-                            if status.state() == FtState::NeedsSecondary {
-                                status.set(
-                                    FtState::NeedsSecondary,
-                                    Reason::BackupRefused,
-                                    format!("refused a backup: {e}"),
-                                );
-                            }
+                            ChannelCounters::add(&config.counters.peers_refused, 1);
                         }
                     }
                 }

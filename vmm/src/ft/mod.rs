@@ -141,6 +141,8 @@ pub struct FtRole {
     lag_marks: VecDeque<(u64, Instant)>,
     /// When the primary's figures (lag, held output) were last sampled.
     sampled_at: Instant,
+    /// Would-be backups refused, as last seen.
+    refused_seen: u64,
 }
 
 /// Watermarks remembered for the lag in seconds (one per shipment, at
@@ -166,6 +168,7 @@ impl FtRole {
             status,
             lag_marks: VecDeque::new(),
             sampled_at: Instant::now(),
+            refused_seen: 0,
         }
     }
 
@@ -183,6 +186,14 @@ impl FtRole {
         let c = &self.channel.counters;
         let log_bytes = c.log_bytes_sent.load(Ordering::Relaxed) + c.log_bytes_received.load(Ordering::Relaxed);
         m.observe_rates(log_bytes);
+        // A would-be backup refused while the VM needs one: that is why.
+        let refused = c.peers_refused.load(Ordering::Relaxed);
+        if refused > self.refused_seen {
+            self.refused_seen = refused;
+            if self.status.state() == FtState::NeedsSecondary {
+                self.status.set(FtState::NeedsSecondary, Reason::BackupRefused, format!("{refused} backup(s) refused"));
+            }
+        }
         let Role::Primary { gate, .. } = &self.role else { return };
         let (held, bytes) = gate.held_figures();
         m.held_outputs.set(held as i64);
