@@ -96,6 +96,15 @@ wait_for() { # FILE TEXT SECONDS
     echo "demo: no \"$2\" in $1 after $3 s" >&2; return 1
 }
 show() { for who in "$@"; do echo "== $who said:"; sed 's/^/   /' "$WORK/$who.err"; done; }
+# status HOST-IP...: what an operator sees of each VMM (`ftvmm status` on
+# its --metrics address, from the client host); a dead host's is one line.
+status() {
+    local ip
+    for ip in "$@"; do
+        echo "== ftvmm status $ip:9400"
+        in_host client "$BIN/ftvmm" status "$ip:9400" 2>&1 | sed 's/^/   /' || true
+    done
+}
 
 echo "== hosts: primary 10.77.0.1, backup 10.77.0.2, client 10.77.0.3, storage $S (namespaces on bridge ftdemo-br0)"
 # tls HOST: HOST's TLS flags (none with TLS=off).
@@ -110,7 +119,7 @@ else
     STORAGE_TLS=()
 fi
 qemu-img create -q -f raw "$WORK/shared.img" 16M
-start_in storage "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 "${STORAGE_TLS[@]}" 2>"$WORK/storage.err"
+start_in storage "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 --metrics $S:9400 "${STORAGE_TLS[@]}" 2>"$WORK/storage.err"
 sleep 0.3
 DISK=(--disk ftdisk:$S:7100)
 
@@ -121,23 +130,25 @@ if [ "$MODE" = net ]; then
     "$BIN/ftlab" tap ftdemo backup fttap
     VMARGS=(--guest redis --cmdline "ip=$VM/24" --net tap:fttap,mac=52:54:00:77:00:10 "${DISK[@]}")
     echo "== the VM $VM runs on the primary host, its backup on the backup host; the disk (and the arbitration record) on the storage host"
-    start_in backup "$BIN/ftvmm" --backup "${VMARGS[@]}" --connect $P:7000 $(tls backup) 2>"$WORK/backup.err"
-    start_in primary "$BIN/ftvmm" --primary "${VMARGS[@]}" --listen $P:7000 $(tls primary) 2>"$WORK/primary.err"
+    start_in backup "$BIN/ftvmm" --backup "${VMARGS[@]}" --connect $P:7000 --metrics $B:9400 $(tls backup) 2>"$WORK/backup.err"
+    start_in primary "$BIN/ftvmm" --primary "${VMARGS[@]}" --listen $P:7000 --metrics $P:9400 $(tls primary) 2>"$WORK/primary.err"
     for i in $(seq 100); do in_host client redis-cli -h $VM ping >/dev/null 2>&1 && break; sleep 0.1; done
     echo "== stock clients on the client host: redis-cli and redis-benchmark against $VM"
     in_host client redis-cli -h $VM set greeting "hello from a fault-tolerant VM" | sed 's/^/   /'
     in_host client redis-cli -h $VM get greeting | sed 's/^/   /'
     in_host client redis-benchmark -h $VM -t set,get,incr -n 2000 -c 8 -P 4 -q | tr '\r' '\n' | grep -v 'rps=' | sed 's/^/   /'
+    status $P $B
     echo "== ftclient: one TCP connection, INCR and SET every 20 ms, while the primary host dies"
     in_host client "$BIN/ftclient" --redis $(( (KILL_AFTER + 3) * 40 )) $VM:6379 &
     CLIENT=$!
     sleep "$KILL_AFTER"
     kill_host primary
-    wait $CLIENT && status=0 || status=$?
+    wait $CLIENT && result=0 || result=$?
     echo "== after the failover, stock redis-cli still reaches $VM:"
     in_host client redis-cli -h $VM get greeting | sed 's/^/   /'
+    status $P $B
     show primary backup storage
-    exit $status
+    exit $result
 fi
 
 if [ "$MODE" = reprotect ]; then
@@ -167,14 +178,16 @@ if [ "$MODE" = reprotect ]; then
             grep "backup joined" "$WORK/${hosts[$i]}.err" | sed 's/^/   /'
         fi
     done
-    wait $CLIENT && status=0 || status=$?
+    wait $CLIENT && result=0 || result=$?
     show primary backup third fourth storage
-    exit $status
+    exit $result
 fi
 
 P=10.77.0.1 B=10.77.0.2
-start_in backup "$BIN/ftvmm" --backup --guest "$MODE" "${DISK[@]}" --connect $P:7000 --serial tcp:$B:7001 $(tls backup) 2>"$WORK/backup.err"
-start_in primary "$BIN/ftvmm" --primary --guest "$MODE" "${DISK[@]}" --listen $P:7000 --serial tcp:$P:7001 $(tls primary) 2>"$WORK/primary.err"
+start_in backup "$BIN/ftvmm" --backup --guest "$MODE" "${DISK[@]}" --connect $P:7000 --serial tcp:$B:7001 \
+    --metrics $B:9400 $(tls backup) 2>"$WORK/backup.err"
+start_in primary "$BIN/ftvmm" --primary --guest "$MODE" "${DISK[@]}" --listen $P:7000 --serial tcp:$P:7001 \
+    --metrics $P:9400 $(tls primary) 2>"$WORK/primary.err"
 if [ "$MODE" = kvstore ]; then
     in_host client "$BIN/ftclient" --kv $(( (KILL_AFTER + 3) * 40 )) $P:7001 $B:7001 &
 else
@@ -182,7 +195,9 @@ else
 fi
 CLIENT=$!
 sleep "$KILL_AFTER"
+status $P $B
 kill_host primary
-wait $CLIENT && status=0 || status=$?
+wait $CLIENT && result=0 || result=$?
+status $P $B
 show primary backup storage
-exit $status
+exit $result

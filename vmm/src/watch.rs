@@ -114,7 +114,7 @@ fn status_document(metrics: &VmMetrics, watched: &Watched) -> serde_json::Value 
         "log_bytes_per_second": log_bytes_per_second,
         "commit_latency": if commit.count > 0 { commit.to_json() } else { serde_json::Value::Null },
         "exits_per_second": exits_per_second,
-        "exits": metrics.exits_total(),
+        "guest_exits": metrics.exits_total(),
         "failovers": metrics.failovers.get(),
         "last_failover": c.last_failover.map(|(at, why)| json!({ "unix": unix(at), "reason": why })),
     })

@@ -36,17 +36,25 @@ pub(crate) fn time_ft(guest: &str, cmdline: &str) -> (f64, String) {
 
 /// [`time_ft`], with `security` on the logging channel.
 pub(crate) fn time_ft_with(guest: &str, cmdline: &str, security: &Security) -> (f64, String) {
+    time_ft_flags(guest, cmdline, &security.flags("primary"), &security.flags("backup"))
+}
+
+/// A free loopback address.
+pub(crate) fn free_addr() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-    let addr = format!("127.0.0.1:{port}");
-    let b_tls = security.flags("backup");
+    format!("127.0.0.1:{port}")
+}
+
+/// [`time_ft`], with more flags for the primary and the backup.
+pub(crate) fn time_ft_flags(guest: &str, cmdline: &str, p_flags: &[String], b_flags: &[String]) -> (f64, String) {
+    let addr = free_addr();
     let mut bargs = vec!["--backup", "--guest", guest, "--cmdline", cmdline, "--connect", &addr];
-    bargs.extend(b_tls.iter().map(String::as_str));
+    bargs.extend(b_flags.iter().map(String::as_str));
     let backup = Proc::spawn(&bargs);
     std::thread::sleep(Duration::from_millis(200));
     let start = Instant::now();
-    let p_tls = security.flags("primary");
     let mut args = vec!["--primary", "--guest", guest, "--cmdline", cmdline, "--listen", &addr, "--stats"];
-    args.extend(p_tls.iter().map(String::as_str));
+    args.extend(p_flags.iter().map(String::as_str));
     let r = wait(ftvmm(&args).spawn().expect("spawn ftvmm"), TIMEOUT);
     let elapsed = start.elapsed().as_secs_f64();
     assert_eq!(r.status, Some(0), "primary failed: {}", r.stderr);

@@ -51,7 +51,11 @@
 //! and the same op mix by the host itself on a raw image (pwrite, pread,
 //! fdatasync), as context.
 //!
-//! `--only SECTION` (record-replay, ft, commit, sync, kvstore, join, redis, tls, disk) runs one section.
+//! Metrics (`--only metrics`, not in the default run): the FT ratio and
+//! commit latency with `--metrics` on both VMMs, scraped every second,
+//! against without.
+//!
+//! `--only SECTION` (record-replay, ft, commit, sync, kvstore, join, redis, tls, disk, metrics) runs one section.
 //!
 //! `ftbench soak --minutes N [--load]`: memory over time and false
 //! failovers. It runs a `ticker` pair at 1 kHz with no console client, one
@@ -67,6 +71,7 @@ mod disk;
 mod ft;
 mod join;
 mod kvstore;
+mod metrics;
 mod record_replay;
 mod redis;
 mod soak;
@@ -112,7 +117,7 @@ fn main() {
             }
             _ => {
                 eprintln!(
-                    "usage: ftbench [--runs N] [--only record-replay|ft|commit|sync|kvstore|join|redis|tls|disk]"
+                    "usage: ftbench [--runs N] [--only record-replay|ft|commit|sync|kvstore|join|redis|tls|disk|metrics]"
                 );
                 std::process::exit(2);
             }
@@ -146,5 +151,8 @@ fn main() {
     // Only when asked for: it repeats the FT runs twice over.
     if only.as_deref() == Some("tls") {
         tls_cost(runs);
+    }
+    if only.as_deref() == Some("metrics") {
+        metrics::metrics_cost(runs);
     }
 }
