@@ -55,7 +55,11 @@ pub(crate) fn metrics_cost(runs: usize) {
             let with = median(s.iter().map(|x| x.0).collect());
             let pick = |key: &str| {
                 let v: Vec<f64> = s.iter().filter_map(|x| stat(&x.1, key)).map(|v| v as f64).collect();
-                (!v.is_empty()).then(|| (median(v) as u64).to_string()).unwrap_or_else(|| "n/a".into())
+                if v.is_empty() {
+                    "n/a".into()
+                } else {
+                    (median(v) as u64).to_string()
+                }
             };
             let answered = if i == 1 { scrapes.to_string() } else { "-".into() };
             println!(
