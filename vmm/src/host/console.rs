@@ -13,9 +13,11 @@
 //! while another is connected is told [`BUSY_MESSAGE`] and closed — unless
 //! the server takes over (`--serial-takeover`): then the new client
 //! replaces the old one, whose connection is shut down and whose input is
-//! no longer delivered. A client that has closed its end (its input ended)
-//! does not keep the next one out. Over TLS only a client whose certificate
-//! chains to `--tls-ca` gets that far: the handshake comes first.
+//! no longer delivered. A client that has closed its end does not keep the
+//! next one out: once what it sent last is handed on (or after
+//! [`PREDECESSOR_GRACE`], the rest dropped), the next one is served. Over
+//! TLS only a client whose certificate chains to `--tls-ca` gets that far:
+//! the handshake comes first.
 //!
 //! Output goes through an [`OutputPort`]: to a console client it is written
 //! at once, without blocking, by the thread that releases it (the logging
@@ -60,7 +62,7 @@ const MAX_GREETING: usize = 8;
 /// abandoned.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new client waits for a predecessor that has hung up to have
-/// its last input read (then the new client is admitted).
+/// its last input handed on (then what is left of it is dropped).
 const PREDECESSOR_GRACE: Duration = Duration::from_secs(2);
 /// How often a client's reader blocked by a full input buffer looks again.
 const FULL_RETRY: Duration = Duration::from_millis(1);
@@ -384,11 +386,23 @@ impl Console {
                     }
                     break slot;
                 }
-                // It has hung up, and its reader is reading what it sent
-                // last: wait for that (briefly).
-                Some(old) if old.hung_up() && Instant::now() < deadline => {
-                    drop(slot);
-                    std::thread::sleep(Duration::from_millis(5));
+                // It has hung up, and its reader is still handing on what
+                // it sent last: wait for that, briefly; then what is left of
+                // it is dropped (the guest was not taking it).
+                Some(old) if old.hung_up() => {
+                    if Instant::now() < deadline {
+                        drop(slot);
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    eprintln!(
+                        "ftvmm: console: {} hung up with input the guest has not taken yet; dropping it for {}",
+                        old.peer, client.peer
+                    );
+                    if let Some(old) = slot.take() {
+                        old.shutdown();
+                    }
+                    break slot;
                 }
                 Some(_) => return Err(client),
             }
@@ -1250,6 +1264,7 @@ impl PortSender {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::BufRead;
     use std::time::Duration;
 
     #[test]
@@ -1347,6 +1362,114 @@ mod tests {
         let started = std::time::Instant::now();
         port.close();
         assert!(started.elapsed() < Duration::from_secs(10), "the writer was stuck on the client");
+    }
+
+    /// A console server on loopback (taking clients over if `takeover`),
+    /// started, and its address.
+    fn server(takeover: bool) -> (Receiver<Vec<u8>>, OutputPort, std::net::SocketAddr) {
+        let spec = SerialSpec::Tcp { addr: "127.0.0.1:0".into(), tls: false, takeover };
+        let endpoint = Endpoint::bind(&spec, None).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let (input, port) = endpoint.start();
+        (input, port, addr)
+    }
+
+    /// Connects and waits until the console serves this client: output
+    /// sent at `exit` reaches it.
+    fn admitted(addr: std::net::SocketAddr, port: &OutputPort, exit: u64) -> TcpStream {
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mark = format!("<{exit}>");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !String::from_utf8_lossy(&got).contains(&mark) {
+            assert!(Instant::now() < deadline, "the client was never served");
+            port.sender().send(exit, mark.clone().into_bytes());
+            client.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            if let Ok(n) = client.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        client
+    }
+
+    /// Input received within `wait`, concatenated.
+    fn received(input: &Receiver<Vec<u8>>, wait: Duration) -> Vec<u8> {
+        let mut got = Vec::new();
+        while let Ok(chunk) = input.recv_timeout(wait) {
+            got.extend(chunk);
+        }
+        got
+    }
+
+    #[test]
+    fn a_second_client_is_told_the_console_is_busy_and_the_first_keeps_it() {
+        let (input, port, addr) = server(false);
+        let mut first = admitted(addr, &port, 1);
+        let mut second = TcpStream::connect(addr).unwrap();
+        second.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = second.write_all(b"intruder\n");
+        let mut told = String::new();
+        second.read_to_string(&mut told).unwrap();
+        assert_eq!(told, BUSY_MESSAGE);
+        first.write_all(b"mine\n").unwrap();
+        assert_eq!(received(&input, Duration::from_millis(300)), b"mine\n");
+        // Output still goes to the first client.
+        port.sender().send(5, b"still yours\n".to_vec());
+        let mut line = String::new();
+        std::io::BufReader::new(&first).read_line(&mut line).unwrap();
+        assert_eq!(line, "still yours\n");
+    }
+
+    #[test]
+    fn a_client_that_hung_up_does_not_keep_the_next_one_out() {
+        let (input, port, addr) = server(false);
+        for round in 0..5u64 {
+            let mut client = admitted(addr, &port, round + 1);
+            client.write_all(format!("bye {round}\n").as_bytes()).unwrap();
+            // Closed at once: the next client connects right after.
+        }
+        let got = received(&input, Duration::from_millis(300));
+        let expected: String = (0..5).map(|r| format!("bye {r}\n")).collect();
+        assert_eq!(String::from_utf8_lossy(&got), expected, "every client's last input is delivered");
+    }
+
+    #[test]
+    fn a_client_taken_over_is_cut_off_and_its_input_dropped() {
+        let (input, port, addr) = server(true);
+        let mut old = admitted(addr, &port, 1);
+        old.write_all(b"old\n").unwrap();
+        assert_eq!(received(&input, Duration::from_millis(300)), b"old\n");
+        let mut new = admitted(addr, &port, 2);
+        // The old connection is shut down: it reads its end (not a timeout)...
+        assert!(old.read_to_end(&mut Vec::new()).is_ok(), "the old client's connection was left open");
+        // ...and whatever it still manages to send is not delivered.
+        let _ = old.write_all(b"stale\n");
+        new.write_all(b"new\n").unwrap();
+        assert_eq!(received(&input, Duration::from_millis(300)), b"new\n");
+    }
+
+    #[test]
+    fn input_nobody_takes_is_bounded_and_the_client_is_held_back() {
+        let (input, port, addr) = server(false);
+        let mut client = admitted(addr, &port, 1);
+        client.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+        // Far more than the socket buffers hold: the client must block.
+        let block = vec![b'x'; 1 << 20];
+        let mut sent = 0usize;
+        while sent < 256 << 20 {
+            match client.write(&block) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        assert!(sent < 256 << 20, "256 MiB went in while nobody took any input");
+        std::thread::sleep(Duration::from_millis(100));
+        let held: usize = input.try_iter().map(|c| c.len()).sum();
+        assert!(held <= MAX_INPUT_BUFFER, "{held} bytes held");
+        assert!(held > 0, "nothing was read at all");
     }
 
     #[test]
