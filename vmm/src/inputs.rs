@@ -24,8 +24,9 @@ pub enum HostEvent {
 }
 
 /// Serial input held here for the guest, at most (bytes, give or take a
-/// chunk): the UART takes a few bytes at a time.
-const MAX_PENDING_SERIAL: usize = crate::host::console::MAX_INPUT_BUFFER;
+/// chunk): the UART takes a few bytes at a time. The rest waits in the
+/// queue (at most [`WAKE_QUEUE`] chunks) and in the console's bounded buffer.
+const MAX_PENDING_SERIAL: usize = 4 << 10;
 
 /// Wake-ups queued beyond this many are dropped: one pending wake-up is as
 /// good as many (the frames themselves wait in the TAP's bounded queue).

@@ -4,7 +4,8 @@
 //! its output.
 //!
 //! Input is bounded: what was received and not yet taken by the run is at
-//! most [`MAX_INPUT_BUFFER`] bytes here (plus the run's own bounded queue);
+//! most [`MAX_INPUT_BUFFER`] bytes here (plus the run's own queue: a few
+//! dozen chunks of at most [`INPUT_CHUNK`] bytes, and a few KiB for the UART);
 //! while it is full, the reader stops reading its source, so a console
 //! client that types faster than the guest reads is held back by its TCP's
 //! flow control instead of growing the VMM's memory.
@@ -50,8 +51,10 @@ pub const MAX_MARKS: usize = 1 << 16;
 /// beyond it the reader stops reading (a console client's TCP then stops
 /// it sending).
 pub const MAX_INPUT_BUFFER: usize = 64 << 10;
-/// Input is read, and handed on, this many bytes at a time at most.
-const INPUT_CHUNK: usize = 4 << 10;
+/// Input is read, and handed on, this many bytes at a time at most: small,
+/// since the run's own queue holds a number of chunks (a guest takes serial
+/// input a few bytes at a time anyway).
+pub const INPUT_CHUNK: usize = 1 << 10;
 /// What a client that connects while another is connected reads before the
 /// console closes its connection.
 pub const BUSY_MESSAGE: &str = "ftvmm: console busy: another client is connected\n";
