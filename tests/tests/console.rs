@@ -328,8 +328,10 @@ fn with_takeover_a_new_client_replaces_the_old_whose_input_no_longer_counts() {
 #[test]
 fn a_plaintext_console_beyond_loopback_is_warned_about() {
     let p = ticker(&["--serial", "tcp:0.0.0.0:0"]);
-    p.wait_addr("serial console on", START);
-    let warning = p.wait_line("warning: the serial console on 0.0.0.0:", START);
+    // The address served is still the one line's that says so.
+    let served = p.wait_addr("serial console on", START);
+    assert!(served.starts_with("0.0.0.0:"), "{served}");
+    let warning = p.wait_line("warning: the console (--serial tcp:0.0.0.0:", START);
     assert!(warning.contains("plaintext"), "{warning}");
     let quiet = ticker(&["--serial", "tcp:127.0.0.1:0"]);
     quiet.wait_addr("serial console on", START);

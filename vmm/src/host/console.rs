@@ -167,10 +167,12 @@ impl Endpoint {
         let listener = TcpListener::bind(addr).map_err(|err| ConsoleError::Listen { addr: addr.clone(), err })?;
         if config.is_none() {
             if let Some(local) = listener.local_addr().ok().filter(|a| !a.ip().is_loopback()) {
+                // (Not "serial console on": tools look for the line that
+                // names the address served by those words.)
                 eprintln!(
-                    "ftvmm: warning: the serial console on {local} is plaintext and unauthenticated, and reachable \
-                     from other hosts: whoever connects first types into the guest (use --serial tls:ADDR, or a \
-                     loopback address)"
+                    "ftvmm: warning: the console (--serial tcp:{local}) is plaintext and unauthenticated, and \
+                     reachable from other hosts: whoever connects first types into the guest; use --serial tls:ADDR, \
+                     or a loopback address"
                 );
             }
         }
