@@ -9,6 +9,7 @@ pub mod lab;
 pub mod prometheus;
 pub mod resp;
 
+use credentials::rustls;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -675,4 +676,79 @@ pub fn tcp_relay(
         }
     });
     addr
+}
+
+/// The `ftcert` binary beside `ftvmm`.
+pub fn ftcert_bin() -> PathBuf {
+    let bin = ftvmm_bin().with_file_name("ftcert");
+    assert!(bin.is_file(), "ftcert binary not found at {}: build it first (`cargo build --release`)", bin.display());
+    bin
+}
+
+/// Makes a CA and certificates for `hosts` in `dir` with the ftcert helper
+/// (each named after its host, with the SANs 127.0.0.1 and localhost).
+pub fn ftcert(dir: &Scratch, hosts: &[&str]) {
+    let out = Command::new(ftcert_bin()).arg("--dir").arg(&dir.0).args(hosts).output().unwrap();
+    assert!(out.status.success(), "ftcert failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The TLS flags of host `name` whose credentials are in `dir`.
+pub fn tls_flags(dir: &Scratch, name: &str) -> Vec<String> {
+    ["--tls-cert", &dir.path(&format!("{name}.pem")), "--tls-key", &dir.path(&format!("{name}.key")), "--tls-ca"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([dir.path("ca.pem")])
+        .collect()
+}
+
+/// A TLS client's connection.
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// The TLS client configuration of host `name` whose credentials (from
+/// [`ftcert`]) are in `dir`: mutual TLS as ftvmm speaks it. `None`: a
+/// client that trusts the CA but presents no certificate.
+pub fn tls_client_config(dir: &Scratch, name: Option<&str>) -> std::sync::Arc<rustls::ClientConfig> {
+    let ca = PathBuf::from(dir.path("ca.pem"));
+    match name {
+        Some(name) => {
+            let files = credentials::TlsFiles {
+                cert: PathBuf::from(dir.path(&format!("{name}.pem"))),
+                key: PathBuf::from(dir.path(&format!("{name}.key"))),
+                ca,
+            };
+            credentials::Tls::load(&files).expect("test credentials").client_config()
+        }
+        None => {
+            use rustls::pki_types::pem::PemObject;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls::pki_types::CertificateDer::pem_file_iter(&ca).expect("the CA") {
+                roots.add(cert.expect("a CA certificate")).expect("a usable CA");
+            }
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            std::sync::Arc::new(config)
+        }
+    }
+}
+
+/// A TLS connection to `addr` (`host:port`, the server's certificate
+/// checked against the host) with `config`, its handshake completed as far
+/// as the client can tell (in TLS 1.3 a server may still refuse the
+/// client's certificate after that: the first read then fails).
+pub fn tls_connect(addr: &str, config: std::sync::Arc<rustls::ClientConfig>) -> std::io::Result<TlsStream> {
+    let name = credentials::server_name(addr).map_err(std::io::Error::other)?;
+    let sock = TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut conn = rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+    let mut io = &sock;
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut io)? == (0, 0) {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(rustls::StreamOwned::new(conn, sock))
 }

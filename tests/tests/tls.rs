@@ -5,7 +5,10 @@
 //! unchanged; a capture of the logging channel does not show the guest's
 //! input; half a configuration is a usage error.
 
-use ftvmm_tests::{check_continuity_across, connect_retry, qemu_img, spawn_ftdisk_with, Proc, Scratch, TickReader};
+use ftvmm_tests::{
+    check_continuity_across, connect_retry, ftcert, qemu_img, spawn_ftdisk_with, tls_flags as tls, Proc, Scratch,
+    TickReader,
+};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
@@ -14,21 +17,6 @@ use std::time::Duration;
 
 const START: Duration = Duration::from_secs(20);
 const TIMEOUT: Duration = ftvmm_tests::TIMEOUT;
-
-/// Makes a CA and certificates for `hosts` in `dir` with the ftcert helper.
-fn ftcert(dir: &Scratch, hosts: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ftcert")).arg("--dir").arg(&dir.0).args(hosts).output().unwrap();
-    assert!(out.status.success(), "ftcert failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// The TLS flags of host `name` whose credentials are in `dir`.
-fn tls(dir: &Scratch, name: &str) -> Vec<String> {
-    ["--tls-cert", &dir.path(&format!("{name}.pem")), "--tls-key", &dir.path(&format!("{name}.key")), "--tls-ca"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([dir.path("ca.pem")])
-        .collect()
-}
 
 fn args<'a>(fixed: &[&'a str], more: &'a [String]) -> Vec<&'a str> {
     fixed.iter().copied().chain(more.iter().map(String::as_str)).collect()

@@ -344,7 +344,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
     }
     let mut header = header(&image, config, disk.as_ref());
 
-    let endpoint = Endpoint::bind(&config.serial).map_err(|e| usage(format!("--serial {:?}: {e}", config.serial)))?;
+    let endpoint =
+        Endpoint::bind(&config.serial, tls.as_ref()).map_err(|e| usage(format!("--serial {}: {e}", config.serial)))?;
     if let Some(addr) = endpoint.local_addr() {
         eprintln!("ftvmm: serial console on {addr}");
     }

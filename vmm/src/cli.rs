@@ -68,10 +68,19 @@ pub struct Cli {
     #[arg(long, value_name = "SEED")]
     pub perturb_seed: Option<u64>,
 
-    /// The guest's serial port: `stdio`, or `tcp:ADDR` to serve it to one TCP
-    /// client at a time (the client's bytes are the guest's input).
-    #[arg(long, value_name = "stdio|tcp:ADDR", default_value = "stdio")]
+    /// The guest's serial port: `stdio`, or a console server for one client
+    /// at a time (the client's bytes are the guest's input): `tcp:ADDR` in
+    /// plaintext, `tls:ADDR` over mutual TLS with --tls-cert/--tls-key/--tls-ca
+    /// (the client needs a certificate from --tls-ca). A client that connects
+    /// while another is connected is refused (see --serial-takeover).
+    #[arg(long, value_name = "stdio|tcp:ADDR|tls:ADDR", default_value = "stdio")]
     pub serial: SerialSpec,
+
+    /// With --serial tcp:/tls:, a client that connects while another is
+    /// connected takes the console over: the other is disconnected and its
+    /// input no longer reaches the guest.
+    #[arg(long)]
+    pub serial_takeover: bool,
 
     /// Run as the primary of a fault-tolerant pair: wait for a backup on
     /// --listen (unless --no-wait), then boot, stream the log to it and
@@ -436,6 +445,19 @@ impl Cli {
             None => None,
         };
         let tls = credentials::TlsFiles::from_flags(self.tls_cert, self.tls_key, self.tls_ca).map_err(usage)?;
+        let serial = match self.serial {
+            SerialSpec::Tcp { addr, tls: true, .. } if tls.is_none() => {
+                return Err(usage(format!(
+                    "--serial tls:{addr} serves the console over mutual TLS: it needs --tls-cert, --tls-key and \
+                     --tls-ca (or use tcp:{addr} for plaintext)"
+                )));
+            }
+            SerialSpec::Tcp { addr, tls, .. } => SerialSpec::Tcp { addr, tls, takeover: self.serial_takeover },
+            SerialSpec::Stdio if self.serial_takeover => {
+                return Err(usage("--serial-takeover is for a console server (--serial tcp:ADDR or tls:ADDR)"));
+            }
+            SerialSpec::Stdio => SerialSpec::Stdio,
+        };
         let arbitrated = arbiter.is_some() || matches!(disk, Some(DiskSpec::Ftdisk(_)));
         if self.net.is_some() && (self.primary || self.backup) && !arbitrated {
             return Err(usage(
@@ -453,7 +475,7 @@ impl Cli {
             net: self.net,
             mem_mib: self.mem_mib,
             cmdline: self.cmdline,
-            serial: self.serial,
+            serial,
             serial_input: self.serial_input,
             disk,
             mode,

@@ -23,6 +23,11 @@ pub enum HostEvent {
     Frame,
 }
 
+/// Serial input held here for the guest, at most (bytes, give or take a
+/// chunk): the UART takes a few bytes at a time. The rest waits in the
+/// queue (at most [`WAKE_QUEUE`] chunks) and in the console's bounded buffer.
+const MAX_PENDING_SERIAL: usize = 4 << 10;
+
 /// Wake-ups queued beyond this many are dropped: one pending wake-up is as
 /// good as many (the frames themselves wait in the TAP's bounded queue).
 const WAKE_QUEUE: usize = 64;
@@ -127,7 +132,11 @@ impl LiveInputs {
 
     /// Up to `room` received serial bytes, if any arrived.
     pub fn take_serial(&mut self, room: usize) -> Option<Vec<u8>> {
-        while let Ok(event) = self.events.try_recv() {
+        // Serial input is taken off the queue only while little waits here:
+        // beyond, it waits in the queue and the console's bounded buffer,
+        // and the console stops reading its client.
+        while self.pending.len() < MAX_PENDING_SERIAL {
+            let Ok(event) = self.events.try_recv() else { break };
             self.take_event(event);
         }
         if room == 0 || self.pending.is_empty() {
