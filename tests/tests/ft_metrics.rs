@@ -52,6 +52,7 @@ const FAMILIES: &[&str] = &[
     "ftvmm_disk_ops_total",
     "ftvmm_disk_bytes_total",
     "ftvmm_disk_pending_writes_bytes",
+    "ftvmm_console_dropped_bytes_total",
 ];
 
 fn status(addr: &str) -> String {

@@ -61,6 +61,14 @@ fn add_probes(metrics: &VmMetrics, watched: &Watched) {
         let c = c.clone();
         metrics.probe(name, help, unit, true, None, move || read(field(&c)));
     }
+    metrics.probe(
+        "ftvmm_console_dropped",
+        "Console output dropped: produced while no client came for it, beyond what is kept (4 MiB).",
+        Some(Unit::Bytes),
+        true,
+        None,
+        || crate::host::console::output_dropped_bytes() as f64,
+    );
     if let Some((rx, tx)) = &watched.nic {
         let help = "Frames the TAP dropped, by where and why.";
         let (rx1, rx2, tx1, tx2) = (rx.clone(), rx.clone(), tx.clone(), tx.clone());

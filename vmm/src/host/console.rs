@@ -42,6 +42,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Bytes of output dropped because no console client came for them in
+/// time (beyond [`MAX_BACKLOG`]): this process's console (one per VMM).
+static OUTPUT_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes of output the console dropped so far (no client took them).
+pub fn output_dropped_bytes() -> u64 {
+    OUTPUT_DROPPED.load(Ordering::Relaxed)
+}
+
 /// Output kept for a TCP console with no client; beyond it the oldest goes.
 pub const MAX_BACKLOG: usize = 4 << 20;
 /// Exits whose output a [`Backlog`] tells apart (1 MiB of marks); beyond,
@@ -1019,9 +1028,11 @@ impl Sink {
                 if let Chunk::Bytes(exit, released, bytes) = chunk {
                     // Too long without a client: the oldest output goes, and
                     // counts as delivered (no one will ever get it).
+                    let before = backlog.len() + bytes.len();
                     if let Some(dropped) = backlog.push(exit, &bytes) {
                         delivered.fetch_max(dropped, Ordering::Release);
                     }
+                    OUTPUT_DROPPED.fetch_add(before.saturating_sub(backlog.len()) as u64, Ordering::Relaxed);
                     released_at = Some(released);
                 }
                 let mut slot = lock(client);
