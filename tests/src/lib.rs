@@ -548,7 +548,10 @@ impl TickReader {
             if !matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
                 return;
             }
-            self.take(line.trim_end_matches('\n'));
+            // A line cut short (the console ended inside it: "tick 6" of
+            // "tick 63 ...") is no tick: only whole lines count.
+            let Some(whole) = line.strip_suffix('\n') else { return };
+            self.take(whole);
             if until(&self.lines) {
                 let buffered = String::from_utf8_lossy(reader.buffer()).into_owned();
                 let whole = buffered.rsplit_once('\n').map_or("", |(whole, _)| whole);
