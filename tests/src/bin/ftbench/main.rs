@@ -110,7 +110,7 @@ fn main() {
         match (a.as_str(), args.next()) {
             ("--runs", Some(n)) => runs = n.parse().unwrap_or(5).max(1),
             ("--only", Some(s))
-                if ["record-replay", "ft", "commit", "sync", "kvstore", "join", "redis", "tls", "disk"]
+                if ["record-replay", "ft", "commit", "sync", "kvstore", "join", "redis", "tls", "disk", "metrics"]
                     .contains(&s.as_str()) =>
             {
                 only = Some(s)
