@@ -47,7 +47,16 @@ fn fail(e: &Error) -> ExitCode {
 
 /// Builds and runs the VM; returns the guest's exit status.
 fn run(config: &VmConfig) -> Result<u8, Error> {
-    let outcome = vmm::builder::build(config)?.run()?;
+    if config.run_as.is_some() {
+        // Before the VM's threads start, so that they all inherit it.
+        vmm::privileges::forbid_new_privileges()?;
+    }
+    let vmm = vmm::builder::build(config)?;
+    if let Some(run_as) = &config.run_as {
+        // Everything privileged is open: the rest runs as run_as.
+        run_as.drop_privileges()?;
+    }
+    let outcome = vmm.run()?;
     if config.stats {
         eprintln!("ftvmm: stats: {} guest exits", outcome.exits);
         let s = outcome.syncs;
