@@ -90,7 +90,12 @@ fn an_unprivileged_pair_fails_over_and_the_survivor_runs_on_unprivileged() {
     pargs.extend_from_slice(&common);
     let mut p = Proc::spawn(&pargs);
     let listen = p.wait_addr("waiting for a backup on", START);
-    let mut bargs = vec!["--backup", "--connect", listen.as_str()];
+    // The backup's serial input once live: a file only root may read,
+    // opened before the drop (it used to be opened on going live).
+    let input = dir.path("input");
+    std::fs::write(&input, b"typed after the failover\n").unwrap();
+    std::fs::set_permissions(&input, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut bargs = vec!["--backup", "--connect", listen.as_str(), "--serial-input", input.as_str()];
     bargs.extend_from_slice(&common);
     let b = Proc::spawn(&bargs);
     p.wait_line("backup attached", START);

@@ -110,7 +110,6 @@ impl RunAs {
         let spec = &self.spec;
         let fail =
             |call: &'static str| PrivilegeError::Syscall { spec: spec.clone(), call, err: io::Error::last_os_error() };
-        keep_realtime_network_threads();
         let groups = [self.gid as libc::gid_t];
         // SAFETY: `groups` is a valid array of one gid_t, read only.
         if unsafe { libc::setgroups(1, groups.as_ptr()) } != 0 {
@@ -174,22 +173,27 @@ pub fn forbid_new_privileges() -> Result<(), PrivilegeError> {
 /// The logging channel's network thread of a link made after the drop (a
 /// backup that joins, or one a live former backup accepts) asks for
 /// SCHED_RR priority 1, which root has by right; an unprivileged process
-/// has it only up to `RLIMIT_RTPRIO`. So, while still root, that limit is
-/// raised to 1 when lower (soft and hard): the process can then give its
-/// threads the lowest real-time priority, no higher (the kernel's RT
-/// throttling still leaves other tasks 5% of each CPU). Failure only leaves
-/// such threads at their normal priority.
-fn keep_realtime_network_threads() {
+/// has it only up to `RLIMIT_RTPRIO`. Called while still root, this raises
+/// that limit to 1 when lower (soft and hard): the process can then give
+/// its threads the lowest real-time priority, no higher (the kernel's RT
+/// throttling still leaves other tasks 5% of each CPU). Raising a hard
+/// limit takes CAP_SYS_RESOURCE: without it (some containers) this fails,
+/// and such threads keep their normal priority.
+pub fn allow_realtime_priority() -> io::Result<()> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes one rlimit into `lim`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_RTPRIO, &mut lim) } != 0 || lim.rlim_cur >= 1 {
-        return;
+    if unsafe { libc::getrlimit(libc::RLIMIT_RTPRIO, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur >= 1 {
+        return Ok(());
     }
     let raised = libc::rlimit { rlim_cur: 1, rlim_max: lim.rlim_max.max(1) };
     // SAFETY: setrlimit reads one valid rlimit.
     if unsafe { libc::setrlimit(libc::RLIMIT_RTPRIO, &raised) } != 0 {
-        tracing::debug!("RLIMIT_RTPRIO stays {}: links made after the drop keep a normal priority", lim.rlim_cur);
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 fn resuid() -> (u32, u32, u32) {
