@@ -99,6 +99,9 @@ wait_for() { # FILE TEXT SECONDS
     for i in $(seq $(( $3 * 10 ))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
     echo "demo: no \"$2\" in $1 after $3 s" >&2; return 1
 }
+# users: who each server and VMM started so far runs as (ftdisk as root,
+# the VMMs as nobody once built).
+users() { echo "== running as:"; ps -o user=,pid=,comm= -p "$(IFS=,; echo "${SERVERS[*]}")" | sed 's/^/   /' || true; }
 show() { for who in "$@"; do echo "== $who said:"; sed 's/^/   /' "$WORK/$who.err"; done; }
 # status HOST-IP...: what an operator sees of each VMM (`ftvmm status` on
 # its --metrics address, from the client host); a dead host's is one line.
@@ -144,6 +147,7 @@ if [ "$MODE" = net ]; then
     in_host client redis-cli -h $VM get greeting | sed 's/^/   /'
     in_host client redis-benchmark -h $VM -t set,get,incr -n 2000 -c 8 -P 4 -q | tr '\r' '\n' | grep -v 'rps=' | sed 's/^/   /'
     status $P $B
+    users
     echo "== ftclient: one TCP connection, INCR and SET every 20 ms, while the primary host dies"
     in_host client "$BIN/ftclient" --redis $(( (KILL_AFTER + 3) * 40 )) $VM:6379 &
     CLIENT=$!
@@ -168,6 +172,8 @@ if [ "$MODE" = reprotect ]; then
             --listen "${ips[$1]}:7000" --serial "tcp:${ips[$1]}:7001" $(tls "${hosts[$1]}") 2>"$WORK/${hosts[$1]}.err"
     }
     start_backup 1
+    wait_for "$WORK/backup.err" "replaying" 30
+    users
     in_host client "$BIN/ftclient" --kv $(( (KILL_AFTER + 22) * 40 )) \
         ${ips[0]}:7001 ${ips[1]}:7001 ${ips[2]}:7001 ${ips[3]}:7001 &
     CLIENT=$!
@@ -202,6 +208,7 @@ fi
 CLIENT=$!
 sleep "$KILL_AFTER"
 status $P $B
+users
 kill_host primary
 wait $CLIENT && result=0 || result=$?
 status $P $B
