@@ -33,6 +33,10 @@
 # only the VM hosts' certificates read, write and claim the disk. TLS=off
 # runs it all in plaintext instead (the VMMs and ftdisk then warn).
 #
+# Each VMM starts as root (to open /dev/kvm, its TAP and its listeners) and
+# then runs as `nobody` (--run-as nobody): the failovers and the joins all
+# happen unprivileged.
+#
 # Needs root (namespaces), /dev/kvm, iproute2, qemu-img and (net) redis-tools
 # (installed from the distribution where missing).
 # Usage: [TLS=off] scripts/demo.sh [net|kvstore|ticker|reprotect] [seconds-before-kill]
@@ -95,6 +99,9 @@ wait_for() { # FILE TEXT SECONDS
     for i in $(seq $(( $3 * 10 ))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
     echo "demo: no \"$2\" in $1 after $3 s" >&2; return 1
 }
+# users: who each server and VMM started so far runs as (ftdisk as root,
+# the VMMs as nobody once built).
+users() { echo "== running as:"; ps -o user=,pid=,comm= -p "$(IFS=,; echo "${SERVERS[*]}")" | sed 's/^/   /' || true; }
 show() { for who in "$@"; do echo "== $who said:"; sed 's/^/   /' "$WORK/$who.err"; done; }
 # status HOST-IP...: what an operator sees of each VMM (`ftvmm status` on
 # its --metrics address, from the client host); a dead host's is one line.
@@ -122,13 +129,15 @@ qemu-img create -q -f raw "$WORK/shared.img" 16M
 start_in storage "$BIN/ftdisk" --image "$WORK/shared.img" --listen $S:7100 --metrics $S:9400 "${STORAGE_TLS[@]}" 2>"$WORK/storage.err"
 sleep 0.3
 DISK=(--disk ftdisk:$S:7100)
+# Every VMM gives up root once its VM is built (docs/sandbox.md).
+RUN_AS=(--run-as nobody)
 
 if [ "$MODE" = net ]; then
     VM=10.77.0.10 P=10.77.0.1 B=10.77.0.2
     # Each VM host bridges a TAP onto the LAN; the VM has the same MAC on both.
     "$BIN/ftlab" tap ftdemo primary fttap
     "$BIN/ftlab" tap ftdemo backup fttap
-    VMARGS=(--guest redis --cmdline "ip=$VM/24" --net tap:fttap,mac=52:54:00:77:00:10 "${DISK[@]}")
+    VMARGS=(--guest redis --cmdline "ip=$VM/24" --net tap:fttap,mac=52:54:00:77:00:10 "${DISK[@]}" "${RUN_AS[@]}")
     echo "== the VM $VM runs on the primary host, its backup on the backup host; the disk (and the arbitration record) on the storage host"
     start_in backup "$BIN/ftvmm" --backup "${VMARGS[@]}" --connect $P:7000 --metrics $B:9400 $(tls backup) 2>"$WORK/backup.err"
     start_in primary "$BIN/ftvmm" --primary "${VMARGS[@]}" --listen $P:7000 --metrics $P:9400 $(tls primary) 2>"$WORK/primary.err"
@@ -138,6 +147,7 @@ if [ "$MODE" = net ]; then
     in_host client redis-cli -h $VM get greeting | sed 's/^/   /'
     in_host client redis-benchmark -h $VM -t set,get,incr -n 2000 -c 8 -P 4 -q | tr '\r' '\n' | grep -v 'rps=' | sed 's/^/   /'
     status $P $B
+    users
     echo "== ftclient: one TCP connection, INCR and SET every 20 ms, while the primary host dies"
     in_host client "$BIN/ftclient" --redis $(( (KILL_AFTER + 3) * 40 )) $VM:6379 &
     CLIENT=$!
@@ -155,13 +165,15 @@ if [ "$MODE" = reprotect ]; then
     # Each VM host listens for a backup of its own once it is live.
     hosts=(primary backup third fourth)
     ips=(10.77.0.1 10.77.0.2 10.77.0.5 10.77.0.6)
-    start_in primary "$BIN/ftvmm" --primary --guest kvstore "${DISK[@]}" --listen ${ips[0]}:7000 \
+    start_in primary "$BIN/ftvmm" --primary --guest kvstore "${DISK[@]}" "${RUN_AS[@]}" --listen ${ips[0]}:7000 \
         --serial tcp:${ips[0]}:7001 $(tls primary) 2>"$WORK/primary.err"
     start_backup() { # INDEX: a backup of host INDEX-1
-        start_in "${hosts[$1]}" "$BIN/ftvmm" --backup --guest kvstore "${DISK[@]}" --connect "${ips[$1 - 1]}:7000" \
+        start_in "${hosts[$1]}" "$BIN/ftvmm" --backup --guest kvstore "${DISK[@]}" "${RUN_AS[@]}" --connect "${ips[$1 - 1]}:7000" \
             --listen "${ips[$1]}:7000" --serial "tcp:${ips[$1]}:7001" $(tls "${hosts[$1]}") 2>"$WORK/${hosts[$1]}.err"
     }
     start_backup 1
+    wait_for "$WORK/backup.err" "replaying" 30
+    users
     in_host client "$BIN/ftclient" --kv $(( (KILL_AFTER + 22) * 40 )) \
         ${ips[0]}:7001 ${ips[1]}:7001 ${ips[2]}:7001 ${ips[3]}:7001 &
     CLIENT=$!
@@ -184,9 +196,9 @@ if [ "$MODE" = reprotect ]; then
 fi
 
 P=10.77.0.1 B=10.77.0.2
-start_in backup "$BIN/ftvmm" --backup --guest "$MODE" "${DISK[@]}" --connect $P:7000 --serial tcp:$B:7001 \
+start_in backup "$BIN/ftvmm" --backup --guest "$MODE" "${DISK[@]}" "${RUN_AS[@]}" --connect $P:7000 --serial tcp:$B:7001 \
     --metrics $B:9400 $(tls backup) 2>"$WORK/backup.err"
-start_in primary "$BIN/ftvmm" --primary --guest "$MODE" "${DISK[@]}" --listen $P:7000 --serial tcp:$P:7001 \
+start_in primary "$BIN/ftvmm" --primary --guest "$MODE" "${DISK[@]}" "${RUN_AS[@]}" --listen $P:7000 --serial tcp:$P:7001 \
     --metrics $P:9400 $(tls primary) 2>"$WORK/primary.err"
 if [ "$MODE" = kvstore ]; then
     in_host client "$BIN/ftclient" --kv $(( (KILL_AFTER + 3) * 40 )) $P:7001 $B:7001 &
@@ -196,6 +208,7 @@ fi
 CLIENT=$!
 sleep "$KILL_AFTER"
 status $P $B
+users
 kill_host primary
 wait $CLIENT && result=0 || result=$?
 status $P $B

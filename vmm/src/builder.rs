@@ -202,10 +202,13 @@ fn wire(
                 )
             };
             status.set_peer(Some(connect.to_string()));
-            if let Some(path) = &config.serial_input {
-                // Checked now, used when the backup goes live.
-                File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?;
-            }
+            // Opened now (before any --run-as drop), used when the backup goes live.
+            let serial_input = match &config.serial_input {
+                Some(path) => Some(
+                    File::open(path).map_err(|e| usage(format!("cannot open serial input {}: {e}", path.display())))?,
+                ),
+                None => None,
+            };
             if let Some(nic) = &nic {
                 // Frames come from the log: what arrives on our TAP is drained.
                 nic.rx.set_discard(true);
@@ -213,7 +216,7 @@ fn wire(
             Wiring {
                 inputs: Inputs::Replay(Replayer::new(LogSource::Backup(link))),
                 output: Box::new(Suppressed::default()),
-                role: Some(Role::backup(endpoint, config.serial_input.clone(), nic, listener)),
+                role: Some(Role::backup(endpoint, serial_input, nic, listener)),
                 joining,
                 status,
             }

@@ -228,6 +228,15 @@ pub struct Cli {
     /// (a compute-bound guest gets its interrupts this way).
     #[arg(long, value_name = "US", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=10_000_000))]
     pub sync_after_us: u64,
+
+    /// Started as root: once the VM is built (/dev/kvm, the TAP, the disk,
+    /// the listeners, the files named here open), give up root for USER
+    /// and its group (or GROUP), that group its only one; names or numeric
+    /// IDs. The VM then runs, fails over and takes backups unprivileged;
+    /// files it opens later (--save-snapshot) must be writable by USER. See
+    /// docs/sandbox.md.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub run_as: Option<String>,
 }
 
 /// `ftvmm check`: does a guest image replay deterministically?
@@ -470,8 +479,17 @@ impl Cli {
                 "--arbiter: the shared disk on ftdisk already arbitrates (and fences); give one or the other",
             ));
         }
+        let run_as = match self.run_as {
+            Some(spec) => {
+                let run_as = crate::privileges::RunAs::resolve(&spec)?;
+                run_as.preflight()?;
+                Some(run_as)
+            }
+            None => None,
+        };
         Ok(Command::Run(Box::new(VmConfig {
             arbiter,
+            run_as,
             net: self.net,
             mem_mib: self.mem_mib,
             cmdline: self.cmdline,

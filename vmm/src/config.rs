@@ -105,6 +105,8 @@ pub struct VmConfig {
     pub die_before_disk_read: Option<u64>,
     /// Mutual TLS on the logging channel and to ftdisk (`None`: plaintext).
     pub tls: Option<credentials::TlsFiles>,
+    /// Give up root for this user and group once the VM is built (`--run-as`).
+    pub run_as: Option<crate::privileges::RunAs>,
 }
 
 /// Default period of the digest checks, in ms of guest time. A check costs
@@ -143,6 +145,7 @@ impl VmConfig {
             disk_stall_after_op: None,
             die_before_disk_read: None,
             tls: None,
+            run_as: None,
         }
     }
 

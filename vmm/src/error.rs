@@ -66,12 +66,15 @@ pub enum Error {
     Usage(String),
     #[error("{0}")]
     Run(#[from] RunError),
+    /// `--run-as` could not be honoured: status 2.
+    #[error("{0}")]
+    Privileges(#[from] crate::privileges::PrivilegeError),
 }
 
 impl Error {
     pub fn exit_status(&self) -> u8 {
         match self {
-            Error::Usage(_) => 2,
+            Error::Usage(_) | Error::Privileges(_) => 2,
             Error::Run(e) => e.exit_status(),
         }
     }

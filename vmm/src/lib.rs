@@ -30,7 +30,8 @@
 //!   [`arbiter`] go-live arbitration; [`digest`] the state digest;
 //!   [`snapshot`] the state snapshot format (files and live state
 //!   transfer); [`error`] what ends a run; [`status`] the `ftvmm status`
-//!   command (a client of another process's metrics server).
+//!   command (a client of another process's metrics server);
+//!   [`privileges`] `--run-as`, giving up root once the VM is built.
 //!
 //! No module imports one that imports it back, no top-level module (a
 //! folder counts as one) reaches one that reaches it back: `ft` uses `run`,
@@ -59,6 +60,7 @@ pub mod mac;
 pub mod memory;
 pub mod metrics;
 pub mod output;
+pub mod privileges;
 pub mod rdtsc;
 pub mod run;
 pub mod snapshot;

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 use vmm::cli::Command;
-use vmm::config::VmConfig;
+use vmm::config::{Mode, VmConfig};
 use vmm::error::Error;
 
 fn main() -> ExitCode {
@@ -47,7 +47,25 @@ fn fail(e: &Error) -> ExitCode {
 
 /// Builds and runs the VM; returns the guest's exit status.
 fn run(config: &VmConfig) -> Result<u8, Error> {
-    let outcome = vmm::builder::build(config)?.run()?;
+    if config.run_as.is_some() {
+        // Before the VM's threads start, so that they all inherit it.
+        vmm::privileges::forbid_new_privileges()?;
+    }
+    let vmm = vmm::builder::build(config)?;
+    if let Some(run_as) = &config.run_as {
+        // Everything privileged is open: the rest runs as run_as.
+        let later_links = matches!(config.mode, Mode::Primary { .. } | Mode::Backup { listen: Some(_), .. });
+        if let Err(e) = vmm::privileges::allow_realtime_priority() {
+            if later_links {
+                eprintln!(
+                    "ftvmm: warning: --run-as: cannot raise RLIMIT_RTPRIO ({e}): the logging channel of a backup \
+                     that joins later runs at normal priority (see docs/sandbox.md)"
+                );
+            }
+        }
+        run_as.drop_privileges()?;
+    }
+    let outcome = vmm.run()?;
     if config.stats {
         eprintln!("ftvmm: stats: {} guest exits", outcome.exits);
         let s = outcome.syncs;

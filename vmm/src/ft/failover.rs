@@ -194,9 +194,7 @@ impl FtRole {
             vm.header.disk_generation = generation;
         }
         eprintln!("ftvmm: backup: going live at exit {}", vm.exits());
-        let (input, port) = endpoint
-            .start_with_input(serial_input.as_deref())
-            .map_err(|err| RunError::Io { what: "opening --serial-input", err })?;
+        let (input, port) = endpoint.start_with_file(serial_input);
         if let Some(nic) = &nic {
             // The LAN's bridges learn where the VM's MAC now is, before the
             // re-emitted frames and the guest's retransmissions go out.

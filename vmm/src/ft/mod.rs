@@ -72,10 +72,11 @@ pub enum Role {
     },
     /// The backup: replays the primary's log; when it ends (the primary is
     /// gone) it goes live and serves `endpoint`, with serial input from
-    /// `serial_input` if given (`--serial-input`), else from the endpoint.
+    /// `serial_input` if given (`--serial-input`, opened at build time so
+    /// that a VMM that dropped root can still use it), else from the endpoint.
     Backup {
         endpoint: Option<Endpoint>,
-        serial_input: Option<std::path::PathBuf>,
+        serial_input: Option<std::fs::File>,
         /// The NIC's host side, its TAP drained until the backup goes live.
         nic: Option<HostNic>,
         /// Once live, accept backups of its own here (`--listen`).
@@ -107,7 +108,7 @@ impl Role {
     /// backups of its own on `listener` once live.
     pub fn backup(
         endpoint: Endpoint,
-        serial_input: Option<std::path::PathBuf>,
+        serial_input: Option<std::fs::File>,
         nic: Option<HostNic>,
         listener: Option<PrimaryListener>,
     ) -> Role {

@@ -214,12 +214,17 @@ impl Endpoint {
         self,
         input_file: Option<&std::path::Path>,
     ) -> std::io::Result<(Receiver<Vec<u8>>, OutputPort)> {
-        match input_file {
-            Some(path) => {
-                let file = std::fs::File::open(path)?;
-                Ok((spawn_reader(file), self.start_output_only()))
-            }
-            None => Ok(self.start()),
+        let file = input_file.map(std::fs::File::open).transpose()?;
+        Ok(self.start_with_file(file))
+    }
+
+    /// Starts serving, with serial input from `file` (opened already:
+    /// `--serial-input` of a backup, opened at build time, before any
+    /// `--run-as` drop) if given, else from the endpoint.
+    pub fn start_with_file(self, file: Option<std::fs::File>) -> (Receiver<Vec<u8>>, OutputPort) {
+        match file {
+            Some(file) => (spawn_reader(file), self.start_output_only()),
+            None => self.start(),
         }
     }
 
