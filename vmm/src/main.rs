@@ -67,7 +67,9 @@ fn run(config: &VmConfig) -> Result<u8, Error> {
     }
     let outcome = vmm.run()?;
     if config.stats {
-        eprintln!("ftvmm: stats: {} guest exits", outcome.exits);
+        let kinds: Vec<String> =
+            outcome.exits_by_kind.iter().filter(|(_, n)| *n > 0).map(|(kind, n)| format!("{kind} {n}")).collect();
+        eprintln!("ftvmm: stats: {} guest exits (this VMM's, by kind: {})", outcome.exits, kinds.join(", "));
         let s = outcome.syncs;
         if s.count > 0 {
             eprintln!(

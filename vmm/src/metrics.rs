@@ -25,13 +25,19 @@ use telemetry::{LatencyWindow, RateWindow, StateSet, WindowSummary};
 /// What a guest-caused exit was, for counting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitClass {
-    /// A port access (not a clock read).
+    /// A port access of no kind below.
     Port,
+    /// The UART (COM1): a byte in or out, or its status.
+    Serial,
+    /// The PIC: an end of interrupt, a mask.
+    Pic,
+    /// Programming the PIT (a write to its ports).
+    Timer,
     /// A read of the time: the TSC port (a rewritten RDTSC), the PIT's
     /// counter or the RTC.
     ClockRead,
     Mmio,
-    /// HLT: the guest idles.
+    /// HLT, or a write to the idle port: the guest idles.
     Idle,
     Msr,
     InterruptWindow,
@@ -40,8 +46,11 @@ pub enum ExitClass {
 }
 
 impl ExitClass {
-    pub const ALL: [ExitClass; 7] = [
+    pub const ALL: [ExitClass; 10] = [
         ExitClass::Port,
+        ExitClass::Serial,
+        ExitClass::Pic,
+        ExitClass::Timer,
         ExitClass::ClockRead,
         ExitClass::Mmio,
         ExitClass::Idle,
@@ -53,6 +62,9 @@ impl ExitClass {
     pub fn name(self) -> &'static str {
         match self {
             ExitClass::Port => "port",
+            ExitClass::Serial => "serial",
+            ExitClass::Pic => "pic",
+            ExitClass::Timer => "timer",
             ExitClass::ClockRead => "clock_read",
             ExitClass::Mmio => "mmio",
             ExitClass::Idle => "idle",
@@ -132,7 +144,7 @@ impl Collector for Probes {
 /// A VMM's metrics (see the module doc and `docs/observability.md`).
 pub struct VmMetrics {
     exits: Family<KindLabel, Counter>,
-    exit_counters: [Counter; 7],
+    exit_counters: [Counter; 10],
     /// The FT state and its reason (a gauge per value, 1 for the current).
     pub ft_state: Arc<StateSet>,
     pub ft_reason: Arc<StateSet>,
@@ -285,6 +297,11 @@ impl VmMetrics {
     pub fn exit(&self, class: ExitClass) {
         let i = ExitClass::ALL.iter().position(|c| *c == class).unwrap_or(0);
         self.exit_counters[i].inc();
+    }
+
+    /// Guest-caused exits so far, by kind.
+    pub fn exits_by_kind(&self) -> Vec<(&'static str, u64)> {
+        ExitClass::ALL.iter().zip(&self.exit_counters).map(|(c, n)| (c.name(), n.get())).collect()
     }
 
     /// Guest-caused exits so far, all kinds.

@@ -66,8 +66,9 @@ impl GuestExit {
     pub(super) fn class(&self) -> ExitClass {
         match *self {
             GuestExit::IoIn { port, .. } if is_clock_port(port) => ExitClass::ClockRead,
-            GuestExit::IoOut { port, .. } if is_clock_port(port) => ExitClass::ClockRead,
-            GuestExit::IoIn { .. } | GuestExit::IoOut { .. } => ExitClass::Port,
+            GuestExit::IoOut { port, .. } if port == layout::IDLE_PORT => ExitClass::Idle,
+            GuestExit::IoOut { port, .. } if layout::PIT_PORTS.contains(&port) => ExitClass::Timer,
+            GuestExit::IoIn { port, .. } | GuestExit::IoOut { port, .. } => port_class(port),
             GuestExit::MmioRead { .. } | GuestExit::MmioWrite { .. } => ExitClass::Mmio,
             GuestExit::Hlt => ExitClass::Idle,
             GuestExit::RdMsr { .. } | GuestExit::WrMsr { .. } => ExitClass::Msr,
@@ -77,8 +78,19 @@ impl GuestExit {
     }
 }
 
-/// The ports a guest reads the time through: the TSC port (a rewritten
-/// RDTSC), the PIT's and the RTC's.
+/// A port access of neither a clock read, an idle nor the timer.
+fn port_class(port: u16) -> ExitClass {
+    if layout::COM1_PORTS.contains(&port) {
+        ExitClass::Serial
+    } else if layout::PIC_MASTER_PORTS.contains(&port) || layout::PIC_SLAVE_PORTS.contains(&port) {
+        ExitClass::Pic
+    } else {
+        ExitClass::Port
+    }
+}
+
+/// The ports a guest reads the time through (an IN): the TSC port (a
+/// rewritten RDTSC), the PIT's and the RTC's.
 fn is_clock_port(port: u16) -> bool {
     port == layout::TSC_PORT || layout::PIT_PORTS.contains(&port) || layout::CMOS_PORTS.contains(&port)
 }

@@ -53,6 +53,8 @@ pub struct Outcome {
     pub status: u8,
     pub digest: Option<replay::Digest>,
     pub exits: u64,
+    /// The exits by kind (`--stats`), as the metrics count them.
+    pub exits_by_kind: Vec<(&'static str, u64)>,
     /// The primary's output-commit latency: (outputs, p50 µs, p99 µs, max µs).
     pub commit_latency: Option<LatencySummary>,
     /// Where it went, hop by hop: (hop, (outputs, p50, p99, max)).
@@ -374,6 +376,7 @@ impl Vmm {
             status,
             digest,
             exits: self.exits,
+            exits_by_kind: self.metrics.exits_by_kind(),
             commit_latency,
             commit_hops,
             ack_delay,

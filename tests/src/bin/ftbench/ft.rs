@@ -87,6 +87,12 @@ pub(crate) fn fault_tolerance(runs: usize) {
         }
         _ => println!("Output-commit latency: not reported ({ticker_stderr})\n"),
     }
+    // The primary's `--stats` line: "N guest exits (this VMM's, by kind: ...)".
+    if let Some(line) = ticker_stderr.lines().find(|l| l.contains("guest exits (")) {
+        let exits: f64 = line.split_whitespace().nth(2).and_then(|n| n.parse().ok()).unwrap_or(0.0);
+        let kinds = line.split_once("by kind: ").map_or("", |(_, k)| k.trim_end_matches(')'));
+        println!("Guest exits per tick (ticker, 2000 ticks, with a backup): {:.1} ({kinds})\n", exits / 2000.0);
+    }
     let mut failovers: Vec<f64> = (0..runs).map(|_| failover_ms()).collect();
     failovers.sort_by(|a, b| a.total_cmp(b));
     println!(

@@ -68,7 +68,18 @@ pub(crate) fn redis_vm_with(with_backup: bool, dir: &Scratch, security: &Securit
     let vm = format!("{net}.10");
     let cmdline = format!("ip={vm}/24");
     let ns = |h: &str| lab.host(h).map(|h| h.ns.clone()).unwrap_or_default();
-    let mut common = vec!["--guest", "redis", "--cmdline", cmdline.as_str(), "--net", "tap:fttap", "--stats"];
+    // Metrics on each lab host's own address: the exits a request costs.
+    let mut common = vec![
+        "--guest",
+        "redis",
+        "--cmdline",
+        cmdline.as_str(),
+        "--net",
+        "tap:fttap",
+        "--stats",
+        "--metrics",
+        "0.0.0.0:9400",
+    ];
     let (p_tls, b_tls, s_tls) = (security.flags("primary"), security.flags("backup"), security.flags("storage"));
     let mut procs = Vec::new();
     let mut arbiter = None;
@@ -114,6 +125,28 @@ pub(crate) fn redis_vm_with(with_backup: bool, dir: &Scratch, security: &Securit
     RedisVm { _lab: lab, procs, _arbiter: arbiter, vm }
 }
 
+/// The primary's exits so far by kind, from its `/metrics`.
+fn exits_by_kind(addr: &str) -> Vec<(String, f64)> {
+    let text = ftvmm_tests::scrape(addr);
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("ftvmm_guest_exits_total{kind=\"")?;
+            let (kind, value) = rest.split_once("\"} ")?;
+            Some((kind.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Exits per request between two scrapes: in all, and by kind.
+fn per_request(before: &[(String, f64)], after: &[(String, f64)], requests: u32) -> String {
+    let delta = |kind: &str, v: f64| v - before.iter().find(|(k, _)| k == kind).map_or(0.0, |(_, b)| *b);
+    let kinds: Vec<(String, f64)> =
+        after.iter().map(|(k, v)| (k.clone(), delta(k, *v) / f64::from(requests))).filter(|(_, v)| *v > 0.0).collect();
+    let total: f64 = kinds.iter().map(|(_, v)| v).sum();
+    let parts: Vec<String> = kinds.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+    format!("{total:.2} ({})", parts.join(", "))
+}
+
 /// The longest pause a client on one connection sees around the primary's
 /// death (`signal`: KILL, or STOP for a silent death).
 fn failover_pause_ms(signal: &str, dir: &Scratch) -> f64 {
@@ -146,12 +179,17 @@ pub(crate) fn redis_bench(runs: usize) {
     println!("| setup | clients, pipeline | test | ops/s | p50 ms | p99 ms |");
     println!("|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
+    let mut exits_per_request = Vec::new();
     for (c, p) in [(1u32, 1u32), (8, 16)] {
         let mut alone_rps = Vec::new();
         for with_backup in [false, true] {
             let vm = redis_vm(with_backup, &dir);
+            let metrics = vm.vm.replace(".10", ".1:9400");
+            let before = exits_by_kind(&metrics);
             let rows = redis_benchmark(&vm.vm, 6379, c, p, 20_000);
+            let after = exits_by_kind(&metrics);
             let setup = if with_backup { "with a backup" } else { "alone" };
+            exits_per_request.push(format!("{setup}, -c {c} -P {p}: {}", per_request(&before, &after, 3 * 20_000)));
             for (i, (test, rps, p50, p99)) in rows.iter().enumerate() {
                 println!("| {setup} | -c {c} -P {p} | {test} | {rps:.0} | {p50:.3} | {p99:.3} |");
                 if with_backup {
@@ -169,6 +207,11 @@ pub(crate) fn redis_bench(runs: usize) {
         "FT throughput ratio (with a backup ÷ alone): {}",
         ratios.iter().map(|(t, r)| format!("{t} {r:.2}")).collect::<Vec<_>>().join(", ")
     );
+    println!();
+    println!("Guest exits per request (the primary's, from its metrics, over the three tests):\n");
+    for line in exits_per_request {
+        println!("- {line}");
+    }
     println!();
     let kill: Vec<f64> = (0..runs).map(|_| failover_pause_ms("KILL", &dir)).collect();
     let stop: Vec<f64> = (0..runs).map(|_| failover_pause_ms("STOP", &dir)).collect();
