@@ -95,38 +95,23 @@ pub fn spawn_redis_pair(ns: [&str; 3], net: &str, vm: &str, dir: &Scratch, extra
 /// `--metrics 127.0.0.1:0`: the guard, the address it serves the disk on,
 /// and that of its metrics server.
 pub fn spawn_ftdisk_with_metrics(args: &[&str], addr: &str) -> (KillOnDrop, String, String) {
-    let mut child = Command::new(ftdisk_bin())
-        .args(args)
-        .args(["--listen", addr, "--metrics", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ftdisk");
-    let err = child.stderr.take().expect("piped stderr");
-    let guard = KillOnDrop(child);
-    let mut lines = BufReader::new(err).lines();
-    let (mut served, mut metrics) = (None, None);
-    for line in lines.by_ref().map_while(Result::ok) {
-        if let Some(url) = line.strip_prefix("ftdisk: metrics on http://") {
-            metrics = url.strip_suffix("/metrics").map(str::to_string);
-        }
-        if line.starts_with("ftdisk: serving") {
-            served = line.rsplit(' ').next().map(str::to_string);
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    let served = served.unwrap_or_else(|| panic!("ftdisk never said it was serving"));
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--metrics", "127.0.0.1:0"]);
+    let (child, served, metrics) = start_ftdisk(None, &all, addr);
     let metrics = metrics.unwrap_or_else(|| panic!("ftdisk never said where its metrics are"));
-    (guard, served, metrics)
+    (KillOnDrop(child), served, metrics)
+}
+
+/// The address in a "... metrics on http://ADDR/metrics" line.
+fn metrics_url(line: &str) -> Option<String> {
+    let (_, url) = line.split_once("metrics on http://")?;
+    Some(url.trim_end_matches("/metrics").to_string())
 }
 
 /// The address a VMM started with `--metrics` serves on (from its
 /// "metrics on http://ADDR/metrics" line).
 pub fn metrics_addr(p: &Proc) -> String {
-    let line = p.wait_line("metrics on http://", Duration::from_secs(60));
-    line.rsplit("http://").next().unwrap_or_default().trim_end_matches("/metrics").to_string()
+    metrics_url(&p.wait_line("metrics on http://", Duration::from_secs(60))).unwrap_or_default()
 }
 
 /// A `/metrics` text, scraped from `addr`.
@@ -146,19 +131,27 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 /// Scrapes `addr` until `series` has a value for which `want` holds, and
 /// returns it; panics after `timeout` with the last text.
 pub fn wait_metric(addr: &str, series: &str, timeout: Duration, want: impl Fn(f64) -> bool) -> f64 {
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = Instant::now() + timeout;
     loop {
         let text = scrape(addr);
         if let Some(v) = metric(&text, series).filter(|v| want(*v)) {
             return v;
         }
-        assert!(std::time::Instant::now() < deadline, "{series} at {addr} never had the wanted value:\n{text}");
+        assert!(Instant::now() < deadline, "{series} at {addr} never had the wanted value:\n{text}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 /// [`spawn_ftdisk_with`] inside network namespace `ns` (None: here).
 pub fn spawn_ftdisk_in(ns: Option<&str>, args: &[&str], addr: &str) -> (Child, String) {
+    let (child, served, _) = start_ftdisk(ns, args, addr);
+    (child, served)
+}
+
+/// Starts ftdisk with `args` on `addr` (inside network namespace `ns` if
+/// given) and reads its log until it serves: the child, the address it
+/// serves on, and its metrics address if it said one.
+fn start_ftdisk(ns: Option<&str>, args: &[&str], addr: &str) -> (Child, String, Option<String>) {
     // `ip netns exec` becomes ftdisk: the child is ftdisk either way.
     let mut command = match ns {
         None => Command::new(ftdisk_bin()),
@@ -178,15 +171,39 @@ pub fn spawn_ftdisk_in(ns: Option<&str>, args: &[&str], addr: &str) -> (Child, S
         .expect("spawn ftdisk");
     let err = child.stderr.take().expect("piped stderr");
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(err));
+    let mut metrics = None;
     let line = lines
         .by_ref()
         .map_while(Result::ok)
+        .inspect(|l| {
+            if metrics.is_none() {
+                metrics = metrics_url(l);
+            }
+        })
         .find(|l| l.starts_with("ftdisk: serving"))
         .unwrap_or_else(|| panic!("ftdisk never said it was serving"));
     // Keep draining its log so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     let served = line.rsplit(' ').next().unwrap_or_default().to_string();
-    (child, served)
+    (child, served, metrics)
+}
+
+/// A client connection to the redis guest at `vm`, once it answers PING
+/// (within 30 s).
+pub fn redis_client(vm: &str) -> resp::RespConn {
+    let addr = format!("{vm}:6379");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match resp::RespConn::connect(&addr, Duration::from_secs(20)) {
+            Ok(mut c) => {
+                if matches!(c.cmd(&["PING"]), Ok(resp::Reply::Simple(s)) if s == "PONG") {
+                    return c;
+                }
+            }
+            Err(e) => assert!(Instant::now() < deadline, "cannot reach redis at {addr}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A raw disk image of `bytes` bytes made by qemu-img.

@@ -57,7 +57,7 @@ impl NetPair {
     }
 
     fn redis(&self) -> RespConn {
-        redis_client(&self.vm)
+        ftvmm_tests::redis_client(&self.vm)
     }
 
     /// Frames the backup's VMM has written to its TAP (the TAP's receive
@@ -220,7 +220,7 @@ fn one_client_connection_survives_three_failovers_in_a_row() {
     let (c1, l1) = (addr(0), addr(1));
     let mut backup = Some(spawn(1, &["--backup", "--connect", &c1, "--listen", &l1]));
     live.wait_line("backup attached", START);
-    let mut conn = redis_client(&vm);
+    let mut conn = ftvmm_tests::redis_client(&vm);
     let mut last = 0;
     let mut acked = Vec::new();
     let mut graveyard = Vec::new();
@@ -255,22 +255,5 @@ fn one_client_connection_survives_three_failovers_in_a_row() {
     }
     for (k, v) in &acked {
         assert_eq!(conn.cmd(&["GET", k]).unwrap(), Reply::Bulk(Some(v.clone().into_bytes())), "{k}");
-    }
-}
-
-/// A client connection to the redis guest at `vm`, once it answers PING.
-fn redis_client(vm: &str) -> RespConn {
-    let addr = format!("{vm}:6379");
-    let deadline = Instant::now() + START;
-    loop {
-        match RespConn::connect(&addr, Duration::from_secs(20)) {
-            Ok(mut c) => {
-                if matches!(c.cmd(&["PING"]), Ok(Reply::Simple(s)) if s == "PONG") {
-                    return c;
-                }
-            }
-            Err(e) => assert!(Instant::now() < deadline, "cannot reach redis at {addr}: {e}"),
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }

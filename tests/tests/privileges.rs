@@ -3,7 +3,7 @@
 //! (The tests run as root, as CI does: they need KVM, TAPs and namespaces.)
 
 use ftvmm_tests::lab::Lab;
-use ftvmm_tests::resp::{Reply, RespConn};
+use ftvmm_tests::resp::Reply;
 use ftvmm_tests::{qemu_img, spawn_ftdisk, Proc, Scratch};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -182,7 +182,7 @@ fn an_unprivileged_pair_with_a_nic_fails_over() {
     p.wait_line("backup attached", START);
     assert_unprivileged(&p, "the primary");
     assert_unprivileged(&b, "the backup");
-    let mut conn = redis_client(&vm);
+    let mut conn = ftvmm_tests::redis_client(&vm);
     assert_eq!(conn.cmd(&["SET", "before", "1"]).unwrap(), Reply::Simple("OK".into()));
     let _ = Command::new("kill").args(["-KILL", &p.child.id().to_string()]).status();
     let _ = lab.cut("p");
@@ -190,23 +190,6 @@ fn an_unprivileged_pair_with_a_nic_fails_over() {
     // The same connection, to the same address, now served by the backup.
     assert_eq!(conn.cmd(&["GET", "before"]).unwrap(), Reply::Bulk(Some(b"1".to_vec())));
     assert_eq!(conn.cmd(&["SET", "after", "2"]).unwrap(), Reply::Simple("OK".into()));
-    assert_eq!(redis_client(&vm).cmd(&["GET", "after"]).unwrap(), Reply::Bulk(Some(b"2".to_vec())));
+    assert_eq!(ftvmm_tests::redis_client(&vm).cmd(&["GET", "after"]).unwrap(), Reply::Bulk(Some(b"2".to_vec())));
     assert_unprivileged(&b, "the live former backup");
-}
-
-/// A client connection to the redis guest at `vm`, once it answers PING.
-fn redis_client(vm: &str) -> RespConn {
-    let addr = format!("{vm}:6379");
-    let deadline = Instant::now() + START;
-    loop {
-        match RespConn::connect(&addr, Duration::from_secs(20)) {
-            Ok(mut c) => {
-                if matches!(c.cmd(&["PING"]), Ok(Reply::Simple(s)) if s == "PONG") {
-                    return c;
-                }
-            }
-            Err(e) => assert!(Instant::now() < deadline, "cannot reach redis at {addr}: {e}"),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

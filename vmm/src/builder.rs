@@ -439,8 +439,18 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
         Some(role) => Box::new(FtRole::new(role, arbiter, channel.clone(), status.clone())),
         None => Box::new(Alone),
     };
-    let mut vmm = Vmm::new(machine, devices, inputs, output, role, disk, rdtsc_sites, header, config.wants_digest());
-    vmm.set_metrics(metrics.clone());
+    let mut vmm = Vmm::new(
+        machine,
+        devices,
+        inputs,
+        output,
+        role,
+        disk,
+        rdtsc_sites,
+        header,
+        config.wants_digest(),
+        metrics.clone(),
+    );
     vmm.set_checks(
         crate::run::CheckPolicy { every_ms: config.check_every_ms, every_exits: config.check_every_exits },
         config.inject_divergence_at,

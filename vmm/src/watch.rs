@@ -79,16 +79,20 @@ fn add_probes(metrics: &VmMetrics, watched: &Watched) {
         metrics.probe(name, help, None, true, Some(("reason", "tx_link_down")), move || tx2.dropped().1 as f64);
     }
     if let Some((disk, pending)) = &watched.disk {
+        type Field = fn(&DiskCounters) -> &AtomicU64;
         let ops = "Disk operations done on the storage, by kind.";
         let bytes = "Disk data moved to or from the storage, by kind.";
-        let d = [disk.clone(), disk.clone(), disk.clone(), disk.clone(), disk.clone()];
-        let [d1, d2, d3, d4, d5] = d;
-        metrics.probe("ftvmm_disk_ops", ops, None, true, Some(("op", "read")), move || read(&d1.reads));
-        metrics.probe("ftvmm_disk_ops", ops, None, true, Some(("op", "write")), move || read(&d2.writes));
-        metrics.probe("ftvmm_disk_ops", ops, None, true, Some(("op", "flush")), move || read(&d3.flushes));
-        let (name, unit) = ("ftvmm_disk", Some(Unit::Bytes));
-        metrics.probe(name, bytes, unit.clone(), true, Some(("op", "read")), move || read(&d4.read_bytes));
-        metrics.probe(name, bytes, unit, true, Some(("op", "write")), move || read(&d5.written_bytes));
+        let series: [(&'static str, &'static str, Option<Unit>, &'static str, Field); 5] = [
+            ("ftvmm_disk_ops", ops, None, "read", |d| &d.reads),
+            ("ftvmm_disk_ops", ops, None, "write", |d| &d.writes),
+            ("ftvmm_disk_ops", ops, None, "flush", |d| &d.flushes),
+            ("ftvmm_disk", bytes, Some(Unit::Bytes), "read", |d| &d.read_bytes),
+            ("ftvmm_disk", bytes, Some(Unit::Bytes), "write", |d| &d.written_bytes),
+        ];
+        for (name, help, unit, op, field) in series {
+            let disk = disk.clone();
+            metrics.probe(name, help, unit, true, Some(("op", op)), move || read(field(&disk)));
+        }
         let pending = PendingOps::clone(pending);
         metrics.probe(
             "ftvmm_disk_pending_writes",

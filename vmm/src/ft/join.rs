@@ -61,6 +61,16 @@ pub enum TransferError {
     NoPrecopy,
 }
 
+/// A finished transfer, said once the backup acknowledges the log past it.
+pub(super) struct JoinReport {
+    /// The state's exit.
+    exit: u64,
+    /// A repair of the current backup, not a new one.
+    resync: bool,
+    /// What the primary says then.
+    line: String,
+}
+
 /// A state transfer under way.
 pub struct Transfer {
     link: PrimaryLink,
@@ -252,12 +262,12 @@ impl FtRole {
         }
         self.backup_loss_reported = false;
         let what = if t.resync { "resynchronized" } else { "joined" };
-        self.join_resync = t.resync;
         // Said once the backup acknowledges the log after the state: only
         // then has it the whole state (and could go live without us).
-        self.join_report = Some((
+        self.join_report = Some(JoinReport {
             exit,
-            format!(
+            resync: t.resync,
+            line: format!(
                 "ftvmm: primary: backup {what} at exit {exit}: {rounds} pre-copy round(s), {:.1} MiB sent in {:.0} ms, \
                  final pause {:.1} ms (with {pending_ops} disk op(s) not yet applied, {} KiB: the rest went with the \
                  pre-copy); protected",
@@ -266,35 +276,35 @@ impl FtRole {
                 pause.as_secs_f64() * 1e3,
                 pending_bytes >> 10
             ),
-        ));
+        });
         Ok(())
     }
 
     /// Says the new backup joined once it has acknowledged the log past the
     /// state's exit (see [`FtRole::finish_transfer`]).
     pub(super) fn report_join(&mut self, vm: &mut Vmm) {
-        let Some((exit, _)) = &self.join_report else { return };
-        let exit = *exit;
+        let Some(report) = &self.join_report else { return };
+        let exit = report.exit;
         let Some(link) = vm.inputs.primary_link() else { return };
         // (A lost link reports everything acknowledged: that is no join.)
         let (lost, acked) = (link.backup_lost().is_some(), link.acked() >= exit);
         if lost || acked {
-            if let Some((_, line)) = self.join_report.take().filter(|_| !lost) {
-                eprintln!("{line}");
-                let m = &self.status.metrics;
-                let (counter, reason) = if self.join_resync {
-                    (&m.resyncs, Reason::Resynchronized)
-                } else {
-                    (&m.joins, Reason::BackupJoined)
-                };
-                counter.inc();
-                self.status.set(
-                    FtState::Protected,
-                    reason,
-                    format!("the backup acknowledged the state of exit {exit}"),
-                );
+            if let Some(report) = self.join_report.take().filter(|_| !lost) {
+                self.joined(report);
             }
         }
+    }
+
+    /// The backup acknowledged the log after its state: say so, count it,
+    /// and the VM is protected.
+    pub(super) fn joined(&mut self, report: JoinReport) {
+        eprintln!("{}", report.line);
+        let m = &self.status.metrics;
+        let (counter, reason) =
+            if report.resync { (&m.resyncs, Reason::Resynchronized) } else { (&m.joins, Reason::BackupJoined) };
+        counter.inc();
+        let detail = format!("the backup acknowledged the state of exit {}", report.exit);
+        self.status.set(FtState::Protected, reason, detail);
     }
 
     /// The primary lost its backup and won the arbitration: stop recording

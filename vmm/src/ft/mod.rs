@@ -127,9 +127,7 @@ pub struct FtRole {
     /// A state transfer to a joining (or resyncing) backup, under way.
     transfer: Option<join::Transfer>,
     /// A finished transfer's exit and line, said once the backup acknowledges.
-    join_report: Option<(u64, String)>,
-    /// Whether that transfer repaired the current backup (a resync).
-    join_resync: bool,
+    join_report: Option<join::JoinReport>,
     /// The primary has said it lost its current backup (once).
     backup_loss_reported: bool,
     /// A backup's last repair: the exit of the state it restored. It may go
@@ -163,7 +161,6 @@ impl FtRole {
             channel,
             transfer: None,
             join_report: None,
-            join_resync: false,
             backup_loss_reported: false,
             resynced_at: None,
             status,
@@ -302,9 +299,9 @@ impl RoleHooks for FtRole {
         // Let the backup have the whole log, so it can end as we do.
         if !link.finish(*finish_timeout) {
             eprintln!("ftvmm: primary: the backup did not acknowledge the end of the log");
-        } else if let Some((_, line)) = self.join_report.take() {
+        } else if let Some(report) = self.join_report.take() {
             // It acknowledged the log after its state.
-            eprintln!("{line}");
+            self.joined(report);
         }
     }
 

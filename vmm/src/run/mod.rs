@@ -133,6 +133,7 @@ impl Vmm {
         rdtsc_sites: HashSet<u64>,
         header: Header,
         want_digest: bool,
+        metrics: Arc<VmMetrics>,
     ) -> Self {
         Vmm {
             machine,
@@ -158,7 +159,7 @@ impl Vmm {
             synced_at: 0,
             syncs: sync::SyncStats::default(),
             hot: sync::HotPages::default(),
-            metrics: VmMetrics::new(&[""], &[""]).0,
+            metrics,
             watcher: None,
         }
     }
@@ -166,11 +167,6 @@ impl Vmm {
     /// Keeps `server` serving the VM's metrics while it runs.
     pub fn keep_serving(&mut self, server: telemetry::MetricsServer) {
         self.watcher = Some(server);
-    }
-
-    /// Counts into `metrics` (the builder's, served by `--metrics`).
-    pub fn set_metrics(&mut self, metrics: Arc<VmMetrics>) {
-        self.metrics = metrics;
     }
 
     /// Asks the role: `hook` gets it and the VM. (The role is out of the
