@@ -35,7 +35,8 @@
 #
 # Each VMM starts as root (to open /dev/kvm, its TAP and its listeners) and
 # then runs as `nobody` (--run-as nobody): the failovers and the joins all
-# happen unprivileged.
+# happen unprivileged, every thread under its seccomp filter (the default;
+# docs/sandbox.md).
 #
 # Needs root (namespaces), /dev/kvm, iproute2, qemu-img and (net) redis-tools
 # (installed from the distribution where missing).

@@ -114,10 +114,16 @@ impl BackupLink {
         config: &ChannelConfig,
         connect_timeout: Duration,
     ) -> Result<(BackupLink, PrimaryInfo), ChannelError> {
-        let runtime = new_runtime()?;
+        // A host name is resolved here, on the calling thread: the runtime
+        // would do it on a thread of its own, which the VMM would have to
+        // let read the resolver's files.
+        let targets: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(addr)
+            .map_err(|e| ChannelError::io(format!("resolving the primary's address {addr}"), e))?
+            .collect();
+        let runtime = new_runtime(config)?;
         let (stream, peer, info) = runtime.block_on(async {
             let deadline = Instant::now() + connect_timeout;
-            let (tcp, peer) = connect_retrying(addr, deadline).await?;
+            let (tcp, peer) = connect_retrying(addr, &targets, deadline).await?;
             // A primary that is still starting up may have bound its
             // listener without accepting yet: its preamble may come as late
             // as the connect deadline.
@@ -167,6 +173,7 @@ impl BackupLink {
         let thread = std::thread::Builder::new()
             .name("ftvmm-lc-backup".into())
             .spawn(move || {
+                config.thread_started();
                 crate::prioritize_network_thread();
                 runtime.block_on(run(stream, peer, for_thread, config))
             })
@@ -340,9 +347,14 @@ impl RecordSource for BackupLink {
 }
 
 /// Connects, retrying while the primary is not listening yet.
-async fn connect_retrying(addr: &str, deadline: Instant) -> Result<(TcpStream, SocketAddr), ChannelError> {
+/// Connects to the first of `targets` (`addr` resolved) that accepts.
+async fn connect_retrying(
+    addr: &str,
+    targets: &[SocketAddr],
+    deadline: Instant,
+) -> Result<(TcpStream, SocketAddr), ChannelError> {
     loop {
-        let err = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+        let err = match tokio::time::timeout_at(deadline, TcpStream::connect(targets)).await {
             Ok(Ok(stream)) => {
                 let peer = stream.peer_addr().map_err(|e| ChannelError::io("reading the primary's address", e))?;
                 return Ok((stream, peer));

@@ -174,6 +174,20 @@ pub struct ChannelConfig {
     pub tls: Option<credentials::Tls>,
     /// Where the links made with this configuration count what they carry.
     pub counters: Arc<ChannelCounters>,
+    /// Run first on every thread the channel starts (a link's network
+    /// thread, a runtime's blocking threads): the VMM confines them there
+    /// (its seccomp filters). `None`: nothing.
+    pub on_thread_start: Option<ThreadHook>,
+}
+
+/// A function a new thread calls on itself before anything else.
+#[derive(Clone)]
+pub struct ThreadHook(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for ThreadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadHook")
+    }
 }
 
 impl Default for ChannelConfig {
@@ -186,11 +200,19 @@ impl Default for ChannelConfig {
             poll: Duration::ZERO,
             tls: None,
             counters: Arc::default(),
+            on_thread_start: None,
         }
     }
 }
 
 impl ChannelConfig {
+    /// Runs [`ChannelConfig::on_thread_start`], if any, on the calling thread.
+    pub(crate) fn thread_started(&self) {
+        if let Some(hook) = &self.on_thread_start {
+            (hook.0)();
+        }
+    }
+
     /// How long a peer has to complete the handshake: max(1 s, 5 × heartbeat_timeout).
     /// Longer than the heartbeat timeout because a peer may be busy starting up.
     pub fn handshake_timeout(&self) -> Duration {
@@ -267,8 +289,14 @@ impl ChannelError {
 
 /// A current-thread runtime: each link has one background thread, which is
 /// all the I/O of one peer needs.
-pub(crate) fn new_runtime() -> Result<tokio::runtime::Runtime, ChannelError> {
-    tokio::runtime::Builder::new_current_thread()
+/// Threads it starts (its blocking pool, should a task need one) run
+/// `config`'s hook first.
+pub(crate) fn new_runtime(config: &ChannelConfig) -> Result<tokio::runtime::Runtime, ChannelError> {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    if let Some(hook) = config.on_thread_start.clone() {
+        builder.on_thread_start(move || (hook.0)());
+    }
+    builder
         .enable_io()
         .enable_time()
         .build()

@@ -99,7 +99,7 @@ pub mod window;
 
 pub use http::{http_get, HttpResponse, MAX_RESPONSE};
 pub use prometheus_client;
-pub use server::{MetricsServer, StatusFn, MAX_REQUEST_HEAD, QUEUED, REQUEST_TIMEOUT, WORKERS};
+pub use server::{MetricsServer, OnThreadStart, StatusFn, MAX_REQUEST_HEAD, QUEUED, REQUEST_TIMEOUT, WORKERS};
 pub use state::StateSet;
 pub use status::{fetch_status, render_status, render_status_at};
 pub use window::{LatencyWindow, RateWindow, WindowSummary};

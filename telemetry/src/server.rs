@@ -48,6 +48,10 @@ pub const QUEUED: usize = 8;
 /// Makes the `/status` document, on the server's thread, for each request.
 pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// Run first on each of the server's threads (the program confines them
+/// there, for one: ftvmm's seccomp filters).
+pub type OnThreadStart = Arc<dyn Fn() + Send + Sync>;
+
 /// A running metrics server; dropping it stops it.
 pub struct MetricsServer {
     addr: SocketAddr,
@@ -85,6 +89,25 @@ impl MetricsServer {
         registry: Arc<Registry>,
         status: StatusFn,
     ) -> Result<MetricsServer, TelemetryError> {
+        Self::start_hooked(listener, registry, status, None)
+    }
+
+    /// [`MetricsServer::start_on`], each of its threads running
+    /// `on_thread_start` first.
+    pub fn start_hooked(
+        listener: TcpListener,
+        registry: Arc<Registry>,
+        status: StatusFn,
+        on_thread_start: Option<OnThreadStart>,
+    ) -> Result<MetricsServer, TelemetryError> {
+        let hook = move || {
+            let hook = on_thread_start.clone();
+            move || {
+                if let Some(hook) = hook {
+                    hook();
+                }
+            }
+        };
         let addr = listener
             .local_addr()
             .map_err(|source| TelemetryError::Bind { addr: "the metrics listener".into(), source })?;
@@ -98,16 +121,21 @@ impl MetricsServer {
         let waiting = Arc::new(Mutex::new(waiting));
         let mut server = MetricsServer { addr, shared: shared.clone(), accept: None, workers: Vec::new() };
         for worker in 0..WORKERS {
-            let (shared, waiting) = (shared.clone(), waiting.clone());
+            let (shared, waiting, started) = (shared.clone(), waiting.clone(), hook());
             let thread = std::thread::Builder::new()
                 .name(format!("metrics-{worker}"))
-                .spawn(move || work(&shared, worker, &waiting))
+                .spawn(move || {
+                    started();
+                    work(&shared, worker, &waiting)
+                })
                 .map_err(TelemetryError::Spawn)?;
             server.workers.push(thread);
         }
+        let started = hook();
         let thread = std::thread::Builder::new()
             .name("metrics-accept".into())
             .spawn(move || {
+                started();
                 for stream in listener.incoming() {
                     if shared.stopping.load(Ordering::SeqCst) {
                         break;

@@ -107,6 +107,9 @@ pub struct VmConfig {
     pub tls: Option<credentials::TlsFiles>,
     /// Give up root for this user and group once the VM is built (`--run-as`).
     pub run_as: Option<crate::privileges::RunAs>,
+    /// Confine each thread to its system calls once set up (`--no-seccomp`:
+    /// not, for debugging).
+    pub seccomp: bool,
 }
 
 /// Default period of the digest checks, in ms of guest time. A check costs
@@ -146,6 +149,7 @@ impl VmConfig {
             die_before_disk_read: None,
             tls: None,
             run_as: None,
+            seccomp: true,
         }
     }
 

@@ -69,12 +69,15 @@ pub enum Error {
     /// `--run-as` could not be honoured: status 2.
     #[error("{0}")]
     Privileges(#[from] crate::privileges::PrivilegeError),
+    /// The seccomp filters could not be made or installed: status 2.
+    #[error("{0}")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 impl Error {
     pub fn exit_status(&self) -> u8 {
         match self {
-            Error::Usage(_) | Error::Privileges(_) => 2,
+            Error::Usage(_) | Error::Privileges(_) | Error::Seccomp(_) => 2,
             Error::Run(e) => e.exit_status(),
         }
     }

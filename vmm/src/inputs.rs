@@ -86,6 +86,7 @@ impl LiveInputs {
             // on; a full queue holds the reader back (no byte is dropped).
             let tx = events_tx.clone();
             std::thread::spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Console);
                 for chunk in rx {
                     if tx.send(HostEvent::Serial(chunk)).is_err() {
                         return;

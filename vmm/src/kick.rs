@@ -74,7 +74,10 @@ impl Kicker {
             wake: Condvar::new(),
         });
         let theirs = shared.clone();
-        std::thread::spawn(move || kicker(theirs, target));
+        std::thread::spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Kicker);
+            kicker(theirs, target)
+        });
         Kicker { shared }
     }
 

@@ -31,7 +31,8 @@
 //!   [`snapshot`] the state snapshot format (files and live state
 //!   transfer); [`error`] what ends a run; [`status`] the `ftvmm status`
 //!   command (a client of another process's metrics server);
-//!   [`privileges`] `--run-as`, giving up root once the VM is built.
+//!   [`privileges`] `--run-as`, giving up root once the VM is built;
+//!   [`seccomp`] the system calls each kind of thread may make after it.
 //!
 //! No module imports one that imports it back, no top-level module (a
 //! folder counts as one) reaches one that reaches it back: `ft` uses `run`,
@@ -63,6 +64,7 @@ pub mod output;
 pub mod privileges;
 pub mod rdtsc;
 pub mod run;
+pub mod seccomp;
 pub mod snapshot;
 pub mod status;
 pub mod vm;

@@ -51,6 +51,8 @@ fn run(config: &VmConfig) -> Result<u8, Error> {
         // Before the VM's threads start, so that they all inherit it.
         vmm::privileges::forbid_new_privileges()?;
     }
+    // Before any thread starts: each installs its kind's filter on itself.
+    vmm::seccomp::prepare(config.seccomp, config.run_as.as_ref())?;
     let vmm = vmm::builder::build(config)?;
     if let Some(run_as) = &config.run_as {
         // Everything privileged is open: the rest runs as run_as.
@@ -65,6 +67,9 @@ fn run(config: &VmConfig) -> Result<u8, Error> {
         }
         run_as.drop_privileges()?;
     }
+    // Set up, unprivileged: from here on the vCPU thread makes only the
+    // calls its list allows (docs/sandbox.md).
+    vmm::seccomp::enter(vmm::seccomp::ThreadKind::Vcpu)?;
     let outcome = vmm.run()?;
     if config.stats {
         let kinds: Vec<String> =

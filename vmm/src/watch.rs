@@ -132,7 +132,8 @@ fn status_document(metrics: &VmMetrics, watched: &Watched) -> serde_json::Value 
     })
 }
 
-/// Serves `metrics` (registered in `registry`) and the status on `addr`.
+/// Serves `metrics` (registered in `registry`) and the status on `addr`,
+/// from threads under the metrics server's seccomp filter.
 pub fn serve(
     addr: &str,
     metrics: Arc<VmMetrics>,
@@ -141,5 +142,8 @@ pub fn serve(
 ) -> Result<MetricsServer, TelemetryError> {
     add_probes(&metrics, &watched);
     let status = move || status_document(&metrics, &watched);
-    MetricsServer::start(addr, Arc::new(registry), Arc::new(status))
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|source| TelemetryError::Bind { addr: addr.to_string(), source })?;
+    let confine = crate::seccomp::hook(crate::seccomp::ThreadKind::Metrics);
+    MetricsServer::start_hooked(listener, Arc::new(registry), Arc::new(status), Some(confine))
 }

@@ -113,6 +113,7 @@ impl PrimaryLink {
         let thread = std::thread::Builder::new()
             .name("ftvmm-lc-primary".into())
             .spawn(move || {
+                for_thread.config.thread_started();
                 crate::prioritize_network_thread();
                 runtime.block_on(run(stream, for_thread))
             })

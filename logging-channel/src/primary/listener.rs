@@ -64,7 +64,7 @@ impl PrimaryListener {
     }
 
     fn accept_as(&self, header: &Header, config: &ChannelConfig, start: LogStart) -> Result<PrimaryLink, ChannelError> {
-        let runtime = new_runtime()?;
+        let runtime = new_runtime(config)?;
         let listener =
             self.listener.try_clone().map_err(|e| ChannelError::io("duplicating the listening socket", e))?;
         let (stream, peer) = runtime.block_on(async {

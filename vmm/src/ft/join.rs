@@ -208,7 +208,10 @@ impl FtRole {
             done.clone(),
             vm.disk.as_ref().map(|d| d.pending_view()),
         );
-        let precopy = std::thread::spawn(move || precopy(dirty, mem, size, begin, sender, flag, disk));
+        let precopy = std::thread::spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::StateSender);
+            precopy(dirty, mem, size, begin, sender, flag, disk)
+        });
         self.transfer = Some(Transfer { link, precopy: Some(precopy), done, started: Instant::now(), resync });
         Ok(false)
     }

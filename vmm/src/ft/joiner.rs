@@ -21,6 +21,7 @@ impl Joiner {
         let (want, wanted) = mpsc::channel::<()>();
         let addr = listener.local_addr();
         std::thread::spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Joiner);
             while wanted.recv().is_ok() {
                 loop {
                     match listener.accept_joining(&header, &config) {

@@ -32,6 +32,7 @@ impl HostNic {
         let (tx, frame) = (self.tx.clone(), crate::host::tap::rarp_announce(self.mac));
         let _ = tx.write(&frame);
         std::thread::spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Nic);
             for delay in [50, 100] {
                 std::thread::sleep(std::time::Duration::from_millis(delay));
                 let _ = tx.write(&frame);

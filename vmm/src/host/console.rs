@@ -254,7 +254,10 @@ impl Server {
             greeting: AtomicUsize::new(0),
         });
         let listener = self.listener;
-        std::thread::spawn(move || accept(listener, console));
+        std::thread::spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Console);
+            accept(listener, console)
+        });
         port
     }
 }
@@ -270,6 +273,7 @@ fn input_channel() -> (SyncSender<Vec<u8>>, Receiver<Vec<u8>>) {
 pub fn spawn_reader(mut input: impl Read + Send + 'static) -> Receiver<Vec<u8>> {
     let (tx, rx) = input_channel();
     std::thread::spawn(move || {
+        crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Console);
         let mut buf = vec![0u8; INPUT_CHUNK];
         loop {
             match input.read(&mut buf) {
@@ -328,7 +332,10 @@ fn accept(listener: TcpListener, console: Arc<Console>) {
             continue;
         }
         let console = console.clone();
-        std::thread::spawn(move || console.greet(stream));
+        std::thread::spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Console);
+            console.greet(stream)
+        });
     }
 }
 
@@ -1166,7 +1173,9 @@ impl OutputPort {
             write_delay: Mutex::new(LatencyHistogram::new()),
         });
         let ours = shared.clone();
-        let writer = std::thread::spawn(move || loop {
+        let writer = std::thread::spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Console);
+            loop {
             // While the client has not taken and acknowledged everything,
             // look again soon.
             let pending = ours.lock_sink().poll(&ours.delivered);
@@ -1188,6 +1197,7 @@ impl OutputPort {
             }
             sink.take(chunk, &ours.delivered, &ours.write_delay);
             ours.queued.fetch_sub(1, Ordering::AcqRel);
+            }
         });
         OutputPort { tx, shared, writer: Some(writer) }
     }

@@ -365,7 +365,10 @@ impl DiskPort {
             stall_after: self.stall_after,
             counters: self.counters.clone(),
         };
-        let thread = std::thread::spawn(move || writer.run(rx));
+        let thread = std::thread::spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::DiskWriter);
+            writer.run(rx)
+        });
         self.writer = Some((tx.clone(), thread));
         DiskSender(tx)
     }

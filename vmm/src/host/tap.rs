@@ -212,7 +212,10 @@ impl Tap {
         let reader = Reader { fd: Arc::clone(&fd), stop: Arc::clone(&stop), shared: Arc::clone(&shared), wake };
         let thread = std::thread::Builder::new()
             .name(format!("tap-rx-{}", self.name))
-            .spawn(move || reader.run())
+            .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Nic);
+                reader.run()
+            })
             .map_err(io_error(&self.name, "starting its reader thread"))?;
         let rx = TapRx { shared, stop, thread: Some(thread) };
         let tx = TapTx { fd, counters: Arc::new(TxCounters::default()) };

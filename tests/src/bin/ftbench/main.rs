@@ -55,7 +55,10 @@
 //! commit latency with `--metrics` on both VMMs, scraped every second,
 //! against without.
 //!
-//! `--only SECTION` (record-replay, ft, commit, sync, kvstore, join, redis, tls, disk, metrics) runs one section.
+//! Seccomp (`--only seccomp`, not in the default run): the FT ratio and
+//! commit latency of `compute` and `ticker` with the filters on and off.
+//!
+//! `--only SECTION` (record-replay, ft, commit, sync, kvstore, join, redis, tls, disk, metrics, seccomp) runs one section.
 //!
 //! `ftbench soak --minutes N [--load]`: memory over time and false
 //! failovers. It runs a `ticker` pair at 1 kHz with no console client, one
@@ -74,6 +77,7 @@ mod kvstore;
 mod metrics;
 mod record_replay;
 mod redis;
+mod seccomp;
 mod soak;
 mod sync;
 mod tls;
@@ -110,14 +114,26 @@ fn main() {
         match (a.as_str(), args.next()) {
             ("--runs", Some(n)) => runs = n.parse().unwrap_or(5).max(1),
             ("--only", Some(s))
-                if ["record-replay", "ft", "commit", "sync", "kvstore", "join", "redis", "tls", "disk", "metrics"]
+                if [
+                    "record-replay",
+                    "ft",
+                    "commit",
+                    "sync",
+                    "kvstore",
+                    "join",
+                    "redis",
+                    "tls",
+                    "disk",
+                    "metrics",
+                    "seccomp",
+                ]
                     .contains(&s.as_str()) =>
             {
                 only = Some(s)
             }
             _ => {
                 eprintln!(
-                    "usage: ftbench [--runs N] [--only record-replay|ft|commit|sync|kvstore|join|redis|tls|disk|metrics]"
+                    "usage: ftbench [--runs N] [--only record-replay|ft|commit|sync|kvstore|join|redis|tls|disk|metrics|seccomp]"
                 );
                 std::process::exit(2);
             }
@@ -154,5 +170,8 @@ fn main() {
     }
     if only.as_deref() == Some("metrics") {
         metrics::metrics_cost(runs);
+    }
+    if only.as_deref() == Some("seccomp") {
+        seccomp::seccomp_cost(runs);
     }
 }
