@@ -252,8 +252,10 @@ pub enum SeccompError {
 
 /// The process's filters, compiled once, and the testing hook.
 struct Sandbox {
-    /// One program per kind, by [`ThreadKind::index`]; None: --no-seccomp.
-    programs: Option<Vec<BpfProgram>>,
+    /// The programs of each kind, by [`ThreadKind::index`] (its list, and
+    /// for a kind that opens no file, [`malloc_probe`]'s); None:
+    /// --no-seccomp.
+    programs: Option<Vec<Vec<BpfProgram>>>,
     /// `FTVMM_SECCOMP_SELFTEST`: this kind makes a forbidden call.
     selftest: Option<ThreadKind>,
     /// `FTVMM_SECCOMP_LOG`: log forbidden calls, and name the threads.
@@ -283,8 +285,17 @@ pub fn prepare(enabled: bool, run_as: Option<&RunAs>) -> Result<(), SeccompError
     let log = std::env::var_os("FTVMM_SECCOMP_LOG").is_some_and(|v| v == "1");
     let programs = if enabled {
         install_sigsys_handler()?;
+        quiet_panics();
         let mismatch = if log { SeccompAction::Log } else { SeccompAction::Trap };
-        Some(ThreadKind::ALL.iter().map(|kind| compile(*kind, mismatch.clone(), run_as)).collect::<Result<_, _>>()?)
+        let mut programs = Vec::new();
+        for kind in ThreadKind::ALL {
+            let mut mine = vec![compile(kind, mismatch.clone(), run_as)?];
+            if !allowed(kind).contains(&Sysno::openat) {
+                mine.push(malloc_probe(kind)?);
+            }
+            programs.push(mine);
+        }
+        Some(programs)
     } else {
         None
     };
@@ -292,25 +303,53 @@ pub fn prepare(enabled: bool, run_as: Option<&RunAs>) -> Result<(), SeccompError
     Ok(())
 }
 
+/// The flags of glibc's own read-only opens (`__open_nocancel`).
+const READ_ONLY_CLOEXEC: u64 = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+
+fn arg_is(build: impl Fn(String) -> SeccompError, arg: u8, value: u64) -> Result<SeccompRule, SeccompError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(|e| build(e.to_string()))
+}
+
 fn compile(kind: ThreadKind, mismatch: SeccompAction, run_as: Option<&RunAs>) -> Result<BpfProgram, SeccompError> {
     let build = |err: String| SeccompError::Build { kind: kind.name(), err };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         allowed(kind).into_iter().map(|s| (i64::from(s.id()), Vec::new())).collect();
+    if !rules.contains_key(&i64::from(Sysno::openat.id())) {
+        // Let through to [`malloc_probe`]'s filter, which fails it.
+        rules.insert(i64::from(Sysno::openat.id()), vec![arg_is(build, 2, READ_ONLY_CLOEXEC)?]);
+    }
     if let Some(run_as) = run_as {
         // glibc's setgroups/setgid/setuid run on every thread (SIGSETXID):
         // the drop's own arguments, and the check's setuid(0), which fails
         // by then.
-        let arg0 = |value: u64| {
-            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
-                .and_then(|c| SeccompRule::new(vec![c]))
-                .map_err(|e| build(e.to_string()))
-        };
+        let arg0 = |value: u64| arg_is(build, 0, value);
         rules.insert(i64::from(Sysno::setgroups.id()), vec![arg0(1)?]);
         rules.insert(i64::from(Sysno::setgid.id()), vec![arg0(u64::from(run_as.gid))?]);
         rules.insert(i64::from(Sysno::setuid.id()), vec![arg0(u64::from(run_as.uid))?, arg0(0)?]);
     }
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| build(e.to_string()))?;
+    BpfProgram::try_from(filter).map_err(|e| build(e.to_string()))
+}
+
+/// glibc's malloc reads /proc/sys/vm/overcommit_memory once per process,
+/// from whichever thread first shrinks a heap (and any thread may): for a
+/// kind whose list opens no file, this second filter fails a read-only
+/// open with ENOENT instead of the list killing the process for it (glibc
+/// then takes the default, and nothing else such a thread runs opens a
+/// file). Any other open is still forbidden by the list.
+fn malloc_probe(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let build = |err: String| SeccompError::Build { kind: kind.name(), err };
+    let rules = BTreeMap::from([(i64::from(Sysno::openat.id()), vec![arg_is(build, 2, READ_ONLY_CLOEXEC)?])]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOENT as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| build(e.to_string()))?;
     BpfProgram::try_from(filter).map_err(|e| build(e.to_string()))
 }
 
@@ -327,8 +366,9 @@ pub fn enter(kind: ThreadKind) -> Result<(), SeccompError> {
             unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
         }
         KIND.with(|k| k.set(kind.index() + 1));
-        seccompiler::apply_filter(&programs[kind.index()])
-            .map_err(|err| SeccompError::Install { kind: kind.name(), err })?;
+        for program in &programs[kind.index()] {
+            seccompiler::apply_filter(program).map_err(|err| SeccompError::Install { kind: kind.name(), err })?;
+        }
     }
     if sandbox.selftest == Some(kind) {
         // The forbidden call: under the filter, SIGSYS ends the process
@@ -352,6 +392,20 @@ pub fn enter_or_exit(kind: ThreadKind) {
 /// the metrics server's).
 pub fn hook(kind: ThreadKind) -> std::sync::Arc<dyn Fn() + Send + Sync> {
     std::sync::Arc::new(move || enter_or_exit(kind))
+}
+
+/// A panic prints its message as usual, but no backtrace: making one
+/// reads the executable's debug information from its file, which no list
+/// allows (a thread that panics would be killed for the attempt instead).
+fn quiet_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("<unnamed>");
+        eprintln!("thread '{name}' {info}");
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+            eprintln!("note: no backtrace under the seccomp filters: run with --no-seccomp for one");
+        }
+    }));
 }
 
 fn install_sigsys_handler() -> Result<(), SeccompError> {
@@ -453,6 +507,7 @@ mod tests {
         for kind in ThreadKind::ALL {
             compile(kind, SeccompAction::Trap, None).expect("compiles");
             compile(kind, SeccompAction::Trap, Some(&run_as)).expect("compiles with --run-as");
+            malloc_probe(kind).expect("compiles");
         }
     }
 
