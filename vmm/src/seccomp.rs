@@ -289,10 +289,13 @@ pub fn prepare(enabled: bool, run_as: Option<&RunAs>) -> Result<(), SeccompError
         let mismatch = if log { SeccompAction::Log } else { SeccompAction::Trap };
         let mut programs = Vec::new();
         for kind in ThreadKind::ALL {
-            let mut mine = vec![compile(kind, mismatch.clone(), run_as)?];
+            // The list goes on last: installing a filter takes prctl and
+            // seccomp, which most lists forbid.
+            let mut mine = Vec::new();
             if !allowed(kind).contains(&Sysno::openat) {
                 mine.push(malloc_probe(kind)?);
             }
+            mine.push(compile(kind, mismatch.clone(), run_as)?);
             programs.push(mine);
         }
         Some(programs)
