@@ -296,11 +296,7 @@ pub(crate) fn new_runtime(config: &ChannelConfig) -> Result<tokio::runtime::Runt
     if let Some(hook) = config.on_thread_start.clone() {
         builder.on_thread_start(move || (hook.0)());
     }
-    builder
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|e| ChannelError::io("starting the network runtime", e))
+    builder.enable_io().enable_time().build().map_err(|e| ChannelError::io("starting the network runtime", e))
 }
 
 /// Puts the calling thread — a link's network thread, which sends the

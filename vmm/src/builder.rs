@@ -313,9 +313,7 @@ fn channel_config(config: &VmConfig, tls: Option<&Tls>) -> ChannelConfig {
         poll: config.channel_poll,
         tls: tls.cloned(),
         // The links' network threads go under their seccomp filter.
-        on_thread_start: Some(logging_channel::ThreadHook(crate::seccomp::hook(
-            crate::seccomp::ThreadKind::Channel,
-        ))),
+        on_thread_start: Some(logging_channel::ThreadHook(crate::seccomp::hook(crate::seccomp::ThreadKind::Channel))),
         ..Default::default()
     }
 }

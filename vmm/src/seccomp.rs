@@ -29,8 +29,7 @@
 
 use crate::privileges::RunAs;
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -122,6 +121,7 @@ impl ThreadKind {
     }
 
     /// The system calls this kind makes itself (on top of [`BASE`]).
+    #[rustfmt::skip] // Grouped by purpose, each group under its reason.
     fn own(self) -> &'static [Sysno] {
         use Sysno::*;
         match self {
@@ -193,6 +193,7 @@ impl ThreadKind {
 
 /// What every thread may call: memory, locks, clocks and sleeps, signal
 /// returns, its own exit, messages on stderr, randomness (hash maps, TLS).
+#[rustfmt::skip]
 const BASE: &[Sysno] = {
     use Sysno::*;
     &[
@@ -216,6 +217,7 @@ const BASE: &[Sysno] = {
 
 /// What starting a thread takes (the new thread runs these under its
 /// starter's filter until it installs its own).
+#[rustfmt::skip]
 const SPAWN: &[Sysno] = {
     use Sysno::*;
     &[
@@ -277,9 +279,12 @@ thread_local! {
 /// thread make for it, with the target IDs only.
 pub fn prepare(enabled: bool, run_as: Option<&RunAs>) -> Result<(), SeccompError> {
     let selftest = match std::env::var("FTVMM_SECCOMP_SELFTEST") {
-        Ok(name) => Some(ThreadKind::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
-            SeccompError::BadSelftest(name, ThreadKind::ALL.map(ThreadKind::name).join(", "))
-        })?),
+        Ok(name) => Some(
+            ThreadKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .ok_or_else(|| SeccompError::BadSelftest(name, ThreadKind::ALL.map(ThreadKind::name).join(", ")))?,
+        ),
         Err(_) => None,
     };
     let log = std::env::var_os("FTVMM_SECCOMP_LOG").is_some_and(|v| v == "1");
@@ -319,9 +324,9 @@ fn compile(kind: ThreadKind, mismatch: SeccompAction, run_as: Option<&RunAs>) ->
     let build = |err: String| SeccompError::Build { kind: kind.name(), err };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         allowed(kind).into_iter().map(|s| (i64::from(s.id()), Vec::new())).collect();
-    if !rules.contains_key(&i64::from(Sysno::openat.id())) {
+    if let std::collections::btree_map::Entry::Vacant(open) = rules.entry(i64::from(Sysno::openat.id())) {
         // Let through to [`malloc_probe`]'s filter, which fails it.
-        rules.insert(i64::from(Sysno::openat.id()), vec![arg_is(build, 2, READ_ONLY_CLOEXEC)?]);
+        open.insert(vec![arg_is(build, 2, READ_ONLY_CLOEXEC)?]);
     }
     if let Some(run_as) = run_as {
         // glibc's setgroups/setgid/setuid run on every thread (SIGSETXID):
@@ -346,13 +351,9 @@ fn compile(kind: ThreadKind, mismatch: SeccompAction, run_as: Option<&RunAs>) ->
 fn malloc_probe(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let build = |err: String| SeccompError::Build { kind: kind.name(), err };
     let rules = BTreeMap::from([(i64::from(Sysno::openat.id()), vec![arg_is(build, 2, READ_ONLY_CLOEXEC)?])]);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOENT as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(|e| build(e.to_string()))?;
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOENT as u32), TargetArch::x86_64)
+            .map_err(|e| build(e.to_string()))?;
     BpfProgram::try_from(filter).map_err(|e| build(e.to_string()))
 }
 

@@ -142,8 +142,8 @@ pub fn serve(
 ) -> Result<MetricsServer, TelemetryError> {
     add_probes(&metrics, &watched);
     let status = move || status_document(&metrics, &watched);
-    let listener = std::net::TcpListener::bind(addr)
-        .map_err(|source| TelemetryError::Bind { addr: addr.to_string(), source })?;
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|source| TelemetryError::Bind { addr: addr.to_string(), source })?;
     let confine = crate::seccomp::hook(crate::seccomp::ThreadKind::Metrics);
     MetricsServer::start_hooked(listener, Arc::new(registry), Arc::new(status), Some(confine))
 }

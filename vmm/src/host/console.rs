@@ -1176,27 +1176,27 @@ impl OutputPort {
         let writer = std::thread::spawn(move || {
             crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Console);
             loop {
-            // While the client has not taken and acknowledged everything,
-            // look again soon.
-            let pending = ours.lock_sink().poll(&ours.delivered);
-            let chunk = if pending {
-                match rx.recv_timeout(Duration::from_micros(200)) {
-                    Ok(chunk) => chunk,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => return,
+                // While the client has not taken and acknowledged everything,
+                // look again soon.
+                let pending = ours.lock_sink().poll(&ours.delivered);
+                let chunk = if pending {
+                    match rx.recv_timeout(Duration::from_micros(200)) {
+                        Ok(chunk) => chunk,
+                        Err(RecvTimeoutError::Timeout) => continue,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                } else {
+                    match rx.recv() {
+                        Ok(chunk) => chunk,
+                        Err(_) => return,
+                    }
+                };
+                let mut sink = ours.lock_sink();
+                if let Chunk::Close = chunk {
+                    return;
                 }
-            } else {
-                match rx.recv() {
-                    Ok(chunk) => chunk,
-                    Err(_) => return,
-                }
-            };
-            let mut sink = ours.lock_sink();
-            if let Chunk::Close = chunk {
-                return;
-            }
-            sink.take(chunk, &ours.delivered, &ours.write_delay);
-            ours.queued.fetch_sub(1, Ordering::AcqRel);
+                sink.take(chunk, &ours.delivered, &ours.write_delay);
+                ours.queued.fetch_sub(1, Ordering::AcqRel);
             }
         });
         OutputPort { tx, shared, writer: Some(writer) }

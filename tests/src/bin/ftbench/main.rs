@@ -127,7 +127,7 @@ fn main() {
                     "metrics",
                     "seccomp",
                 ]
-                    .contains(&s.as_str()) =>
+                .contains(&s.as_str()) =>
             {
                 only = Some(s)
             }

@@ -13,7 +13,9 @@ pub(crate) fn seccomp_cost(runs: usize) {
          load average {})\n",
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
-    println!("| workload | filters | alone s | with backup s | FT ratio (alone/with) | commit p50 µs | commit p99 µs |");
+    println!(
+        "| workload | filters | alone s | with backup s | FT ratio (alone/with) | commit p50 µs | commit p99 µs |"
+    );
     println!("|---|---|---|---|---|---|---|");
     let off = vec!["--no-seccomp".to_string()];
     for (guest, cmdline) in [("compute", "rounds=3000 kib=4096"), ("ticker", "hz=1000 ticks=2000")] {
