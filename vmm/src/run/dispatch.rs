@@ -28,25 +28,13 @@ impl Vmm {
                 let mut data = vec![0u8; usize::from(size) * count as usize];
                 if port == layout::TSC_PORT && size == 4 {
                     let tsc = self.read_time(TimeSource::Rdtsc)?;
-                    data[..4].copy_from_slice(&(tsc as u32).to_le_bytes());
-                    self.machine.complete_io_in(&data);
-                    if self.rdtsc_sites.contains(&position.rip) {
-                        // A rewritten RDTSC: the 32-bit IN put the low half in
-                        // EAX (zero-extended); EDX gets the high half, once the
-                        // IN has completed (setting registers earlier would
-                        // race KVM's completion of the emulated IN).
-                        self.machine.complete_pending_io()?;
-                        let mut regs = self
-                            .machine
-                            .vcpu
-                            .get_regs()
-                            .map_err(|err| VmError::Kvm { what: "reading registers", err })?;
-                        regs.rdx = tsc >> 32;
-                        self.machine
-                            .vcpu
-                            .set_regs(&regs)
-                            .map_err(|err| VmError::Kvm { what: "setting registers", err })?;
-                    }
+                    // A rewritten RDTSC gets RDTSC's EDX too.
+                    self.answer_tsc(tsc, self.rdtsc_sites.contains(&position.rip))?;
+                } else if port == layout::IDLE_PORT && size == 4 && count == 1 {
+                    // An idle that wants the time it wakes at: answered
+                    // once the wait is over ([`Vmm::answer_wake_clock`]).
+                    self.wake_clock_due = true;
+                    action = PortAction::Idle;
                 } else {
                     for chunk in data.chunks_mut(usize::from(size.max(1))) {
                         self.port_read(port, chunk)?;
@@ -140,6 +128,23 @@ impl Vmm {
         Ok(())
     }
 
+    /// After an exit's own work: the NIC transmits what the guest queued
+    /// since its last exit without notifying
+    /// ([`crate::devices::virtio::net::Net::poll`]): frames are
+    /// outputs of this position.
+    pub(super) fn poll_nic(&mut self, position: Position) {
+        let Vmm { devices, machine, output, .. } = self;
+        let Some((slot, nic)) = devices.nic() else { return };
+        let mut sent = SentFrames(Vec::new());
+        let raise = nic.with_device(&machine.mem, |net, queues| net.poll(queues, &machine.mem, &mut sent));
+        for frame in sent.0 {
+            output.frame(position, frame);
+        }
+        if raise {
+            devices.virtio_interrupt(slot);
+        }
+    }
+
     /// After an exit's own work: a disk whose last notification left
     /// requests in its ring (over one exit's budget) serves the next share
     /// of them at this exit, the same on a replay.
@@ -159,6 +164,34 @@ impl Vmm {
     }
 
     /// Reads the virtual clock for `source` at the current position.
+    /// Completes a 32-bit IN of the TSC: EAX gets the low half
+    /// (zero-extended) and, with `edx`, EDX the high half, as RDTSC would.
+    fn answer_tsc(&mut self, tsc: u64, edx: bool) -> Result<(), RunError> {
+        self.machine.complete_io_in(&(tsc as u32).to_le_bytes());
+        if edx {
+            // Once the IN has completed: setting registers earlier would
+            // race KVM's completion of the emulated IN.
+            self.machine.complete_pending_io()?;
+            let mut regs =
+                self.machine.vcpu.get_regs().map_err(|err| VmError::Kvm { what: "reading registers", err })?;
+            regs.rdx = tsc >> 32;
+            self.machine.vcpu.set_regs(&regs).map_err(|err| VmError::Kvm { what: "setting registers", err })?;
+        }
+        Ok(())
+    }
+
+    /// The guest idled with a 32-bit IN from the idle port and has been
+    /// woken (its interrupt, if any, injected): it gets the virtual TSC of
+    /// now, a time reading logged after that interrupt — on a replay, the
+    /// one [`Vmm::take_inputs`] found there.
+    pub(super) fn answer_wake_clock(&mut self) -> Result<(), RunError> {
+        let tsc = match self.logged_wake_ns.take() {
+            Some(ns) => ns,
+            None => self.read_time(TimeSource::Wake)?,
+        };
+        self.answer_tsc(tsc, true)
+    }
+
     pub(super) fn read_time(&mut self, source: TimeSource) -> Result<u64, RunError> {
         let mut failed = None;
         take_time_reading(&mut self.inputs, &mut self.clock, 0, source, &mut failed);

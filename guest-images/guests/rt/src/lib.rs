@@ -29,7 +29,8 @@ pub use console::{print_bytes, print_str};
 
 /// Port the guest writes its exit status to; ftvmm exits with that status.
 pub const EXIT_PORT: u16 = 0xf4;
-/// Port whose write means "halt until an interrupt" (HLT faults at CPL3).
+/// Port whose write means "halt until an interrupt" (HLT faults at CPL3);
+/// a 32-bit read idles too and answers the virtual TSC at wake-up.
 pub const IDLE_PORT: u16 = 0xf5;
 /// Port whose 32-bit read returns the low half of the virtual TSC; ftvmm
 /// rewrites each RDTSC in a guest image into `in eax, 0xf6` and completes it
@@ -232,6 +233,23 @@ pub fn exit_point() {
 #[inline]
 pub fn wait_for_interrupt() {
     hw::outb(IDLE_PORT, 0);
+}
+
+/// Like [`wait_for_interrupt`], and returns the virtual TSC at wake-up
+/// (what an RDTSC right after it would read, once the interrupt has been
+/// handled): the same exit answers both, so a loop that wants the time
+/// after idling does not pay a clock exit for it.
+#[inline]
+pub fn wait_for_interrupt_clock() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: a port read: an exit to ftvmm, which idles the vCPU and then
+    // sets EAX and EDX (no memory effects, hence no `nomem`: see hw's docs).
+    unsafe {
+        core::arch::asm!("in eax, {port}", port = const IDLE_PORT, out("eax") lo, out("edx") hi,
+            options(nostack, preserves_flags))
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
 }
 
 /// Handler for a PIC line, called at CPL3. It can itself be interrupted,

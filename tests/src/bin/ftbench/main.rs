@@ -11,7 +11,9 @@
 //! FT overhead ratio (throughput with a backup attached ÷ alone) for
 //! `compute` and `ticker`, the output-commit latency, the failover time from
 //! SIGKILL of the primary to the new primary's first output, and the log
-//! bandwidth.
+//! bandwidth; and the FT overhead in CPU seconds (the primary's alone and
+//! with a backup, and the backup's) per run of `compute` and per 1,000
+//! ticks of `ticker`.
 //!
 //! kvstore: set and get throughput and latency through the guest's TCP
 //! console, alone and with a backup attached, the disk on ftdisk.
@@ -23,8 +25,11 @@
 //!
 //! redis (root: network-namespace hosts with TAPs): stock redis-benchmark
 //! against the redis guest alone and with a backup attached (ops/s, p50,
-//! p99, the FT ratio), unpipelined and pipelined; the pause a client on one
-//! connection sees at a failover, for SIGKILL and for a silent death; and
+//! p99, the FT ratio), unpipelined and pipelined, with the exits and the
+//! VMMs' CPU seconds a request costs; bulk throughput (SET and GET of 4 KiB
+//! values on 16 connections: MB/s received and sent, and the log
+//! bandwidth); the pause a client on one connection sees at a failover,
+//! for SIGKILL and for a silent death; and
 //! the same redis-benchmark against a real redis-server on this host, as
 //! context for what virtualization costs here.
 //!
@@ -129,6 +134,7 @@ fn main() {
     }
     if wanted("ft") {
         fault_tolerance(runs);
+        ft::cpu_overhead(runs);
     }
     if wanted("commit") {
         commit_hops(runs);

@@ -147,6 +147,59 @@ fn per_request(before: &[(String, f64)], after: &[(String, f64)], requests: u32)
     format!("{total:.2} ({})", parts.join(", "))
 }
 
+/// CPU seconds so far of each of `vm`'s VMMs (primary first).
+fn vmm_cpu(vm: &RedisVm) -> Vec<f64> {
+    vm.procs.iter().map(|p| ftvmm_tests::cpu_seconds(p.child.id()).unwrap_or(f64::NAN)).collect()
+}
+
+/// The primary's log bytes sent so far (0 alone).
+fn log_bytes_sent(metrics: &str) -> f64 {
+    ftvmm_tests::metric(&ftvmm_tests::scrape(metrics), "ftvmm_log_sent_bytes_total").unwrap_or(0.0)
+}
+
+/// Bulk TCP throughput through the guest's NIC with a stock client:
+/// redis-benchmark SET (the guest receives) and GET (it sends) of large
+/// values, alone and with a backup, and the log bandwidth the received
+/// data costs.
+fn bulk_throughput(dir: &Scratch) {
+    const SIZE: u32 = 4096;
+    const N: u32 = 4000;
+    println!(
+        "### Bulk throughput: redis-benchmark -t set,get -d {SIZE} -c 16 -P 1 -n {N} (the guest receives the SETs' values \
+         and sends the GETs')\n"
+    );
+    println!("| setup | receive MB/s (SET) | send MB/s (GET) | log MB/s during SET | primary CPU s | backup CPU s |");
+    println!("|---|---|---|---|---|---|");
+    let mut alone = (0.0, 0.0);
+    for with_backup in [false, true] {
+        let vm = redis_vm(with_backup, dir);
+        let metrics = vm.vm.replace(".10", ".1:9400");
+        let cpu_before = vmm_cpu(&vm);
+        let log_before = log_bytes_sent(&metrics);
+        let t = Instant::now();
+        let set = redis_benchmark_tests(&vm.vm, 6379, "set", 16, 1, N);
+        let set_s = t.elapsed().as_secs_f64();
+        let log_mb = (log_bytes_sent(&metrics) - log_before) / 1e6;
+        let get = redis_benchmark_tests(&vm.vm, 6379, "get", 16, 1, N);
+        let cpu: Vec<f64> = vmm_cpu(&vm).iter().zip(&cpu_before).map(|(a, b)| a - b).collect();
+        let mb = |rows: &[(String, f64, f64, f64)]| rows.first().map_or(0.0, |r| r.1 * f64::from(SIZE) / 1e6);
+        let (rx, tx) = (mb(&set), mb(&get));
+        let setup = if with_backup {
+            format!("with a backup ({:.2}× / {:.2}× alone)", rx / alone.0, tx / alone.1)
+        } else {
+            alone = (rx, tx);
+            "alone".to_string()
+        };
+        let backup_cpu = cpu.get(1).map_or("–".to_string(), |c| format!("{c:.2}"));
+        println!(
+            "| {setup} | {rx:.2} | {tx:.2} | {:.2} | {:.2} | {backup_cpu} |",
+            log_mb / set_s,
+            cpu.first().copied().unwrap_or(f64::NAN)
+        );
+    }
+    println!();
+}
+
 /// The longest pause a client on one connection sees around the primary's
 /// death (`signal`: KILL, or STOP for a silent death).
 fn failover_pause_ms(signal: &str, dir: &Scratch) -> f64 {
@@ -180,16 +233,31 @@ pub(crate) fn redis_bench(runs: usize) {
     println!("|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
     let mut exits_per_request = Vec::new();
+    let mut cpu_per_10k = Vec::new();
     for (c, p) in [(1u32, 1u32), (8, 16)] {
         let mut alone_rps = Vec::new();
+        let mut alone_cpu = f64::NAN;
         for with_backup in [false, true] {
             let vm = redis_vm(with_backup, &dir);
             let metrics = vm.vm.replace(".10", ".1:9400");
             let before = exits_by_kind(&metrics);
+            let cpu_before = vmm_cpu(&vm);
             let rows = redis_benchmark(&vm.vm, 6379, c, p, 20_000);
+            let cpu: Vec<f64> = vmm_cpu(&vm).iter().zip(&cpu_before).map(|(a, b)| (a - b) / 6.0).collect();
             let after = exits_by_kind(&metrics);
             let setup = if with_backup { "with a backup" } else { "alone" };
             exits_per_request.push(format!("{setup}, -c {c} -P {p}: {}", per_request(&before, &after, 3 * 20_000)));
+            let primary = cpu.first().copied().unwrap_or(f64::NAN);
+            cpu_per_10k.push(match cpu.get(1) {
+                Some(backup) => format!(
+                    "with a backup, -c {c} -P {p}: primary {primary:.2} s ({:.2}× alone), backup {backup:.2} s",
+                    primary / alone_cpu
+                ),
+                None => {
+                    alone_cpu = primary;
+                    format!("alone, -c {c} -P {p}: {primary:.2} s")
+                }
+            });
             for (i, (test, rps, p50, p99)) in rows.iter().enumerate() {
                 println!("| {setup} | -c {c} -P {p} | {test} | {rps:.0} | {p50:.3} | {p99:.3} |");
                 if with_backup {
@@ -213,6 +281,12 @@ pub(crate) fn redis_bench(runs: usize) {
         println!("- {line}");
     }
     println!();
+    println!("CPU seconds per 10,000 requests (user + system, all threads, from /proc; over the three tests):\n");
+    for line in cpu_per_10k {
+        println!("- {line}");
+    }
+    println!();
+    bulk_throughput(&dir);
     let kill: Vec<f64> = (0..runs).map(|_| failover_pause_ms("KILL", &dir)).collect();
     let stop: Vec<f64> = (0..runs).map(|_| failover_pause_ms("STOP", &dir)).collect();
     println!(
