@@ -128,17 +128,27 @@ impl Vmm {
         Ok(())
     }
 
-    /// After an exit's own work: the NIC transmits what the guest queued
+    /// Before an exit's own work: the NIC transmits what the guest queued
     /// since its last exit without notifying
-    /// ([`crate::devices::virtio::net::Net::poll`]): frames are
-    /// outputs of this position.
+    /// ([`crate::devices::virtio::net::Net::poll`]).
+    ///
+    /// Those frames are what the guest wrote before it stopped at this
+    /// exit, so they depend on the inputs of the exits before it only —
+    /// none of this exit's, which are all taken after this (hence before
+    /// dispatch, whose DMA could change the ring). So they are outputs of
+    /// the previous exit: released once the backup has the log through it,
+    /// which it gets while the guest idles here ([`Vmm::wait_for_host_input`]
+    /// passes the previous exit). Stamped with this exit, a reply sent at
+    /// an idle would wait for the next input to end the idle: for the next
+    /// request, which waits for the reply.
     pub(super) fn poll_nic(&mut self, position: Position) {
         let Vmm { devices, machine, output, .. } = self;
         let Some((slot, nic)) = devices.nic() else { return };
         let mut sent = SentFrames(Vec::new());
         let raise = nic.with_device(&machine.mem, |net, queues| net.poll(queues, &machine.mem, &mut sent));
+        let before = Position { exit: position.exit.saturating_sub(1), ..position };
         for frame in sent.0 {
-            output.frame(position, frame);
+            output.frame(before, frame);
         }
         if raise {
             devices.virtio_interrupt(slot);

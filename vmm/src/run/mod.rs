@@ -306,9 +306,9 @@ impl Vmm {
                 let position = Position { exit: self.exits, rip: self.machine.exit_rip()? };
                 tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", position.rip), kind = %exit.kind());
                 self.check_in(position, exit.kind())?;
+                self.poll_nic(position);
                 let action = self.dispatch(exit, position)?;
                 self.serve_disk_backlog(position)?;
-                self.poll_nic(position);
                 let output = self.devices.tx.take();
                 if !output.is_empty() {
                     self.output.output(position, output);

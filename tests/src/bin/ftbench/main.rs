@@ -26,8 +26,8 @@
 //! redis (root: network-namespace hosts with TAPs): stock redis-benchmark
 //! against the redis guest alone and with a backup attached (ops/s, p50,
 //! p99, the FT ratio), unpipelined and pipelined, with the exits and the
-//! VMMs' CPU seconds a request costs; bulk throughput (SET and GET of 4 KiB
-//! values on 16 connections: MB/s received and sent, and the log
+//! VMMs' CPU seconds a request costs; bulk TCP throughput (the guest's
+//! discard and source services: MB/s received and sent, and the log
 //! bandwidth); the pause a client on one connection sees at a failover,
 //! for SIGKILL and for a silent death; and
 //! the same redis-benchmark against a real redis-server on this host, as
@@ -60,7 +60,8 @@
 //! commit latency with `--metrics` on both VMMs, scraped every second,
 //! against without.
 //!
-//! `--only SECTION` (record-replay, ft, commit, sync, kvstore, join, redis, tls, disk, metrics) runs one section.
+//! `--only SECTION` (record-replay, ft, commit, sync, kvstore, join, redis, bulk, tls, disk, metrics) runs one
+//! section (`bulk`: the bulk throughput of the redis section alone).
 //!
 //! `ftbench soak --minutes N [--load]`: memory over time and false
 //! failovers. It runs a `ticker` pair at 1 kHz with no console client, one
@@ -115,14 +116,26 @@ fn main() {
         match (a.as_str(), args.next()) {
             ("--runs", Some(n)) => runs = n.parse().unwrap_or(5).max(1),
             ("--only", Some(s))
-                if ["record-replay", "ft", "commit", "sync", "kvstore", "join", "redis", "tls", "disk", "metrics"]
-                    .contains(&s.as_str()) =>
+                if [
+                    "record-replay",
+                    "ft",
+                    "commit",
+                    "sync",
+                    "kvstore",
+                    "join",
+                    "redis",
+                    "bulk",
+                    "tls",
+                    "disk",
+                    "metrics",
+                ]
+                .contains(&s.as_str()) =>
             {
                 only = Some(s)
             }
             _ => {
                 eprintln!(
-                    "usage: ftbench [--runs N] [--only record-replay|ft|commit|sync|kvstore|join|redis|tls|disk|metrics]"
+                    "usage: ftbench [--runs N] [--only record-replay|ft|commit|sync|kvstore|join|redis|bulk|tls|disk|metrics]"
                 );
                 std::process::exit(2);
             }
@@ -150,6 +163,9 @@ fn main() {
     }
     if wanted("redis") {
         redis_bench(runs);
+    }
+    if only.as_deref() == Some("bulk") {
+        redis::bulk_bench(runs);
     }
     if wanted("disk") {
         disk_bench(runs);
