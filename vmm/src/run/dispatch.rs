@@ -28,8 +28,10 @@ impl Vmm {
                 let mut data = vec![0u8; usize::from(size) * count as usize];
                 if port == layout::TSC_PORT && size == 4 {
                     let tsc = self.read_time(TimeSource::Rdtsc)?;
-                    // A rewritten RDTSC gets RDTSC's EDX too.
-                    self.answer_tsc(tsc, self.rdtsc_sites.contains(&position.rip))?;
+                    // A rewritten RDTSC gets RDTSC's EDX too. (A string IN
+                    // of more than 4 bytes reads zeros after the first.)
+                    data[..4].copy_from_slice(&(tsc as u32).to_le_bytes());
+                    self.answer_tsc(&data, tsc, self.rdtsc_sites.contains(&position.rip))?;
                 } else if port == layout::IDLE_PORT && size == 4 && count == 1 {
                     // An idle that wants the time it wakes at: answered
                     // once the wait is over ([`Vmm::answer_wake_clock`]).
@@ -174,10 +176,11 @@ impl Vmm {
     }
 
     /// Reads the virtual clock for `source` at the current position.
-    /// Completes a 32-bit IN of the TSC: EAX gets the low half
-    /// (zero-extended) and, with `edx`, EDX the high half, as RDTSC would.
-    fn answer_tsc(&mut self, tsc: u64, edx: bool) -> Result<(), RunError> {
-        self.machine.complete_io_in(&(tsc as u32).to_le_bytes());
+    /// Completes an IN of the TSC with `data` (its low half first): EAX
+    /// gets the low half (zero-extended) and, with `edx`, EDX the high
+    /// half of `tsc`, as RDTSC would.
+    fn answer_tsc(&mut self, data: &[u8], tsc: u64, edx: bool) -> Result<(), RunError> {
+        self.machine.complete_io_in(data);
         if edx {
             // Once the IN has completed: setting registers earlier would
             // race KVM's completion of the emulated IN.
@@ -199,7 +202,7 @@ impl Vmm {
             Some(ns) => ns,
             None => self.read_time(TimeSource::Wake)?,
         };
-        self.answer_tsc(tsc, true)
+        self.answer_tsc(&(tsc as u32).to_le_bytes(), tsc, true)
     }
 
     pub(super) fn read_time(&mut self, source: TimeSource) -> Result<u64, RunError> {
