@@ -60,7 +60,9 @@ fn ticker_prints_the_same_bytes_in_a_fraction_of_the_exits() {
     let (uart_exits, uart_kinds) = exits(&uart.stderr);
     let (vcon_exits, vcon_kinds) = exits(&vcon.stderr);
     eprintln!("ticker, 50 ticks: {uart_exits} exits on COM1 ({uart_kinds:?}), {vcon_exits} with the virtio console ({vcon_kinds:?})");
-    assert_eq!(kind(&uart_kinds, "mmio"), 0, "no virtio device without the console: {uart_kinds:?}");
+    // Without the console the VM has no virtio device: guest-rt's one
+    // defensive probe of a boot info without a device table is its only MMIO.
+    assert!(kind(&uart_kinds, "mmio") <= 1, "no virtio device without the console: {uart_kinds:?}");
     // Through the console, COM1 is only set up for input (two writes).
     assert!(kind(&vcon_kinds, "serial") <= 4, "output still on COM1: {vcon_kinds:?}");
     assert!(vcon_exits * 5 < uart_exits, "{vcon_exits} exits with the console, {uart_exits} without");
