@@ -4,7 +4,8 @@
 //! same state, and a pair through it ends in the same state with the
 //! backup's output suppressed; a VM with the console and one without are
 //! different configurations to a log or a peer; a failover re-emits the
-//! held output once, through the new primary's console.
+//! held output once, through the new primary's console; panic and
+//! exception messages come out through either console.
 
 use ftvmm_tests::{check_continuity_across, connect_retry, run, Proc, Scratch, TickReader, TIMEOUT};
 use std::time::Duration;
@@ -138,5 +139,26 @@ fn a_failover_re_emits_held_console_output_and_loses_none() {
             panic!("trial {trial}: {e}; ticks seen: {:?}", reader.lines.iter().map(|l| l.0).collect::<Vec<_>>());
         }
         b.kill();
+    }
+}
+
+/// A guest's last words come out whichever console it has: a panic, a CPU
+/// exception, and a panic inside a print (whose message guest-rt then puts
+/// on COM1, the virtio-console being in the middle of that print).
+#[test]
+fn panic_and_exception_messages_come_out_through_either_console() {
+    for console in [&[][..], &["--no-virtio-console"][..]] {
+        for (end, status, said) in [
+            ("panic", 0xe1, "guest panic: panicked at hello/src/main.rs"),
+            ("fault", 0xe0, "guest exception 6 (error 0x0) at rip "),
+            ("nested", 0xe1, "guest panic: panicked at hello/src/main.rs"),
+        ] {
+            let cmdline = format!("end={end}");
+            let r = run(&cat(&["--guest", "hello", "--cmdline", &cmdline], console), TIMEOUT);
+            assert_eq!(r.code(), status, "end={end} {console:?}: {}", r.stderr);
+            assert!(r.stdout.starts_with("hello from ftvmm guest\n"), "end={end} {console:?}: {:?}", r.stdout);
+            assert!(r.stdout.contains(said), "end={end} {console:?}: no {said:?} in {:?}", r.stdout);
+            assert!(r.stdout.ends_with('\n'), "end={end} {console:?}: the message cut short: {:?}", r.stdout);
+        }
     }
 }
