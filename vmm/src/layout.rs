@@ -20,7 +20,8 @@
 //! | TSC port: a 32-bit read is a rewritten RDTSC | port 0xf6 | |
 //!
 //! Virtio devices take slots in a fixed order — the disk first, then the
-//! NIC — so a VM with only a NIC has it in slot 0. The guest learns which
+//! NIC, then the virtio-console (unless `--no-virtio-console`) — so a VM
+//! with only a NIC has it in slot 0. The guest learns which
 //! devices exist, and where, from the boot info's device table, never from
 //! constants of its own.
 

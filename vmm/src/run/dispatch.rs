@@ -122,6 +122,15 @@ impl Vmm {
                 }
                 raise
             }
+            Some(VirtioSlot::Console(console)) => {
+                // Transmitted bytes join the UART's in the console output of
+                // this position: the same output rule, suppression on a
+                // replay and re-emit at go-live.
+                let mut bytes = Vec::new();
+                let raise = console.notify(queue, &machine.mem, &mut bytes);
+                devices.tx.push(&bytes);
+                raise
+            }
             None => false,
         };
         if raise {

@@ -1,9 +1,9 @@
 //! guest-rt: what every ftvmm guest shares.
 //!
-//! Owns the boot stub (`boot`), CPL3 interrupt dispatch, port I/O, the COM1
-//! console, the PIC/PIT helpers, the ftvmm platform ports (exit, idle, exit
-//! point), the boot info and command line, and the `mem*` symbols a
-//! freestanding Rust binary needs.
+//! Owns the boot stub (`boot`), CPL3 interrupt dispatch, port I/O, the
+//! console (virtio-console or COM1), the PIC/PIT helpers, the ftvmm
+//! platform ports (exit, idle, exit point), the boot info and command
+//! line, and the `mem*` symbols a freestanding Rust binary needs.
 //!
 //! Guests run at CPL3 with interrupts always enabled (see `boot`). Interrupts reach a guest only when it exits
 //! to the VMM (port I/O, MMIO...): ftvmm injects them at guest-caused exits so
@@ -20,6 +20,7 @@ mod mem;
 pub mod net;
 pub mod virtio;
 pub mod virtio_blk;
+pub mod virtio_console;
 pub mod virtio_net;
 
 use core::cell::UnsafeCell;
@@ -76,7 +77,7 @@ pub struct VirtioSlot {
     pub mmio_base: u64,
     /// Size of its register window.
     pub mmio_size: u64,
-    /// Virtio device id: 1 = network card, 2 = block device.
+    /// Virtio device id: 1 = network card, 2 = block device, 3 = console.
     pub device_id: u32,
     /// PIC line of its interrupt.
     pub irq: u32,

@@ -64,6 +64,7 @@ pub mod status {
 pub mod device_id {
     pub const NET: u32 = 1;
     pub const BLOCK: u32 = 2;
+    pub const CONSOLE: u32 = 3;
 }
 
 /// Interrupt status bits: a used ring was updated / the configuration changed.
