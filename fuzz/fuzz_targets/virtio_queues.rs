@@ -1,8 +1,9 @@
 //! The virtio devices against an adversarial guest (vmm/src/devices/virtio):
 //! a 64 KiB guest memory whose descriptor tables, rings and buffers the
 //! input writes, and the virtio-mmio transport of the disk (`Block`, with a
-//! `DiskIo` stub) or of the NIC (`Net`, with a `NetIo` stub and received
-//! frames delivered as the run loop does) driven through its registers:
+//! `DiskIo` stub), of the NIC (`Net`, with a `NetIo` stub and received
+//! frames delivered as the run loop does) or of the console (`Console`)
+//! driven through its registers:
 //! status, feature negotiation, queue setup, notify, reset, save and
 //! restore (also of a state decoded from the input).
 //!
@@ -12,13 +13,16 @@
 //! made it read 1.8 GB: seeds/virtio_queues/regress-read-of-1.8GB), and
 //! reports no more bytes used than a request's writable buffers hold; the
 //! NIC transmits only frames of a legal size, and uses a posted receive
-//! buffer for every frame of a legal size while one is posted.
+//! buffer for every frame of a legal size while one is posted; the console
+//! transmits at most `console::MAX_NOTIFY_BYTES` plus one chain per notify,
+//! and counts every byte it transmits.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::virtio::block::{self, Block, DiskIo, DiskIoError};
+use vmm::devices::virtio::console::{self, Console};
 use vmm::devices::virtio::mmio::{reg, MmioEvent, MmioState, MmioTransport, MmioWindow};
 use vmm::devices::virtio::net::{Net, NetIo, MAX_FRAME, MIN_FRAME};
 use vmm::devices::virtio::VirtioDevice;
@@ -66,7 +70,9 @@ const REGS: &[u64] = &[
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    net: bool,
+    /// Which device: 1 the NIC, 3 the console, else the disk (of old seeds,
+    /// whose first byte was a `net` bool, a 3 was the NIC).
+    device: u8,
     /// Unless `raw`: set the queues up at `RINGS` with 2^(size_log % 9)
     /// entries (at most the device's maximum) and write DRIVER_OK, before
     /// the operations; `raw` leaves it all to register writes.
@@ -261,6 +267,29 @@ impl Device for Block {
     }
     fn notify(t: &mut MmioTransport<Self>, queue: usize, mem: &GuestMem, disk: &mut Disk, _: &mut Wire) -> bool {
         t.notify(queue, mem, disk)
+    }
+    fn frames(_: &mut MmioTransport<Self>, _: &GuestMem, _: &[u16], _: u8, _: &mut Vec<u8>) {}
+}
+
+impl Device for Console {
+    fn fresh() -> Self {
+        Console::new()
+    }
+    fn notify(t: &mut MmioTransport<Self>, queue: usize, mem: &GuestMem, _: &mut Disk, wire: &mut Wire) -> bool {
+        let before = t.device.counters().tx_bytes;
+        let mut out = Vec::new();
+        let raised = t.notify(queue, mem, &mut out);
+        assert!(
+            out.len() <= console::MAX_NOTIFY_BYTES + console::MAX_CHAIN_BYTES as usize,
+            "one notify transmitted {} bytes",
+            out.len()
+        );
+        assert_eq!(t.device.counters().tx_bytes - before, out.len() as u64, "bytes transmitted but not counted");
+        // The console's output is compared as the NIC's frames are.
+        if !out.is_empty() {
+            wire.0.push(out);
+        }
+        raised
     }
     fn frames(_: &mut MmioTransport<Self>, _: &GuestMem, _: &[u16], _: u8, _: &mut Vec<u8>) {}
 }
@@ -517,9 +546,9 @@ where
 }
 
 fuzz_target!(|input: Input| {
-    if input.net {
-        check::<Net>(&input);
-    } else {
-        check::<Block>(&input);
+    match input.device % 4 {
+        1 => check::<Net>(&input),
+        3 => check::<Console>(&input),
+        _ => check::<Block>(&input),
     }
 });

@@ -103,6 +103,9 @@ pub enum TimeSource {
     Rdtsc,
     /// RDMSR/WRMSR of IA32_TSC.
     TscMsr,
+    /// An idle that asked for the time it woke at (a 32-bit IN from the
+    /// idle port): logged after the exit's interrupt.
+    Wake,
 }
 
 /// An external input that took effect at a position.

@@ -114,6 +114,20 @@ pub fn metrics_addr(p: &Proc) -> String {
     metrics_url(&p.wait_line("metrics on http://", Duration::from_secs(60))).unwrap_or_default()
 }
 
+/// CPU seconds (user + system, all threads) process `pid` has used so far,
+/// from `/proc/PID/stat`; None once it is gone.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3:
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf reads a constant of the system; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks as f64 / hz.max(1) as f64)
+}
+
 /// A `/metrics` text, scraped from `addr`.
 pub fn scrape(addr: &str) -> String {
     let answer = telemetry::http_get(addr, "/metrics", Duration::from_secs(5))

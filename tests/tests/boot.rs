@@ -91,6 +91,12 @@ fn clock_reads_every_time_source() {
     );
     let tscs: Vec<u64> = rounds.iter().map(|l| field(l, "tsc").parse().unwrap()).collect();
     assert!(tscs.windows(2).all(|w| w[0] < w[1]) && tscs[0] >= values[1], "{tscs:?}");
+    // The idle port's read: the time the guest woke at (the next 100 Hz
+    // tick, up to 10 ms after the last reading), before the RDTSC after it.
+    let idle = line_with(&r.stdout, "clock: idle ");
+    let (woke, after): (u64, u64) = (field(idle, "woke").parse().unwrap(), field(idle, "after").parse().unwrap());
+    let last = tscs[3];
+    assert!(last < woke && woke <= after && woke - last <= 20_000_000, "{idle} (last reading {last})");
     assert_eq!(field(line_with(&r.stdout, "clock: hash"), "hash").len(), 16);
 }
 

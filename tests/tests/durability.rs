@@ -215,7 +215,12 @@ fn a_backup_keeps_a_bounded_amount_of_writes_when_no_console_client_reads() {
         .lines()
         .find_map(|l| l.split("kept for going live: ").nth(1)?.split(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("no disk stats from the backup:\n{}", r.stderr));
-    assert!(kept <= 64 << 20, "the backup kept {kept} bytes of writes");
+    // The primary's bound (64 MiB not yet applied, plus one notification:
+    // docs/storage.md), as the backup last heard of the primary's progress:
+    // with each batch, which output no longer forces at nearly every exit
+    // since a line is one exit (virtio-console), so it may lag a few exits'
+    // applies. Well below the ~98 MiB a backup that kept everything would.
+    assert!(kept <= (64 << 20) + (8 << 20), "the backup kept {kept} bytes of writes");
     assert_eq!(p.finish(LONG).code(), 0);
 }
 
@@ -232,7 +237,9 @@ fn a_snapshot_carries_the_writes_not_yet_applied() {
     let (mut p, _) = primary(
         params,
         &image,
-        &["--no-wait", "--testing-disk-stall-after-op", "0", "--save-snapshot", &snap, "--save-at-exit", "300"],
+        // Mid-run (the run is about 200 exits, its prints one exit each
+        // through the virtio-console), with writes pending.
+        &["--no-wait", "--testing-disk-stall-after-op", "0", "--save-snapshot", &snap, "--save-at-exit", "100"],
     );
     p.wait_line("saved a snapshot", LONG);
     p.kill();

@@ -87,6 +87,11 @@ fn header(image: &[u8], config: &VmConfig, disk: Option<&DiskPort>) -> Header {
         // Both sides of a pair give the VM the same MAC.
         vm.push_str(&format!(" net_mac={}", format_mac(&net.mac)));
     }
+    if !config.virtio_console {
+        // Another device set: a log, peer or snapshot of one VM does not
+        // fit the other.
+        vm.push_str(" no_virtio_console");
+    }
     Header {
         image_hash: replay::Digest(*blake3::hash(image).as_bytes()),
         config: vm,
@@ -410,7 +415,12 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
     let loaded = loader::load(&machine.mem, mem_size, &image).map_err(|e| usage(format!("guest image {name}: {e}")))?;
     let rdtsc_sites = rdtsc::rewrite(&machine.mem, &loaded.code_segments)
         .map_err(|e| usage(format!("guest image {name}: rewriting RDTSC: {e}")))?;
-    let devices = Devices::new(mem_size, disk.as_ref().map(|d| d.size()), config.net.as_ref().map(|n| n.mac));
+    let devices = Devices::with_virtio_console(
+        mem_size,
+        disk.as_ref().map(|d| d.size()),
+        config.net.as_ref().map(|n| n.mac),
+        config.virtio_console,
+    );
     let virtio: Vec<VirtioEntry> =
         devices.virtio_table().into_iter().map(|(slot, device_id)| VirtioEntry { slot, device_id }).collect();
     boot::write_boot_structures(&machine.mem, mem_size, config.cmdline.as_bytes(), &virtio)

@@ -127,6 +127,13 @@ pub struct Cli {
     #[arg(long, value_name = "tap:IFNAME[,mac=MAC]")]
     pub net: Option<NetSpec>,
 
+    /// Leave out the virtio-console: by default the guest has one beside
+    /// COM1 and guest-rt prints through it (a line is one exit, not one per
+    /// byte); without it guest-rt prints on COM1. Input is on COM1 either
+    /// way. A primary and its backup must agree on it.
+    #[arg(long)]
+    pub no_virtio_console: bool,
+
     /// Arbitrate going live on the `ftdisk` at ADDR (`ftdisk --arbiter-only`
     /// serves just that), for a pair without a shared disk on ftdisk: a
     /// partition then never leaves two live copies.
@@ -500,6 +507,7 @@ impl Cli {
             run_as,
             seccomp: !self.no_seccomp,
             net: self.net,
+            virtio_console: !self.no_virtio_console,
             mem_mib: self.mem_mib,
             cmdline: self.cmdline,
             serial,

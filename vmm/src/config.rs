@@ -67,6 +67,9 @@ pub struct VmConfig {
     pub disk: Option<DiskSpec>,
     /// The NIC: an existing TAP device and the VM's MAC.
     pub net: Option<NetSpec>,
+    /// Give the VM the virtio-console beside COM1 (`--no-virtio-console`:
+    /// not).
+    pub virtio_console: bool,
     /// An arbiter-only `ftdisk` for go-live arbitration (a pair without a
     /// shared disk on ftdisk).
     pub arbiter: Option<String>,
@@ -130,6 +133,7 @@ impl VmConfig {
             serial_input: None,
             disk: None,
             net: None,
+            virtio_console: true,
             arbiter: None,
             mode: Mode::Solo { record: None },
             heartbeat: Duration::from_millis(200),

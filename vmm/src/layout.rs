@@ -20,7 +20,8 @@
 //! | TSC port: a 32-bit read is a rewritten RDTSC | port 0xf6 | |
 //!
 //! Virtio devices take slots in a fixed order — the disk first, then the
-//! NIC — so a VM with only a NIC has it in slot 0. The guest learns which
+//! NIC, then the virtio-console (unless `--no-virtio-console`) — so a VM
+//! with only a NIC has it in slot 0. The guest learns which
 //! devices exist, and where, from the boot info's device table, never from
 //! constants of its own.
 
@@ -77,7 +78,9 @@ pub const COM1_IRQ: u8 = 4;
 pub const POST_PORT: u16 = 0x80;
 /// The guest writes the status the VM ends with here.
 pub const EXIT_PORT: u16 = 0xf4;
-/// A write idles the guest until an interrupt.
+/// A write idles the guest until an interrupt; a 32-bit read does too, and
+/// answers the virtual TSC at wake-up (EAX low half, EDX high half), so the
+/// guest's first clock read after idling costs no exit of its own.
 pub const IDLE_PORT: u16 = 0xf5;
 /// A 32-bit read here is a rewritten RDTSC.
 pub const TSC_PORT: u16 = 0xf6;

@@ -19,6 +19,7 @@ use crate::layout;
 use replay::TimeSource;
 use serde::{Deserialize, Serialize};
 use virtio::block::{Block, BlockState};
+use virtio::console::{Console, ConsoleState};
 use virtio::mmio::{MmioEvent, MmioState, MmioTransport, MmioWindow};
 use virtio::net::{Net, NetState};
 use virtio::RestoreError;
@@ -37,6 +38,7 @@ pub enum PortAction {
 pub enum VirtioSlot {
     Block(MmioTransport<Block>),
     Net(MmioTransport<Net>),
+    Console(MmioTransport<Console>),
 }
 
 impl VirtioSlot {
@@ -44,6 +46,7 @@ impl VirtioSlot {
         match self {
             VirtioSlot::Block(t) => t,
             VirtioSlot::Net(t) => t,
+            VirtioSlot::Console(t) => t,
         }
     }
 
@@ -51,6 +54,7 @@ impl VirtioSlot {
         match self {
             VirtioSlot::Block(t) => t,
             VirtioSlot::Net(t) => t,
+            VirtioSlot::Console(t) => t,
         }
     }
 
@@ -59,6 +63,7 @@ impl VirtioSlot {
         match self {
             VirtioSlot::Block(t) => virtio::VirtioDevice::device_id(&t.device),
             VirtioSlot::Net(t) => virtio::VirtioDevice::device_id(&t.device),
+            VirtioSlot::Console(t) => virtio::VirtioDevice::device_id(&t.device),
         }
     }
 }
@@ -68,6 +73,7 @@ impl VirtioSlot {
 pub enum VirtioSlotState {
     Block(MmioState<BlockState>),
     Net(MmioState<NetState>),
+    Console(MmioState<ConsoleState>),
 }
 
 /// All devices on the buses.
@@ -106,9 +112,15 @@ pub enum MmioAction {
 
 impl Devices {
     /// The devices of a VM with `mem_size` bytes, a disk of `disk_size`
-    /// bytes if it has one and a NIC with MAC `net_mac` if it has one (in
-    /// that slot order).
+    /// bytes if it has one and a NIC with MAC `net_mac` if it has one, and
+    /// the virtio-console (in that slot order).
     pub fn new(mem_size: u64, disk_size: Option<u64>, net_mac: Option<[u8; 6]>) -> Self {
+        Self::with_virtio_console(mem_size, disk_size, net_mac, true)
+    }
+
+    /// As [`Devices::new`], the virtio-console only if `console`
+    /// (`--no-virtio-console` leaves it out: the guest prints on COM1).
+    pub fn with_virtio_console(mem_size: u64, disk_size: Option<u64>, net_mac: Option<[u8; 6]>, console: bool) -> Self {
         let (uart, uart_irq, tx) = serial::com1();
         let mut virtio = Vec::new();
         if let Some(size) = disk_size {
@@ -116,6 +128,11 @@ impl Devices {
         }
         if let Some(mac) = net_mac {
             virtio.push(VirtioSlot::Net(MmioTransport::new(Net::new(mac))));
+        }
+        // Last, so the disk and the NIC keep the slots (and IRQs) they had
+        // before there was a console.
+        if console {
+            virtio.push(VirtioSlot::Console(MmioTransport::new(Console::new())));
         }
         Devices {
             uart,
@@ -253,6 +270,7 @@ impl Devices {
                 .map(|d| match d {
                     VirtioSlot::Block(t) => VirtioSlotState::Block(t.state()),
                     VirtioSlot::Net(t) => VirtioSlotState::Net(t.state()),
+                    VirtioSlot::Console(t) => VirtioSlotState::Console(t.state()),
                 })
                 .collect(),
         }
@@ -272,6 +290,7 @@ impl Devices {
             match (device, saved) {
                 (VirtioSlot::Block(t), VirtioSlotState::Block(s)) => t.restore(s)?,
                 (VirtioSlot::Net(t), VirtioSlotState::Net(s)) => t.restore(s)?,
+                (VirtioSlot::Console(t), VirtioSlotState::Console(s)) => t.restore(s)?,
                 _ => return Err(RestoreError::DeviceKinds),
             }
         }
@@ -340,5 +359,24 @@ mod tests {
 
         let mut diskless = Devices::new(64 << 20, None, None);
         assert!(diskless.restore(bincode::deserialize(&saved).unwrap()).is_err(), "a disk's state needs a disk");
+    }
+
+    #[test]
+    fn the_virtio_console_takes_the_last_slot_and_its_state_is_saved() {
+        const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let mut a = Devices::new(64 << 20, Some(1 << 20), Some(MAC));
+        assert_eq!(a.virtio_table(), vec![(0, 2), (1, 1), (2, 3)], "disk, NIC, console");
+        assert_eq!(Devices::new(64 << 20, None, None).virtio_table(), vec![(0, 3)]);
+        let mut without = Devices::with_virtio_console(64 << 20, Some(1 << 20), Some(MAC), false);
+        assert_eq!(without.virtio_table(), vec![(0, 2), (1, 1)]);
+        let status = layout::virtio_mmio_base(2) + virtio::mmio::reg::STATUS;
+        a.mmio_write(status, &3u32.to_le_bytes());
+        let saved = bincode::serialize(&a.state()).unwrap();
+        let mut b = Devices::new(64 << 20, Some(1 << 20), Some(MAC));
+        b.restore(bincode::deserialize(&saved).unwrap()).unwrap();
+        let mut got = [0u8; 4];
+        b.mmio_read(status, &mut got);
+        assert_eq!(u32::from_le_bytes(got), 3);
+        assert!(without.restore(bincode::deserialize(&saved).unwrap()).is_err(), "a console's state needs a console");
     }
 }

@@ -33,6 +33,11 @@ impl TxBuffer {
         std::mem::take(&mut *self.0.borrow_mut())
     }
 
+    /// Appends bytes another console device (the virtio-console) sent.
+    pub fn push(&self, bytes: &[u8]) {
+        self.0.borrow_mut().extend_from_slice(bytes);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.borrow().is_empty()
     }

@@ -163,6 +163,10 @@ impl Vmm {
                     self.clock.set(ns);
                     self.devices.advance_timers(self.clock.now_ns());
                 }
+                Event::TimeRead { source: TimeSource::Wake, ns } if self.wake_clock_due => {
+                    self.clock.set(ns);
+                    self.logged_wake_ns = Some(self.clock.now_ns());
+                }
                 Event::TimeRead { source, .. } => {
                     return Err(self.diverged(format_args!("a time read by {source:?}"), "no device reading time"));
                 }

@@ -28,25 +28,15 @@ impl Vmm {
                 let mut data = vec![0u8; usize::from(size) * count as usize];
                 if port == layout::TSC_PORT && size == 4 {
                     let tsc = self.read_time(TimeSource::Rdtsc)?;
+                    // A rewritten RDTSC gets RDTSC's EDX too. (A string IN
+                    // of more than 4 bytes reads zeros after the first.)
                     data[..4].copy_from_slice(&(tsc as u32).to_le_bytes());
-                    self.machine.complete_io_in(&data);
-                    if self.rdtsc_sites.contains(&position.rip) {
-                        // A rewritten RDTSC: the 32-bit IN put the low half in
-                        // EAX (zero-extended); EDX gets the high half, once the
-                        // IN has completed (setting registers earlier would
-                        // race KVM's completion of the emulated IN).
-                        self.machine.complete_pending_io()?;
-                        let mut regs = self
-                            .machine
-                            .vcpu
-                            .get_regs()
-                            .map_err(|err| VmError::Kvm { what: "reading registers", err })?;
-                        regs.rdx = tsc >> 32;
-                        self.machine
-                            .vcpu
-                            .set_regs(&regs)
-                            .map_err(|err| VmError::Kvm { what: "setting registers", err })?;
-                    }
+                    self.answer_tsc(&data, tsc, self.rdtsc_sites.contains(&position.rip))?;
+                } else if port == layout::IDLE_PORT && size == 4 && count == 1 {
+                    // An idle that wants the time it wakes at: answered
+                    // once the wait is over ([`Vmm::answer_wake_clock`]).
+                    self.wake_clock_due = true;
+                    action = PortAction::Idle;
                 } else {
                     for chunk in data.chunks_mut(usize::from(size.max(1))) {
                         self.port_read(port, chunk)?;
@@ -132,12 +122,48 @@ impl Vmm {
                 }
                 raise
             }
+            Some(VirtioSlot::Console(console)) => {
+                // Transmitted bytes join the UART's in the console output of
+                // this position: the same output rule, suppression on a
+                // replay and re-emit at go-live.
+                let mut bytes = Vec::new();
+                let raise = console.notify(queue, &machine.mem, &mut bytes);
+                devices.tx.push(&bytes);
+                raise
+            }
             None => false,
         };
         if raise {
             self.devices.virtio_interrupt(slot);
         }
         Ok(())
+    }
+
+    /// Before an exit's own work: the NIC transmits what the guest queued
+    /// since its last exit without notifying
+    /// ([`crate::devices::virtio::net::Net::poll`]).
+    ///
+    /// Those frames are what the guest wrote before it stopped at this
+    /// exit, so they depend on the inputs of the exits before it only —
+    /// none of this exit's, which are all taken after this (hence before
+    /// dispatch, whose DMA could change the ring). So they are outputs of
+    /// the previous exit: released once the backup has the log through it,
+    /// which it gets while the guest idles here ([`Vmm::wait_for_host_input`]
+    /// passes the previous exit). Stamped with this exit, a reply sent at
+    /// an idle would wait for the next input to end the idle: for the next
+    /// request, which waits for the reply.
+    pub(super) fn poll_nic(&mut self, position: Position) {
+        let Vmm { devices, machine, output, .. } = self;
+        let Some((slot, nic)) = devices.nic() else { return };
+        let mut sent = SentFrames(Vec::new());
+        let raise = nic.with_device(&machine.mem, |net, queues| net.poll(queues, &machine.mem, &mut sent));
+        let before = Position { exit: position.exit.saturating_sub(1), ..position };
+        for frame in sent.0 {
+            output.frame(before, frame);
+        }
+        if raise {
+            devices.virtio_interrupt(slot);
+        }
     }
 
     /// After an exit's own work: a disk whose last notification left
@@ -159,6 +185,35 @@ impl Vmm {
     }
 
     /// Reads the virtual clock for `source` at the current position.
+    /// Completes an IN of the TSC with `data` (its low half first): EAX
+    /// gets the low half (zero-extended) and, with `edx`, EDX the high
+    /// half of `tsc`, as RDTSC would.
+    fn answer_tsc(&mut self, data: &[u8], tsc: u64, edx: bool) -> Result<(), RunError> {
+        self.machine.complete_io_in(data);
+        if edx {
+            // Once the IN has completed: setting registers earlier would
+            // race KVM's completion of the emulated IN.
+            self.machine.complete_pending_io()?;
+            let mut regs =
+                self.machine.vcpu.get_regs().map_err(|err| VmError::Kvm { what: "reading registers", err })?;
+            regs.rdx = tsc >> 32;
+            self.machine.vcpu.set_regs(&regs).map_err(|err| VmError::Kvm { what: "setting registers", err })?;
+        }
+        Ok(())
+    }
+
+    /// The guest idled with a 32-bit IN from the idle port and has been
+    /// woken (its interrupt, if any, injected): it gets the virtual TSC of
+    /// now, a time reading logged after that interrupt — on a replay, the
+    /// one [`Vmm::take_inputs`] found there.
+    pub(super) fn answer_wake_clock(&mut self) -> Result<(), RunError> {
+        let tsc = match self.logged_wake_ns.take() {
+            Some(ns) => ns,
+            None => self.read_time(TimeSource::Wake)?,
+        };
+        self.answer_tsc(&(tsc as u32).to_le_bytes(), tsc, true)
+    }
+
     pub(super) fn read_time(&mut self, source: TimeSource) -> Result<u64, RunError> {
         let mut failed = None;
         take_time_reading(&mut self.inputs, &mut self.clock, 0, source, &mut failed);

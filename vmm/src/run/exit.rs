@@ -66,7 +66,9 @@ impl GuestExit {
     pub(super) fn class(&self) -> ExitClass {
         match *self {
             GuestExit::IoIn { port, .. } if is_clock_port(port) => ExitClass::ClockRead,
-            GuestExit::IoOut { port, .. } if port == layout::IDLE_PORT => ExitClass::Idle,
+            GuestExit::IoIn { port, .. } | GuestExit::IoOut { port, .. } if port == layout::IDLE_PORT => {
+                ExitClass::Idle
+            }
             GuestExit::IoOut { port, .. } if layout::PIT_PORTS.contains(&port) => ExitClass::Timer,
             GuestExit::IoIn { port, .. } | GuestExit::IoOut { port, .. } => port_class(port),
             GuestExit::MmioRead { .. } | GuestExit::MmioWrite { .. } => ExitClass::Mmio,

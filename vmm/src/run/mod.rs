@@ -85,6 +85,10 @@ pub struct Vmm {
     injected_at: u64,
     /// The exit at which the disk last served its queue (one share an exit).
     disk_served_at: u64,
+    /// This exit is an idle that answers the time it woke at.
+    wake_clock_due: bool,
+    /// That time, when a replay found it logged among the exit's inputs.
+    logged_wake_ns: Option<u64>,
     /// Testing aid (`--testing-die-before-disk-read`): disk reads to go
     /// before this primary dies.
     pub die_before_disk_read: Option<u64>,
@@ -145,6 +149,8 @@ impl Vmm {
             disk,
             injected_at: 0,
             disk_served_at: 0,
+            wake_clock_due: false,
+            logged_wake_ns: None,
             die_before_disk_read: None,
             rdtsc_sites,
             wall_clock_base_ns: header.wall_clock_base_ns,
@@ -300,6 +306,7 @@ impl Vmm {
                 let position = Position { exit: self.exits, rip: self.machine.exit_rip()? };
                 tracing::trace!(exit = self.exits, rip = format_args!("{:#x}", position.rip), kind = %exit.kind());
                 self.check_in(position, exit.kind())?;
+                self.poll_nic(position);
                 let action = self.dispatch(exit, position)?;
                 self.serve_disk_backlog(position)?;
                 let output = self.devices.tx.take();
@@ -314,6 +321,9 @@ impl Vmm {
             self.devices.advance_timers(self.clock.now_ns());
             self.digest_check_point(position)?;
             self.take_inputs(position, action == PortAction::Idle)?;
+            if std::mem::take(&mut self.wake_clock_due) {
+                self.answer_wake_clock()?;
+            }
             self.passed(position)?;
             self.maybe_save_snapshot(position.exit)?;
         }

@@ -1,7 +1,8 @@
 //! clock: reads time through every path ftvmm offers — IA32_TSC with RDMSR
 //! (at CPL0, in the boot hook: RDMSR faults at CPL3), then the PIT counter
-//! (latched), the CMOS RTC and RDTSC at CPL3 — and prints the readings and a
-//! hash over all of them.
+//! (latched), the CMOS RTC and RDTSC at CPL3, then the time an idle woke at
+//! (the idle port's 32-bit read) — and prints the readings and a hash over
+//! all of them.
 #![no_std]
 #![no_main]
 
@@ -79,6 +80,18 @@ fn main() -> u8 {
             tsc
         );
     }
+    // Idle until the next tick: the idle exit answers the time it woke at,
+    // after the last reading and no later than the next.
+    hw::pic_unmask(0);
+    let woke = guest_rt::wait_for_interrupt_clock();
+    let after = hw::rdtsc();
+    println!("clock: idle woke={} after={}", woke, after);
+    if woke <= last_tsc || after < woke {
+        println!("clock: the wake-up time is out of order");
+        return 1;
+    }
+    hash.u64(woke);
+    hash.u64(after);
     println!("clock: hash={:016x}", hash.0);
     0
 }

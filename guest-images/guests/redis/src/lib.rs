@@ -170,5 +170,63 @@ pub fn serve<D: BlockDev>(
     }
 }
 
+/// The bulk services, for measuring the NIC's throughput with a plain TCP
+/// client: discard (RFC 863) reads and drops whatever arrives; source
+/// sends [`SOURCE_BYTE`] for as long as the client reads, like RFC 864's
+/// character generator without its lines.
+pub const DISCARD_PORT: u16 = 9;
+pub const SOURCE_PORT: u16 = 19;
+/// What the source sends.
+pub const SOURCE_BYTE: u8 = b'x';
+
+/// One bulk service: a socket that listens again once its connection has
+/// closed, one connection at a time.
+pub struct Bulk {
+    pub handle: SocketHandle,
+    pub port: u16,
+}
+
+impl Bulk {
+    /// A bulk service on `port` (discard or source) over `socket`.
+    pub fn new(sockets: &mut SocketSet<'_>, mut socket: tcp::Socket<'static>, port: u16) -> Bulk {
+        let _ = socket.listen(port);
+        Bulk { handle: sockets.add(socket), port }
+    }
+
+    /// Moves what it can: the discard service drops every received byte,
+    /// the source fills its transmit buffer. True if it moved data. A
+    /// client that closes its half is answered with our close.
+    pub fn serve(&self, sockets: &mut SocketSet<'_>) -> bool {
+        let socket = sockets.get_mut::<tcp::Socket>(self.handle);
+        if !socket.is_open() {
+            let _ = socket.listen(self.port);
+            return false;
+        }
+        let mut moved = false;
+        // Both drop what they receive (a source's client sends nothing).
+        while let Ok(n) = socket.recv(|bytes| (bytes.len(), bytes.len())) {
+            if n == 0 {
+                break;
+            }
+            moved = true;
+        }
+        if self.port == SOURCE_PORT && socket.may_send() {
+            while let Ok(n) = socket.send(|buf| {
+                buf.fill(SOURCE_BYTE);
+                (buf.len(), buf.len())
+            }) {
+                if n == 0 {
+                    break;
+                }
+                moved = true;
+            }
+        }
+        if socket.state() == tcp::State::CloseWait {
+            socket.close();
+        }
+        moved
+    }
+}
+
 #[cfg(test)]
 mod tests;

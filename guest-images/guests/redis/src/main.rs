@@ -8,6 +8,9 @@
 //! CLIENT, SELECT 0); see the `resp` crate, which holds the parser, the
 //! store and the engine.
 //!
+//! Bulk services for throughput measurements: discard on TCP port 9, and a
+//! source of `x` bytes on port 19 (see `redis::Bulk`).
+//!
 //! Up to [`CONNS`] connections at once, each a listening socket that listens
 //! again once its connection has closed. Each round of the main loop reads
 //! what every connection received, answers every complete command in it
@@ -24,11 +27,12 @@
 #![no_main]
 
 use guest_rt::net::smoltcp::iface::{SocketSet, SocketStorage};
+use guest_rt::net::smoltcp::socket::tcp;
 use guest_rt::net::{IpConfig, IpConfigError, MacDisplay, Service, Stack};
 use guest_rt::virtio_blk::{self, Disk};
 use guest_rt::virtio_net;
 use guest_rt::{hw, println, Static};
-use redis::{listening_socket, serve, Conn, Round, PORT};
+use redis::{listening_socket, serve, Bulk, Conn, Round, DISCARD_PORT, PORT, SOURCE_PORT};
 use resp::{BlockDev, Engine, Entry, Journal, Store};
 
 guest_rt::entry!(main);
@@ -50,6 +54,10 @@ const KEYS: usize = 16 * 1024;
 const INDEX: usize = 32 * 1024;
 /// The journal's batch buffer.
 const JOURNAL: usize = 64 * 1024;
+/// The bulk services' socket buffers, each way (window scaling makes all of
+/// it the TCP window: a receive window of 64 KiB held the guest to 64 KiB a
+/// commit round trip with a backup).
+const BULK_BUF: usize = 256 * 1024;
 
 /// Everything large, all zero (so it is .bss and costs the image nothing).
 struct Memory {
@@ -59,6 +67,8 @@ struct Memory {
     socket_rx: [[u8; SOCKET_RX]; CONNS],
     socket_tx: [[u8; SOCKET_TX]; CONNS],
     inputs: [[u8; INPUT]; CONNS],
+    bulk_rx: [[u8; BULK_BUF]; 2],
+    bulk_tx: [[u8; BULK_BUF]; 2],
 }
 
 static MEMORY: Static<Memory> = Static::new(Memory {
@@ -68,9 +78,12 @@ static MEMORY: Static<Memory> = Static::new(Memory {
     socket_rx: [[0; SOCKET_RX]; CONNS],
     socket_tx: [[0; SOCKET_TX]; CONNS],
     inputs: [[0; INPUT]; CONNS],
+    bulk_rx: [[0; BULK_BUF]; 2],
+    bulk_tx: [[0; BULK_BUF]; 2],
 });
 
-static SOCKETS: Static<[SocketStorage<'static>; CONNS]> = Static::new([SocketStorage::EMPTY; CONNS]);
+/// The Redis connections' sockets and the two bulk services'.
+static SOCKETS: Static<[SocketStorage<'static>; CONNS + 2]> = Static::new([SocketStorage::EMPTY; CONNS + 2]);
 
 /// The virtio disk as the journal's block device.
 struct DiskDev(Disk);
@@ -93,6 +106,14 @@ impl BlockDev for DiskDev {
     fn write_and_flush(&mut self, sector: u64, buf: &[u8]) -> bool {
         self.0.write_and_flush(sector, buf)
     }
+}
+
+/// A bulk service's socket: Nagle off, [`BULK_BUF`] each way.
+fn bulk_socket(rx: &'static mut [u8], tx: &'static mut [u8]) -> tcp::Socket<'static> {
+    let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
+    socket.set_nagle_enabled(false);
+    socket.set_timeout(Some(guest_rt::net::smoltcp::time::Duration::from_secs(30)));
+    socket
 }
 
 fn main() -> u8 {
@@ -155,6 +176,12 @@ fn main() -> u8 {
         |((rx, tx), input)| Conn::new(sockets.add(listening_socket(&mut rx[..], &mut tx[..], PORT)), &mut input[..]),
     );
     let mut slots: [Conn; CONNS] = core::array::from_fn(|_| conns.next().expect("one socket per slot"));
+    let [discard_rx, source_rx] = &mut memory.bulk_rx;
+    let [discard_tx, source_tx] = &mut memory.bulk_tx;
+    let bulk = [
+        Bulk::new(&mut sockets, bulk_socket(&mut discard_rx[..], &mut discard_tx[..]), DISCARD_PORT),
+        Bulk::new(&mut sockets, bulk_socket(&mut source_rx[..], &mut source_tx[..]), SOURCE_PORT),
+    ];
 
     match disk_note {
         (true, keys, records, used, total) => println!(
@@ -175,16 +202,20 @@ fn main() -> u8 {
         ),
     }
 
-    stack.run(&mut sockets, |sockets, _now| match serve(sockets, &mut engine, &mut slots, PORT) {
-        Round::Busy => Service::Busy,
-        Round::Idle => Service::Idle,
-        Round::Shutdown => {
-            println!("redis: shutting down ({} commands served)", engine.commands());
-            Service::Exit(0)
-        }
-        Round::DiskFailed => {
-            println!("redis: the disk failed; stopping without sending replies for writes that may not be durable");
-            Service::Exit(3)
+    stack.run(&mut sockets, |sockets, _now| {
+        let bulk_moved = bulk.iter().fold(false, |moved, b| b.serve(sockets) | moved);
+        match serve(sockets, &mut engine, &mut slots, PORT) {
+            Round::Busy => Service::Busy,
+            Round::Idle if bulk_moved => Service::Busy,
+            Round::Idle => Service::Idle,
+            Round::Shutdown => {
+                println!("redis: shutting down ({} commands served)", engine.commands());
+                Service::Exit(0)
+            }
+            Round::DiskFailed => {
+                println!("redis: the disk failed; stopping without sending replies for writes that may not be durable");
+                Service::Exit(3)
+            }
         }
     })
 }

@@ -1,4 +1,12 @@
-//! The COM1 16550 console: polled output, interrupt-driven input.
+//! The console: output through the virtio-console when the VM has one (a
+//! print call is one exit: [`crate::virtio_console`]), else on COM1, the
+//! 16550 (polled, one exit a byte); input always from COM1, interrupt-
+//! driven.
+//!
+//! Every print call is a unit: `println!` formats its line and newline in
+//! one call, so a line costs one notify. A print from an interrupt or
+//! exception handler that ran at an exit of another print, and the panic
+//! message of a panic inside one, go to COM1: they always come out.
 
 use crate::hw::{inb, outb};
 use core::fmt::Write;
@@ -12,11 +20,19 @@ pub const COM1_IRQ: u8 = 4;
 const TX_FIFO: usize = 16;
 static FIFO_ON: AtomicBool = AtomicBool::new(false);
 
+/// Prints bytes: through the virtio-console if the VM has one, else on
+/// COM1.
+pub fn print_bytes(bytes: &[u8]) {
+    if !crate::virtio_console::print_bytes(bytes) {
+        uart_print_bytes(bytes);
+    }
+}
+
 /// Writes bytes to COM1, waiting for the transmitter like a real driver:
 /// with the FIFOs on, a transmitter that reports itself empty (LSR.THRE)
 /// takes a FIFO's worth, so the status is read once per 16 bytes, not per
 /// byte (each access is an exit: half the exits of a line).
-pub fn print_bytes(bytes: &[u8]) {
+pub fn uart_print_bytes(bytes: &[u8]) {
     if !FIFO_ON.swap(true, Ordering::Relaxed) {
         // FCR: enable the FIFOs, clear both.
         outb(COM1 + 2, 0x07);
@@ -33,18 +49,22 @@ pub fn print_str(s: &str) {
     print_bytes(s.as_bytes());
 }
 
-struct Console;
+/// COM1 as a formatting target.
+struct Uart;
 
-impl Write for Console {
+impl Write for Uart {
     fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        print_str(s);
+        uart_print_bytes(s.as_bytes());
         Ok(())
     }
 }
 
-/// Formats to COM1 (see the `println!` macro).
+/// Formats to the console (see the `println!` macro): through the
+/// virtio-console in one notify if the VM has one, else on COM1.
 pub fn print_fmt(args: core::fmt::Arguments) {
-    let _ = Console.write_fmt(args);
+    if !crate::virtio_console::print_fmt(args) {
+        let _ = Uart.write_fmt(args);
+    }
 }
 
 /// Enables the receive-data interrupt on COM1 (the PIC line still needs unmasking).
@@ -63,13 +83,14 @@ pub fn try_read_byte() -> Option<u8> {
     }
 }
 
+/// Prints a line: the text and its newline in one print call (one notify
+/// of the virtio-console).
 #[macro_export]
 macro_rules! println {
     () => { $crate::console::print_str("\n") };
-    ($($arg:tt)*) => {{
-        $crate::console::print_fmt(format_args!($($arg)*));
-        $crate::console::print_str("\n");
-    }};
+    ($($arg:tt)*) => {
+        $crate::console::print_fmt(format_args!("{}\n", format_args!($($arg)*)))
+    };
 }
 
 #[macro_export]

@@ -1,9 +1,9 @@
 //! guest-rt: what every ftvmm guest shares.
 //!
-//! Owns the boot stub (`boot`), CPL3 interrupt dispatch, port I/O, the COM1
-//! console, the PIC/PIT helpers, the ftvmm platform ports (exit, idle, exit
-//! point), the boot info and command line, and the `mem*` symbols a
-//! freestanding Rust binary needs.
+//! Owns the boot stub (`boot`), CPL3 interrupt dispatch, port I/O, the
+//! console (virtio-console or COM1), the PIC/PIT helpers, the ftvmm
+//! platform ports (exit, idle, exit point), the boot info and command
+//! line, and the `mem*` symbols a freestanding Rust binary needs.
 //!
 //! Guests run at CPL3 with interrupts always enabled (see `boot`). Interrupts reach a guest only when it exits
 //! to the VMM (port I/O, MMIO...): ftvmm injects them at guest-caused exits so
@@ -20,6 +20,7 @@ mod mem;
 pub mod net;
 pub mod virtio;
 pub mod virtio_blk;
+pub mod virtio_console;
 pub mod virtio_net;
 
 use core::cell::UnsafeCell;
@@ -29,7 +30,8 @@ pub use console::{print_bytes, print_str};
 
 /// Port the guest writes its exit status to; ftvmm exits with that status.
 pub const EXIT_PORT: u16 = 0xf4;
-/// Port whose write means "halt until an interrupt" (HLT faults at CPL3).
+/// Port whose write means "halt until an interrupt" (HLT faults at CPL3);
+/// a 32-bit read idles too and answers the virtual TSC at wake-up.
 pub const IDLE_PORT: u16 = 0xf5;
 /// Port whose 32-bit read returns the low half of the virtual TSC; ftvmm
 /// rewrites each RDTSC in a guest image into `in eax, 0xf6` and completes it
@@ -75,7 +77,7 @@ pub struct VirtioSlot {
     pub mmio_base: u64,
     /// Size of its register window.
     pub mmio_size: u64,
-    /// Virtio device id: 1 = network card, 2 = block device.
+    /// Virtio device id: 1 = network card, 2 = block device, 3 = console.
     pub device_id: u32,
     /// PIC line of its interrupt.
     pub irq: u32,
@@ -232,6 +234,23 @@ pub fn exit_point() {
 #[inline]
 pub fn wait_for_interrupt() {
     hw::outb(IDLE_PORT, 0);
+}
+
+/// Like [`wait_for_interrupt`], and returns the virtual TSC at wake-up
+/// (what an RDTSC right after it would read, once the interrupt has been
+/// handled): the same exit answers both, so a loop that wants the time
+/// after idling does not pay a clock exit for it.
+#[inline]
+pub fn wait_for_interrupt_clock() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: a port read: an exit to ftvmm, which idles the vCPU and then
+    // sets EAX and EDX (no memory effects, hence no `nomem`: see hw's docs).
+    unsafe {
+        core::arch::asm!("in eax, {port}", port = const IDLE_PORT, out("eax") lo, out("edx") hi,
+            options(nostack, preserves_flags))
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
 }
 
 /// Handler for a PIC line, called at CPL3. It can itself be interrupted,

@@ -9,7 +9,8 @@
 //! Time: ftvmm turns each RDTSC into an exit answered from the virtual clock
 //! (1 GHz), so [`now`] is virtual time and every smoltcp timer (retransmits,
 //! delayed ACKs, TIME-WAIT) replays exactly on a backup. Reading it costs an
-//! exit, so the loop reads it once per round.
+//! exit, so the loop reads it once per round, and not at all in a round
+//! that follows an idle: the idle exit answers the time it woke at.
 //!
 //! Idling: when smoltcp has nothing to do, PIT channel 0 is armed as a
 //! one-shot for smoltcp's next deadline (at most 65535 PIT ticks, about
@@ -28,8 +29,13 @@ pub use smoltcp;
 
 /// The virtual clock as smoltcp time.
 pub fn now() -> Instant {
-    // RDTSC counts virtual nanoseconds under ftvmm (TSC_HZ = 1 GHz).
-    Instant::from_micros((hw::rdtsc() / 1000) as i64)
+    tsc_instant(hw::rdtsc())
+}
+
+/// A virtual TSC reading as smoltcp time.
+fn tsc_instant(tsc: u64) -> Instant {
+    // The TSC counts virtual nanoseconds under ftvmm (TSC_HZ = 1 GHz).
+    Instant::from_micros((tsc / 1000) as i64)
 }
 
 /// smoltcp's view of the network card.
@@ -294,19 +300,22 @@ impl Stack {
     /// Only the network and the timer count as work: an interrupt for
     /// something else (the NIC completing transmits, say) does not keep
     /// the guest from idling.
-    pub fn idle(&mut self, now: Instant, sockets: &SocketSet<'_>, seen: Wakeups) {
+    ///
+    /// Returns the time it woke at if it waited (the idle exit answers it),
+    /// so that the next round needs no clock read of its own.
+    pub fn idle(&mut self, now: Instant, sockets: &SocketSet<'_>, seen: Wakeups) -> Option<Instant> {
         match self.iface.poll_delay(now, sockets) {
-            Some(Duration::ZERO) => return,
+            Some(Duration::ZERO) => return None,
             Some(delay) => self.arm_timer(now, delay),
             None => {}
         }
         // The PIT writes were exits, where frames and the timer may have
         // come: check after them. After this check the only exit is the
-        // idle port write itself, which wakes on any later interrupt.
+        // idle port read itself, which wakes on any later interrupt.
         if self.wakeups() != seen || self.device.nic().rx.pending() {
-            return;
+            return None;
         }
-        crate::wait_for_interrupt();
+        Some(tsc_instant(crate::wait_for_interrupt_clock()))
     }
 
     /// Arms the one-shot for `now + delay`, unless one that fires no later
@@ -332,9 +341,12 @@ impl Stack {
         sockets: &mut SocketSet<'_>,
         mut service: impl FnMut(&mut SocketSet<'_>, Instant) -> Service,
     ) -> u8 {
+        let mut woke_at = None;
         loop {
             let seen = self.wakeups();
-            let now = now();
+            // After an idle, the time it woke at is now enough: nothing
+            // ran since but the interrupt handler.
+            let now = woke_at.take().unwrap_or_else(now);
             self.poll(now, sockets);
             loop {
                 match service(sockets, now) {
@@ -350,7 +362,7 @@ impl Stack {
                     }
                 }
             }
-            self.idle(now, sockets, seen);
+            woke_at = self.idle(now, sockets, seen);
         }
     }
 }

@@ -4,9 +4,9 @@
 //!
 //! Devices are found through the boot info's device table ([`find`]). Each
 //! register access is an MMIO exit to the VMM (about 35 µs under ftvmm), so
-//! the drivers touch registers only to set a device up, to notify a queue
-//! and to acknowledge an interrupt; everything else (used rings, buffers)
-//! is read from memory.
+//! the drivers touch registers only to set a device up and to notify a
+//! queue; everything else (used rings, buffers) is read from memory, and
+//! interrupts need no acknowledgement ([`on_interrupt`]).
 //!
 //! Bring-up, in the order virtio 1.x (§3.1.1) prescribes:
 //! [`Transport::negotiate`] (reset, ACKNOWLEDGE, DRIVER, features,
@@ -15,7 +15,7 @@
 
 use crate::BootInfo;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-use core::sync::atomic::{fence, AtomicUsize, Ordering};
+use core::sync::atomic::{fence, Ordering};
 
 /// `"virt"`, the value of [`reg::MAGIC`].
 pub const MAGIC: u32 = 0x7472_6976;
@@ -64,6 +64,7 @@ pub mod status {
 pub mod device_id {
     pub const NET: u32 = 1;
     pub const BLOCK: u32 = 2;
+    pub const CONSOLE: u32 = 3;
 }
 
 /// Interrupt status bits: a used ring was updated / the configuration changed.
@@ -130,18 +131,13 @@ pub fn find(device_id: u32) -> Option<Transport> {
     Transport::probe(LEGACY_PROBE_BASE, LEGACY_PROBE_IRQ, device_id)
 }
 
-/// Device base of each PIC line with a virtio interrupt handler (0: none).
-static IRQ_DEVICES: [AtomicUsize; 16] = [const { AtomicUsize::new(0) }; 16];
-
-/// The interrupt handler of every virtio device: acknowledges both causes
-/// with one register write (one exit; acknowledging a cause that is not
-/// pending is harmless). Drivers learn what happened from their used rings.
-fn on_interrupt(irq: u8) {
-    let base = IRQ_DEVICES.get(usize::from(irq)).map_or(0, |b| b.load(Ordering::Acquire));
-    if base != 0 {
-        Transport { base, irq, device_id: 0 }.ack_interrupt(INTERRUPT_USED_RING | INTERRUPT_CONFIG);
-    }
-}
+/// Every virtio interrupt's handler: nothing to do. ftvmm raises a virtio
+/// interrupt as an edge (a pulse on the device's PIC line per batch of used
+/// buffers), never as a level held until the driver acknowledges it, so
+/// the handler writes no INTERRUPT_ACK (which would be one more MMIO exit
+/// per interrupt); the drivers learn what happened from their used rings.
+/// The interrupt's work is to wake an idle guest, done by taking it.
+fn on_interrupt(_irq: u8) {}
 
 impl Transport {
     /// The device at `base` if its registers say it is a version-2
@@ -246,11 +242,8 @@ impl Transport {
     /// Installs the interrupt handler for the device's line and unmasks it
     /// (after `hw::pic_init`).
     pub fn enable_interrupt(&self) {
-        if let Some(slot) = IRQ_DEVICES.get(usize::from(self.irq)) {
-            slot.store(self.base, Ordering::Release);
-            crate::set_irq_handler(self.irq, on_interrupt);
-            crate::hw::pic_unmask(self.irq);
-        }
+        crate::set_irq_handler(self.irq, on_interrupt);
+        crate::hw::pic_unmask(self.irq);
     }
 
     /// Tells the device the driver is ready: it may use the queues now.

@@ -14,9 +14,11 @@
 //!
 //! Transmit: one descriptor per frame (header and frame in one buffer);
 //! frames queue up until [`Tx::flush`] notifies the device once for the
-//! whole batch. ftvmm sends them during that notify exit, and the driver
-//! reclaims the used descriptors when it next needs one. Transmit
-//! interrupts are suppressed.
+//! whole batch — or does not, when the device says it needs no notify
+//! (ftvmm polls the transmit ring at every exit, so the batch goes out at
+//! the guest's next exit: its idle, typically). The driver reclaims the
+//! used descriptors when it next needs one. Transmit interrupts are
+//! suppressed.
 
 use crate::virtio::{self, device_id, Buffer, InitError, Transport, Virtqueue};
 use crate::Static;
@@ -220,7 +222,9 @@ impl Tx {
     pub fn reserve(&mut self) -> bool {
         while self.queue.pop_used().is_some() {}
         if self.queue.num_free() == 0 && self.pending > 0 {
-            self.flush();
+            // A notify even if the device polls: the ring is full now.
+            self.pending = 0;
+            self.transport.notify(TX_QUEUE);
             while self.queue.pop_used().is_some() {}
         }
         self.queue.num_free() > 0
@@ -247,11 +251,16 @@ impl Tx {
         usize::from(self.pending)
     }
 
-    /// Notifies the device of the queued frames (one exit per batch).
+    /// Notifies the device of the queued frames (one exit per batch),
+    /// unless it said it needs no notify (`VIRTQ_USED_F_NO_NOTIFY`: ftvmm
+    /// picks them up at the guest's next exit, which an idle or a poll
+    /// makes anyway).
     pub fn flush(&mut self) {
         if self.pending > 0 {
             self.pending = 0;
-            self.transport.notify(TX_QUEUE);
+            if self.queue.device_wants_notify() {
+                self.transport.notify(TX_QUEUE);
+            }
         }
     }
 }

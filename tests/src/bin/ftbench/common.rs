@@ -47,6 +47,42 @@ pub(crate) fn free_addr() -> String {
 
 /// [`time_ft`], with more flags for the primary and the backup.
 pub(crate) fn time_ft_flags(guest: &str, cmdline: &str, p_flags: &[String], b_flags: &[String]) -> (f64, String) {
+    let run = run_ft(guest, cmdline, p_flags, b_flags);
+    (run.secs, run.stderr)
+}
+
+/// CPU seconds (user + system) of the children reaped by `reap`: run it
+/// with no other child of ftbench exiting meanwhile.
+pub(crate) fn reaped_cpu<T>(reap: impl FnOnce() -> T) -> (T, f64) {
+    let children = || {
+        // SAFETY: getrusage fills the zeroed struct it is given.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; RUSAGE_CHILDREN is always valid.
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        secs(usage.ru_utime) + secs(usage.ru_stime)
+    };
+    let before = children();
+    let result = reap();
+    (result, children() - before)
+}
+
+/// Median CPU seconds of `runs` runs of `ftvmm args` alone.
+pub(crate) fn cpu_runs(args: &[&str], runs: usize) -> f64 {
+    median((0..runs).map(|_| reaped_cpu(|| time_runs(args, 1)).1).collect())
+}
+
+/// A primary's run with its backup: wall seconds, the primary's stderr and
+/// both VMMs' CPU seconds.
+pub(crate) struct FtRun {
+    pub(crate) secs: f64,
+    pub(crate) stderr: String,
+    pub(crate) primary_cpu: f64,
+    pub(crate) backup_cpu: f64,
+}
+
+/// [`time_ft_flags`], with the CPU each VMM used.
+pub(crate) fn run_ft(guest: &str, cmdline: &str, p_flags: &[String], b_flags: &[String]) -> FtRun {
     let addr = free_addr();
     let mut bargs = vec!["--backup", "--guest", guest, "--cmdline", cmdline, "--connect", &addr];
     bargs.extend(b_flags.iter().map(String::as_str));
@@ -55,12 +91,12 @@ pub(crate) fn time_ft_flags(guest: &str, cmdline: &str, p_flags: &[String], b_fl
     let start = Instant::now();
     let mut args = vec!["--primary", "--guest", guest, "--cmdline", cmdline, "--listen", &addr, "--stats"];
     args.extend(p_flags.iter().map(String::as_str));
-    let r = wait(ftvmm(&args).spawn().expect("spawn ftvmm"), TIMEOUT);
-    let elapsed = start.elapsed().as_secs_f64();
+    let (r, primary_cpu) = reaped_cpu(|| wait(ftvmm(&args).spawn().expect("spawn ftvmm"), TIMEOUT));
+    let secs = start.elapsed().as_secs_f64();
     assert_eq!(r.status, Some(0), "primary failed: {}", r.stderr);
-    let b = backup.finish(TIMEOUT);
+    let (b, backup_cpu) = reaped_cpu(|| backup.finish(TIMEOUT));
     assert_eq!(b.status, Some(0), "backup failed: {}", b.stderr);
-    (elapsed, r.stderr)
+    FtRun { secs, stderr: r.stderr, primary_cpu, backup_cpu }
 }
 
 pub(crate) fn stat(stderr: &str, key: &str) -> Option<u64> {

@@ -2,7 +2,7 @@
 //! output-commit latency, the failover time from SIGKILL of the primary to
 //! the new primary's first output, and the log bandwidth.
 
-use crate::common::{median, stat, time_ft, time_runs};
+use crate::common::{cpu_runs, median, run_ft, stat, time_ft, time_runs, FtRun};
 use ftvmm_tests::{Proc, Scratch};
 use std::io::Read;
 use std::net::TcpStream;
@@ -50,6 +50,25 @@ fn failover_ms() -> f64 {
     assert_eq!(n, 1, "the backup never spoke");
     drop(b);
     ms
+}
+
+/// The FT overhead in CPU, which contention for the cores cannot blur:
+/// the primary's CPU seconds alone and with a backup, and the backup's,
+/// per unit of the guest's work.
+pub(crate) fn cpu_overhead(runs: usize) {
+    println!("## FT overhead in CPU seconds (user + system, all threads; median of {runs} runs)\n");
+    println!("| workload | unit | primary alone | primary with a backup | ratio | backup |");
+    println!("|---|---|---|---|---|---|");
+    for (guest, cmdline, unit, units) in
+        [("compute", "rounds=3000 kib=4096", "run", 1.0), ("ticker", "hz=1000 ticks=2000", "1,000 ticks", 2.0)]
+    {
+        let alone = cpu_runs(&["--guest", guest, "--cmdline", cmdline], runs) / units;
+        let pairs: Vec<FtRun> = (0..runs).map(|_| run_ft(guest, cmdline, &[], &[])).collect();
+        let primary = median(pairs.iter().map(|r| r.primary_cpu).collect()) / units;
+        let backup = median(pairs.iter().map(|r| r.backup_cpu).collect()) / units;
+        println!("| {guest} ({cmdline}) | {unit} | {alone:.3} | {primary:.3} | {:.2} | {backup:.3} |", primary / alone);
+    }
+    println!();
 }
 
 pub(crate) fn fault_tolerance(runs: usize) {

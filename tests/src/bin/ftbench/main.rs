@@ -11,7 +11,9 @@
 //! FT overhead ratio (throughput with a backup attached ÷ alone) for
 //! `compute` and `ticker`, the output-commit latency, the failover time from
 //! SIGKILL of the primary to the new primary's first output, and the log
-//! bandwidth.
+//! bandwidth; and the FT overhead in CPU seconds (the primary's alone and
+//! with a backup, and the backup's) per run of `compute` and per 1,000
+//! ticks of `ticker`.
 //!
 //! kvstore: set and get throughput and latency through the guest's TCP
 //! console, alone and with a backup attached, the disk on ftdisk.
@@ -23,8 +25,11 @@
 //!
 //! redis (root: network-namespace hosts with TAPs): stock redis-benchmark
 //! against the redis guest alone and with a backup attached (ops/s, p50,
-//! p99, the FT ratio), unpipelined and pipelined; the pause a client on one
-//! connection sees at a failover, for SIGKILL and for a silent death; and
+//! p99, the FT ratio), unpipelined and pipelined, with the exits and the
+//! VMMs' CPU seconds a request costs; bulk TCP throughput (the guest's
+//! discard and source services: MB/s received and sent, and the log
+//! bandwidth); the pause a client on one connection sees at a failover,
+//! for SIGKILL and for a silent death; and
 //! the same redis-benchmark against a real redis-server on this host, as
 //! context for what virtualization costs here.
 //!
@@ -58,7 +63,8 @@
 //! Seccomp (`--only seccomp`, not in the default run): the FT ratio and
 //! commit latency of `compute` and `ticker` with the filters on and off.
 //!
-//! `--only SECTION` (record-replay, ft, commit, sync, kvstore, join, redis, tls, disk, metrics, seccomp) runs one section.
+//! `--only SECTION` (record-replay, ft, commit, sync, kvstore, join, redis, bulk, tls, disk, metrics, seccomp) runs
+//! one section (`bulk`: the bulk throughput of the redis section alone).
 //!
 //! `ftbench soak --minutes N [--load]`: memory over time and false
 //! failovers. It runs a `ticker` pair at 1 kHz with no console client, one
@@ -122,6 +128,7 @@ fn main() {
                     "kvstore",
                     "join",
                     "redis",
+                    "bulk",
                     "tls",
                     "disk",
                     "metrics",
@@ -133,7 +140,8 @@ fn main() {
             }
             _ => {
                 eprintln!(
-                    "usage: ftbench [--runs N] [--only record-replay|ft|commit|sync|kvstore|join|redis|tls|disk|metrics|seccomp]"
+                    "usage: ftbench [--runs N] [--only \
+                     record-replay|ft|commit|sync|kvstore|join|redis|bulk|tls|disk|metrics|seccomp]"
                 );
                 std::process::exit(2);
             }
@@ -145,6 +153,7 @@ fn main() {
     }
     if wanted("ft") {
         fault_tolerance(runs);
+        ft::cpu_overhead(runs);
     }
     if wanted("commit") {
         commit_hops(runs);
@@ -160,6 +169,9 @@ fn main() {
     }
     if wanted("redis") {
         redis_bench(runs);
+    }
+    if only.as_deref() == Some("bulk") {
+        redis::bulk_bench(runs);
     }
     if wanted("disk") {
         disk_bench(runs);

@@ -6,6 +6,8 @@ use crate::common::{median, Security};
 use ftvmm_tests::lab::Lab;
 use ftvmm_tests::resp::{Reply, RespConn};
 use ftvmm_tests::{ftdisk_bin, Proc, Scratch};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 /// redis-benchmark's CSV: test → (rps, p50 ms, p99 ms).
@@ -147,6 +149,106 @@ fn per_request(before: &[(String, f64)], after: &[(String, f64)], requests: u32)
     format!("{total:.2} ({})", parts.join(", "))
 }
 
+/// CPU seconds so far of each of `vm`'s VMMs (primary first).
+fn vmm_cpu(vm: &RedisVm) -> Vec<f64> {
+    vm.procs.iter().map(|p| ftvmm_tests::cpu_seconds(p.child.id()).unwrap_or(f64::NAN)).collect()
+}
+
+/// The primary's log bytes sent so far (0 alone).
+fn log_bytes_sent(metrics: &str) -> f64 {
+    ftvmm_tests::metric(&ftvmm_tests::scrape(metrics), "ftvmm_log_sent_bytes_total").unwrap_or(0.0)
+}
+
+/// Sends `bytes` to the guest's discard service (TCP 9) and waits for it
+/// to close after ours: seconds.
+fn discard_secs(vm: &str, bytes: usize) -> f64 {
+    let mut conn = TcpStream::connect((vm, 9)).expect("the guest's discard service");
+    conn.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let chunk = vec![b'd'; 64 * 1024];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        conn.write_all(&chunk[..n]).expect("send to discard");
+        left -= n;
+    }
+    conn.shutdown(Shutdown::Write).expect("shutdown");
+    // The guest closes once it has read everything: its FIN.
+    let _ = conn.read(&mut [0u8; 1]);
+    start.elapsed().as_secs_f64()
+}
+
+/// Reads `bytes` from the guest's source service (TCP 19): seconds.
+fn source_secs(vm: &str, bytes: usize) -> f64 {
+    let mut conn = TcpStream::connect((vm, 19)).expect("the guest's source service");
+    conn.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let mut buf = vec![0u8; 64 * 1024];
+    let start = Instant::now();
+    let mut got = 0;
+    while got < bytes {
+        let n = conn.read(&mut buf).expect("read from source");
+        assert!(n > 0, "the source closed after {got} bytes");
+        assert!(buf[..n].iter().all(|&b| b == b'x'), "the source sent something else than x");
+        got += n;
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// Bulk TCP throughput through the guest's NIC: one connection to the
+/// redis guest's discard service (the guest receives) and one to its
+/// source (it sends), alone and with a backup; the log bandwidth the
+/// received data costs (it is logged, frame by frame); both VMMs' CPU.
+fn bulk_throughput(dir: &Scratch, runs: usize) {
+    const MIB: usize = 32;
+    println!(
+        "### Bulk TCP throughput: {MIB} MiB to the guest's discard service and {MIB} MiB from its source, one \
+         connection each (median of {runs})\n"
+    );
+    println!("| setup | receive MB/s | send MB/s | log MB/s while receiving | primary CPU s | backup CPU s |");
+    println!("|---|---|---|---|---|---|");
+    let bytes = MIB << 20;
+    let mut alone = (0.0, 0.0);
+    for with_backup in [false, true] {
+        let vm = redis_vm(with_backup, dir);
+        let metrics = vm.vm.replace(".10", ".1:9400");
+        let cpu_before = vmm_cpu(&vm);
+        let mut rx = Vec::new();
+        let mut tx = Vec::new();
+        let mut log = Vec::new();
+        for _ in 0..runs {
+            let log_before = log_bytes_sent(&metrics);
+            let secs = discard_secs(&vm.vm, bytes);
+            rx.push(bytes as f64 / secs / 1e6);
+            log.push((log_bytes_sent(&metrics) - log_before) / secs / 1e6);
+            tx.push(bytes as f64 / source_secs(&vm.vm, bytes) / 1e6);
+        }
+        let cpu: Vec<f64> = vmm_cpu(&vm).iter().zip(&cpu_before).map(|(a, b)| a - b).collect();
+        let (rx, tx) = (median(rx), median(tx));
+        let setup = if with_backup {
+            format!("with a backup ({:.2}× / {:.2}× alone)", rx / alone.0, tx / alone.1)
+        } else {
+            alone = (rx, tx);
+            "alone".to_string()
+        };
+        let backup_cpu = cpu.get(1).map_or("–".to_string(), |c| format!("{c:.2}"));
+        println!(
+            "| {setup} | {rx:.1} | {tx:.1} | {:.1} | {:.2} | {backup_cpu} |",
+            median(log),
+            cpu.first().copied().unwrap_or(f64::NAN)
+        );
+    }
+    println!();
+}
+
+/// `--only bulk`: [`bulk_throughput`] alone.
+pub(crate) fn bulk_bench(runs: usize) {
+    if !ftvmm_tests::lab::is_root() {
+        println!("### bulk: needs root (network namespaces); skipped\n");
+        return;
+    }
+    bulk_throughput(&Scratch::new("bench-bulk"), runs);
+}
+
 /// The longest pause a client on one connection sees around the primary's
 /// death (`signal`: KILL, or STOP for a silent death).
 fn failover_pause_ms(signal: &str, dir: &Scratch) -> f64 {
@@ -180,16 +282,31 @@ pub(crate) fn redis_bench(runs: usize) {
     println!("|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
     let mut exits_per_request = Vec::new();
+    let mut cpu_per_10k = Vec::new();
     for (c, p) in [(1u32, 1u32), (8, 16)] {
         let mut alone_rps = Vec::new();
+        let mut alone_cpu = f64::NAN;
         for with_backup in [false, true] {
             let vm = redis_vm(with_backup, &dir);
             let metrics = vm.vm.replace(".10", ".1:9400");
             let before = exits_by_kind(&metrics);
+            let cpu_before = vmm_cpu(&vm);
             let rows = redis_benchmark(&vm.vm, 6379, c, p, 20_000);
+            let cpu: Vec<f64> = vmm_cpu(&vm).iter().zip(&cpu_before).map(|(a, b)| (a - b) / 6.0).collect();
             let after = exits_by_kind(&metrics);
             let setup = if with_backup { "with a backup" } else { "alone" };
             exits_per_request.push(format!("{setup}, -c {c} -P {p}: {}", per_request(&before, &after, 3 * 20_000)));
+            let primary = cpu.first().copied().unwrap_or(f64::NAN);
+            cpu_per_10k.push(match cpu.get(1) {
+                Some(backup) => format!(
+                    "with a backup, -c {c} -P {p}: primary {primary:.2} s ({:.2}× alone), backup {backup:.2} s",
+                    primary / alone_cpu
+                ),
+                None => {
+                    alone_cpu = primary;
+                    format!("alone, -c {c} -P {p}: {primary:.2} s")
+                }
+            });
             for (i, (test, rps, p50, p99)) in rows.iter().enumerate() {
                 println!("| {setup} | -c {c} -P {p} | {test} | {rps:.0} | {p50:.3} | {p99:.3} |");
                 if with_backup {
@@ -213,6 +330,12 @@ pub(crate) fn redis_bench(runs: usize) {
         println!("- {line}");
     }
     println!();
+    println!("CPU seconds per 10,000 requests (user + system, all threads, from /proc; over the three tests):\n");
+    for line in cpu_per_10k {
+        println!("- {line}");
+    }
+    println!();
+    bulk_throughput(&dir, runs);
     let kill: Vec<f64> = (0..runs).map(|_| failover_pause_ms("KILL", &dir)).collect();
     let stop: Vec<f64> = (0..runs).map(|_| failover_pause_ms("STOP", &dir)).collect();
     println!(

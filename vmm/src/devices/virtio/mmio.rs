@@ -85,6 +85,19 @@ pub enum MmioEvent {
     QueueNotify(usize),
 }
 
+/// `avail.flags`: the driver does not want an interrupt when this queue's
+/// buffers are used (virtio-queue does not look at it).
+pub const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver of `queue` wants an interrupt for used buffers: it
+/// did not set [`VIRTQ_AVAIL_F_NO_INTERRUPT`]. A flag in guest memory, so a
+/// replay decides the same; an unreadable ring asks for one.
+fn wants_interrupt(queue: &Queue, mem: &GuestMem) -> bool {
+    use vm_memory::{Bytes, GuestAddress};
+    let flags = mem.read_obj::<u16>(GuestAddress(queue.avail_ring())).unwrap_or(0);
+    u16::from_le(flags) & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
+}
+
 fn new_queues(sizes: &[u16]) -> Vec<Queue> {
     // A device's maximum queue sizes are powers of two up to 32768, which
     // virtio-queue always accepts.
@@ -211,8 +224,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// Runs `f` on the device with its queues, if the driver has set the
     /// device up and every ready queue is valid in guest memory; marks the
-    /// used-ring interrupt when `f` says the device used buffers. Returns
-    /// whether the guest should be interrupted.
+    /// used-ring interrupt when `f` says the device used buffers of a queue
+    /// whose driver wants interrupts. Returns whether the guest should be
+    /// interrupted.
     pub fn with_device(
         &mut self,
         mem: &GuestMem,
@@ -221,10 +235,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if !self.driver_ok() || self.queues.iter().any(|q| q.ready() && !q.is_valid(mem)) {
             return false;
         }
+        let used_before: Vec<u16> = self.queues.iter().map(|q| q.next_used()).collect();
         match f(&mut self.device, &mut self.queues) {
             Ok(true) => {
-                self.regs.interrupt_status |= INT_USED_RING;
-                true
+                let wanted = self
+                    .queues
+                    .iter()
+                    .zip(used_before)
+                    .any(|(q, before)| q.next_used() != before && wants_interrupt(q, mem));
+                if wanted {
+                    self.regs.interrupt_status |= INT_USED_RING;
+                }
+                wanted
             }
             Ok(false) => false,
             Err(why) => {

@@ -1,6 +1,6 @@
 //! Virtio devices: one virtio-mmio transport ([`mmio`]) carries every
 //! device, each a small handler behind [`VirtioDevice`] ([`block`]: the
-//! disk; [`net`]: the NIC).
+//! disk; [`net`]: the NIC; [`console`]: the buffered console).
 //!
 //! A device does its work only when the guest notifies one of its queues —
 //! a guest-caused exit — or when the run loop hands it an external input at
@@ -8,6 +8,7 @@
 //! positions and a replay repeats it exactly.
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 pub mod net;
 
@@ -22,6 +23,7 @@ pub const F_VERSION_1: u64 = 1 << 32;
 /// Virtio device ids.
 pub const DEVICE_ID_NET: u32 = 1;
 pub const DEVICE_ID_BLOCK: u32 = 2;
+pub const DEVICE_ID_CONSOLE: u32 = 3;
 
 /// Why a virtio device stopped serving its queues: the guest broke a ring.
 /// The device then stops until the driver resets it, as the spec's

@@ -169,6 +169,18 @@ fn complete(queue: &mut Queue, mem: &GuestMem, head: u16, len: u32, which: &'sta
     queue.add_used(mem, head, len).map_err(|err| RingError::Used { ring: which, head, err })
 }
 
+/// Sets `VIRTQ_USED_F_NO_NOTIFY` in `queue`'s used ring unless it is set
+/// already (read first: a write at every exit would dirty the page for
+/// every state sync). A ring that cannot be read or written is left as it
+/// is: the driver then notifies, which still works.
+fn suppress_notifications(queue: &mut Queue, mem: &GuestMem) {
+    const VIRTQ_USED_F_NO_NOTIFY: u16 = 1;
+    let flags = mem.read_obj::<u16>(GuestAddress(queue.used_ring())).map(u16::from_le);
+    if flags.is_ok_and(|f| f & VIRTQ_USED_F_NO_NOTIFY == 0) {
+        let _ = queue.disable_notification(mem);
+    }
+}
+
 fn frame_size_ok(len: usize) -> bool {
     (MIN_FRAME..=MAX_FRAME).contains(&len)
 }
@@ -261,6 +273,26 @@ impl Net {
         }
         // `needed` is at most NET_HDR_LEN + MAX_FRAME.
         Ok(needed as u32)
+    }
+
+    /// Polled at every guest exit (the run loop's choice, the same on a
+    /// replay): transmits what the guest queued without notifying, and
+    /// tells the driver, through each ready queue's used-ring flags
+    /// (`VIRTQ_USED_F_NO_NOTIFY`), that it need not notify: the frames it
+    /// queues go out at its next exit, which a driver that idles or polls
+    /// makes anyway. A driver that notifies all the same is served at the
+    /// notify, as before. Returns whether TX buffers were used.
+    pub fn poll(&mut self, queues: &mut [Queue], mem: &GuestMem, io: &mut dyn NetIo) -> Result<bool, RingError> {
+        for queue in queues.iter_mut().filter(|q| q.ready()) {
+            suppress_notifications(queue, mem);
+        }
+        let tx_waiting = queues.get(TX_QUEUE).is_some_and(|q| {
+            q.ready() && q.avail_idx(mem, Ordering::Acquire).is_ok_and(|idx| idx != std::num::Wrapping(q.next_avail()))
+        });
+        if !tx_waiting {
+            return Ok(false);
+        }
+        self.process_tx(queues, mem, io)
     }
 
     /// Transmits every available TX chain.
@@ -730,6 +762,45 @@ mod tests {
         let mut other = MmioTransport::new(Net::new(MAC));
         other.restore(saved).unwrap();
         assert_eq!(other.device.counters(), t.device.counters());
+
+        // The driver suppresses TX interrupts (VIRTQ_AVAIL_F_NO_INTERRUPT):
+        // the frame still goes out and its chain is completed, without one.
+        mem.write_obj(crate::devices::virtio::mmio::VIRTQ_AVAIL_F_NO_INTERRUPT.to_le(), GuestAddress(TX.avail))
+            .unwrap();
+        put_desc(&mem, TX.desc, 1, DATA + 0x1000, 76, 0, 0);
+        push_avail(&mem, TX, 16, 1);
+        assert!(!t.notify(TX_QUEUE, &mem, &mut sink), "no interrupt the driver asked not to have");
+        assert_eq!(sink.0.len(), 2);
+        assert_eq!(used_elem(&mem, TX, 1).0, 1, "the chain is completed all the same");
+        // RX still interrupts: its flags are the RX ring's own.
+        put_desc(&mem, RX.desc, 1, DATA + 0x2000, 2048, F_WRITE, 0);
+        push_avail(&mem, RX, 16, 1);
+        assert!(t.with_device(&mem, |net, queues| net.deliver(queues, &mem, &f)));
+    }
+
+    /// Polled at an exit: the used rings say no notify is needed, and what
+    /// the guest queued without notifying goes out; a poll with nothing
+    /// queued sends nothing and writes nothing.
+    #[test]
+    fn a_poll_transmits_unnotified_frames_and_suppresses_notifies() {
+        let mem = memory();
+        let mut net = Net::new(MAC);
+        let mut qs = queues(16);
+        let mut sink = Sink::default();
+        assert!(!net.poll(&mut qs, &mem, &mut sink).unwrap(), "nothing queued");
+        for r in [RX, TX] {
+            let flags: u16 = mem.read_obj(GuestAddress(r.used)).unwrap();
+            assert_eq!(flags & 1, 1, "VIRTQ_USED_F_NO_NOTIFY set");
+        }
+        put_desc(&mem, TX.desc, 0, DATA, 76, 0, 0);
+        push_avail(&mem, TX, 16, 0);
+        put_desc(&mem, TX.desc, 1, DATA + 0x1000, 76, 0, 0);
+        push_avail(&mem, TX, 16, 1);
+        assert!(net.poll(&mut qs, &mem, &mut sink).unwrap());
+        assert_eq!(sink.0.len(), 2, "both queued frames, at one poll");
+        assert_eq!(used_idx(&mem, TX), 2);
+        assert!(!net.poll(&mut qs, &mem, &mut sink).unwrap());
+        assert_eq!(sink.0.len(), 2);
     }
 
     /// One descriptor as the proptest makes them: addresses mostly in the
