@@ -408,6 +408,8 @@ pub struct Proc {
     pub child: Child,
     stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     stdout: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// The stderr and stdout readers, which end at their pipe's end.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -429,7 +431,7 @@ impl Proc {
         let stdout_bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let err = child.stderr.take().expect("piped stderr");
         let lines = stderr_lines.clone();
-        std::thread::spawn(move || {
+        let err_reader = std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
@@ -438,7 +440,7 @@ impl Proc {
         });
         let mut out = child.stdout.take().expect("piped stdout");
         let bytes = stdout_bytes.clone();
-        std::thread::spawn(move || {
+        let out_reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = out.read(&mut buf) {
                 if n == 0 {
@@ -447,7 +449,7 @@ impl Proc {
                 bytes.lock().expect("lock").extend_from_slice(&buf[..n]);
             }
         });
-        Proc { child, stderr: stderr_lines, stdout: stdout_bytes }
+        Proc { child, stderr: stderr_lines, stdout: stdout_bytes, readers: vec![err_reader, out_reader] }
     }
 
     /// The stderr lines so far.
@@ -486,7 +488,13 @@ impl Proc {
     /// Waits for the process to end (killing it past `timeout`).
     pub fn finish(mut self, timeout: Duration) -> Run {
         let status = wait_timeout(&mut self.child, timeout);
-        std::thread::sleep(Duration::from_millis(50));
+        // Everything it wrote, up to its pipes' end (a fixed pause missed
+        // the last lines on a loaded host); bounded, in case something else
+        // holds a pipe open.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         Run { status: status.and_then(|s| s.code()), stdout: self.stdout(), stderr: self.stderr().join("\n") + "\n" }
     }
 
