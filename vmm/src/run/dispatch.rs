@@ -32,10 +32,10 @@ impl Vmm {
                     // of more than 4 bytes reads zeros after the first.)
                     data[..4].copy_from_slice(&(tsc as u32).to_le_bytes());
                     self.answer_tsc(&data, tsc, self.rdtsc_sites.contains(&position.rip))?;
-                } else if port == layout::IDLE_PORT && size == 4 && count == 1 {
+                } else if port == layout::IDLE_PORT && size == 4 && (count == 1 || count == 2) {
                     // An idle that wants the time it wakes at: answered
                     // once the wait is over ([`Vmm::answer_wake_clock`]).
-                    self.wake_clock_due = true;
+                    self.wake_clock_due = Some(count == 2);
                     action = PortAction::Idle;
                 } else {
                     for chunk in data.chunks_mut(usize::from(size.max(1))) {
@@ -206,11 +206,19 @@ impl Vmm {
     /// woken (its interrupt, if any, injected): it gets the virtual TSC of
     /// now, a time reading logged after that interrupt — on a replay, the
     /// one [`Vmm::take_inputs`] found there.
-    pub(super) fn answer_wake_clock(&mut self) -> Result<(), RunError> {
+    ///
+    /// A string read of two doublewords gets all 64 bits, which KVM stores
+    /// in memory as it completes the exit; a 32-bit IN gets EAX and EDX as
+    /// RDTSC would, which takes three more vCPU ioctls.
+    pub(super) fn answer_wake_clock(&mut self, in_memory: bool) -> Result<(), RunError> {
         let tsc = match self.logged_wake_ns.take() {
             Some(ns) => ns,
             None => self.read_time(TimeSource::Wake)?,
         };
+        if in_memory {
+            self.machine.complete_io_in(&tsc.to_le_bytes());
+            return Ok(());
+        }
         self.answer_tsc(&(tsc as u32).to_le_bytes(), tsc, true)
     }
 
