@@ -103,7 +103,7 @@ pub enum TimeSource {
     Rdtsc,
     /// RDMSR/WRMSR of IA32_TSC.
     TscMsr,
-    /// An idle that asked for the time it woke at (a 32-bit IN from the
+    /// An idle that asked for the time it woke at (a string read from the
     /// idle port): logged after the exit's interrupt.
     Wake,
 }

@@ -78,10 +78,10 @@ pub const COM1_IRQ: u8 = 4;
 pub const POST_PORT: u16 = 0x80;
 /// The guest writes the status the VM ends with here.
 pub const EXIT_PORT: u16 = 0xf4;
-/// A write idles the guest until an interrupt; a 32-bit read does too, and
-/// answers the virtual TSC at wake-up (EAX low half, EDX high half), and so
-/// does a string read of two doublewords (into memory), so the guest's
-/// first clock read after idling costs no exit of its own.
+/// A write idles the guest until an interrupt; a string read of two
+/// doublewords (`rep insd`) does too, and stores the virtual TSC at
+/// wake-up, so the guest's first clock read after idling costs no exit of
+/// its own.
 pub const IDLE_PORT: u16 = 0xf5;
 /// A 32-bit read here is a rewritten RDTSC.
 pub const TSC_PORT: u16 = 0xf6;

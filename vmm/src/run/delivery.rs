@@ -163,7 +163,7 @@ impl Vmm {
                     self.clock.set(ns);
                     self.devices.advance_timers(self.clock.now_ns());
                 }
-                Event::TimeRead { source: TimeSource::Wake, ns } if self.wake_clock_due.is_some() => {
+                Event::TimeRead { source: TimeSource::Wake, ns } if self.wake_clock_due => {
                     self.clock.set(ns);
                     self.logged_wake_ns = Some(self.clock.now_ns());
                 }

@@ -32,10 +32,10 @@ impl Vmm {
                     // of more than 4 bytes reads zeros after the first.)
                     data[..4].copy_from_slice(&(tsc as u32).to_le_bytes());
                     self.answer_tsc(&data, tsc, self.rdtsc_sites.contains(&position.rip))?;
-                } else if port == layout::IDLE_PORT && size == 4 && (count == 1 || count == 2) {
+                } else if port == layout::IDLE_PORT && size == 4 && count == 2 {
                     // An idle that wants the time it wakes at: answered
                     // once the wait is over ([`Vmm::answer_wake_clock`]).
-                    self.wake_clock_due = Some(count == 2);
+                    self.wake_clock_due = true;
                     action = PortAction::Idle;
                 } else {
                     for chunk in data.chunks_mut(usize::from(size.max(1))) {
@@ -202,24 +202,20 @@ impl Vmm {
         Ok(())
     }
 
-    /// The guest idled with a 32-bit IN from the idle port and has been
-    /// woken (its interrupt, if any, injected): it gets the virtual TSC of
-    /// now, a time reading logged after that interrupt — on a replay, the
-    /// one [`Vmm::take_inputs`] found there.
-    ///
-    /// A string read of two doublewords gets all 64 bits, which KVM stores
-    /// in memory as it completes the exit; a 32-bit IN gets EAX and EDX as
-    /// RDTSC would, which takes three more vCPU ioctls.
-    pub(super) fn answer_wake_clock(&mut self, in_memory: bool) -> Result<(), RunError> {
+    /// The guest idled with a string read of two doublewords from the idle
+    /// port (`rep insd`) and has been woken (its interrupt, if any,
+    /// injected): it gets the virtual TSC of now, a time reading logged
+    /// after that interrupt — on a replay, the one [`Vmm::take_inputs`]
+    /// found there. KVM stores the 8 bytes in guest memory as it completes
+    /// the exit: no register ioctls (a 32-bit IN's EDX would take three,
+    /// each a vcpu_load on a nested host).
+    pub(super) fn answer_wake_clock(&mut self) -> Result<(), RunError> {
         let tsc = match self.logged_wake_ns.take() {
             Some(ns) => ns,
             None => self.read_time(TimeSource::Wake)?,
         };
-        if in_memory {
-            self.machine.complete_io_in(&tsc.to_le_bytes());
-            return Ok(());
-        }
-        self.answer_tsc(&(tsc as u32).to_le_bytes(), tsc, true)
+        self.machine.complete_io_in(&tsc.to_le_bytes());
+        Ok(())
     }
 
     pub(super) fn read_time(&mut self, source: TimeSource) -> Result<u64, RunError> {

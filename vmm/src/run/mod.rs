@@ -85,9 +85,8 @@ pub struct Vmm {
     injected_at: u64,
     /// The exit at which the disk last served its queue (one share an exit).
     disk_served_at: u64,
-    /// This exit is an idle that answers the time it woke at: in memory (a
-    /// string read) or in EAX and EDX.
-    wake_clock_due: Option<bool>,
+    /// This exit is an idle that answers the time it woke at.
+    wake_clock_due: bool,
     /// That time, when a replay found it logged among the exit's inputs.
     logged_wake_ns: Option<u64>,
     /// Testing aid (`--testing-die-before-disk-read`): disk reads to go
@@ -150,7 +149,7 @@ impl Vmm {
             disk,
             injected_at: 0,
             disk_served_at: 0,
-            wake_clock_due: None,
+            wake_clock_due: false,
             logged_wake_ns: None,
             die_before_disk_read: None,
             rdtsc_sites,
@@ -322,8 +321,8 @@ impl Vmm {
             self.devices.advance_timers(self.clock.now_ns());
             self.digest_check_point(position)?;
             self.take_inputs(position, action == PortAction::Idle)?;
-            if let Some(in_memory) = self.wake_clock_due.take() {
-                self.answer_wake_clock(in_memory)?;
+            if std::mem::take(&mut self.wake_clock_due) {
+                self.answer_wake_clock()?;
             }
             self.passed(position)?;
             self.maybe_save_snapshot(position.exit)?;

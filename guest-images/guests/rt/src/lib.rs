@@ -31,7 +31,8 @@ pub use console::{print_bytes, print_str};
 /// Port the guest writes its exit status to; ftvmm exits with that status.
 pub const EXIT_PORT: u16 = 0xf4;
 /// Port whose write means "halt until an interrupt" (HLT faults at CPL3);
-/// a 32-bit read idles too and answers the virtual TSC at wake-up.
+/// a string read of two doublewords idles too and stores the virtual TSC
+/// at wake-up ([`wait_for_interrupt_clock`]).
 pub const IDLE_PORT: u16 = 0xf5;
 /// Port whose 32-bit read returns the low half of the virtual TSC; ftvmm
 /// rewrites each RDTSC in a guest image into `in eax, 0xf6` and completes it
@@ -242,9 +243,9 @@ pub fn wait_for_interrupt() {
 /// after idling does not pay a clock exit for it.
 ///
 /// A string read of two doublewords (`rep insd`): KVM stores the answer in
-/// memory as it completes the exit, which costs no register ioctls (a
-/// 32-bit IN would need EDX set afterwards: three more vCPU ioctls, each a
-/// vcpu_load on a nested host).
+/// memory as it completes the exit, which costs no register ioctls (an
+/// answer in EDX would take three more vCPU ioctls, each a vcpu_load on a
+/// nested host).
 #[inline]
 pub fn wait_for_interrupt_clock() -> u64 {
     let mut tsc: u64 = 0;
