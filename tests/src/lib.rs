@@ -114,6 +114,42 @@ pub fn metrics_addr(p: &Proc) -> String {
     metrics_url(&p.wait_line("metrics on http://", Duration::from_secs(60))).unwrap_or_default()
 }
 
+/// Sends `bytes` to the redis guest's discard service (TCP 9) at `vm`,
+/// closes our half and waits for its close (it sends nothing): how long
+/// that took.
+pub fn send_to_discard(vm: &str, bytes: usize) -> Duration {
+    let mut conn = TcpStream::connect((vm, 9)).expect("the guest's discard service");
+    conn.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let chunk = vec![0x5a; 64 * 1024];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        conn.write_all(&chunk[..n]).expect("send to the discard service");
+        left -= n;
+    }
+    conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    assert_eq!(conn.read(&mut [0u8; 16]).expect("the discard service's close"), 0, "discard sends nothing");
+    start.elapsed()
+}
+
+/// Reads `bytes` from the redis guest's source service (TCP 19) at `vm`,
+/// checking that they are all `x`: how long that took.
+pub fn read_from_source(vm: &str, bytes: usize) -> Duration {
+    let mut conn = TcpStream::connect((vm, 19)).expect("the guest's source service");
+    conn.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let mut buf = vec![0u8; 64 * 1024];
+    let start = Instant::now();
+    let mut got = 0;
+    while got < bytes {
+        let n = conn.read(&mut buf).expect("read from the source service");
+        assert!(n > 0, "the source service closed after {got} bytes");
+        assert!(buf[..n].iter().all(|&b| b == b'x'), "the source sent other bytes than x");
+        got += n;
+    }
+    start.elapsed()
+}
+
 /// CPU seconds (user + system, all threads) process `pid` has used so far,
 /// from `/proc/PID/stat`; None once it is gone.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {

@@ -457,7 +457,8 @@ fn a_primary_and_its_backup_end_a_scripted_session_with_equal_digests() {
     // Bulk traffic both ways through the pair: 4 MiB into the guest's
     // discard service, 4 MiB out of its source, while the backup replays
     // every frame (window-full bursts, transmits picked up at exits).
-    bulk_both_ways(vm, 4 << 20);
+    ftvmm_tests::send_to_discard(vm, 4 << 20);
+    ftvmm_tests::read_from_source(vm, 4 << 20);
     c.send(&["SHUTDOWN"]).unwrap();
     let Pair { primary, backup, .. } = pair;
     let (p, b) = (primary.finish(TIMEOUT), backup.finish(TIMEOUT));
@@ -469,30 +470,6 @@ fn a_primary_and_its_backup_end_a_scripted_session_with_equal_digests() {
     let (pd, bd) = (p.digest(), b.digest());
     assert!(pd.is_some(), "no primary digest\n{both}");
     assert_eq!(pd, bd, "the primary's and the backup's state digests\n{both}");
-}
-
-/// Sends `bytes` to the guest's discard service (TCP 9), waits for its
-/// close, then reads `bytes` from its source (TCP 19), checking them.
-fn bulk_both_ways(vm: &str, bytes: usize) {
-    use std::io::{Read, Write};
-    let mut discard = std::net::TcpStream::connect((vm, 9)).expect("the guest's discard service");
-    discard.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let chunk = vec![0x5a; 64 * 1024];
-    for _ in 0..bytes / chunk.len() {
-        discard.write_all(&chunk).expect("send to the discard service");
-    }
-    discard.shutdown(std::net::Shutdown::Write).unwrap();
-    assert_eq!(discard.read(&mut [0u8; 16]).expect("the discard service's close"), 0, "discard sends nothing");
-    let mut source = std::net::TcpStream::connect((vm, 19)).expect("the guest's source service");
-    source.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut got = 0;
-    while got < bytes {
-        let n = source.read(&mut buf).expect("read from the source service");
-        assert!(n > 0, "the source service closed after {got} bytes");
-        assert!(buf[..n].iter().all(|&b| b == b'x'), "the source sent other bytes than x");
-        got += n;
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -6,8 +6,6 @@ use crate::common::{median, Security};
 use ftvmm_tests::lab::Lab;
 use ftvmm_tests::resp::{Reply, RespConn};
 use ftvmm_tests::{ftdisk_bin, Proc, Scratch};
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 /// redis-benchmark's CSV: test → (rps, p50 ms, p99 ms).
@@ -159,41 +157,6 @@ fn log_bytes_sent(metrics: &str) -> f64 {
     ftvmm_tests::metric(&ftvmm_tests::scrape(metrics), "ftvmm_log_sent_bytes_total").unwrap_or(0.0)
 }
 
-/// Sends `bytes` to the guest's discard service (TCP 9) and waits for it
-/// to close after ours: seconds.
-fn discard_secs(vm: &str, bytes: usize) -> f64 {
-    let mut conn = TcpStream::connect((vm, 9)).expect("the guest's discard service");
-    conn.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-    let chunk = vec![b'd'; 64 * 1024];
-    let start = Instant::now();
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        conn.write_all(&chunk[..n]).expect("send to discard");
-        left -= n;
-    }
-    conn.shutdown(Shutdown::Write).expect("shutdown");
-    // The guest closes once it has read everything: its FIN.
-    let _ = conn.read(&mut [0u8; 1]);
-    start.elapsed().as_secs_f64()
-}
-
-/// Reads `bytes` from the guest's source service (TCP 19): seconds.
-fn source_secs(vm: &str, bytes: usize) -> f64 {
-    let mut conn = TcpStream::connect((vm, 19)).expect("the guest's source service");
-    conn.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-    let mut buf = vec![0u8; 64 * 1024];
-    let start = Instant::now();
-    let mut got = 0;
-    while got < bytes {
-        let n = conn.read(&mut buf).expect("read from source");
-        assert!(n > 0, "the source closed after {got} bytes");
-        assert!(buf[..n].iter().all(|&b| b == b'x'), "the source sent something else than x");
-        got += n;
-    }
-    start.elapsed().as_secs_f64()
-}
-
 /// Bulk TCP throughput through the guest's NIC: one connection to the
 /// redis guest's discard service (the guest receives) and one to its
 /// source (it sends), alone and with a backup; the log bandwidth the
@@ -217,10 +180,10 @@ fn bulk_throughput(dir: &Scratch, runs: usize) {
         let mut log = Vec::new();
         for _ in 0..runs {
             let log_before = log_bytes_sent(&metrics);
-            let secs = discard_secs(&vm.vm, bytes);
+            let secs = ftvmm_tests::send_to_discard(&vm.vm, bytes).as_secs_f64();
             rx.push(bytes as f64 / secs / 1e6);
             log.push((log_bytes_sent(&metrics) - log_before) / secs / 1e6);
-            tx.push(bytes as f64 / source_secs(&vm.vm, bytes) / 1e6);
+            tx.push(bytes as f64 / ftvmm_tests::read_from_source(&vm.vm, bytes).as_secs_f64() / 1e6);
         }
         let cpu: Vec<f64> = vmm_cpu(&vm).iter().zip(&cpu_before).map(|(a, b)| a - b).collect();
         let (rx, tx) = (median(rx), median(tx));
